@@ -1,0 +1,357 @@
+"""Pure tensor functions: quantization parameters, integer codes, dequantization, bit packing.
+
+Conventions (fixed, because the byte accounting in :mod:`gransearch.cost` depends on them):
+
+* Codes are unsigned integers in ``[0, 2**bits - 1]``; ``w ~= (code - zero) * scale``.
+* Asymmetric: the block range ``[min(w, 0), max(w, 0)]`` (zero always representable, as in the
+  GPTQ reference quantizer) is mapped onto the codes; ``zero`` is an integer code stored packed at
+  ``bits`` bits.
+* Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and the implied ``zero = 2**(bits-1)``; no
+  zeros are stored. Because there is one more negative level than positive ones, ``+max|w|``
+  lands half a step above the top level (error exactly ``scale / 2``), as in GPTQ.
+* Scales are stored in float16; every function here rounds them to float16 *before* computing
+  codes, so the stored parameters reproduce the computed dequantization bit for bit.
+* Packing: element ``i`` of a flattened code tensor occupies bits ``[i*b, (i+1)*b)`` of a
+  little-endian bit stream (least significant bit first). For 8 bits that is one code per byte,
+  for 4 bits two per byte (low nibble first), for 2 bits four per byte; 3, 5, 6 and 7 bits are
+  dense streams that cross byte boundaries. ``n`` codes take ``ceil(n * b / 8)`` bytes.
+
+Shapes: a weight is ``[out, in]``; quantization parameters are ``[out, n_groups_per_row]``, and
+``[1, 1]`` for per-tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+__all__ = [
+    "QuantizedWeight",
+    "check_weight",
+    "block_view",
+    "qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "fake_quant",
+    "search_clip_ratio",
+    "block_clip_ratios",
+    "pack_codes",
+    "unpack_codes",
+    "DEFAULT_CLIP_GRID",
+]
+
+_FP16_MAX = torch.finfo(torch.float16).max
+# Smallest positive float16 (a subnormal): the floor of every stored scale.
+_FP16_TINY = 2.0**-24
+# Shrink ratios tried by the clip search: 1.00, 0.99, ..., 0.50 (AWQ searches down to 0.5 too).
+DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.01 * i, 2) for i in range(51))
+
+ClipArg = Union[None, float, str]
+
+
+def _shape_text(shape, name: Optional[str]) -> str:
+    where = f" ({name})" if name else ""
+    return f"weight of shape {tuple(shape)}{where}"
+
+
+def check_weight(weight: torch.Tensor, spec: QuantSpec, name: Optional[str] = None) -> None:
+    """Validate a weight for ``spec``: 2-D, finite, and divisible into the spec's groups."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor weight, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{_shape_text(weight.shape, name)} is not 2-D [out, in]; "
+            "reshape it (or transpose a Conv1D weight) before quantizing"
+        )
+    try:
+        spec.check_shape(tuple(weight.shape))
+    except ValueError as exc:
+        if name:
+            raise ValueError(f"{name}: {exc}") from None
+        raise
+    if not weight.is_floating_point():
+        raise ValueError(f"{_shape_text(weight.shape, name)} has dtype {weight.dtype}, not float")
+    if not bool(torch.isfinite(weight).all()):
+        n_nan = int(torch.isnan(weight).sum())
+        n_inf = int(torch.isinf(weight).sum())
+        raise ValueError(
+            f"{_shape_text(weight.shape, name)} contains {n_nan} NaN and {n_inf} Inf values; "
+            "quantization needs finite weights: check the checkpoint or the preceding fold"
+        )
+
+
+def block_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``[out, in]`` -> ``[n_blocks, block_size]``: each row shares one scale and zero."""
+    out_f, in_f = weight.shape
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return weight.reshape(1, out_f * in_f)
+    if isinstance(g, PerChannel):
+        return weight
+    return weight.reshape(out_f * (in_f // g.size), g.size)
+
+
+def _params_shape(shape: tuple[int, int], spec: QuantSpec) -> tuple[int, int]:
+    out_f, in_f = shape
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return (1, 1)
+    if isinstance(g, PerChannel):
+        return (out_f, 1)
+    return (out_f, in_f // g.size)
+
+
+def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 scales *up* to float16-representable values (returned as float32).
+
+    Rounding up keeps the whole unclipped range representable, so that without clipping every
+    element is within half a step of its level.
+    """
+    s16 = scale.to(torch.float16)
+    low = s16.float() < scale
+    if bool(low.any()):
+        s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    return s16.float().clamp_min(_FP16_TINY)
+
+
+def qparams(
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``x`` ``[R, C]`` (reduction over the last dimension).
+
+    ``ratio`` (scalar or ``[R, 1]``) shrinks the range before the scale is taken (clipping).
+    Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers.
+    """
+    maxq = (1 << bits) - 1
+    x = x.float()
+    zeros_r = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zeros_r)
+    xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zeros_r)
+    if symmetric:
+        amax = torch.maximum(-xmin, xmax) * ratio
+        scale = 2.0 * amax / maxq
+    else:
+        xmin = xmin * ratio
+        xmax = xmax * ratio
+        scale = (xmax - xmin) / maxq
+    # An all-zero block has no range: any positive scale represents it exactly.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _round_up_fp16(scale)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(
+            f"a quantization scale exceeds the float16 range ({_FP16_MAX:g}): "
+            "the weight has values too large to store with float16 scales"
+        )
+    if symmetric:
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as float32) of ``x`` with broadcastable ``scale`` and ``zero``."""
+    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` in float32."""
+    return (codes.float() - zero) * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize (float32)."""
+    return dequantize_codes(quantize_codes(x, scale, zero, maxq), scale, zero)
+
+
+def search_clip_ratio(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
+    norm: float = 2.4,
+) -> torch.Tensor:
+    """Per-row shrink ratio ``[R, 1]`` minimising ``sum |x - fake_quant(x)|**norm`` over ``grid``.
+
+    This is the weight-space grid search of the GPTQ reference quantizer (``mse=True``, norm 2.4).
+    Ratio 1.0 should be in ``grid`` so the search is never worse than no clipping.
+    """
+    maxq = (1 << bits) - 1
+    x = x.float()
+    best_err = torch.full((x.shape[0], 1), float("inf"), device=x.device)
+    best_ratio = torch.ones(x.shape[0], 1, device=x.device)
+    for r in grid:
+        scale, zero = qparams(x, bits, symmetric, r)
+        err = (fake_quant(x, scale, zero, maxq) - x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+    return best_ratio
+
+
+def block_clip_ratios(blocks: torch.Tensor, spec: QuantSpec, clip: ClipArg) -> Union[float, torch.Tensor]:
+    """Resolve the ``clip`` argument for ``blocks`` ``[n_blocks, block_size]``.
+
+    ``None`` or ``1.0``: no clipping; a float in ``(0, 1]``: that fixed ratio; ``"search"``: the
+    per-block error-minimising ratio from :func:`search_clip_ratio`.
+    """
+    if clip is None:
+        return 1.0
+    if isinstance(clip, str):
+        if clip != "search":
+            raise ValueError(f"clip must be None, a ratio in (0, 1] or 'search', got {clip!r}")
+        return search_clip_ratio(blocks, spec.bits, spec.symmetric)
+    ratio = float(clip)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"clip ratio must be in (0, 1], got {clip!r}")
+    return ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# bit packing
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes (any shape, values in ``[0, 2**bits)``) into a 1-D uint8 bit stream."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"can only pack widths 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    nbytes = (n * bits + 7) // 8
+    if bits == 8:
+        return flat.clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-n) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
+        return (flat.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
+    # dense bit stream: explode to bits (LSB first), regroup by 8
+    bit_idx = torch.arange(bits, dtype=torch.uint8, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> bit_idx) & 1).reshape(-1)
+    pad = nbytes * 8 - stream.numel()
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    byte_shift = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (stream.view(-1, 8) << byte_shift).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``n`` codes as a 1-D uint8 tensor."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"can only unpack widths 1..8, got {bits}")
+    need = (n * bits + 7) // 8
+    if packed.numel() < need:
+        raise ValueError(f"packed buffer has {packed.numel()} bytes, {n} codes at {bits} bits need {need}")
+    packed = packed.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return packed[:n].clone()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
+    byte_shift = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed[:need].unsqueeze(1) >> byte_shift) & 1).reshape(-1)[: n * bits]
+    bit_w = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.int32)
+    return (stream.view(n, bits).to(torch.int32) * bit_w).sum(dim=1).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# the quantized weight
+
+
+@dataclass
+class QuantizedWeight:
+    """An integer-quantized ``[out, in]`` weight.
+
+    ``codes``: uint8 ``[out, in]``; ``scale``: float16 ``[out, n_groups_per_row]`` (``[1, 1]``
+    per-tensor); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs.
+
+    Example::
+
+        >>> import torch, gransearch as gs
+        >>> q = gs.rtn(torch.randn(8, 64), gs.QuantSpec.parse("w4g32"))
+        >>> q.codes.shape, q.scale.shape, q.nbytes
+        (torch.Size([8, 64]), torch.Size([8, 2]), 296)
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: Optional[torch.Tensor]
+    spec: QuantSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def zero_float(self) -> torch.Tensor:
+        if self.zero is None:
+            return torch.full(self.scale.shape, float(1 << (self.spec.bits - 1)), device=self.scale.device)
+        return self.zero.float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the codes represent, ``[out, in]``."""
+        out_f, in_f = self.shape
+        s = self.scale.float()
+        z = self.zero_float()
+        if isinstance(self.spec.granularity, PerGroup):
+            g = self.spec.granularity.size
+            w = (self.codes.view(out_f, in_f // g, g).float() - z.unsqueeze(-1)) * s.unsqueeze(-1)
+            return w.reshape(out_f, in_f).to(dtype)
+        return ((self.codes.float() - z) * s).to(dtype)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The stored buffers: ``qweight`` (packed codes), ``scales`` and, if asymmetric, ``qzeros``."""
+        out = {"qweight": pack_codes(self.codes, self.spec.bits), "scales": self.scale.contiguous()}
+        if self.zero is not None:
+            out["qzeros"] = pack_codes(self.zero, self.spec.bits)
+        return out
+
+    @classmethod
+    def from_packed(
+        cls, buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]
+    ) -> "QuantizedWeight":
+        out_f, in_f = shape
+        codes = unpack_codes(buffers["qweight"], spec.bits, out_f * in_f).view(out_f, in_f)
+        scale = buffers["scales"].to(torch.float16)
+        zero = None
+        if not spec.symmetric:
+            zero = unpack_codes(buffers["qzeros"], spec.bits, scale.numel()).view(scale.shape)
+        return cls(codes, scale, zero, spec)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored (packed codes + float16 scales + packed zeros)."""
+        from .cost import layer_nbytes
+
+        return layer_nbytes(self.shape, self.spec)
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(
+            self.codes.to(device),
+            self.scale.to(device),
+            None if self.zero is None else self.zero.to(device),
+            self.spec,
+        )
+
+
+def quantize_with_params(
+    weight: torch.Tensor, spec: QuantSpec, scale_blocks: torch.Tensor, zero_blocks: torch.Tensor
+) -> QuantizedWeight:
+    """Build a :class:`QuantizedWeight` from per-block parameters ``[n_blocks, 1]``."""
+    blocks = block_view(weight.float(), spec)
+    codes = quantize_codes(blocks, scale_blocks, zero_blocks, spec.maxq)
+    pshape = _params_shape(tuple(weight.shape), spec)
+    scale = scale_blocks.reshape(pshape).to(torch.float16)
+    zero = None if spec.symmetric else zero_blocks.reshape(pshape).to(torch.uint8)
+    return QuantizedWeight(codes.reshape(weight.shape).to(torch.uint8), scale, zero, spec)
+
+
+def n_bytes_for_bits(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 8)

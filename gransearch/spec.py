@@ -1,0 +1,198 @@
+"""Typed quantization specifications.
+
+Granularity is the shape of the block of weights that shares one scale (and one zero point):
+
+* :class:`PerTensor`  -- the whole ``[out, in]`` matrix,
+* :class:`PerChannel` -- one output row (``in`` weights),
+* :class:`PerGroup`   -- ``size`` consecutive weights of one row, along the input dimension.
+
+``PerGroup(in_features)`` is the same quantizer as ``PerChannel()``; the two are kept distinct
+because their text forms differ and because ``PerChannel`` works for any layer width.
+
+A :class:`QuantSpec` has a short text form used by the CLI and by plan files::
+
+    >>> QuantSpec.parse("w4g64")
+    QuantSpec(bits=4, granularity=PerGroup(size=64), symmetric=False)
+    >>> str(QuantSpec(8, PerChannel(), symmetric=True))
+    'w8cs'
+
+Grammar: ``w<bits>`` then ``t`` (per-tensor), ``c`` (per-channel) or ``g<size>`` (per-group), then
+an optional ``s`` for symmetric.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = [
+    "PerTensor",
+    "PerChannel",
+    "PerGroup",
+    "Granularity",
+    "QuantSpec",
+    "ActSpec",
+    "MIN_BITS",
+    "MAX_BITS",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole weight matrix."""
+
+    def group_size(self, in_features: int, out_features: int) -> int:
+        return in_features * out_features
+
+    def n_groups(self, out_features: int, in_features: int) -> int:
+        return 1
+
+    def tag(self) -> str:
+        return "t"
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per output channel (row of ``[out, in]``)."""
+
+    def group_size(self, in_features: int, out_features: int) -> int:
+        return in_features
+
+    def n_groups(self, out_features: int, in_features: int) -> int:
+        return out_features
+
+    def tag(self) -> str:
+        return "c"
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per ``size`` consecutive input weights of each output row."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"PerGroup size must be a positive integer, got {self.size!r}")
+
+    def group_size(self, in_features: int, out_features: int) -> int:
+        return self.size
+
+    def n_groups(self, out_features: int, in_features: int) -> int:
+        return out_features * (in_features // self.size)
+
+    def tag(self) -> str:
+        return f"g{self.size}"
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup]
+
+_SPEC_RE = re.compile(r"^w(\d+)(t|c|g(\d+))(s?)$")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Integer weight quantization: ``bits`` in 2..8, a granularity, symmetric or asymmetric.
+
+    Asymmetric specs store an integer zero point per block (packed at ``bits``); symmetric specs
+    use the implied zero point ``2**(bits-1)`` and store none.
+    """
+
+    bits: int
+    granularity: Granularity = PerChannel()
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(f"QuantSpec bits must be an integer, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(
+                f"QuantSpec bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}; "
+                "use an integer width such as 8, 4 or 3"
+            )
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+            raise ValueError(
+                "QuantSpec granularity must be PerTensor(), PerChannel() or PerGroup(size), "
+                f"got {self.granularity!r}"
+            )
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    def __str__(self) -> str:
+        return f"w{self.bits}{self.granularity.tag()}{'s' if self.symmetric else ''}"
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        """Parse the short form (``w4g64``, ``w8c``, ``w8t``, ``w4g32s``)."""
+        m = _SPEC_RE.match(text.strip().lower())
+        if m is None:
+            raise ValueError(
+                f"cannot parse quantization spec {text!r}: expected w<bits>(t|c|g<size>)[s], "
+                "for example w4g64, w8c, w8t or w4g64s"
+            )
+        bits = int(m.group(1))
+        if m.group(2) == "t":
+            gran: Granularity = PerTensor()
+        elif m.group(2) == "c":
+            gran = PerChannel()
+        else:
+            gran = PerGroup(int(m.group(3)))
+        return cls(bits, gran, symmetric=bool(m.group(4)))
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` when this spec cannot quantize a weight of ``shape``."""
+        if len(shape) != 2:
+            raise ValueError(
+                f"weight of shape {tuple(shape)} is not 2-D [out, in]; reshape it before quantizing"
+            )
+        out_f, in_f = shape
+        if out_f < 1 or in_f < 1:
+            raise ValueError(f"weight of shape {tuple(shape)} is empty")
+        if isinstance(self.granularity, PerGroup) and in_f % self.granularity.size != 0:
+            raise ValueError(
+                f"group size {self.granularity.size} does not divide the input dimension {in_f} "
+                f"of the weight of shape {tuple(shape)}; choose a group size that divides {in_f} "
+                "or use PerChannel()"
+            )
+
+
+_ACT_GRANS = ("tensor", "token", "channel")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Activation fake-quantization applied to a linear layer's input.
+
+    ``granularity``: ``"tensor"`` (one scale for the whole input), ``"token"`` (one per row /
+    token) or ``"channel"`` (one per input feature: an ideal that integer GEMMs cannot use, kept
+    as a reference). ``dynamic`` computes scales from each input; static uses ``static_scale``
+    (calibrated ``max|x|``), a scalar for tensor granularity or a vector for channel granularity.
+    Activation quantization is symmetric.
+    """
+
+    bits: int = 8
+    granularity: str = "token"
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"ActSpec bits must be an integer in 2..16, got {self.bits!r}")
+        if self.granularity not in _ACT_GRANS:
+            raise ValueError(
+                f"ActSpec granularity must be one of {_ACT_GRANS}, got {self.granularity!r}"
+            )
+        if not self.dynamic and self.granularity == "token":
+            raise ValueError(
+                "static per-token activation scales do not exist (tokens vary per input); "
+                "use dynamic=True or granularity='tensor'/'channel'"
+            )
+
+    def __str__(self) -> str:
+        return f"a{self.bits}{self.granularity[0]}{'d' if self.dynamic else 's'}"

