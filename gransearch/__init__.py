@@ -9,8 +9,13 @@ The public verbs::
     gs.QuantLinear.from_float(linear, q)       # packed nn.Module
 """
 
-from .algorithms import rtn
+from .algorithms import gptq, rtn
+from .calibrate import LayerStats, calibrate
+from .quantize import METHODS, QuantizeResult, quantize
 from .cost import bits_per_weight, layer_nbytes
+from .data import load_text, load_tokens, sample_windows
+from .evaluate import Perplexity, layer_objective, perplexity
+from .models import load_model
 from .qlinear import QuantLinear
 from .quantizer import QuantizedWeight, pack_codes, unpack_codes
 from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
@@ -19,16 +24,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActSpec",
+    "LayerStats",
+    "METHODS",
+    "QuantizeResult",
     "PerChannel",
     "PerGroup",
     "PerTensor",
     "QuantLinear",
     "QuantSpec",
+    "Perplexity",
     "QuantizedWeight",
     "bits_per_weight",
+    "calibrate",
+    "gptq",
     "layer_nbytes",
+    "layer_objective",
+    "load_model",
+    "load_text",
+    "load_tokens",
     "pack_codes",
+    "perplexity",
+    "quantize",
     "rtn",
+    "sample_windows",
     "unpack_codes",
     "__version__",
 ]

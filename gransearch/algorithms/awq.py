@@ -1,0 +1,133 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023), as pure functions of tensors.
+
+Scale search: for a group of linear layers fed by one module, try per-input-channel scales
+``s = mean|x|**r`` (normalised by ``sqrt(max(s) * min(s))``) for ``r`` in ``0, 1/n_grid, ...``;
+multiply the weights' input columns by ``s``, quantize, divide back, and keep the ``r`` whose
+block output error is least. ``r = 0`` gives ``s = 1`` (plain round-to-nearest), so the chosen
+scales are never worse than RTN on the search batch. The caller folds ``1/s`` into the preceding
+module (:mod:`gransearch.fold`), leaving the model's function unchanged before quantization.
+
+Clip search: per block of the quantizer, the shrink ratio of the weight range (1.0 down to 0.55 in
+steps of 0.05, as the reference code) that minimises the error of the block's contribution to the
+layer *output* on sampled input tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..quantizer import block_view, dequantize_codes, qparams, quantize_codes
+from ..spec import PerGroup, PerTensor, QuantSpec
+from .rtn import rtn
+
+__all__ = ["awq_scales", "awq_search", "awq_clip_ratios", "apply_clip", "AWQSearch"]
+
+
+def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``mean|x|**ratio``, floored at 1e-4 and normalised so that ``max * min == 1``."""
+    s = act_mean.float().pow(ratio).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@dataclass
+class AWQSearch:
+    scales: torch.Tensor  # [in]
+    ratio: float
+    losses: list[float]  # one per grid point, ratio 0 first
+
+
+@torch.no_grad()
+def awq_search(
+    act_mean: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    spec: QuantSpec,
+    loss_fn: Callable[[list[torch.Tensor]], float],
+    n_grid: int = 20,
+) -> AWQSearch:
+    """Grid search of the scaling exponent.
+
+    ``act_mean``: ``[in]`` mean ``|x|`` per input channel; ``weights``: the group's ``[out_k, in]``
+    weights; ``loss_fn(candidates)`` returns the output error when the group's weights are replaced
+    by ``candidates`` (same shapes, float). Returns the best scales and the loss curve.
+    """
+    losses = []
+    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    for k in range(n_grid):
+        r = k / n_grid
+        s = awq_scales(act_mean, r).to(weights[0].device)
+        cands = [rtn(w.float() * s, spec).dequantize() / s for w in weights]
+        loss = float(loss_fn(cands))
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, r, s)
+    return AWQSearch(best[2], best[1], losses)
+
+
+def _grouped(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` -> ``[out, ng, g]``, ``x`` -> ``[n, ng, g]`` where a block is ``g`` input columns of a row."""
+    out_f, in_f = w.shape
+    g = spec.granularity.size if isinstance(spec.granularity, PerGroup) else in_f
+    return w.reshape(out_f, in_f // g, g), x.reshape(x.shape[0], in_f // g, g)
+
+
+@torch.no_grad()
+def awq_clip_ratios(
+    w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 256
+) -> torch.Tensor:
+    """Per-block shrink ratios ``[n_blocks, 1]`` minimising the output error on tokens ``x`` ``[n, in]``.
+
+    For a block (``g`` input columns of one output row) the error is the mean over tokens of the
+    squared difference of its partial output ``x_g . w_g``; per-tensor sums over every block.
+    """
+    w = w.float()
+    x = x.float().to(w.device)
+    out_f = w.shape[0]
+    wg, xg = _grouped(w, x, spec)  # [out, ng, g], [n, ng, g]
+    ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    if isinstance(spec.granularity, PerTensor):
+        blocks = block_view(w, spec)
+        best_err, best_r = float("inf"), 1.0
+        ref = torch.einsum("ogk,ngk->ogn", wg, xg)
+        for r in ratios:
+            s, z = qparams(blocks, spec.bits, spec.symmetric, r)
+            q = dequantize_codes(quantize_codes(w, s, z, spec.maxq), s, z).reshape(wg.shape)
+            err = float(((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean())
+            if err < best_err:
+                best_err, best_r = err, r
+        return torch.full((1, 1), best_r, device=w.device)
+    out = []
+    for o1 in range(0, out_f, rows_per_chunk):
+        wc = wg[o1 : o1 + rows_per_chunk]  # [oc, ng, g]
+        ref = torch.einsum("ogk,ngk->ogn", wc, xg)  # [oc, ng, n]
+        flat = wc.reshape(-1, wc.shape[-1])  # [oc*ng, g]
+        best_err = torch.full(flat.shape[:1], float("inf"), device=w.device)
+        best_r = torch.ones(flat.shape[:1], device=w.device)
+        for r in ratios:
+            s, z = qparams(flat, spec.bits, spec.symmetric, r)
+            q = dequantize_codes(quantize_codes(flat, s, z, spec.maxq), s, z).reshape(wc.shape)
+            err = ((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean(-1).reshape(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        out.append(best_r)
+    return torch.cat(out).unsqueeze(1)
+
+
+@torch.no_grad()
+def apply_clip(w: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor) -> torch.Tensor:
+    """Clamp each block of ``w`` to its shrunk range ``[r * min(w, 0), r * max(w, 0)]``.
+
+    Quantizing the clamped weight without further clipping then uses exactly the clipped scales.
+    """
+    blocks = block_view(w.float(), spec)
+    zeros = torch.zeros(blocks.shape[0], 1, device=w.device)
+    lo = torch.minimum(blocks.amin(-1, keepdim=True), zeros)
+    hi = torch.maximum(blocks.amax(-1, keepdim=True), zeros)
+    if spec.symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    r = ratios.to(w.device)
+    return torch.clamp(blocks, lo * r, hi * r).reshape(w.shape).to(w.dtype)

@@ -1,0 +1,238 @@
+"""Calibration: forward hooks collect streaming per-layer statistics, block by block.
+
+Execution (as in the GPTQ reference code): the inputs of block 0 are captured once (the model runs
+up to block 0 and stops); then each block runs over all calibration batches in turn, its outputs
+becoming the next block's inputs. Only one block's activations live at a time, so peak memory is
+the model plus one block's inputs and outputs. With ``device="cuda"`` each block is moved to the
+GPU while it runs and back afterwards; the rest of the model stays where it is.
+
+Per linear input ``x`` (``[tokens, in]``) the statistics are:
+
+* ``hessian``: ``H = 2/n * sum x x^T`` (float32) -- GPTQ's Hessian of the layer objective;
+* ``abs_mean``, ``abs_max``: per input channel mean and max of ``|x|`` (AWQ, SmoothQuant);
+* ``token_max``: the max ``|x|`` of every token (activation-quantization studies).
+
+No hook survives :func:`calibrate`, also when it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchInfo, arch_of, block_linears, get_blocks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayerStats", "BlockRunner", "calibrate", "as_batches"]
+
+
+@dataclass
+class LayerStats:
+    """Streaming statistics of one linear layer's input."""
+
+    in_features: int
+    with_hessian: bool = True
+    n: int = 0
+    xtx: Optional[torch.Tensor] = None  # sum x x^T, float32 [in, in]
+    abs_sum: Optional[torch.Tensor] = None  # [in]
+    abs_max: Optional[torch.Tensor] = None  # [in]
+    token_max: list = field(default_factory=list)  # per-token max |x| chunks
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., in]``."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        if self.abs_sum is None:
+            self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+            self.abs_max = torch.zeros(self.in_features, device=x.device)
+            if self.with_hessian:
+                self.xtx = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.abs_sum += a.sum(0, dtype=torch.float64)
+        torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
+        self.token_max.append(a.amax(1).cpu())
+        if self.with_hessian:
+            self.xtx.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/n * sum x x^T`` (float32)."""
+        if self.n == 0 or self.xtx is None:
+            raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
+        return self.xtx * (2.0 / self.n)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+    @property
+    def token_maxima(self) -> torch.Tensor:
+        return torch.cat(self.token_max) if self.token_max else torch.zeros(0)
+
+    def to(self, device) -> "LayerStats":
+        for k in ("xtx", "abs_sum", "abs_max"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.to(device))
+        return self
+
+
+class _StopForward(Exception):
+    pass
+
+
+def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
+    """``[n, seqlen]`` token windows (or a list of ``[b, seqlen]`` tensors) -> batches."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() == 1:
+            calib = calib.unsqueeze(0)
+        if calib.numel() == 0 or calib.shape[0] == 0:
+            raise ValueError("the calibration set is empty: pass token windows [n, seqlen] with n >= 1")
+        return [calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size)]
+    batches = [b if b.dim() == 2 else b.unsqueeze(0) for b in calib]
+    if not batches or all(b.numel() == 0 for b in batches):
+        raise ValueError("the calibration set is empty: pass token windows [n, seqlen] with n >= 1")
+    return batches
+
+
+def _move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def hooks(handles: list) -> Iterator[list]:
+    """Remove every hook handle appended to the list on exit, whatever happens."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+class BlockRunner:
+    """Runs a model block by block over calibration batches.
+
+    ``runner.inputs[j]`` holds the hidden states entering the current block for batch ``j``
+    (``[b, T, H]``); ``runner.extra[j]`` the other positional and keyword arguments the model
+    passed to its blocks (masks, positions, rotary embeddings).
+    """
+
+    def __init__(self, model: nn.Module, calib, batch_size: int = 8, device=None, info: Optional[ArchInfo] = None):
+        self.model = model
+        self.info = info or arch_of(model)
+        self.blocks = get_blocks(model, self.info)
+        self.home = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else self.home
+        self.batches = as_batches(calib, batch_size)
+        self.inputs: list[torch.Tensor] = []
+        self.extra: list[tuple[tuple, dict]] = []
+        self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        block0 = self.blocks[0]
+
+        def pre_hook(module, args, kwargs):
+            self.inputs.append(args[0].detach().to(self.device))
+            self.extra.append((_move(args[1:], self.device), _move(dict(kwargs), self.device)))
+            raise _StopForward
+
+        with hooks([block0.register_forward_pre_hook(pre_hook, with_kwargs=True)]):
+            for b in self.batches:
+                try:
+                    self.model(input_ids=b.to(self.home), use_cache=False)
+                except _StopForward:
+                    pass
+        if len(self.inputs) != len(self.batches):
+            raise RuntimeError("could not capture the inputs of the first block")
+
+    def call_block(self, block: nn.Module, j: int, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        args, kwargs = self.extra[j]
+        out = block(self.inputs[j] if x is None else x, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def run(self, index: int, advance: bool = False, on_batch: Optional[Callable[[int], None]] = None) -> None:
+        """Run block ``index`` over every batch; with ``advance`` its outputs become the inputs."""
+        block = self.blocks[index]
+        outs = []
+        for j in range(len(self.inputs)):
+            y = self.call_block(block, j)
+            if advance:
+                outs.append(y)
+            if on_batch is not None:
+                on_batch(j)
+        if advance:
+            self.inputs = outs
+
+    def n_tokens(self) -> int:
+        return sum(x.shape[0] * x.shape[1] for x in self.inputs)
+
+
+def collect_block_stats(
+    runner: BlockRunner, index: int, names: Optional[Sequence[str]] = None, hessian: bool = True, advance: bool = False
+) -> dict[str, LayerStats]:
+    """One pass of block ``index``: hooks on its linears fill a :class:`LayerStats` each.
+
+    With ``advance`` the block's outputs also become the runner's inputs (one pass for both).
+    """
+    refs = block_linears(runner.model, index, runner.info)
+    if names is not None:
+        refs = [r for r in refs if r.name in set(names)]
+    stats = {r.name: LayerStats(r.shape[1], with_hessian=hessian) for r in refs}
+    handles: list = []
+    with hooks(handles):
+        for r in refs:
+            st = stats[r.name]
+            handles.append(r.module.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
+        runner.run(index, advance=advance)
+    return stats
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    calib,
+    *,
+    batch_size: int = 8,
+    device=None,
+    hessian: bool = True,
+    verbose: bool = True,
+) -> dict[str, LayerStats]:
+    """Statistics of every quantizable linear's input over the calibration windows.
+
+    ``calib``: token windows ``[n, seqlen]`` (e.g. from :func:`gransearch.sample_windows`) or a list
+    of ``[b, seqlen]`` batches. Blocks run one at a time (on ``device`` if given) on the outputs of
+    the previous block; the model is not modified. Returns ``{linear name: LayerStats}``.
+
+        >>> stats = calibrate(model, gs.sample_windows(train_ids, 128, 512))   # doctest: +SKIP
+        >>> stats["model.layers.0.self_attn.q_proj"].hessian.shape              # doctest: +SKIP
+        torch.Size([576, 576])
+    """
+    runner = BlockRunner(model, calib, batch_size, device)
+    out: dict[str, LayerStats] = {}
+    for i in tqdm(range(len(runner.blocks)), desc="calibrate", disable=not verbose):
+        block = runner.blocks[i]
+        block.to(runner.device)
+        try:
+            stats = collect_block_stats(runner, i, hessian=hessian, advance=True)
+        finally:
+            block.to(runner.home)
+        out.update({k: v.to("cpu") for k, v in stats.items()})
+    return out

