@@ -11,7 +11,8 @@ The public verbs::
 
 from .algorithms import gptq, rtn
 from .calibrate import LayerStats, calibrate
-from .quantize import METHODS, QuantizeResult, quantize
+from .fold import smoothquant
+from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
 from .evaluate import Perplexity, layer_objective, perplexity
@@ -43,10 +44,13 @@ __all__ = [
     "load_text",
     "load_tokens",
     "pack_codes",
+    "outlier_share",
     "perplexity",
     "quantize",
     "rtn",
     "sample_windows",
+    "set_act_quant",
+    "smoothquant",
     "unpack_codes",
     "__version__",
 ]

@@ -234,15 +234,20 @@ def _hub_text(name: str, split: str) -> list[str]:
         ) from exc
 
 
+def check_text_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a known corpus or an existing file."""
+    if name not in TEXT_NAMES and not os.path.isfile(name):
+        raise ValueError(f"unknown text {name!r}: use one of {TEXT_NAMES} or a path to a .txt file")
+
+
 def load_articles(name: str) -> tuple[tuple[str, str], ...]:
     """All ``(title, text)`` articles of a named sample or local ``.txt`` file (no split)."""
     if name == "wiki-sample":
         return _wiki_articles()
     if name == "news-sample":
         return _news_articles()
-    if os.path.isfile(name):
-        return _txt_articles(name)
-    raise ValueError(f"unknown text {name!r}: use one of {TEXT_NAMES} or a path to a .txt file")
+    check_text_name(name)
+    return _txt_articles(name)
 
 
 def load_text(name: str, split: str = "test") -> list[str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import linear_weight
+from .algorithms.smoothquant import smooth_scales
+from .arch import arch_of, get_blocks, get_module, linear_weight
 
-__all__ = ["fold_scales", "scale_input_columns"]
+__all__ = ["fold_scales", "scale_input_columns", "smoothquant"]
 
 
 @torch.no_grad()
@@ -44,3 +45,25 @@ def fold_scales(prev: nn.Module, norm: str | None, linears: list[nn.Module], s: 
         raise ValueError(f"unknown norm kind {norm!r}")
     for lin in linears:
         scale_input_columns(lin, s)
+
+
+@torch.no_grad()
+def smoothquant(model: nn.Module, stats: dict, alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into every norm-fed scaling group of ``model`` (in place).
+
+    ``stats``: :func:`gransearch.calibrate` output of the *unsmoothed* model (``abs_max`` per input
+    channel). Returns ``{first linear name: scales}``. Linear-to-linear groups are left alone, as
+    in the paper. Re-calibrate afterwards if static activation scales are needed.
+    """
+    info = arch_of(model, allow_generic=False)
+    out = {}
+    for i, block in enumerate(get_blocks(model, info)):
+        for g in info.groups:
+            if g.norm is None:
+                continue
+            names = [f"{info.blocks}.{i}.{l}" for l in g.linears]
+            lins = [get_module(block, l) for l in g.linears]
+            s = smooth_scales(stats[names[0]].abs_max, [linear_weight(l) for l in lins], alpha)
+            fold_scales(get_module(block, g.prev), g.norm, lins, s)
+            out[names[0]] = s
+    return out

@@ -25,6 +25,10 @@ def fake_quant_activation(
     """
     qmax = (1 << (spec.bits - 1)) - 1
     xf = x.float()
+    keep = None
+    if spec.outlier_threshold is not None:
+        keep = xf.abs().reshape(-1, xf.shape[-1]).amax(0) > spec.outlier_threshold  # [in] float columns
+        xf = xf.masked_fill(keep, 0.0)
     if spec.dynamic:
         if spec.granularity == "tensor":
             amax = xf.abs().amax()
@@ -37,7 +41,10 @@ def fake_quant_activation(
             raise ValueError("static activation quantization needs calibrated scales (act_scale)")
         amax = static_scale.float()
     scale = (amax / qmax).clamp_min(1e-8)
-    return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+    q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale
+    if keep is not None:
+        q = torch.where(keep, x.float(), q)
+    return q.to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -85,6 +92,21 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._w_cache: Optional[torch.Tensor] = None
+        # LLM.int8()-style decomposition counters: columns kept in float / columns seen
+        self.outlier_columns = 0
+        self.seen_columns = 0
+
+    def set_act_quant(self, act_spec: Optional[ActSpec], act_scale: Optional[torch.Tensor] = None) -> None:
+        """Enable (or, with ``None``, disable) activation fake-quantization on this layer.
+
+        ``act_scale``: calibrated ``max|x|`` for static specs (scalar for ``tensor``, ``[in]`` for
+        ``channel``).
+        """
+        if act_spec is not None and not act_spec.dynamic and act_scale is None:
+            raise ValueError("a static ActSpec needs act_scale (the calibrated max|x|)")
+        self.act_spec = act_spec
+        self.act_scale = None if act_scale is None else act_scale.detach().float().to(self.qweight.device)
+        self.outlier_columns = self.seen_columns = 0
 
     @classmethod
     def from_float(
@@ -148,6 +170,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_spec is not None:
+            if self.act_spec.outlier_threshold is not None:
+                cols = x.abs().reshape(-1, x.shape[-1]).amax(0) > self.act_spec.outlier_threshold
+                self.outlier_columns += int(cols.sum())
+                self.seen_columns += cols.numel()
             x = fake_quant_activation(x, self.act_spec, self.act_scale)
         w = self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

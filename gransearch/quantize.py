@@ -40,7 +40,7 @@ from .spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "LayerRecord", "QuantizeResult", "quantize", "to_quant_linear", "resolve_plan"]
+__all__ = ["METHODS", "LayerRecord", "QuantizeResult", "quantize", "to_quant_linear", "resolve_plan", "set_act_quant", "outlier_share"]
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 _NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
@@ -55,7 +55,7 @@ class LayerRecord:
     spec: str
     shape: tuple[int, int]
     nbytes: int
-    objective: float
+    objective: Optional[float]
     seconds: float
     damp: Optional[float] = None
     awq_ratio: Optional[float] = None
@@ -241,6 +241,18 @@ def _awq_block(
     return ratios, unclipped
 
 
+def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: float) -> QuantizeResult:
+    """RTN needs no calibration: quantize every planned linear directly."""
+    for name, (_, sp) in plan.items():
+        t0 = time.perf_counter()
+        mod = get_module(model, name)
+        qw = rtn(linear_weight(mod).detach().float(), sp, clip=clip, name=name)
+        set_module(model, name, to_quant_linear(mod, qw, act_spec))
+        result.records.append(LayerRecord(name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -259,6 +271,7 @@ def quantize(
     awq_grid: int = 20,
     awq_clip_tokens: int = 512,
     act_spec: Optional[ActSpec] = None,
+    objective: bool = True,
     verbose: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` in place and return it with per-layer records.
@@ -271,6 +284,9 @@ def quantize(
     ``"search"``). AWQ: ``awq_tokens`` calibration tokens for the scale search, ``awq_grid`` grid
     points, ``awq_clip_tokens`` tokens for the clip search. ``act_spec`` adds activation
     fake-quantization to every quantized linear. Blocks run on ``device`` if given.
+
+    ``objective=False`` skips what only the records need: RTN then needs no calibration pass at
+    all, and AWQ runs only over its ``awq_tokens`` search tokens (records get ``objective=None``).
     """
     t_start = time.perf_counter()
     info = arch_of(model)
@@ -283,8 +299,16 @@ def quantize(
             raise ValueError(f"{name}: {exc}") from None
         if m.startswith("awq") and info.generic:
             raise ValueError(f"AWQ needs the scaling groups of the architecture table; add a row for {model.config.model_type!r} in gransearch.arch")
-    runner = BlockRunner(model, calib, batch_size, device, info)
+    methods = {m for m, _ in plan.values()}
+    needs_hessian = objective or bool(methods & {"gptq", "awq+gptq"})
     result = QuantizeResult(model)
+    if not needs_hessian and methods == {"rtn"}:
+        return _rtn_only(model, plan, clip, act_spec, result, t_start)
+    if not needs_hessian and isinstance(calib, torch.Tensor) and calib.dim() == 2:
+        # AWQ alone reads only the first whole batches that hold awq_tokens tokens
+        n_batches = max(1, -(-awq_tokens // (batch_size * calib.shape[1])))
+        calib = calib[: n_batches * batch_size]
+    runner = BlockRunner(model, calib, batch_size, device, info)
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="quantize", disable=not verbose)
     for i in bar:
@@ -298,15 +322,17 @@ def quantize(
             ratios, unclipped = {}, {}
             if any(plan[r.name][0].startswith("awq") for r in refs):
                 ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
-            stats = _collect_shared_stats(runner, i, refs)
+            stats = _collect_shared_stats(runner, i, refs) if needs_hessian else {}
             for ref in refs:
                 t0 = time.perf_counter()
                 m, sp = plan[ref.name]
                 W = linear_weight(ref.module).detach().float()
-                st = stats.get(ref.name)
-                if st is None:
-                    raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
-                H = st.hessian
+                H = None
+                if needs_hessian:
+                    st = stats.get(ref.name)
+                    if st is None:
+                        raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
+                    H = st.hessian
                 used_damp = None
                 if m in ("gptq", "awq+gptq"):
                     r = gptq(W, H, sp, damp=damp, block_size=block_size, act_order=act_order,
@@ -314,7 +340,7 @@ def quantize(
                     qw, used_damp = r.qweight, r.damp
                 else:
                     qw = rtn(W, sp, clip=clip if m == "rtn" else None, name=ref.name)
-                obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H)
+                obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
                 set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
                 result.records.append(LayerRecord(ref.name, m, str(sp), ref.shape, qw.nbytes, obj,
                                                   time.perf_counter() - t0, used_damp, ratios.get(ref.name)))
@@ -327,3 +353,32 @@ def quantize(
     result.seconds = time.perf_counter() - t_start
     log.info("quantized %d layers in %.1f s", len(result.records), result.seconds)
     return result
+
+
+def set_act_quant(model: nn.Module, act_spec: Optional[ActSpec], stats: Optional[Mapping[str, LayerStats]] = None) -> int:
+    """Set activation fake-quantization on every :class:`QuantLinear` of ``model``.
+
+    Static specs take their scales from ``stats`` (:func:`gransearch.calibrate` of this model):
+    the largest ``max|x|`` for ``tensor``, the per-channel ``max|x|`` for ``channel``. ``None``
+    disables activation quantization. Returns the number of layers set.
+    """
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        scale = None
+        if act_spec is not None and not act_spec.dynamic:
+            if stats is None or name not in stats:
+                raise ValueError(f"static activation quantization needs calibration statistics for {name}: pass stats=gs.calibrate(model, calib)")
+            amax = stats[name].abs_max
+            scale = amax.max() if act_spec.granularity == "tensor" else amax
+        m.set_act_quant(act_spec, scale)
+        n += 1
+    return n
+
+
+def outlier_share(model: nn.Module) -> float:
+    """Share of input columns kept in floating point by the LLM.int8()-style decomposition so far."""
+    kept = sum(m.outlier_columns for m in model.modules() if isinstance(m, QuantLinear))
+    seen = sum(m.seen_columns for m in model.modules() if isinstance(m, QuantLinear))
+    return kept / seen if seen else 0.0

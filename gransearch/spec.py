@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 __all__ = [
     "PerTensor",
@@ -174,14 +174,19 @@ class ActSpec:
     token) or ``"channel"`` (one per input feature: an ideal that integer GEMMs cannot use, kept
     as a reference). ``dynamic`` computes scales from each input; static uses ``static_scale``
     (calibrated ``max|x|``), a scalar for tensor granularity or a vector for channel granularity.
-    Activation quantization is symmetric.
+    Activation quantization is symmetric. ``outlier_threshold`` (LLM.int8()-style decomposition,
+    for analysis): input columns where any ``|x|`` of the current input exceeds it stay in floating
+    point; the weight stays as quantized (LLM.int8() keeps those weight columns in float16 too).
     """
 
     bits: int = 8
     granularity: str = "token"
     dynamic: bool = True
+    outlier_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.outlier_threshold is not None and not self.outlier_threshold > 0:
+            raise ValueError(f"outlier_threshold must be positive, got {self.outlier_threshold}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ValueError(f"ActSpec bits must be an integer in 2..16, got {self.bits!r}")
         if self.granularity not in _ACT_GRANS:
@@ -195,4 +200,5 @@ class ActSpec:
             )
 
     def __str__(self) -> str:
-        return f"a{self.bits}{self.granularity[0]}{'d' if self.dynamic else 's'}"
+        out = f"a{self.bits}{self.granularity[0]}{'d' if self.dynamic else 's'}"
+        return out + (f"o{self.outlier_threshold:g}" if self.outlier_threshold else "")

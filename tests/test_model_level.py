@@ -157,3 +157,14 @@ def test_generic_fallback_for_unknown_architecture():
     res = gs.quantize(model, "w4c", calib_windows(), method="gptq", verbose=False)
     assert len(res.records) == 14
     assert block_linears(model, 0, info)[0].local == info.linears[0]
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_objective_off_gives_identical_weights(method):
+    calib = calib_windows(8, 32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ra = gs.quantize(a, "w3g16", calib, method=method, awq_tokens=64, verbose=False)
+    rb = gs.quantize(b, "w3g16", calib, method=method, awq_tokens=64, objective=False, verbose=False)
+    assert all(r.objective is not None for r in ra.records) and all(r.objective is None for r in rb.records)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

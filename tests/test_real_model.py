@@ -70,3 +70,26 @@ def test_wiki_sample_splits_are_disjoint_and_deterministic():
         assert markup not in joined, markup
     news = gs.load_text("news-sample", "validation")
     assert len(news) > 10
+
+
+@needs_smollm
+def test_smollm_quantize_methods(smollm):
+    """Small calibration (16 x 256 tokens), 8 test windows: w8c is lossless, 3-bit GPTQ/AWQ beat RTN."""
+    _, tok = smollm
+    train = gs.load_tokens("wiki-sample", tok, "train")
+    test = gs.load_tokens("wiki-sample", tok, "test")
+    calib = gs.sample_windows(train, 16, 256, seed=0)
+
+    def ppl_after(spec, method):
+        model, _ = gs.load_model("smollm2-135m")
+        if method != "fp":
+            res = gs.quantize(model, spec, calib, method=method, objective=False, verbose=False)
+            assert len(res.records) == 30 * 7
+        return gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=8, verbose=False).ppl
+
+    fp = ppl_after(None, "fp")
+    assert abs(ppl_after("w8c", "gptq") / fp - 1) < 0.01
+    rtn3 = ppl_after("w3g64", "rtn")
+    assert rtn3 > 1.2 * fp  # 3 bits costs something measurable
+    assert ppl_after("w3g64", "gptq") < rtn3
+    assert ppl_after("w3g64", "awq") < rtn3

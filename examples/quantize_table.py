@@ -1,0 +1,96 @@
+"""Whole-model quantization table: methods x specs on the packaged SmolLM2-135M (issue 4).
+
+    python examples/quantize_table.py [--specs w8c,w4c,w4g64,w3c,w3g64] [--methods rtn,gptq,awq,awq+gptq]
+                                      [--variants plain,act_order,static] [--out runs/quantize_table.csv]
+
+Protocol: calibration 128 windows x 512 tokens drawn (seed 0) from the wiki-sample train split;
+perplexity on the full wiki-sample test split at seqlen 512. Every configuration starts from a fresh
+copy of the model. GPTQ variants: ``plain`` (groups' parameters at group boundaries), ``act_order``
+(descending Hessian diagonal; with groups this implies static groups), ``static`` (static groups
+without act-order). Rows already in the CSV are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+
+import torch
+
+import gransearch as gs
+
+FIELDS = ["model", "method", "variant", "spec", "ppl", "delta_pct", "bits_per_weight", "linear_bytes", "quant_seconds", "eval_seconds"]
+
+
+def rows_done(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return {(r["method"], r["variant"], r["spec"]): r for r in csv.DictReader(fh)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--specs", default="w8c,w4c,w4g64,w3c,w3g64")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    ap.add_argument("--variants", default="plain", help="GPTQ variants: plain,act_order,static")
+    ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--out", default="runs/quantize_table.csv")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    model, tok = gs.load_model(args.model)
+    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
+    test = gs.load_tokens("wiki-sample", tok, "test")
+    done = rows_done(args.out)
+    if ("fp", "-", "fp32") not in done:
+        r = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4)
+        with open(args.out, "a", newline="") as fh:
+            w = csv.DictWriter(fh, FIELDS)
+            if fh.tell() == 0:
+                w.writeheader()
+            w.writerow({"model": args.model, "method": "fp", "variant": "-", "spec": "fp32", "ppl": f"{r.ppl:.4f}", "delta_pct": "0.00",
+                        "bits_per_weight": "32", "linear_bytes": "", "quant_seconds": "0", "eval_seconds": f"{r.seconds:.1f}"})
+        done = rows_done(args.out)
+    base = float(done[("fp", "-", "fp32")]["ppl"])
+    del model
+    for spec in args.specs.split(","):
+        for method in args.methods.split(","):
+            variants = args.variants.split(",") if "gptq" in method else ["plain"]
+            for variant in variants:
+                if variant == "static" and "g" not in spec[2:]:
+                    continue  # static groups only differ from plain for per-group specs
+                if (method, variant, spec) in done:
+                    continue
+                model, _ = gs.load_model(args.model)
+                t0 = time.perf_counter()
+                res = gs.quantize(model, spec, calib, method=method, act_order=variant == "act_order",
+                                  static_groups=variant == "static", objective=False)
+                tq = time.perf_counter() - t0
+                r = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4)
+                n_w = sum(rec.shape[0] * rec.shape[1] for rec in res.records)
+                row = {"model": args.model, "method": method, "variant": variant, "spec": spec, "ppl": f"{r.ppl:.4f}",
+                       "delta_pct": f"{100 * (r.ppl / base - 1):.2f}", "bits_per_weight": f"{8 * res.nbytes / n_w:.3f}",
+                       "linear_bytes": res.nbytes, "quant_seconds": f"{tq:.1f}", "eval_seconds": f"{r.seconds:.1f}"}
+                with open(args.out, "a", newline="") as fh:
+                    csv.DictWriter(fh, FIELDS).writerow(row)
+                print(row, flush=True)
+                del model
+    print_table(args.out)
+
+
+def print_table(path):
+    rows = list(rows_done(path).values())
+    print(f"\n| method | variant | spec | perplexity | change | bits/weight | quantize s |\n|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['variant']} | {r['spec']} | {float(r['ppl']):.3f} | {float(r['delta_pct']):+.2f}% | {r['bits_per_weight']} | {r['quant_seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
