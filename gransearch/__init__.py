@@ -12,7 +12,10 @@ The public verbs::
 from .algorithms import gptq, rtn
 from .calibrate import LayerStats, calibrate
 from .fold import smoothquant
+from .plan import LayerPlan, QuantPlan
 from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
+from .search import OptimizeResult, optimize
+from . import plan, search  # noqa: E402  (submodules as attributes)
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
 from .evaluate import Perplexity, layer_objective, perplexity
@@ -25,8 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActSpec",
+    "LayerPlan",
     "LayerStats",
     "METHODS",
+    "OptimizeResult",
+    "QuantPlan",
     "QuantizeResult",
     "PerChannel",
     "PerGroup",
@@ -44,6 +50,7 @@ __all__ = [
     "load_text",
     "load_tokens",
     "pack_codes",
+    "optimize",
     "outlier_share",
     "perplexity",
     "quantize",

@@ -87,6 +87,7 @@ def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, tup
             raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
         return {n: (method, plan) for n in names}
     if hasattr(plan, "layers"):  # QuantPlan
+        plan.check(model)
         plan = {n: (lp.method, lp.spec) for n, lp in plan.layers.items()}
     out = {}
     for name, entry in plan.items():
@@ -166,14 +167,15 @@ def _awq_block(
     groups = []
     for g in info.groups:
         names = [prefix + l for l in g.linears]
-        if not all(n in plan and plan[n][0].startswith("awq") for n in names):
-            continue
+        awq_set = {n for n in names if n in plan and plan[n][0].startswith("awq")}
+        if not awq_set:
+            continue  # a fold is function-preserving, so one AWQ linear in the group is enough
         prev = get_module(block, g.prev)
         lins = [get_module(block, l) for l in g.linears]
         prev_out = linear_weight(prev).shape[0] if g.norm is None else prev.weight.shape[0]
         if any(linear_weight(l).shape[1] != prev_out for l in lins):
             continue  # e.g. v -> o under grouped-query attention: no valid fold
-        groups.append((g, prev, lins, names))
+        groups.append((g, prev, lins, names, awq_set))
     if not groups:
         return {}, {}
     # batches used by the search: the first ones, up to awq_tokens tokens
@@ -183,7 +185,7 @@ def _awq_block(
         n_b += 1
     ratios: dict[str, float] = {}
     unclipped: dict[str, torch.Tensor] = {}
-    for g, prev, lins, names in groups:
+    for g, prev, lins, names, awq_set in groups:
         inspect = get_module(block, g.inspect)
         xs: list[torch.Tensor] = []
         calls: list[tuple[tuple, dict]] = []
@@ -208,7 +210,7 @@ def _awq_block(
         x_all = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         act_mean = x_all.abs().float().mean(0)
         weights = [linear_weight(l).detach().clone() for l in lins]
-        spec = plan[names[0]][1]
+        spec = plan[sorted(awq_set, key=names.index)[0]][1]
 
         def loss_fn(cands):
             for l, c in zip(lins, cands):
@@ -225,13 +227,13 @@ def _awq_block(
 
         res = awq_search(act_mean, weights, spec, loss_fn, n_grid)
         fold_scales(prev, g.norm, lins, res.scales)
-        ratios.update({n: res.ratio for n in names})
+        ratios.update({n: res.ratio for n in awq_set})
         # clip search on the scaled inputs, strided token sample as the reference code
         x_scaled = x_all / res.scales.to(x_all.device)
         step = max(1, x_scaled.shape[0] // clip_tokens)
         x_s = x_scaled[::step][:clip_tokens]
         for l, n in zip(lins, names):
-            if n.rsplit(".", 1)[-1] in _NO_CLIP:
+            if n.rsplit(".", 1)[-1] in _NO_CLIP or n not in awq_set:
                 continue
             sp = plan[n][1]
             w = linear_weight(l)

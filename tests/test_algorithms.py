@@ -175,3 +175,19 @@ def test_awq_clip_never_worse_on_its_tokens():
         e = lambda q: float(((x @ (q - w).t()) ** 2).mean())  # noqa: E731
         assert e(clipped) <= e(plain) * (1 + 1e-6)
         assert float(r.min()) >= 0.5 and float(r.max()) <= 1.0
+
+
+def test_hessian_forms_of_awq_match_token_forms():
+    from gransearch.algorithms.awq import awq_search_hessian, clip_ratios_hessian
+
+    x = correlated_inputs(n=512)
+    h = hessian_of(x)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(6)) * 0.1
+    spec = gs.QuantSpec.parse("w3g16")
+    res_h = awq_search_hessian(x.abs().mean(0), [w], h, spec)
+    res_x = awq_search(x.abs().mean(0), [w], spec, lambda c: float(((x @ (c[0] - w).t()) ** 2).sum()))
+    # the same loss up to the factor 2/n: the same choice and proportional curves
+    assert res_h.ratio == res_x.ratio
+    assert torch.allclose(torch.tensor(res_h.losses), torch.tensor(res_x.losses) * 2 / x.shape[0], rtol=1e-3)
+    for sp in (spec, gs.QuantSpec.parse("w3c"), gs.QuantSpec.parse("w3t")):
+        assert torch.equal(clip_ratios_hessian(w, h, sp), awq_clip_ratios(w, x, sp))

@@ -23,7 +23,7 @@ from ..quantizer import block_view, dequantize_codes, qparams, quantize_codes
 from ..spec import PerGroup, PerTensor, QuantSpec
 from .rtn import rtn
 
-__all__ = ["awq_scales", "awq_search", "awq_clip_ratios", "apply_clip", "AWQSearch"]
+__all__ = ["awq_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "AWQSearch"]
 
 
 def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -131,3 +131,57 @@ def apply_clip(w: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor) -> torch.
         lo = -hi
     r = ratios.to(w.device)
     return torch.clamp(blocks, lo * r, hi * r).reshape(w.shape).to(w.dtype)
+
+
+def _hessian_error(d: torch.Tensor, H: torch.Tensor) -> float:
+    return float(torch.einsum("oi,ij,oj->", d, H, d))
+
+
+@torch.no_grad()
+def awq_search_hessian(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20) -> AWQSearch:
+    """AWQ's scale search with the group's *linear-output* error ``sum_k tr(dW_k H dW_k^T)``.
+
+    With ``H = 2/n X^T X`` this is exact for the linears' outputs (no activation pass needed); the
+    reference measures the error after the attention or MLP block instead. Used by the search bank.
+    """
+    Hf = H.float()
+    ws = [w.float() for w in weights]
+    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid)
+
+
+@torch.no_grad()
+def clip_ratios_hessian(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per-block shrink ratios minimising each block's output error ``d_b H_bb d_b^T`` (all tokens)."""
+    w = w.float()
+    H = H.float().to(w.device)
+    out_f, in_f = w.shape
+    ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    blocks = block_view(w, spec)
+    if isinstance(spec.granularity, PerGroup):
+        g = spec.granularity.size
+        ng = in_f // g
+        Hb = torch.stack([H[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(ng)])  # [ng, g, g]
+
+        def err_of(q):
+            d = (q - w).reshape(out_f, ng, g)
+            return torch.einsum("ogk,gkl,ogl->og", d, Hb, d).reshape(-1, 1)
+    elif isinstance(spec.granularity, PerTensor):
+        def err_of(q):
+            return torch.tensor([[_hessian_error(q - w, H)]], device=w.device)
+    else:
+        def err_of(q):
+            d = q - w
+            return torch.einsum("oi,ij,oj->o", d, H, d).unsqueeze(1)
+    best_err = None
+    best_r = None
+    for r in ratios:
+        s, z = qparams(blocks, spec.bits, spec.symmetric, r)
+        q = dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape)
+        e = err_of(q)
+        if best_err is None:
+            best_err, best_r = e, torch.full_like(e, r)
+        else:
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return best_r

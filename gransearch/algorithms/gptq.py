@@ -42,7 +42,7 @@ from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["gptq", "GPTQResult", "CholeskyError"]
+__all__ = ["gptq", "gptq_prepare", "GPTQPrepared", "GPTQResult", "CholeskyError"]
 
 
 class CholeskyError(ValueError):
@@ -97,11 +97,14 @@ def gptq(
     clip: ClipArg = None,
     max_damp_tries: int = 6,
     name: Optional[str] = None,
+    prepared: Optional["GPTQPrepared"] = None,
 ) -> GPTQResult:
     """Quantize ``W`` ``[out, in]`` with GPTQ given the Hessian ``H`` ``[in, in]`` (``2/n X X^T``).
 
     ``clip`` is passed to the block quantizer when parameters are taken (``"search"`` is the
     reference code's optional MSE grid). Returns a :class:`GPTQResult`; ``H`` is not modified.
+    ``prepared`` (from :func:`gptq_prepare` with the same ``H``, ``damp`` and ``act_order``) reuses
+    one Cholesky factorisation for several candidates of the same layer.
     """
     check_weight(W, spec, name)
     out_f, in_f = W.shape
@@ -111,15 +114,14 @@ def gptq(
         raise ValueError(f"the Hessian{' of ' + name if name else ''} contains NaN or Inf: check the calibration activations")
     dev = W.device
     W = W.detach().float().clone()
-    H = H.detach().float().to(dev).clone()
     gran = spec.granularity
     maxq = spec.maxq
 
-    dead = torch.diag(H) == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
+    if prep.act_order != act_order:
+        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    if prep.n_dead:
+        W[:, prep.dead] = 0.0
 
     # parameters fixed up front: per-tensor, per-channel, static groups
     grouped = isinstance(gran, PerGroup)
@@ -143,12 +145,10 @@ def gptq(
         # a lazy batch must hold whole groups, so each group's parameters see all earlier updates
         block_size = max(g, (block_size // g) * g)
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    perm = prep.perm
+    if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-    Hinv, used_damp, raised = _inverse_cholesky(H, damp, max_damp_tries, name)
+    Hinv = prep.hinv.to(dev)
 
     codes = torch.zeros(out_f, in_f, device=dev)
     loss = torch.zeros(out_f, device=dev)
@@ -196,4 +196,33 @@ def gptq(
         None if spec.symmetric else zero_t.to(torch.uint8),
         spec,
     )
-    return GPTQResult(qw, used_damp, raised, n_dead, float(loss.sum()))
+    return GPTQResult(qw, prep.damp, prep.damp_raised, prep.n_dead, float(loss.sum()))
+
+
+@dataclass
+class GPTQPrepared:
+    """What GPTQ needs from the Hessian, independent of the quantizer: shared by candidates."""
+
+    hinv: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian (permuted if act_order)
+    perm: Optional[torch.Tensor]
+    dead: torch.Tensor
+    n_dead: int
+    damp: float
+    damp_raised: bool
+    act_order: bool
+
+
+@torch.no_grad()
+def gptq_prepare(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, max_damp_tries: int = 6, name: Optional[str] = None) -> GPTQPrepared:
+    """Dead columns, optional act-order permutation, dampening and the inverse Cholesky factor."""
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H[dead, dead] = 1.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    hinv, used, raised = _inverse_cholesky(H, damp, max_damp_tries, name)
+    return GPTQPrepared(hinv, perm, dead, n_dead, used, raised, act_order)

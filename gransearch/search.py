@@ -1,0 +1,507 @@
+"""``optimize``: per-layer method, bit width and granularity under an exact byte budget.
+
+How a search runs (no quantization math lives here):
+
+1. **Bank.** Calibrate once (Hessians and ``mean|x|`` of every linear's input, unquantized inputs),
+   then quantize every (layer, candidate) once: RTN; GPTQ with one Cholesky factorisation per
+   layer shared by all its GPTQ candidates; AWQ with one scale search per scaling group and spec,
+   using the group's linear-output error computed from the Hessian (no second activation pass).
+   Each entry keeps its packed weight, exact stored bytes and layer objective
+   ``tr((W - Q) H (W - Q)^T)``.
+2. **Trials** only assemble layers from the bank into a working copy of the model and measure
+   perplexity on a validation slice (never the test split), reported window by window so that
+   hopeless trials are pruned. A trial's byte cost is computed analytically first; no over-budget
+   plan is ever evaluated or returned.
+3. **Warm starts.** Every uniform configuration that fits is enqueued, and so is the allocation
+   that minimises the summed layer objectives under the budget (a multiple-choice knapsack solved
+   exactly with ``scipy.optimize.milp``). Optuna (TPE) then tunes how the knapsack weighs layers:
+   a multiplier per layer type and per depth quarter, and whether objectives are taken raw or
+   relative to the layer's output energy. Every knapsack solution fits the budget by construction.
+4. **Final.** The best plans by proxy perplexity are re-quantized sequentially with
+   :func:`gransearch.quantize` (as a user would apply them) and measured on the final token
+   stream; the result reports proxy and final perplexity side by side.
+
+The budget counts the whole model as stored: packed linears plus every floating-point parameter at
+its dtype, counted once (:func:`gransearch.plan.plan_nbytes`); ``budget_gb`` is in GB (10^9 bytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian
+from .algorithms.gptq import gptq, gptq_prepare
+from .algorithms.rtn import rtn
+from .arch import arch_of, get_module, linear_shape, linear_weight, model_linears
+from .calibrate import calibrate
+from .cost import layer_nbytes
+from .evaluate import layer_objective, perplexity
+from .plan import GB, LayerPlan, QuantPlan, float_nbytes, model_fingerprint
+from .quantizer import QuantizedWeight
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Bank", "build_bank", "candidate_specs", "solve_knapsack", "optimize", "OptimizeResult", "ParetoPoint", "BudgetError"]
+
+_NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met (below the smallest plan) or needs no search (above the float model)."""
+
+
+def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
+    """Asymmetric specs for a layer: every bit width x every granularity that divides its input."""
+    out = []
+    for b in bits:
+        for g in granularities:
+            gran = _as_gran(g)
+            if isinstance(gran, PerGroup) and shape[1] % gran.size:
+                continue
+            out.append(QuantSpec(int(b), gran))
+    return out
+
+
+def _as_gran(g):
+    if isinstance(g, (PerTensor, PerChannel, PerGroup)):
+        return g
+    if isinstance(g, int):
+        return PerGroup(g)
+    if g in ("tensor", "t"):
+        return PerTensor()
+    if g in ("channel", "c"):
+        return PerChannel()
+    if isinstance(g, str) and g.startswith("g"):
+        return PerGroup(int(g[1:]))
+    raise ValueError(f"unknown granularity {g!r}: use 'tensor', 'channel', a group size or PerGroup(n)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the bank
+
+
+@dataclass
+class BankEntry:
+    qweight: QuantizedWeight
+    in_scale: Optional[torch.Tensor]  # AWQ: the layer computes x @ (dequant / s)^T
+    nbytes: int
+    objective: float
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.qweight.dequantize()
+        return w if self.in_scale is None else w / self.in_scale.unsqueeze(0)
+
+
+@dataclass
+class Bank:
+    """Every candidate of every layer, quantized once on the unquantized inputs."""
+
+    layers: list[str]
+    keys: list[list[str]]  # per layer, the candidate keys "method:spec"
+    entries: list[list[BankEntry]]
+    out_energy: list[float]  # tr(W H W^T): the layer's output energy, for relative objectives
+    seconds: float = 0.0
+
+    def index(self, layer: int, key: str) -> int:
+        return self.keys[layer].index(key)
+
+
+@torch.no_grad()
+def build_bank(
+    model: nn.Module,
+    calib,
+    methods: Sequence[str] = ("rtn", "gptq", "awq"),
+    bits: Sequence[int] = (2, 3, 4, 8),
+    granularities: Sequence = ("tensor", "channel", 32, 64, 128),
+    *,
+    damp: float = 0.01,
+    device=None,
+    verbose: bool = True,
+) -> Bank:
+    """Calibrate once and quantize every (layer, candidate) once. See the module docstring."""
+    t0 = time.perf_counter()
+    info = arch_of(model)
+    if "awq" in methods and info.generic:
+        raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
+    stats = calibrate(model, calib, device=device, verbose=verbose)
+    refs = model_linears(model, info)
+    names = [r.name for r in refs]
+    specs = {r.name: candidate_specs(r.shape, bits, granularities) for r in refs}
+    keys: dict[str, list[str]] = {n: [] for n in names}
+    entries: dict[str, list[BankEntry]] = {n: [] for n in names}
+    energy = {}
+
+    def add(name, method, spec, qw, in_scale, W, H):
+        eff = qw.dequantize() if in_scale is None else qw.dequantize() / in_scale.unsqueeze(0)
+        keys[name].append(f"{method}:{spec}")
+        entries[name].append(BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), layer_objective(W, eff, H)))
+
+    # AWQ scales are searched once per scaling group and spec (the group shares one fold)
+    awq_scales: dict[tuple[str, str], torch.Tensor] = {}
+    if "awq" in methods:
+        n_blocks = len(refs) // max(1, len(info.linears))
+        for b in range(n_blocks):
+            block_prefix = f"{info.blocks}.{b}."
+            for grp in info.groups:
+                gnames = [block_prefix + l for l in grp.linears]
+                block = get_module(model, f"{info.blocks}.{b}")
+                prev = get_module(block, grp.prev)
+                width = prev.weight.shape[0] if grp.norm else linear_weight(prev).shape[0]
+                if any(linear_shape(get_module(model, n))[1] != width for n in gnames):
+                    continue
+                ws = [linear_weight(get_module(model, n)).float() for n in gnames]
+                H = stats[gnames[0]].hessian
+                for spec in specs[gnames[0]]:
+                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec)
+                    for n in gnames:
+                        awq_scales[(n, str(spec))] = res.scales
+    bar = tqdm(refs, desc="bank", disable=not verbose)
+    for ref in bar:
+        W = linear_weight(ref.module).detach().float()
+        H = stats[ref.name].hessian
+        energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
+        prep = gptq_prepare(H, damp=damp, name=ref.name) if "gptq" in methods else None
+        leaf = ref.name.rsplit(".", 1)[-1]
+        for spec in specs[ref.name]:
+            if "rtn" in methods:
+                add(ref.name, "rtn", spec, rtn(W, spec), None, W, H)
+            if "gptq" in methods:
+                add(ref.name, "gptq", spec, gptq(W, H, spec, damp=damp, prepared=prep, name=ref.name).qweight, None, W, H)
+            if "awq" in methods and (ref.name, str(spec)) in awq_scales:
+                s = awq_scales[(ref.name, str(spec))]
+                Ws = W * s.unsqueeze(0)
+                if leaf not in _NO_CLIP:
+                    Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
+                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec))
+                add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
+    return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# allocation
+
+
+def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Optional[list[int]]:
+    """Pick one candidate per layer minimising the summed loss with summed cost <= capacity.
+
+    ``costs``, ``losses``: ``[layers, K]`` (``inf`` loss marks a missing candidate). Exact, with
+    ``scipy.optimize.milp``; ``None`` when infeasible.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    L, K = losses.shape
+    valid = np.isfinite(losses)
+    idx = np.flatnonzero(valid.ravel())
+    n = idx.size
+    c = losses.ravel()[idx].astype(float)
+    c = c / max(np.abs(c).max(), 1e-30)
+    A = lil_matrix((L + 1, n))
+    for j, flat in enumerate(idx):
+        A[flat // K, j] = 1.0
+        A[L, j] = float(costs.ravel()[flat])
+    lo = np.concatenate([np.ones(L), [-np.inf]])
+    hi = np.concatenate([np.ones(L), [float(capacity)]])
+    res = milp(c, constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=np.ones(n), bounds=Bounds(0, 1),
+               options={"time_limit": 60})
+    if res.x is None:
+        return None
+    x = np.round(res.x).astype(int)
+    choice = [-1] * L
+    for j in np.flatnonzero(x):
+        flat = idx[j]
+        choice[flat // K] = int(flat % K)
+    if min(choice) < 0:
+        return None
+    return choice
+
+
+def _layer_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _depth_quarter(name: str, n_blocks: int) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return min(3, 4 * int(part) // max(1, n_blocks))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class ParetoPoint:
+    nbytes: int
+    ppl: float
+    plan: QuantPlan
+    trial: int
+
+
+@dataclass
+class OptimizeResult:
+    plan: QuantPlan
+    nbytes: int
+    ppl: float  # final perplexity of the returned plan (sequential re-quantization), or proxy if no final stage
+    proxy_ppl: float
+    pareto: list[ParetoPoint]
+    study: object
+    finals: list[dict] = field(default_factory=list)  # every finalist: plan summary, bytes, proxy, final
+    baselines: dict[str, float] = field(default_factory=dict)  # uniform key -> proxy perplexity
+    bank_seconds: float = 0.0
+    search_seconds: float = 0.0
+
+    @property
+    def proxy_gap(self) -> float:
+        """Relative gap between the final and the proxy perplexity of the returned plan."""
+        return self.ppl / self.proxy_ppl - 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# the search
+
+
+class _Assembler:
+    """Puts bank entries into a working copy of the model (float weights, nothing packed)."""
+
+    def __init__(self, model: nn.Module, bank: Bank):
+        self.model = copy.deepcopy(model).eval()
+        self.bank = bank
+        self.mods = [get_module(self.model, n) for n in bank.layers]
+        self.current = [-1] * len(bank.layers)
+
+    @torch.no_grad()
+    def load(self, choice: Sequence[int]) -> nn.Module:
+        for i, c in enumerate(choice):
+            if self.current[i] != c:
+                linear_weight(self.mods[i]).copy_(self.bank.entries[i][c].effective_weight())
+                self.current[i] = c
+        return self.model
+
+
+def _plan_from_choice(bank: Bank, choice: Sequence[int], fingerprint: str, meta=None) -> QuantPlan:
+    return QuantPlan({n: LayerPlan.from_key(bank.keys[i][c]) for i, (n, c) in enumerate(zip(bank.layers, choice))}, fingerprint, dict(meta or {}))
+
+
+def _choice_id(choice: Sequence[int]) -> str:
+    return hashlib.sha1(",".join(map(str, choice)).encode()).hexdigest()[:16]
+
+
+def optimize(
+    model: nn.Module,
+    budget_gb: Optional[float] = None,
+    *,
+    calib,
+    eval_ids: torch.Tensor,
+    final_ids: Optional[torch.Tensor] = None,
+    budget_bytes: Optional[int] = None,
+    methods: Sequence[str] = ("rtn", "gptq", "awq"),
+    bits: Sequence[int] = (2, 3, 4, 8),
+    granularities: Sequence = ("tensor", "channel", 32, 64, 128),
+    n_trials: int = 60,
+    timeout: Optional[float] = None,
+    storage: Optional[str] = None,
+    study_name: Optional[str] = None,
+    seed: int = 0,
+    device=None,
+    seqlen: int = 512,
+    eval_windows: Optional[int] = 16,
+    batch_size: int = 4,
+    n_final: int = 2,
+    bank: Optional[Bank] = None,
+    objective_fn: Optional[Callable[[nn.Module, Callable[[int, float], None]], float]] = None,
+    warm_start: bool = True,
+    verbose: bool = True,
+) -> OptimizeResult:
+    """Search each layer's method, bit width and granularity under a byte budget.
+
+    ``budget_gb`` (GB = 10^9 bytes) or ``budget_bytes``: the whole model as stored. ``calib``:
+    calibration windows; ``eval_ids``: the validation token stream of the proxy objective
+    (``eval_windows`` windows of ``seqlen``); ``final_ids``: the stream the finalists are measured on
+    (the test split; ``None`` skips the final stage). ``storage``/``study_name``: an Optuna storage
+    URL (``sqlite:///run/study.db``) -- running again resumes and loses no finished trial.
+    ``objective_fn(model, report)`` replaces the perplexity objective (tests). ``warm_start=False``
+    enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's finished
+    trials, whichever process ran them. Returns an
+    :class:`OptimizeResult`; ``model`` itself is not modified.
+    """
+    import optuna
+
+    if (budget_gb is None) == (budget_bytes is None):
+        raise ValueError("give exactly one of budget_gb (in GB, 10^9 bytes) or budget_bytes")
+    budget = int(budget_bytes) if budget_bytes is not None else int(round(budget_gb * GB))
+    fingerprint = model_fingerprint(model)
+    names = [r.name for r in model_linears(model)]
+    fixed = float_nbytes(model, exclude=set(names))
+    full = float_nbytes(model)
+
+    # the feasible range needs only the candidate specs, so check it before building the bank
+    shapes = [linear_shape(get_module(model, n)) for n in names]
+    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
+    if any(not c for c in per_layer):
+        bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
+        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
+    smallest = fixed + sum(min(c) for c in per_layer)
+    if budget < smallest:
+        raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
+                          f"({smallest:,} bytes = {smallest / GB:.4f} GB with the smallest candidate everywhere); "
+                          f"the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    if budget >= full:
+        raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
+                          f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+
+    if bank is None:
+        bank = build_bank(model, calib, methods, bits, granularities, device=device, verbose=verbose)
+    if bank.layers != names:
+        raise ValueError("the bank was built for another model (its layers differ)")
+    L = len(names)
+    K = max(len(k) for k in bank.keys)
+    costs = np.zeros((L, K), dtype=np.int64)
+    raw = np.full((L, K), np.inf)
+    for i in range(L):
+        for j, e in enumerate(bank.entries[i]):
+            costs[i, j] = e.nbytes
+            raw[i, j] = e.objective
+    rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
+    capacity = budget - fixed
+    types = sorted({_layer_type(n) for n in names})
+    n_blocks = 1 + max((int(p) for n in names for p in n.split(".") if p.isdigit()), default=0)
+    quarters = [_depth_quarter(n, n_blocks) for n in names]
+
+    assembler = _Assembler(model, bank)
+
+    def evaluate(mdl, report):
+        if objective_fn is not None:
+            return float(objective_fn(mdl, report))
+        return perplexity(mdl, eval_ids, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
+                          verbose=False, on_window=report).ppl
+
+    # ---- Optuna study
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
+    study_name = study_name or f"gransearch-{fingerprint}-{budget}"
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="minimize", load_if_exists=True)
+    if study.user_attrs.get("budget_bytes") not in (None, budget) or study.user_attrs.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(f"study {study_name!r} was made for another budget or model; use another study_name")
+    study.set_user_attr("budget_bytes", budget)
+    study.set_user_attr("fingerprint", fingerprint)
+
+    uniform_keys = []
+    for key in sorted({k for row in bank.keys for k in row}):
+        if all(key in row for row in bank.keys):
+            cost = fixed + sum(costs[i, bank.index(i, key)] for i in range(L))
+            if cost <= budget:
+                uniform_keys.append((cost, key))
+    uniform_keys.sort(reverse=True)  # the largest (usually best) first
+
+    def choice_for(trial) -> tuple[list[int], dict]:
+        key = trial.user_attrs.get("uniform")
+        if key is not None:
+            return [bank.index(i, key) for i in range(L)], {"kind": "uniform", "uniform": key}
+        mode = trial.suggest_categorical("objective", ["raw", "relative"])
+        w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
+        w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
+        base = raw if mode == "raw" else rel
+        weights = np.array([w_type[_layer_type(n)] * w_depth[q] for n, q in zip(names, quarters)])
+        choice = solve_knapsack(costs, base * weights[:, None], capacity)
+        if choice is None:
+            raise optuna.TrialPruned("knapsack infeasible")
+        return choice, {"kind": "knapsack"}
+
+    def objective(trial):
+        choice, meta = choice_for(trial)
+        nbytes = fixed + int(sum(costs[i, c] for i, c in enumerate(choice)))
+        if nbytes > budget:  # cannot happen by construction; never evaluate such a plan
+            raise RuntimeError(f"internal error: plan of {nbytes} bytes over the budget {budget}")
+        cid = _choice_id(choice)
+        trial.set_user_attr("nbytes", nbytes)
+        trial.set_user_attr("choice", ",".join(map(str, choice)))
+        trial.set_user_attr("plan_id", cid)
+        trial.set_user_attr("worker", os.getpid())
+        for k, v in meta.items():
+            trial.set_user_attr(k, v)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("plan_id") == cid:  # the same plan was measured already
+                return t.value
+        mdl = assembler.load(choice)
+
+        def report(step, running_nll):
+            trial.report(math.exp(running_nll) if objective_fn is None else running_nll, step)
+            if meta["kind"] != "uniform" and trial.should_prune():
+                raise optuna.TrialPruned()
+
+        return evaluate(mdl, report)
+
+    if warm_start and not study.trials:  # a new study: warm starts first
+        for _, key in uniform_keys:
+            study.enqueue_trial({}, user_attrs={"uniform": key})
+        neutral = {"objective": "raw", **{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
+        study.enqueue_trial(neutral)
+        study.enqueue_trial({**neutral, "objective": "relative"})
+    t_search = time.perf_counter()
+    done = len([t for t in study.trials if t.state.is_finished()])
+    remaining = max(0, n_trials - done)
+    if remaining:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        stop = optuna.study.MaxTrialsCallback(n_trials, states=finished)
+        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=verbose, catch=(), callbacks=[stop])
+    search_seconds = time.perf_counter() - t_search
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError("no trial completed: raise n_trials or the timeout")
+
+    def plan_of(t) -> QuantPlan:
+        choice = [int(c) for c in t.user_attrs["choice"].split(",")]
+        return _plan_from_choice(bank, choice, fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],
+                                                             "budget_bytes": budget, "kind": t.user_attrs.get("kind")})
+
+    pareto = []
+    for t in sorted(complete, key=lambda t: (t.user_attrs["nbytes"], t.value)):
+        if not pareto or t.value < pareto[-1].ppl:
+            pareto.append(ParetoPoint(t.user_attrs["nbytes"], t.value, plan_of(t), t.number))
+    baselines = {t.user_attrs["uniform"]: t.value for t in complete if t.user_attrs.get("uniform")}
+
+    ranked, seen = [], set()
+    for t in sorted(complete, key=lambda t: t.value):
+        if t.user_attrs["plan_id"] not in seen:
+            seen.add(t.user_attrs["plan_id"])
+            ranked.append(t)
+    finals = []
+    best_t = ranked[0]
+    best_final = None
+    if final_ids is not None and n_final > 0:
+        from .quantize import quantize
+
+        for t in ranked[:n_final]:
+            plan = plan_of(t)
+            work = copy.deepcopy(model)
+            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)
+            fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
+            del work
+            finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
+                           "kind": t.user_attrs.get("kind"), "summary": plan.summary()})
+            if best_final is None or fin < best_final[0]:
+                best_final = (fin, t)
+        best_t = best_final[1]
+    plan = plan_of(best_t)
+    final_ppl = best_final[0] if best_final else best_t.value
+    plan.meta["final_ppl"] = final_ppl
+    return OptimizeResult(plan, best_t.user_attrs["nbytes"], final_ppl, best_t.value, pareto, study, finals, baselines,
+                          bank.seconds, search_seconds)

@@ -1,0 +1,175 @@
+"""The budget search on a tiny model with a cheap fake objective."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import gransearch as gs
+from gransearch.arch import get_module, linear_weight, model_linears
+from gransearch.plan import QuantPlan, float_nbytes, plan_nbytes
+from gransearch.search import BudgetError, build_bank, solve_knapsack
+
+from .tiny import tiny_model, token_stream
+
+BITS = (2, 4, 8)
+GRANS = ("channel", 16)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def calib():
+    return gs.sample_windows(token_stream(4096, seed=2), 8, 32, seed=0)
+
+
+def budget_between(model, frac=0.5):
+    """A budget between the smallest (all 2-bit) and the largest (all 8-bit) plans."""
+    names = [r.name for r in model_linears(model)]
+    lo = plan_nbytes(model, {n: gs.plan.LayerPlan("rtn", gs.QuantSpec.parse("w2c")) for n in names})
+    hi = plan_nbytes(model, {n: gs.plan.LayerPlan("rtn", gs.QuantSpec.parse("w8g16")) for n in names})
+    return int(lo + frac * (hi - lo))
+
+
+def fake_objective(reference, sleep=0.0):
+    """Squared distance of the assembled weights from the reference model's: cheap, plan-dependent."""
+    ref = {r.name: linear_weight(r.module).detach().clone() for r in model_linears(reference)}
+
+    def fn(model, report):
+        if sleep:
+            time.sleep(sleep)
+        total = 0.0
+        for step, (name, w) in enumerate(ref.items()):
+            total += float(((linear_weight(get_module(model, name)).detach() - w) ** 2).sum())
+            if step == 3:
+                report(1, total)
+        return total
+
+    return fn
+
+
+def test_knapsack_is_exact_on_a_small_case():
+    costs = np.array([[1, 2, 4], [1, 2, 4], [1, 3, 5]])
+    losses = np.array([[9.0, 4.0, 1.0], [8.0, 2.0, 1.5], [7.0, 3.0, 0.5]])
+    best = None
+    for a in range(3):
+        for b in range(3):
+            for c in range(3):
+                cost = costs[0, a] + costs[1, b] + costs[2, c]
+                if cost <= 8:
+                    val = losses[0, a] + losses[1, b] + losses[2, c]
+                    best = min(best or (val, ()), (val, (a, b, c)))
+    assert tuple(solve_knapsack(costs, losses, 8)) == best[1]
+    assert solve_knapsack(costs, losses, 2) is None
+
+
+def test_search_never_exceeds_budget_and_matches_stored_bytes():
+    model = tiny_model("llama")
+    budget = budget_between(model, 0.4)
+    seen = []
+    fn = fake_objective(model)
+
+    def counting(mdl, report):
+        seen.append(1)
+        return fn(mdl, report)
+
+    res = gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn", "gptq"), bits=BITS,
+                      granularities=GRANS, n_trials=14, seed=0, objective_fn=counting, verbose=False)
+    trials = res.study.trials
+    assert len(trials) == 14 and seen
+    assert all(t.user_attrs["nbytes"] <= budget for t in trials if "nbytes" in t.user_attrs)
+    assert res.nbytes <= budget and res.plan.nbytes(model) == res.nbytes
+    # the plan applied for real stores exactly the bytes the search counted
+    fresh = tiny_model("llama")
+    qres = gs.quantize(fresh, res.plan, calib(), verbose=False)
+    assert qres.nbytes + float_nbytes(fresh, exclude={r.name for r in qres.records}) == res.nbytes
+    # the search is never worse than the best uniform configuration that fits
+    assert res.baselines and res.proxy_ppl <= min(res.baselines.values())
+    assert res.pareto and all(p.nbytes <= budget for p in res.pareto)
+    assert [p.nbytes for p in res.pareto] == sorted(p.nbytes for p in res.pareto)
+
+
+def test_budget_errors_name_the_feasible_range():
+    model = tiny_model("llama")
+    with pytest.raises(BudgetError, match="below the smallest possible model.*feasible range"):
+        gs.optimize(model, budget_bytes=1000, calib=calib(), eval_ids=None, bits=BITS, granularities=GRANS, verbose=False)
+    with pytest.raises(BudgetError, match="not below the unquantized model"):
+        gs.optimize(model, budget_gb=10.0, calib=calib(), eval_ids=None, bits=BITS, granularities=GRANS, verbose=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        gs.optimize(model, calib=calib(), eval_ids=None, verbose=False)
+
+
+def test_plan_json_round_trip_and_mismatch(tmp_path):
+    model = tiny_model("llama")
+    plan = QuantPlan.uniform(model, "w4g16", "gptq")
+    names = list(plan.layers)
+    plan.layers[names[0]] = gs.plan.LayerPlan("awq", gs.QuantSpec.parse("w8c"))
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    d = json.loads(path.read_text())
+    assert d["format"] == "gransearch.plan" and d["version"] == 1
+    back = QuantPlan.load(str(path))
+    assert back.layers == plan.layers and back.fingerprint == plan.fingerprint
+    assert back.nbytes(model) == plan.nbytes(model)
+    gs.quantize(tiny_model("llama"), back, calib(), verbose=False)  # applies to the same architecture
+    other = tiny_model("opt")
+    with pytest.raises(ValueError, match="another model"):
+        gs.quantize(other, back, calib(), verbose=False)
+    d["version"] = 99
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="version"):
+        QuantPlan.load(str(path))
+
+
+def _worker(storage, study, n, sleep, warm):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "tests.search_worker", storage, study, str(n), str(sleep), "1" if warm else "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(storage, study):
+    import optuna
+
+    s = optuna.load_study(study_name=study, storage=storage)
+    return [t for t in s.trials if t.state.is_finished()]
+
+
+def test_killed_search_resumes_without_losing_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    p = _worker(storage, "resume", 40, 0.4, True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(1.0)
+        if os.path.exists(tmp_path / "study.db"):
+            try:
+                if len(_finished(storage, "resume")) >= 4:
+                    break
+            except Exception:
+                pass
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = {t.number: t.value for t in _finished(storage, "resume")}
+    assert len(before) >= 4
+    q = _worker(storage, "resume", len(before) + 5, 0.0, True)
+    out, err = q.communicate(timeout=300)
+    assert q.returncode == 0, err
+    after = {t.number: t.value for t in _finished(storage, "resume")}
+    assert all(after[k] == v for k, v in before.items())  # no finished trial lost or changed
+    assert len(after) >= len(before) + 5 - 1  # the killed, unfinished trial does not count
+
+
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    first = _worker(storage, "shared", 24, 0.2, True)
+    time.sleep(3.0)
+    second = _worker(storage, "shared", 24, 0.2, False)
+    for p in (first, second):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    trials = _finished(storage, "shared")
+    workers = {t.user_attrs.get("worker") for t in trials if "worker" in t.user_attrs}
+    assert len(trials) >= 24 and len(workers) == 2
