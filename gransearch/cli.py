@@ -1,7 +1,8 @@
-"""Command line: ``gransearch eval | quantize``.
+"""Command line: ``gransearch eval | quantize | optimize | worker``.
 
 Each subcommand mirrors a Python function: ``eval`` -> :func:`gransearch.perplexity`,
-``quantize`` -> :func:`gransearch.quantize`.
+``quantize`` -> :func:`gransearch.quantize`, ``optimize`` -> :func:`gransearch.optimize`, ``worker``
+-> ``optimize`` joining an existing study.
 """
 
 from __future__ import annotations
@@ -105,6 +106,121 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _csv_list(text, cast=str):
+    return tuple(cast(t) for t in text.split(",") if t)
+
+
+def _gran(t):
+    return int(t) if t.isdigit() else t
+
+
+def _search_setup(cfg: dict):
+    """Model, calibration, validation and test streams and budget from a run configuration."""
+    import gransearch as gs
+
+    gs.data.check_text_name(cfg["data"])
+    model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"))
+    calib = gs.sample_windows(gs.load_tokens(cfg["data"], tok, "train"), cfg["n_calib"], cfg["calib_seqlen"], seed=cfg["seed"])
+    val = gs.load_tokens(cfg["data"], tok, "validation")
+    test = gs.load_tokens(cfg["data"], tok, "test")
+    if cfg.get("budget_like"):
+        budget = gs.QuantPlan.uniform(model, cfg["budget_like"], "rtn").nbytes(model)
+    elif cfg.get("budget_bytes"):
+        budget = int(cfg["budget_bytes"])
+    else:
+        budget = int(round(cfg["budget_gb"] * gs.plan.GB))
+    return model, calib, val, test, budget
+
+
+def _search_kwargs(cfg: dict) -> dict:
+    return dict(methods=_csv_list(cfg["methods"]), bits=_csv_list(cfg["bits"], int), granularities=_csv_list(cfg["grans"], _gran),
+                seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"))
+
+
+def cmd_optimize(args) -> int:
+    import csv
+    import os
+
+    import gransearch as gs
+
+    if sum(x is not None for x in (args.budget_gb, args.budget_bytes, args.budget_like)) != 1:
+        raise ValueError("give exactly one of --budget-gb, --budget-bytes or --budget-like SPEC")
+    os.makedirs(args.out, exist_ok=True)
+    cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
+                                         "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size")}
+    cfg["device"] = _device(args.device)
+    if args.budget_like:
+        gs.QuantSpec.parse(args.budget_like)
+    storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
+    model, calib, val, test, budget = _search_setup(cfg)
+    study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
+    import optuna
+
+    # workers read the run configuration from the study, so it is stored before the first trial
+    optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True).set_user_attr("cli_config", json.dumps(cfg))
+    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None if args.n_final == 0 else test,
+                      n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
+                      verbose=not args.quiet, **_search_kwargs(cfg))
+    res.plan.save(os.path.join(args.out, "plan.json"))
+    with open(os.path.join(args.out, "pareto.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["trial", "nbytes", "gb", "proxy_ppl", "plan"])
+        for p in res.pareto:
+            w.writerow([p.trial, p.nbytes, f"{p.nbytes / gs.plan.GB:.6f}", f"{p.ppl:.4f}", json.dumps(p.plan.summary())])
+    summary = {"budget_bytes": budget, "budget_gb": budget / gs.plan.GB, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
+               "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
+               "trials": len(res.study.trials), "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
+               "plan": res.plan.summary(), "storage": storage, "study": study_name}
+    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    _plot_pareto(res, budget, os.path.join(args.out, "pareto.png"))
+    print(json.dumps({k: summary[k] for k in ("budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan")}, indent=1))
+    return 0
+
+
+def _plot_pareto(res, budget, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    import optuna
+
+    from gransearch.plan import GB
+
+    done = [t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([t.user_attrs["nbytes"] / GB for t in done], [t.value for t in done], s=12, alpha=0.5, label="trials")
+    ax.plot([p.nbytes / GB for p in res.pareto], [p.ppl for p in res.pareto], "r.-", label="Pareto front")
+    ax.axvline(budget / GB, color="gray", ls="--", label="budget")
+    ax.set_xlabel("model size as stored (GB)")
+    ax.set_ylabel("validation perplexity (proxy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_worker(args) -> int:
+    import optuna
+
+    import gransearch as gs
+
+    study = optuna.load_study(study_name=args.study, storage=args.storage)
+    raw = study.user_attrs.get("cli_config")
+    if raw is None:
+        raise ValueError(f"study {args.study!r} has no run configuration yet: start it with `gransearch optimize` first")
+    cfg = json.loads(raw)
+    model, calib, val, _, budget = _search_setup(cfg)
+    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=args.trials or len(study.trials) + 20,
+                      storage=args.storage, study_name=args.study, n_final=0, warm_start=False, verbose=not args.quiet,
+                      **_search_kwargs(cfg))
+    print(json.dumps({"trials": len(res.study.trials), "best_proxy_ppl": res.proxy_ppl}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gransearch", description="Measure and search per-layer LLM quantization.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress events")
@@ -135,6 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("optimize", help="search per-layer method, bits and granularity under a byte budget")
+    _add_model_args(p)
+    p.add_argument("--data", default="wiki-sample", help="corpus: train split calibrates, validation is the proxy, test the final")
+    p.add_argument("--budget-gb", type=float, default=None, help="whole model as stored, in GB (10^9 bytes)")
+    p.add_argument("--budget-bytes", type=int, default=None)
+    p.add_argument("--budget-like", default=None, help="the exact size of a uniform plan with this spec, e.g. w4g64")
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the trial loop")
+    p.add_argument("--methods", default="rtn,gptq,awq")
+    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--grans", default="tensor,channel,32,64,128", help="tensor, channel and group sizes (kept where they divide)")
+    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seqlen", type=int, default=512, help="evaluation window")
+    p.add_argument("--eval-windows", type=int, default=16, help="validation windows per trial")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-final", type=int, default=2, help="best plans re-quantized sequentially and measured on test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--study", default=None)
+    p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("worker", help="join a running search (same storage and study)")
+    p.add_argument("--storage", required=True)
+    p.add_argument("--study", required=True)
+    p.add_argument("--trials", type=int, default=None, help="total trials of the study to stop at")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_worker)
     return ap
 
 

@@ -165,4 +165,4 @@ def layer_objective(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.
     GPTQ minimises. ``weight``, ``qweight``: ``[out, in]``; ``hessian``: ``[in, in]``.
     """
     d = (weight.float() - qweight.float()).to(hessian.device)
-    return float(torch.einsum("oi,ij,oj->", d, hessian.float(), d))
+    return float(((d @ hessian.float()) * d).sum())  # one [out, in] x [in, in] matmul

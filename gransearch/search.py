@@ -128,10 +128,17 @@ def build_bank(
     granularities: Sequence = ("tensor", "channel", 32, 64, 128),
     *,
     damp: float = 0.01,
+    awq_grid: int = 20,
+    awq_rank: Optional[int] = 64,
     device=None,
     verbose: bool = True,
 ) -> Bank:
-    """Calibrate once and quantize every (layer, candidate) once. See the module docstring."""
+    """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
+
+    AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
+    with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
+    recorded layer objectives are always exact.
+    """
     t0 = time.perf_counter()
     info = arch_of(model)
     if "awq" in methods and info.generic:
@@ -165,7 +172,7 @@ def build_bank(
                 ws = [linear_weight(get_module(model, n)).float() for n in gnames]
                 H = stats[gnames[0]].hessian
                 for spec in specs[gnames[0]]:
-                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec)
+                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec, n_grid=awq_grid, rank=awq_rank)
                     for n in gnames:
                         awq_scales[(n, str(spec))] = res.scales
     bar = tqdm(refs, desc="bank", disable=not verbose)
@@ -185,7 +192,7 @@ def build_bank(
                 Ws = W * s.unsqueeze(0)
                 if leaf not in _NO_CLIP:
                     Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
-                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec))
+                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, rank=awq_rank))
                 add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
     return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0)
 

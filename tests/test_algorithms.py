@@ -191,3 +191,17 @@ def test_hessian_forms_of_awq_match_token_forms():
     assert torch.allclose(torch.tensor(res_h.losses), torch.tensor(res_x.losses) * 2 / x.shape[0], rtol=1e-3)
     for sp in (spec, gs.QuantSpec.parse("w3c"), gs.QuantSpec.parse("w3t")):
         assert torch.equal(clip_ratios_hessian(w, h, sp), awq_clip_ratios(w, x, sp))
+
+
+def test_low_rank_hessian_factor_is_exact_at_full_rank_and_close_at_low_rank():
+    from gransearch.algorithms.awq import awq_search_hessian, hessian_factor
+
+    x = correlated_inputs(n=512)
+    h = hessian_of(x)
+    f = hessian_factor(h, 64)
+    assert torch.allclose(f @ f.t(), h, rtol=1e-3, atol=1e-3 * float(h.abs().max()))
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(7)) * 0.1
+    spec = gs.QuantSpec.parse("w3g16")
+    exact = awq_search_hessian(x.abs().mean(0), [w], h, spec)
+    approx = awq_search_hessian(x.abs().mean(0), [w], h, spec, rank=8)  # the 3 outlier channels dominate H
+    assert abs(approx.ratio - exact.ratio) <= 0.1

@@ -93,3 +93,26 @@ def test_smollm_quantize_methods(smollm):
     assert rtn3 > 1.2 * fp  # 3 bits costs something measurable
     assert ppl_after("w3g64", "gptq") < rtn3
     assert ppl_after("w3g64", "awq") < rtn3
+
+
+@needs_smollm
+def test_optimize_cli_small_run(tmp_path):
+    """The CLI end to end on SmolLM2 with a tiny search: files written, budget respected, resumable."""
+    import json
+
+    from gransearch.cli import main
+
+    out = tmp_path / "run"
+    argv = ["optimize", "--budget-like", "w4c", "--trials", "5", "--methods", "rtn", "--bits", "3,4,8", "--grans", "channel",
+            "--n-calib", "4", "--calib-seqlen", "128", "--eval-windows", "2", "--seqlen", "256", "--n-final", "0",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan_bytes"] <= summary["budget_bytes"] and summary["trials"] == 5
+    assert (out / "pareto.csv").exists() and (out / "plan.json").exists()
+    plan = gs.QuantPlan.load(str(out / "plan.json"))
+    model, _ = gs.load_model("smollm2-135m")
+    assert plan.nbytes(model) == summary["plan_bytes"]
+    argv[argv.index("--trials") + 1] = "7"
+    assert main(argv) == 0  # the same command again resumes the study
+    assert json.loads((out / "summary.json").read_text())["trials"] == 7

@@ -134,24 +134,42 @@ def apply_clip(w: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor) -> torch.
 
 
 def _hessian_error(d: torch.Tensor, H: torch.Tensor) -> float:
-    return float(torch.einsum("oi,ij,oj->", d, H, d))
+    return float(((d @ H) * d).sum())
+
+
+def hessian_factor(H: torch.Tensor, rank: int) -> torch.Tensor:
+    """``F`` ``[in, r]`` with ``F F^T`` the best rank-``r`` approximation of the PSD ``H``."""
+    evals, evecs = torch.linalg.eigh(H.double())
+    top = torch.argsort(evals, descending=True)[:rank]
+    return (evecs[:, top] * evals[top].clamp(min=0).sqrt()).float()
 
 
 @torch.no_grad()
-def awq_search_hessian(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20) -> AWQSearch:
+def awq_search_hessian(
+    act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, rank: int | None = None
+) -> AWQSearch:
     """AWQ's scale search with the group's *linear-output* error ``sum_k tr(dW_k H dW_k^T)``.
 
     With ``H = 2/n X^T X`` this is exact for the linears' outputs (no activation pass needed); the
     reference measures the error after the attention or MLP block instead. Used by the search bank.
+    ``rank``: measure with the top-``rank`` eigen-factor of ``H`` (``||dW F||^2``), much cheaper.
     """
-    Hf = H.float()
     ws = [w.float() for w in weights]
+    if rank is not None and rank < H.shape[0]:
+        F = hessian_factor(H, rank)
+        return awq_search(act_mean, ws, spec, lambda cands: sum(float(((w - c) @ F).pow(2).sum()) for w, c in zip(ws, cands)), n_grid)
+    Hf = H.float()
     return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid)
 
 
 @torch.no_grad()
-def clip_ratios_hessian(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
-    """Per-block shrink ratios minimising each block's output error ``d_b H_bb d_b^T`` (all tokens)."""
+def clip_ratios_hessian(
+    w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5, rank: int | None = None
+) -> torch.Tensor:
+    """Per-block shrink ratios minimising each block's output error ``d_b H_bb d_b^T`` (all tokens).
+
+    ``rank``: per-channel and per-tensor errors use the top-``rank`` eigen-factor of ``H``.
+    """
     w = w.float()
     H = H.float().to(w.device)
     out_f, in_f = w.shape
@@ -163,15 +181,20 @@ def clip_ratios_hessian(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_gri
         Hb = torch.stack([H[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(ng)])  # [ng, g, g]
 
         def err_of(q):
-            d = (q - w).reshape(out_f, ng, g)
-            return torch.einsum("ogk,gkl,ogl->og", d, Hb, d).reshape(-1, 1)
-    elif isinstance(spec.granularity, PerTensor):
-        def err_of(q):
-            return torch.tensor([[_hessian_error(q - w, H)]], device=w.device)
+            d = (q - w).reshape(out_f, ng, g).transpose(0, 1)  # [ng, out, g]
+            return (torch.bmm(d, Hb) * d).sum(-1).transpose(0, 1).reshape(-1, 1)
     else:
-        def err_of(q):
+        F = hessian_factor(H, rank) if rank is not None and rank < in_f else None
+
+        def row_err(q):
             d = q - w
-            return torch.einsum("oi,ij,oj->o", d, H, d).unsqueeze(1)
+            return (d @ F).pow(2).sum(1, keepdim=True) if F is not None else ((d @ H) * d).sum(1, keepdim=True)
+
+        if isinstance(spec.granularity, PerTensor):
+            def err_of(q):
+                return row_err(q).sum().reshape(1, 1)
+        else:
+            err_of = row_err
     best_err = None
     best_r = None
     for r in ratios:
