@@ -190,18 +190,42 @@ def collect_block_stats(
 ) -> dict[str, LayerStats]:
     """One pass of block ``index``: hooks on its linears fill a :class:`LayerStats` each.
 
+    Linears that read the same tensor (q/k/v, gate/up) share one statistic object, computed once.
     With ``advance`` the block's outputs also become the runner's inputs (one pass for both).
     """
     refs = block_linears(runner.model, index, runner.info)
     if names is not None:
         refs = [r for r in refs if r.name in set(names)]
-    stats = {r.name: LayerStats(r.shape[1], with_hessian=hessian) for r in refs}
+    stats: dict[str, LayerStats] = {}
+    alias: dict[str, str] = {}
+    # inputs seen in the current batch, held by reference: a freed tensor's memory could be reused
+    # for a later input, so sharing is decided by object identity, never by address
+    seen: list[tuple[torch.Tensor, str]] = []
+
+    def make_hook(ref):
+        def hook(module, args):
+            x = args[0]
+            if ref.name in alias:
+                return
+            owner = next((name for t, name in seen if t is x), None)
+            if owner is not None and owner != ref.name:
+                alias[ref.name] = owner
+                return
+            seen.append((x, ref.name))
+            stats.setdefault(ref.name, LayerStats(ref.shape[1], with_hessian=hessian)).update(x)
+
+        return hook
+
+    def next_batch(j):
+        seen.clear()
+
     handles: list = []
     with hooks(handles):
-        for r in refs:
-            st = stats[r.name]
-            handles.append(r.module.register_forward_pre_hook(lambda m, a, st=st: st.update(a[0])))
-        runner.run(index, advance=advance)
+        for ref in refs:
+            handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
+        runner.run(index, advance=advance, on_batch=next_batch)
+    for name, owner in alias.items():
+        stats[name] = stats[owner]
     return stats
 
 

@@ -31,7 +31,7 @@ from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .arch import ArchInfo, arch_of, block_linears, get_module, linear_weight, model_linears, set_module
-from .calibrate import BlockRunner, LayerStats, hooks
+from .calibrate import BlockRunner, LayerStats, collect_block_stats, hooks
 from .evaluate import layer_objective
 from .fold import fold_scales
 from .qlinear import QuantLinear
@@ -114,43 +114,6 @@ def to_quant_linear(module: nn.Module, qw: QuantizedWeight, act_spec: Optional[A
     if module.bias is not None:
         lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
     return QuantLinear.from_float(lin, qw, act_spec=act_spec)
-
-
-def _collect_shared_stats(runner: BlockRunner, index: int, refs, advance: bool = False) -> dict[str, LayerStats]:
-    """Hessians of the block's linears; linears that read the same tensor share one statistic."""
-    stats: dict[str, LayerStats] = {}
-    alias: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    batch = [0]
-
-    def make_hook(ref):
-        def hook(module, args):
-            x = args[0]
-            if ref.name in alias:
-                return
-            sig = (x.data_ptr(), tuple(x.shape), x._version, batch[0])
-            owner = seen.get(sig)
-            if owner is not None and owner != ref.name:
-                alias[ref.name] = owner
-                return
-            seen[sig] = ref.name
-            stats.setdefault(ref.name, LayerStats(ref.shape[1])).update(x)
-
-        return hook
-
-    handles: list = []
-    with hooks(handles):
-        for ref in refs:
-            handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
-
-        def next_batch(j):
-            batch[0] = j + 1
-            seen.clear()
-
-        runner.run(index, advance=advance, on_batch=next_batch)
-    for name, owner in alias.items():
-        stats[name] = stats[owner]
-    return stats
 
 
 @torch.no_grad()
@@ -324,7 +287,7 @@ def quantize(
             ratios, unclipped = {}, {}
             if any(plan[r.name][0].startswith("awq") for r in refs):
                 ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
-            stats = _collect_shared_stats(runner, i, refs) if needs_hessian else {}
+            stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
             for ref in refs:
                 t0 = time.perf_counter()
                 m, sp = plan[ref.name]

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian
+from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq, gptq_prepare
 from .algorithms.rtn import rtn
 from .arch import arch_of, get_module, linear_shape, linear_weight, model_linears
@@ -156,6 +156,17 @@ def build_bank(
         keys[name].append(f"{method}:{spec}")
         entries[name].append(BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), layer_objective(W, eff, H)))
 
+    # one low-rank factor per distinct input Hessian (q/k/v and gate/up share theirs)
+    factors: dict[int, Optional[torch.Tensor]] = {}
+
+    def factor_of(name):
+        st = stats[name]
+        if awq_rank is None or awq_rank >= st.in_features:
+            return None
+        if id(st) not in factors:
+            factors[id(st)] = hessian_factor(st.hessian, awq_rank)
+        return factors[id(st)]
+
     # AWQ scales are searched once per scaling group and spec (the group shares one fold)
     awq_scales: dict[tuple[str, str], torch.Tensor] = {}
     if "awq" in methods:
@@ -172,7 +183,7 @@ def build_bank(
                 ws = [linear_weight(get_module(model, n)).float() for n in gnames]
                 H = stats[gnames[0]].hessian
                 for spec in specs[gnames[0]]:
-                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec, n_grid=awq_grid, rank=awq_rank)
+                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
                     for n in gnames:
                         awq_scales[(n, str(spec))] = res.scales
     bar = tqdm(refs, desc="bank", disable=not verbose)
@@ -192,7 +203,9 @@ def build_bank(
                 Ws = W * s.unsqueeze(0)
                 if leaf not in _NO_CLIP:
                     Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
-                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, rank=awq_rank))
+                    F = factor_of(ref.name)
+                    Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
+                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
                 add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
     return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0)
 

@@ -168,3 +168,33 @@ def test_objective_off_gives_identical_weights(method):
     assert all(r.objective is not None for r in ra.records) and all(r.objective is None for r in rb.records)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_linears_reading_one_input_share_one_statistic():
+    stats = gs.calibrate(tiny_model("llama"), calib_windows(2, 16), verbose=False)
+    q, k, v = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert q is k is v
+    assert stats["model.layers.0.mlp.gate_proj"] is stats["model.layers.0.mlp.up_proj"]
+    assert stats["model.layers.0.self_attn.o_proj"] is not q
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2", "gemma3"])
+def test_shared_statistics_match_per_layer_direct_hooks(kind):
+    """Sharing must follow tensor identity: a reused address must not alias two inputs."""
+    model = tiny_model(kind)
+    calib = calib_windows(4, 32)
+    gs.quantize(model, "w8c", calib, method="rtn", objective=False, verbose=False)  # where reuse showed up
+    stats = gs.calibrate(model, calib, verbose=False)
+    direct = {}
+    handles = []
+    for name in stats:
+        def grab(m, a, name=name):
+            x = a[0].reshape(-1, a[0].shape[-1]).float()
+            direct[name] = direct.get(name, 0) + x.t() @ x
+        handles.append(get_module(model, name).register_forward_pre_hook(grab))
+    with torch.no_grad():
+        model(calib)
+    for h in handles:
+        h.remove()
+    for name, st in stats.items():
+        assert torch.allclose(st.xtx, direct[name], rtol=1e-4, atol=1e-3), name

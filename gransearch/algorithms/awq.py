@@ -23,7 +23,7 @@ from ..quantizer import block_view, dequantize_codes, qparams, quantize_codes
 from ..spec import PerGroup, PerTensor, QuantSpec
 from .rtn import rtn
 
-__all__ = ["awq_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "AWQSearch"]
+__all__ = ["awq_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
 
 
 def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -146,17 +146,21 @@ def hessian_factor(H: torch.Tensor, rank: int) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search_hessian(
-    act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, rank: int | None = None
+    act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, rank: int | None = None,
+    factor: torch.Tensor | None = None,
 ) -> AWQSearch:
     """AWQ's scale search with the group's *linear-output* error ``sum_k tr(dW_k H dW_k^T)``.
 
     With ``H = 2/n X^T X`` this is exact for the linears' outputs (no activation pass needed); the
     reference measures the error after the attention or MLP block instead. Used by the search bank.
-    ``rank``: measure with the top-``rank`` eigen-factor of ``H`` (``||dW F||^2``), much cheaper.
+    ``rank``: measure with the top-``rank`` eigen-factor of ``H`` (``||dW F||^2``), much cheaper;
+    ``factor``: such a factor computed once by the caller.
     """
     ws = [w.float() for w in weights]
-    if rank is not None and rank < H.shape[0]:
-        F = hessian_factor(H, rank)
+    if factor is None and rank is not None and rank < H.shape[0]:
+        factor = hessian_factor(H, rank)
+    if factor is not None:
+        F = factor
         return awq_search(act_mean, ws, spec, lambda cands: sum(float(((w - c) @ F).pow(2).sum()) for w, c in zip(ws, cands)), n_grid)
     Hf = H.float()
     return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid)
@@ -164,11 +168,13 @@ def awq_search_hessian(
 
 @torch.no_grad()
 def clip_ratios_hessian(
-    w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5, rank: int | None = None
+    w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5, rank: int | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-block shrink ratios minimising each block's output error ``d_b H_bb d_b^T`` (all tokens).
 
-    ``rank``: per-channel and per-tensor errors use the top-``rank`` eigen-factor of ``H``.
+    ``rank`` (or a precomputed ``factor``): per-channel and per-tensor errors use the top-``rank``
+    eigen-factor of ``H``.
     """
     w = w.float()
     H = H.float().to(w.device)
@@ -184,7 +190,7 @@ def clip_ratios_hessian(
             d = (q - w).reshape(out_f, ng, g).transpose(0, 1)  # [ng, out, g]
             return (torch.bmm(d, Hb) * d).sum(-1).transpose(0, 1).reshape(-1, 1)
     else:
-        F = hessian_factor(H, rank) if rank is not None and rank < in_f else None
+        F = factor if factor is not None else hessian_factor(H, rank) if rank is not None and rank < in_f else None
 
         def row_err(q):
             d = q - w
