@@ -173,3 +173,28 @@ def test_two_workers_share_one_study(tmp_path):
     trials = _finished(storage, "shared")
     workers = {t.user_attrs.get("worker") for t in trials if "worker" in t.user_attrs}
     assert len(trials) >= 24 and len(workers) == 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_bank_entries_are_consistent(kind):
+    """Every bank entry: exact bytes, an objective that its own effective weight reproduces, AWQ entries
+    carrying their input scales, and GPTQ's objective never above RTN's for the same spec."""
+    model = tiny_model(kind)
+    bank = build_bank(model, calib(), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), verbose=False)
+    stats = gs.calibrate(model, calib(), verbose=False)
+    assert all(len(k) == len(set(k)) for k in bank.keys)
+    n_awq = 0
+    for i, name in enumerate(bank.layers):
+        W = linear_weight(get_module(model, name)).detach().float()
+        H = stats[name].hessian
+        for key, e in zip(bank.keys[i], bank.entries[i]):
+            method, spec = key.split(":")
+            assert e.nbytes == gs.layer_nbytes(tuple(W.shape), gs.QuantSpec.parse(spec))
+            assert e.objective == pytest.approx(gs.layer_objective(W, e.effective_weight(), H), rel=1e-4, abs=1e-6)
+            if method == "awq":
+                n_awq += 1
+                assert e.in_scale is not None and e.in_scale.shape == (W.shape[1],)
+        objs = dict(zip(bank.keys[i], (e.objective for e in bank.entries[i])))
+        for spec in ("w3c", "w3g16"):
+            assert objs[f"gptq:{spec}"] <= objs[f"rtn:{spec}"] * 1.0001
+    assert n_awq > 0
