@@ -41,7 +41,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="runs/quantize_table.csv")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--print", action="store_true", help="only print the markdown table of the CSV")
     args = ap.parse_args()
+    if args.print:
+        print_table(args.out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -86,10 +90,19 @@ def main() -> None:
 
 
 def print_table(path):
+    """Rows grouped by spec; 'of RTN's increase' is the share of RTN's perplexity increase removed."""
     rows = list(rows_done(path).values())
-    print(f"\n| method | variant | spec | perplexity | change | bits/weight | quantize s |\n|---|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {r['variant']} | {r['spec']} | {float(r['ppl']):.3f} | {float(r['delta_pct']):+.2f}% | {r['bits_per_weight']} | {r['quant_seconds']} |")
+    fp = next(float(r["ppl"]) for r in rows if r["method"] == "fp")
+    rtn = {r["spec"]: float(r["ppl"]) for r in rows if r["method"] == "rtn"}
+    order = {"fp": 0, "rtn": 1, "gptq": 2, "awq": 3, "awq+gptq": 4}
+    print(f"unquantized (fp32): perplexity {fp:.3f}\n")
+    print("| spec | method | variant | perplexity | change | removed of RTN's increase | bits/weight | quantize s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in sorted((r for r in rows if r["method"] != "fp"), key=lambda r: (r["spec"], order[r["method"]], r["variant"])):
+        p = float(r["ppl"])
+        base = rtn.get(r["spec"])
+        removed = f"{100 * (base - p) / (base - fp):.0f}%" if base is not None and r["method"] != "rtn" and base > fp else "-"
+        print(f"| {r['spec']} | {r['method']} | {r['variant']} | {p:.3f} | {float(r['delta_pct']):+.2f}% | {removed} | {r['bits_per_weight']} | {r['quant_seconds']} |")
 
 
 if __name__ == "__main__":

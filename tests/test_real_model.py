@@ -74,7 +74,11 @@ def test_wiki_sample_splits_are_disjoint_and_deterministic():
 
 @needs_smollm
 def test_smollm_quantize_methods(smollm):
-    """Small calibration (16 x 256 tokens), 8 test windows: w8c is lossless, 3-bit GPTQ/AWQ beat RTN."""
+    """Small calibration (16 x 256 tokens), 6 test windows: w8c is lossless, 3-bit GPTQ/AWQ beat RTN.
+
+    GPTQ needs enough tokens for its Hessians: with 8 x 256 (2,048 tokens, barely above down_proj's
+    1,536 inputs) 3-bit GPTQ was measured above RTN (72.1 against 69.3 here).
+    """
     _, tok = smollm
     train = gs.load_tokens("wiki-sample", tok, "train")
     test = gs.load_tokens("wiki-sample", tok, "test")
@@ -83,9 +87,9 @@ def test_smollm_quantize_methods(smollm):
     def ppl_after(spec, method):
         model, _ = gs.load_model("smollm2-135m")
         if method != "fp":
-            res = gs.quantize(model, spec, calib, method=method, objective=False, verbose=False)
+            res = gs.quantize(model, spec, calib, method=method, awq_tokens=2048, objective=False, verbose=False)
             assert len(res.records) == 30 * 7
-        return gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=8, verbose=False).ppl
+        return gs.perplexity(model, test, seqlen=512, batch_size=3, max_windows=6, verbose=False).ppl
 
     fp = ppl_after(None, "fp")
     assert abs(ppl_after("w8c", "gptq") / fp - 1) < 0.01
