@@ -29,6 +29,15 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
 
 
+def _emit(result: dict, as_json: bool) -> None:
+    """Print a result as one JSON line or as aligned ``key: value`` lines."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>18}: {v}")
+
+
 def _device(arg):
     import torch
 
@@ -56,11 +65,7 @@ def cmd_eval(args) -> int:
         "tokens_per_second": round(res.n_windows * res.seqlen / res.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>18}: {v}")
+    _emit(out, args.json)
     return 0
 
 
@@ -98,11 +103,7 @@ def cmd_quantize(args) -> int:
             json.dump(summary, fh, indent=2)
         with open(os.path.join(args.out, "layers.json"), "w") as fh:
             json.dump([r.to_dict() for r in res.records], fh, indent=1)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for k, v in summary.items():
-            print(f"{k:>18}: {v}")
+    _emit(summary, args.json)
     return 0
 
 
