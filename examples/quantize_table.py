@@ -1,7 +1,7 @@
 """Whole-model quantization table: methods x specs on the packaged SmolLM2-135M (issue 4).
 
     python examples/quantize_table.py [--specs w8c,w4c,w4g64,w3c,w3g64] [--methods rtn,gptq,awq,awq+gptq]
-                                      [--variants plain,act_order,static] [--out runs/quantize_table.csv]
+                                      [--variants plain,act_order,static] [--out docs/data/quantize_table.csv]
 
 Protocol: calibration 128 windows x 512 tokens drawn (seed 0) from the wiki-sample train split;
 perplexity on the full wiki-sample test split at seqlen 512. Every configuration starts from a fresh
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--variants", default="plain", help="GPTQ variants: plain,act_order,static")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--out", default="runs/quantize_table.csv")
+    ap.add_argument("--out", default="docs/data/quantize_table.csv")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--print", action="store_true", help="only print the markdown table of the CSV")
     args = ap.parse_args()
