@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .spec import QuantSpec
 
 __all__ = ["layer_nbytes", "layer_n_blocks", "bits_per_weight"]
 
@@ -27,13 +27,7 @@ def layer_n_blocks(shape: tuple[int, int], spec: QuantSpec) -> int:
     """Number of blocks that each carry one scale (and one zero)."""
     spec.check_shape(tuple(shape))
     out_f, in_f = shape
-    g = spec.granularity
-    if isinstance(g, PerTensor):
-        return 1
-    if isinstance(g, PerChannel):
-        return out_f
-    assert isinstance(g, PerGroup)
-    return out_f * (in_f // g.size)
+    return spec.granularity.n_groups(out_f, in_f)
 
 
 def layer_nbytes(shape: tuple[int, int], spec: QuantSpec) -> int:

@@ -292,14 +292,3 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> tor
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
-
-
-def split_sizes(name: str, tokenizer=None) -> dict[str, int]:
-    """Articles (or tokens, given a tokenizer) per split: for docs and sanity checks."""
-    out = {}
-    for sp in SPLITS:
-        if tokenizer is None:
-            out[sp] = len(load_text(name, sp))
-        else:
-            out[sp] = int(load_tokens(name, tokenizer, sp).numel())
-    return out

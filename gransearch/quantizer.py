@@ -22,7 +22,6 @@ Shapes: a weight is ``[out, in]``; quantization parameters are ``[out, n_groups_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -351,7 +350,3 @@ def quantize_with_params(
     scale = scale_blocks.reshape(pshape).to(torch.float16)
     zero = None if spec.symmetric else zero_blocks.reshape(pshape).to(torch.uint8)
     return QuantizedWeight(codes.reshape(weight.shape).to(torch.uint8), scale, zero, spec)
-
-
-def n_bytes_for_bits(n: int, bits: int) -> int:
-    return math.ceil(n * bits / 8)

@@ -152,9 +152,10 @@ def build_bank(
     energy = {}
 
     def add(name, method, spec, qw, in_scale, W, H):
-        eff = qw.dequantize() if in_scale is None else qw.dequantize() / in_scale.unsqueeze(0)
+        entry = BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), 0.0)
+        entry.objective = layer_objective(W, entry.effective_weight(), H)
         keys[name].append(f"{method}:{spec}")
-        entries[name].append(BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), layer_objective(W, eff, H)))
+        entries[name].append(entry)
 
     # one low-rank factor per distinct input Hessian (q/k/v and gate/up share theirs)
     factors: dict[int, Optional[torch.Tensor]] = {}

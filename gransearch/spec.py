@@ -45,9 +45,6 @@ MAX_BITS = 8
 class PerTensor:
     """One scale for the whole weight matrix."""
 
-    def group_size(self, in_features: int, out_features: int) -> int:
-        return in_features * out_features
-
     def n_groups(self, out_features: int, in_features: int) -> int:
         return 1
 
@@ -58,9 +55,6 @@ class PerTensor:
 @dataclass(frozen=True)
 class PerChannel:
     """One scale per output channel (row of ``[out, in]``)."""
-
-    def group_size(self, in_features: int, out_features: int) -> int:
-        return in_features
 
     def n_groups(self, out_features: int, in_features: int) -> int:
         return out_features
@@ -78,9 +72,6 @@ class PerGroup:
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
             raise ValueError(f"PerGroup size must be a positive integer, got {self.size!r}")
-
-    def group_size(self, in_features: int, out_features: int) -> int:
-        return self.size
 
     def n_groups(self, out_features: int, in_features: int) -> int:
         return out_features * (in_features // self.size)
