@@ -15,6 +15,7 @@ from .fold import smoothquant
 from .plan import LayerPlan, QuantPlan
 from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
+from .ablate import Diagnosis, ablate_activations, ablate_weights, diagnose
 from . import plan, search  # noqa: E402  (submodules as attributes)
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
@@ -28,6 +29,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActSpec",
+    "Diagnosis",
+    "ablate_activations",
+    "ablate_weights",
+    "diagnose",
     "LayerPlan",
     "LayerStats",
     "METHODS",

@@ -1,8 +1,10 @@
-"""Command line: ``gransearch eval | quantize | optimize | worker``.
+"""Command line: ``gransearch eval | quantize | optimize | worker | ablate | diagnose``.
 
 Each subcommand mirrors a Python function: ``eval`` -> :func:`gransearch.perplexity`,
 ``quantize`` -> :func:`gransearch.quantize`, ``optimize`` -> :func:`gransearch.optimize`, ``worker``
--> ``optimize`` joining an existing study.
+-> ``optimize`` joining an existing study, ``ablate weights`` / ``ablate activations`` ->
+:func:`gransearch.ablate_weights` / :func:`gransearch.ablate_activations`, ``diagnose`` ->
+:func:`gransearch.diagnose`.
 """
 
 from __future__ import annotations
@@ -222,6 +224,94 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def _ablation_setup(args):
+    import gransearch as gs
+
+    gs.data.check_text_name(args.data)
+    model, tok = gs.load_model(args.model, dtype=args.dtype, device=_device(args.device), trust_remote_code=args.trust_remote_code)
+    calib = gs.sample_windows(gs.load_tokens(args.data, tok, "train"), args.n_calib, args.calib_seqlen, seed=args.seed)
+    ids = gs.load_tokens(args.data, tok, args.split)
+    return model, calib, ids
+
+
+def cmd_ablate(args) -> int:
+    import os
+
+    import gransearch as gs
+    from gransearch import ablate
+
+    os.makedirs(args.out, exist_ok=True)
+    model, calib, ids = _ablation_setup(args)
+    common = dict(model_name=args.model, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size,
+                  device=_device(args.device), verbose=not args.quiet)
+    if args.what == "weights":
+        csv_path = os.path.join(args.out, "weights.csv")
+        t0 = time.perf_counter()
+        rows = gs.ablate_weights(model, calib, ids, methods=_csv_list(args.methods), bits=_csv_list(args.bits, int),
+                                 granularities=_csv_list(args.grans, _gran), out=csv_path, **common)
+        table = ablate.weights_markdown(rows)
+        ablate.plot_weights(rows, os.path.join(args.out, "weights.png"))
+        name = "weights"
+    else:
+        csv_path = os.path.join(args.out, "activations.csv")
+        t0 = time.perf_counter()
+        rows = gs.ablate_activations(model, calib, ids, weight_spec=args.weights, act_bits=args.act_bits,
+                                     alphas=_csv_list(args.alphas, float), thresholds=_csv_list(args.thresholds, float),
+                                     out=csv_path, **common)
+        table = ablate.activations_markdown(rows)
+        ablate.plot_activations(rows, os.path.join(args.out, "activations.png"))
+        name = "activations"
+    with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
+        fh.write(table)
+    print(table)
+    print(f"{len(rows)} rows in {csv_path}; this call took {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    import os
+
+    import gransearch as gs
+
+    os.makedirs(args.out, exist_ok=True)
+    model, calib, _ = _ablation_setup(args)
+    t0 = time.perf_counter()
+    d = gs.diagnose(model, calib, weight_bits=args.weight_bits, act_bits=args.act_bits, device=_device(args.device),
+                    verbose=not args.quiet)
+    d.to_csv(os.path.join(args.out, "diagnostics.csv"))
+    titles = {"a_ratio": f"log10 activation error, {args.act_bits}-bit per-tensor static / per-token dynamic",
+              "w_ratio": f"log10 weight error, {args.weight_bits}-bit per-tensor / per-channel",
+              "act_outlier_ratio": "log10 activation outlier ratio (largest / median channel max|x|)",
+              "act_kurtosis": "log10 activation kurtosis"}
+    for metric, title in titles.items():
+        d.heatmap(metric, os.path.join(args.out, f"heatmap_{metric}.png"), title)
+    lines = []
+    for metric in titles:
+        lines.append(f"\nlayers with the largest {metric}:\n")
+        lines.append("| layer | outlier ratio | act kurtosis | weight kurtosis | W err tensor | W err channel | A err tensor | A err token |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for x in d.worst(metric, args.top):
+            lines.append(f"| {x.name} | {x.act_outlier_ratio:.1f} | {x.act_kurtosis:.1f} | {x.weight_kurtosis:.1f} | {x.w_err_tensor:.2e} | "
+                         f"{x.w_err_channel:.2e} | {x.a_err_tensor:.2e} | {x.a_err_token:.2e} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "diagnostics.md"), "w") as fh:
+        fh.write(text)
+    print(text)
+    print(f"{len(d.layers)} layers in {os.path.join(args.out, 'diagnostics.csv')}; {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _add_ablation_args(p: argparse.ArgumentParser, n_calib: int, max_windows) -> None:
+    _add_model_args(p)
+    _add_eval_args(p)
+    p.set_defaults(max_windows=max_windows)
+    p.add_argument("--n-calib", type=int, default=n_calib, help=f"calibration windows from the train split (default: {n_calib})")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/data/ablation", help="folder for the CSV, markdown table and plots")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gransearch", description="Measure and search per-layer LLM quantization.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress events")
@@ -276,6 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("ablate", help="ablation grids: weights (methods x granularity x bits) or W8A8 activations")
+    asub = p.add_subparsers(dest="what", required=True)
+    q = asub.add_parser("weights", help="methods x granularities x bit widths; one calibration shared by the grid")
+    _add_ablation_args(q, 128, 40)
+    q.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    q.add_argument("--bits", default="8,4,3")
+    q.add_argument("--grans", default="tensor,channel,128,64,32", help="kept where the group size divides every layer")
+    q.set_defaults(func=cmd_ablate)
+    q = asub.add_parser("activations", help="W8A8: activation granularity, static/dynamic, SmoothQuant, outlier columns")
+    _add_ablation_args(q, 32, 40)
+    q.add_argument("--weights", default="w8c", help="RTN weight spec of every row (default: w8c)")
+    q.add_argument("--act-bits", type=int, default=8)
+    q.add_argument("--alphas", default="0.25,0.5,0.75,0.9", help="SmoothQuant migration strengths")
+    q.add_argument("--thresholds", default="6,3", help="LLM.int8()-style outlier thresholds on |x|")
+    q.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("diagnose", help="per-layer outlier diagnostics and heatmaps")
+    _add_ablation_args(p, 32, None)
+    p.add_argument("--weight-bits", type=int, default=8)
+    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--top", type=int, default=5, help="layers listed per metric")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("worker", help="join a running search (same storage and study)")
     p.add_argument("--storage", required=True)

@@ -131,9 +131,14 @@ def build_bank(
     awq_grid: int = 20,
     awq_rank: Optional[int] = 64,
     device=None,
+    stats: Optional[dict] = None,
     verbose: bool = True,
 ) -> Bank:
     """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
+
+    ``methods``: any of ``"rtn"``, ``"gptq"``, ``"awq"`` and ``"awq+gptq"`` (GPTQ rounding of the
+    AWQ-scaled and clipped weight, with the Hessian of the scaled inputs). ``stats``: the output of
+    :func:`gransearch.calibrate` for this model, to share one calibration between several banks.
 
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
@@ -141,9 +146,14 @@ def build_bank(
     """
     t0 = time.perf_counter()
     info = arch_of(model)
-    if "awq" in methods and info.generic:
+    unknown = set(methods) - {"rtn", "gptq", "awq", "awq+gptq"}
+    if unknown:
+        raise ValueError(f"unknown bank methods {sorted(unknown)}: use rtn, gptq, awq, awq+gptq")
+    use_awq = any(m.startswith("awq") for m in methods)
+    if use_awq and info.generic:
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
-    stats = calibrate(model, calib, device=device, verbose=verbose)
+    if stats is None:
+        stats = calibrate(model, calib, device=device, verbose=verbose)
     refs = model_linears(model, info)
     names = [r.name for r in refs]
     specs = {r.name: candidate_specs(r.shape, bits, granularities) for r in refs}
@@ -170,7 +180,7 @@ def build_bank(
 
     # AWQ scales are searched once per scaling group and spec (the group shares one fold)
     awq_scales: dict[tuple[str, str], torch.Tensor] = {}
-    if "awq" in methods:
+    if use_awq:
         n_blocks = len(refs) // max(1, len(info.linears))
         for b in range(n_blocks):
             block_prefix = f"{info.blocks}.{b}."
@@ -192,22 +202,32 @@ def build_bank(
         W = linear_weight(ref.module).detach().float()
         H = stats[ref.name].hessian
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        prep = gptq_prepare(H, damp=damp, name=ref.name) if "gptq" in methods else None
+        prep = gptq_prepare(H, damp=damp, name=ref.name) if ("gptq" in methods or "awq+gptq" in methods) else None
         leaf = ref.name.rsplit(".", 1)[-1]
         for spec in specs[ref.name]:
             if "rtn" in methods:
                 add(ref.name, "rtn", spec, rtn(W, spec), None, W, H)
             if "gptq" in methods:
                 add(ref.name, "gptq", spec, gptq(W, H, spec, damp=damp, prepared=prep, name=ref.name).qweight, None, W, H)
-            if "awq" in methods and (ref.name, str(spec)) in awq_scales:
+            if use_awq and (ref.name, str(spec)) in awq_scales:
                 s = awq_scales[(ref.name, str(spec))]
                 Ws = W * s.unsqueeze(0)
+                Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
                 if leaf not in _NO_CLIP:
-                    Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
                     F = factor_of(ref.name)
                     Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
                     Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
-                add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
+                if "awq" in methods:
+                    add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
+                if "awq+gptq" in methods:
+                    add(ref.name, "awq+gptq", spec, gptq(Ws, Hs, spec, damp=damp, name=ref.name).qweight, s, W, H)
+            elif use_awq:
+                # no valid fold (e.g. v -> o under grouped-query attention): quantize() leaves the
+                # layer unscaled and unclipped, so AWQ is RTN there and AWQ+GPTQ is GPTQ
+                if "awq" in methods:
+                    add(ref.name, "awq", spec, rtn(W, spec), None, W, H)
+                if "awq+gptq" in methods:
+                    add(ref.name, "awq+gptq", spec, gptq(W, H, spec, damp=damp, prepared=prep, name=ref.name).qweight, None, W, H)
     return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0)
 
 

@@ -191,5 +191,6 @@ class ActSpec:
             )
 
     def __str__(self) -> str:
-        out = f"a{self.bits}{self.granularity[0]}{'d' if self.dynamic else 's'}"
+        g = {"tensor": "t", "token": "k", "channel": "c"}[self.granularity]
+        out = f"a{self.bits}{g}{'d' if self.dynamic else 's'}"
         return out + (f"o{self.outlier_threshold:g}" if self.outlier_threshold else "")

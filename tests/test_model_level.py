@@ -198,3 +198,19 @@ def test_shared_statistics_match_per_layer_direct_hooks(kind):
         h.remove()
     for name, st in stats.items():
         assert torch.allclose(st.xtx, direct[name], rtol=1e-4, atol=1e-3), name
+
+
+@pytest.mark.parametrize("d", [64, 576, 700, 1536])
+def test_blocked_gram_accumulation_is_the_full_symmetric_product(d):
+    """Hessians accumulate only the column blocks on and above the diagonal; reading mirrors them."""
+    from gransearch.calibrate import LayerStats
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(900, d, generator=g, dtype=torch.float64)
+    st = LayerStats(d)
+    for part in x.float().split(300):
+        st.update(part)
+    ref = x.t() @ x
+    assert torch.equal(st.xtx, st.xtx.t())
+    assert torch.allclose(st.xtx.double(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(st.hessian.double(), ref * 2 / 900, rtol=1e-5, atol=1e-5)

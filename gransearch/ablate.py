@@ -1,0 +1,549 @@
+"""Ablations and outlier diagnostics: measure how much granularity matters, where and why.
+
+* :func:`ablate_weights`: methods x granularities x bit widths on one model. The model is
+  calibrated **once** and every layer is quantized from those statistics (the candidate bank of
+  :func:`gransearch.search.build_bank`: each layer sees the unquantized model's inputs); each
+  configuration is then assembled and its perplexity measured. This is the one-shot protocol of the
+  search, cheaper than sequential :func:`gransearch.quantize` (which re-computes every block's
+  inputs through the already quantized blocks); ``docs/granularity.md`` compares the two.
+* :func:`ablate_activations`: W8A8 with activations per tensor / token / channel, static or
+  dynamic; SmoothQuant over its migration strength; LLM.int8()-style outlier columns over
+  thresholds; and per-tensor activation quantization on one input kind at a time (which layers are
+  responsible for the damage).
+* :func:`diagnose`: per linear layer, the activation outlier ratio (largest over median per-channel
+  ``max|x|``), the kurtosis of activations and weights, and the relative output error of per-tensor
+  against per-channel weight quantization and of per-tensor against per-token activation
+  quantization.
+
+Every ablation appends one CSV row per configuration and skips the rows its CSV already holds, so
+an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import arch_of, block_linears, get_module, linear_weight, model_linears
+from .calibrate import BlockRunner, calibrate, collect_block_stats, hooks
+from .cost import layer_nbytes
+from .evaluate import perplexity
+from .fold import smoothquant
+from .plan import GB, LayerPlan, plan_nbytes
+from .qlinear import QuantLinear, fake_quant_activation
+from .quantize import METHODS, outlier_share, quantize, set_act_quant
+from .search import _as_gran, build_bank
+from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ablate_weights", "ablate_activations", "diagnose", "Diagnosis", "LayerDiag", "WEIGHT_FIELDS", "ACT_FIELDS",
+           "read_rows", "weights_markdown", "activations_markdown", "plot_weights", "plot_activations"]
+
+WEIGHT_FIELDS = ["model", "method", "spec", "bits", "granularity", "ppl", "delta_pct", "bits_per_weight", "model_bytes",
+                 "linear_bytes", "eval_tokens", "eval_seconds"]
+ACT_FIELDS = ["model", "config", "kind", "weights", "act", "alpha", "threshold", "outlier_share", "ppl", "delta_pct",
+              "eval_tokens", "eval_seconds"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV helpers
+
+
+def read_rows(path: Optional[str], key: Sequence[str]) -> dict[tuple, dict]:
+    """Rows of a CSV written by an ablation, keyed by the ``key`` columns (empty if no file)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, newline="") as fh:
+        return {tuple(r[k] for k in key): r for r in csv.DictReader(fh)}
+
+
+def _append(path: Optional[str], fields: Sequence[str], row: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fields)
+        if fh.tell() == 0:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _gran_name(g) -> str:
+    if isinstance(g, PerTensor):
+        return "tensor"
+    if isinstance(g, PerChannel):
+        return "channel"
+    return f"g{g.size}"
+
+
+def _eval(model, ids, seqlen, max_windows, batch_size):
+    return perplexity(model, ids, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, verbose=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+
+
+@torch.no_grad()
+def ablate_weights(
+    model: nn.Module,
+    calib,
+    eval_ids: torch.Tensor,
+    *,
+    methods: Sequence[str] = METHODS,
+    bits: Sequence[int] = (8, 4, 3),
+    granularities: Sequence = ("tensor", "channel", 128, 64, 32),
+    out: Optional[str] = None,
+    model_name: str = "model",
+    seqlen: int = 512,
+    max_windows: Optional[int] = None,
+    batch_size: int = 4,
+    stats: Optional[dict] = None,
+    device=None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Perplexity of every (method, bits, granularity) on ``eval_ids``; one CSV row each.
+
+    Calibrates once (or uses ``stats``), then, one bit width at a time, builds the candidate bank
+    of every missing configuration and evaluates each assembled model. A granularity whose group
+    size does not divide every linear layer's input is skipped (logged). Rows already in ``out``
+    are not recomputed. Returns every row (old and new), the unquantized model first
+    (``method="fp"``).
+    """
+    bad = set(methods) - set(METHODS)
+    if bad:
+        raise ValueError(f"unknown methods {sorted(bad)}: use any of {METHODS}")
+    refs = model_linears(model)
+    if not refs:
+        raise ValueError("the model has no quantizable linear layers")
+    n_weights = sum(r.shape[0] * r.shape[1] for r in refs)
+    done = read_rows(out, ("method", "spec"))
+
+    def record(row):
+        row = {k: str(v) for k, v in row.items()}  # as read back from the CSV
+        _append(out, WEIGHT_FIELDS, row)
+        done[(row["method"], row["spec"])] = row
+
+    if ("fp", "fp") not in done:
+        r = _eval(model, eval_ids, seqlen, max_windows, batch_size)
+        record({"model": model_name, "method": "fp", "spec": "fp", "bits": "", "granularity": "", "ppl": f"{r.ppl:.4f}",
+                "delta_pct": "0.00", "bits_per_weight": f"{8 * next(model.parameters()).element_size():g}",
+                "model_bytes": plan_nbytes(model, {}), "linear_bytes": "", "eval_tokens": r.n_tokens,
+                "eval_seconds": f"{r.seconds:.1f}"})
+    base = float(done[("fp", "fp")]["ppl"])
+
+    grans = []
+    for g in granularities:
+        gran = _as_gran(g)
+        if isinstance(gran, PerGroup):
+            misfit = sorted({r.shape[1] for r in refs if r.shape[1] % gran.size})
+            if misfit:
+                log.warning("skipping groups of %d: they do not divide input width(s) %s", gran.size, misfit)
+                continue
+        grans.append(gran)
+    todo = [(b, g, m) for b in bits for g in grans for m in methods if (m, str(QuantSpec(int(b), g))) not in done]
+    bar = tqdm(total=len(todo), desc="ablate weights", disable=not verbose)
+    if todo and stats is None:
+        stats = calibrate(model, calib, device=device, verbose=verbose)
+    work = copy.deepcopy(model).eval() if todo else None
+    mods = {r.name: get_module(work, r.name) for r in refs} if todo else {}
+    for b in bits:
+        mine = [(g, m) for bb, g, m in todo if bb == b]
+        if not mine:
+            continue
+        need = sorted({m for _, m in mine}, key=METHODS.index)
+        bank = build_bank(model, None, need, [int(b)], sorted({g for g, _ in mine}, key=str), stats=stats, device=device, verbose=False)
+        for g, m in mine:
+            spec = QuantSpec(int(b), g)
+            key = f"{m}:{spec}"
+            for i, name in enumerate(bank.layers):
+                linear_weight(mods[name]).copy_(bank.entries[i][bank.index(i, key)].effective_weight())
+            r = _eval(work, eval_ids, seqlen, max_windows, batch_size)
+            lin_bytes = sum(layer_nbytes(ref.shape, spec) for ref in refs)
+            total = plan_nbytes(model, {ref.name: LayerPlan(m, spec) for ref in refs})
+            record({"model": model_name, "method": m, "spec": str(spec), "bits": int(b), "granularity": _gran_name(g),
+                    "ppl": f"{r.ppl:.4f}", "delta_pct": f"{100 * (r.ppl / base - 1):.2f}",
+                    "bits_per_weight": f"{8 * lin_bytes / n_weights:.3f}", "model_bytes": total,
+                    "linear_bytes": lin_bytes, "eval_tokens": r.n_tokens, "eval_seconds": f"{r.seconds:.1f}"})
+            bar.update(1)
+            bar.set_postfix(last=f"{m} {spec} {r.ppl:.2f}")
+        del bank
+    bar.close()
+    keys = [("fp", "fp")] + [(m, str(QuantSpec(int(b), g))) for b in bits for g in grans for m in methods]
+    return [done[k] for k in keys if k in done]
+
+
+def weights_markdown(rows: Sequence[dict]) -> str:
+    """One line per (bits, granularity), one column per method: perplexity and its change."""
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = []
+    if fp:
+        lines.append(f"unquantized: perplexity {float(fp['ppl']):.3f} ({fp['eval_tokens']} tokens), {int(fp['model_bytes']) / GB:.4f} GB\n")
+    lines.append("| bits | granularity | bits/weight | model GB | " + " | ".join(methods) + " |")
+    lines.append("|---:|---|---:|---:|" + "---:|" * len(methods))
+    seen = []
+    for r in rows:
+        if r["method"] != "fp" and (r["bits"], r["granularity"]) not in seen:
+            seen.append((r["bits"], r["granularity"]))
+    for b, g in seen:
+        cells = {r["method"]: r for r in rows if r["bits"] == b and r["granularity"] == g}
+        any_r = next(iter(cells.values()))
+        vals = []
+        for m in methods:
+            c = cells.get(m)
+            vals.append("-" if c is None else f"{float(c['ppl']):.3f} ({float(c['delta_pct']):+.1f}%)")
+        lines.append(f"| {b} | {g} | {any_r['bits_per_weight']} | {int(any_r['model_bytes']) / GB:.4f} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        log.warning("matplotlib is not installed: no plot written")
+        return None
+    return plt
+
+
+def plot_weights(rows: Sequence[dict], path: str) -> bool:
+    """Perplexity (log scale) against bits per weight, one line per method and granularity."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:green")))
+    markers = {"tensor": "x", "channel": "o", "g128": "^", "g64": "s", "g32": "D"}
+    styles = {"tensor": ":", "channel": "-", "g128": "-.", "g64": "--", "g32": "-."}
+    for m in METHODS:
+        for g in markers:
+            pts = sorted((float(r["bits_per_weight"]), float(r["ppl"])) for r in rows if r["method"] == m and r["granularity"] == g)
+            if pts:
+                ax.plot(*zip(*pts), color=colors[m], marker=markers[g], ls=styles[g], ms=5, label=f"{m} {g}")
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    if fp:
+        ax.axhline(float(fp["ppl"]), color="black", lw=0.8, label="unquantized")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zeros)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# activations
+
+
+def _input_kinds(model: nn.Module) -> dict[str, list[str]]:
+    """Linear leaf names grouped by the tensor they read (q/k/v share one input, gate/up another)."""
+    info = arch_of(model)
+    if info.generic or not info.groups:
+        leaves = []
+        for r in block_linears(model, 0, info):
+            leaves.append(r.name.rsplit(".", 1)[-1])
+        return {l: [l] for l in leaves}
+    return {"+".join(l.rsplit(".", 1)[-1] for l in g.linears): [l.rsplit(".", 1)[-1] for l in g.linears] for g in info.groups}
+
+
+@torch.no_grad()
+def ablate_activations(
+    model: nn.Module,
+    calib,
+    eval_ids: torch.Tensor,
+    *,
+    weight_spec="w8c",
+    act_bits: int = 8,
+    alphas: Sequence[float] = (0.25, 0.5, 0.75, 0.9),
+    thresholds: Sequence[float] = (6.0, 3.0),
+    attribution: bool = True,
+    out: Optional[str] = None,
+    model_name: str = "model",
+    seqlen: int = 512,
+    max_windows: Optional[int] = None,
+    batch_size: int = 4,
+    device=None,
+    verbose: bool = True,
+) -> list[dict]:
+    """W8A8-style activation study; one CSV row per configuration (skipped when already in ``out``).
+
+    Weights are RTN ``weight_spec`` (default per-channel 8-bit) in every row. Configurations:
+
+    * ``W only``: weights quantized, activations in floating point (the reference for the rest);
+    * activations per ``tensor`` (static: calibrated ``max|x|``, and dynamic), per ``token``
+      (dynamic) and per ``channel`` (static and dynamic; an ideal integer GEMMs cannot use);
+    * SmoothQuant with each ``alphas`` value, then per-tensor static and per-token dynamic;
+    * LLM.int8()-style decomposition with each of ``thresholds`` (columns with any ``|x|`` above it
+      stay in floating point), rest per-token dynamic, with the share of columns kept;
+    * ``attribution``: per-tensor static on the inputs of one kind of layer at a time (q/k/v,
+      o, gate/up, down), every other layer's activations in floating point.
+    """
+    wspec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
+    done = read_rows(out, ("config",))
+    a = act_bits
+    configs: list[tuple[str, str, dict]] = [
+        ("W only", "reference", {}),
+        (f"A{a} tensor static", "granularity", {"act": ActSpec(a, "tensor", dynamic=False)}),
+        (f"A{a} tensor dynamic", "granularity", {"act": ActSpec(a, "tensor", dynamic=True)}),
+        (f"A{a} token dynamic", "granularity", {"act": ActSpec(a, "token", dynamic=True)}),
+        (f"A{a} channel static", "granularity", {"act": ActSpec(a, "channel", dynamic=False)}),
+        (f"A{a} channel dynamic", "granularity", {"act": ActSpec(a, "channel", dynamic=True)}),
+    ]
+    for al in alphas:
+        configs.append((f"SmoothQuant {al:g} + A{a} tensor static", "smoothquant", {"alpha": al, "act": ActSpec(a, "tensor", dynamic=False)}))
+        configs.append((f"SmoothQuant {al:g} + A{a} token dynamic", "smoothquant", {"alpha": al, "act": ActSpec(a, "token", dynamic=True)}))
+    for t in thresholds:
+        configs.append((f"outliers > {t:g} + A{a} token dynamic", "outliers", {"threshold": t, "act": ActSpec(a, "token", True, t)}))
+        configs.append((f"outliers > {t:g} + A{a} tensor dynamic", "outliers", {"threshold": t, "act": ActSpec(a, "tensor", True, t)}))
+    if attribution:
+        for kind, leaves in _input_kinds(model).items():
+            configs.append((f"A{a} tensor static on {kind} only", "attribution", {"act": ActSpec(a, "tensor", dynamic=False), "only": leaves}))
+    todo = [c for c in configs if (c[0],) not in done]
+    fp = done.get(("fp",))
+    if fp is None:
+        r = _eval(model, eval_ids, seqlen, max_windows, batch_size)
+        fp = {"model": model_name, "config": "fp", "kind": "reference", "weights": "fp", "act": "fp", "alpha": "", "threshold": "",
+              "outlier_share": "", "ppl": f"{r.ppl:.4f}", "delta_pct": "0.00", "eval_tokens": str(r.n_tokens), "eval_seconds": f"{r.seconds:.1f}"}
+        _append(out, ACT_FIELDS, fp)
+        done[("fp",)] = fp
+    base = float(fp["ppl"])
+    stats = None  # statistics of the unquantized model: SmoothQuant's input, static scales
+    plain = None  # the weight-quantized model without smoothing, built once
+    bar = tqdm(todo, desc="ablate activations", disable=not verbose)
+    for name, kind, opt in bar:
+        act = opt.get("act")
+        if stats is None and (kind == "smoothquant" or (act is not None and not act.dynamic)):
+            stats = calibrate(model, calib, hessian=False, device=device, verbose=False)
+        if kind == "smoothquant":
+            m = copy.deepcopy(model)
+            smoothquant(m, stats, opt["alpha"])
+            st = calibrate(m, calib, hessian=False, device=device, verbose=False) if not act.dynamic else None
+            quantize(m, wspec, calib, method="rtn", objective=False, verbose=False)
+        else:
+            if plain is None:
+                plain = copy.deepcopy(model)
+                quantize(plain, wspec, calib, method="rtn", objective=False, verbose=False)
+            m, st = plain, stats
+        set_act_quant(m, None)
+        if act is not None:
+            if "only" in opt:
+                for lname, mod in m.named_modules():
+                    if isinstance(mod, QuantLinear) and lname.rsplit(".", 1)[-1] in opt["only"]:
+                        amax = None if act.dynamic else st[lname].abs_max
+                        mod.set_act_quant(act, None if amax is None else (amax.max() if act.granularity == "tensor" else amax))
+            else:
+                set_act_quant(m, act, st)
+        r = _eval(m, eval_ids, seqlen, max_windows, batch_size)
+        share = outlier_share(m) if opt.get("threshold") is not None else None
+        set_act_quant(m, None)
+        row = {"model": model_name, "config": name, "kind": kind, "weights": f"rtn {wspec}", "act": "fp" if act is None else _act_text(act),
+               "alpha": opt.get("alpha", ""), "threshold": opt.get("threshold", ""),
+               "outlier_share": "" if share is None else f"{share:.5f}", "ppl": f"{r.ppl:.4f}",
+               "delta_pct": f"{100 * (r.ppl / base - 1):.2f}", "eval_tokens": r.n_tokens, "eval_seconds": f"{r.seconds:.1f}"}
+        row = {k: str(v) for k, v in row.items()}
+        _append(out, ACT_FIELDS, row)
+        done[(name,)] = row
+        bar.set_postfix(last=f"{name}: {r.ppl:.2f}")
+    return [done[k] for k in [("fp",)] + [(c[0],) for c in configs] if k in done]
+
+
+def _act_text(act: ActSpec) -> str:
+    out = f"{act.bits}-bit per {act.granularity}, {'dynamic' if act.dynamic else 'static'}"
+    return out + (f", float columns > {act.outlier_threshold:g}" if act.outlier_threshold else "")
+
+
+def activations_markdown(rows: Sequence[dict]) -> str:
+    lines = ["| configuration | kind | weights | activations | columns kept in float | perplexity | change |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * float(r['outlier_share']):.3f}%" if r.get("outlier_share") else "-"
+        lines.append(f"| {r['config']} | {r['kind']} | {r['weights']} | {r['act']} | {share} | {float(r['ppl']):.3f} | {float(r['delta_pct']):+.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_activations(rows: Sequence[dict], path: str) -> bool:
+    """Horizontal bars: perplexity change of every activation configuration."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    rs = [r for r in rows if r["config"] != "fp"]
+    colors = {"reference": "tab:gray", "granularity": "tab:blue", "smoothquant": "tab:orange", "outliers": "tab:green", "attribution": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rs) + 1.2))
+    vals = [max(float(r["delta_pct"]), 1e-3) for r in rs]
+    ax.barh(range(len(rs)), vals, color=[colors.get(r["kind"], "k") for r in rs])
+    ax.set_yticks(range(len(rs)), [r["config"] for r in rs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity increase over the unquantized model (%), log scale")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# diagnostics
+
+
+@dataclass
+class LayerDiag:
+    name: str
+    block: int
+    kind: str  # leaf name: q_proj, down_proj, ...
+    act_outlier_ratio: float  # largest / median per-channel max|x|
+    act_kurtosis: float
+    weight_kurtosis: float
+    w_err_tensor: float  # relative output error tr(dW H dW^T) / tr(W H W^T), per-tensor weights
+    w_err_channel: float  # same, per-channel weights
+    a_err_tensor: float  # relative output error ||(Q(x) - x) W^T||^2 / ||x W^T||^2, per-tensor static
+    a_err_token: float  # same, per-token dynamic
+
+
+@dataclass
+class Diagnosis:
+    layers: list[LayerDiag]
+    weight_bits: int
+    act_bits: int
+
+    def rows(self) -> list[dict]:
+        return [asdict(d) for d in self.layers]
+
+    def worst(self, metric: str = "a_ratio", k: int = 5) -> list[LayerDiag]:
+        """The ``k`` layers with the largest ``metric``: a field of :class:`LayerDiag`, or
+        ``"a_ratio"`` (per-tensor / per-token activation error) or ``"w_ratio"`` (per-tensor /
+        per-channel weight error)."""
+        return sorted(self.layers, key=lambda d: -_metric(d, metric))[:k]
+
+    def to_csv(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, list(asdict(self.layers[0]).keys()))
+            w.writeheader()
+            for r in self.rows():
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def heatmap(self, metric: str, path: str, title: Optional[str] = None) -> bool:
+        """Blocks x layer kinds heatmap of ``metric`` (log10 colour scale)."""
+        plt = _pyplot()
+        if plt is None:
+            return False
+        kinds = list(dict.fromkeys(d.kind for d in self.layers))
+        n_blocks = max(d.block for d in self.layers) + 1
+        grid = torch.full((len(kinds), n_blocks), float("nan"))
+        for d in self.layers:
+            v = _metric(d, metric)
+            grid[kinds.index(d.kind), d.block] = math.log10(v) if v > 0 else float("nan")
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * n_blocks + 2), 0.45 * len(kinds) + 1.3))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        ax.set_xlabel("block")
+        ax.set_title(title or f"log10 {metric}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return True
+
+
+def _metric(d: LayerDiag, metric: str) -> float:
+    if metric == "a_ratio":
+        return d.a_err_tensor / max(d.a_err_token, 1e-30)
+    if metric == "w_ratio":
+        return d.w_err_tensor / max(d.w_err_channel, 1e-30)
+    return float(getattr(d, metric))
+
+
+def _kurtosis(w: torch.Tensor) -> float:
+    x = w.double().flatten()
+    c = x - x.mean()
+    var = (c * c).mean()
+    return float((c**4).mean() / (var * var))
+
+
+@torch.no_grad()
+def diagnose(
+    model: nn.Module,
+    calib,
+    *,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    batch_size: int = 8,
+    device=None,
+    verbose: bool = True,
+) -> Diagnosis:
+    """Outlier diagnostics of every quantizable linear layer (see :class:`LayerDiag`).
+
+    Runs the model block by block over ``calib`` (two passes per block: statistics, then the
+    activation-quantization errors with the calibrated per-tensor scale). Weight errors are RTN at
+    ``weight_bits`` (asymmetric), measured in output space with the layer's Hessian.
+    """
+    from .algorithms.rtn import rtn
+    from .evaluate import layer_objective
+
+    info = arch_of(model)
+    runner = BlockRunner(model, calib, batch_size, device, info)
+    out: list[LayerDiag] = []
+    a_tensor = ActSpec(act_bits, "tensor", dynamic=False)
+    a_token = ActSpec(act_bits, "token", dynamic=True)
+    for i in tqdm(range(len(runner.blocks)), desc="diagnose", disable=not verbose):
+        block = runner.blocks[i]
+        block.to(runner.device)
+        try:
+            refs = block_linears(model, i, info)
+            stats = collect_block_stats(runner, i, moments=True)
+            err = {r.name: torch.zeros(3, dtype=torch.float64) for r in refs}  # tensor, token, reference
+
+            def make_hook(ref):
+                W = linear_weight(ref.module)
+                amax = stats[ref.name].abs_max.max()
+
+                def hook(module, args):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    Wf = W.float()
+                    y = x @ Wf.t()
+                    for j, (spec, sc) in enumerate(((a_tensor, amax), (a_token, None))):
+                        d = (fake_quant_activation(x, spec, sc) - x) @ Wf.t()
+                        err[ref.name][j] += float((d * d).sum())
+                    err[ref.name][2] += float((y * y).sum())
+
+                return hook
+
+            handles: list = []
+            with hooks(handles):
+                for ref in refs:
+                    handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
+                runner.run(i, advance=True)
+            for ref in refs:
+                st = stats[ref.name]
+                W = linear_weight(ref.module).detach().float()
+                H = st.hessian
+                energy = max(layer_objective(W, torch.zeros_like(W), H), 1e-30)
+                wt = rtn(W, QuantSpec(weight_bits, PerTensor())).dequantize()
+                wc = rtn(W, QuantSpec(weight_bits, PerChannel())).dequantize()
+                amax = st.abs_max
+                e = err[ref.name]
+                ref_e = max(float(e[2]), 1e-30)
+                out.append(LayerDiag(
+                    name=ref.name, block=i, kind=ref.name.rsplit(".", 1)[-1],
+                    act_outlier_ratio=float(amax.max() / amax.median().clamp_min(1e-12)),
+                    act_kurtosis=st.kurtosis, weight_kurtosis=_kurtosis(W),
+                    w_err_tensor=layer_objective(W, wt, H) / energy, w_err_channel=layer_objective(W, wc, H) / energy,
+                    a_err_tensor=float(e[0]) / ref_e, a_err_token=float(e[1]) / ref_e))
+        finally:
+            block.to(runner.home)
+    return Diagnosis(out, weight_bits, act_bits)
