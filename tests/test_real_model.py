@@ -120,3 +120,29 @@ def test_optimize_cli_small_run(tmp_path):
     argv[argv.index("--trials") + 1] = "7"
     assert main(argv) == 0  # the same command again resumes the study
     assert json.loads((out / "summary.json").read_text())["trials"] == 7
+
+
+@needs_smollm
+def test_ablation_and_diagnose_cli_small_run(tmp_path):
+    """`gransearch ablate weights` and `gransearch diagnose` end to end on SmolLM2, small settings."""
+    import csv
+
+    from gransearch.cli import main
+
+    out = tmp_path / "abl"
+    small = ["--n-calib", "4", "--calib-seqlen", "128", "--seqlen", "256", "--max-windows", "4", "--out", str(out), "--quiet"]
+    assert main(["ablate", "weights", "--methods", "rtn", "--bits", "8,3", "--grans", "tensor,channel,128", *small]) == 0
+    with open(out / "weights.csv") as fh:
+        rows = {(r["method"], r["spec"]): r for r in csv.DictReader(fh)}
+    assert set(rows) == {("fp", "fp"), ("rtn", "w8t"), ("rtn", "w8c"), ("rtn", "w3t"), ("rtn", "w3c")}  # 128 does not divide 576
+    fp = float(rows[("fp", "fp")]["ppl"])
+    assert abs(float(rows[("rtn", "w8c")]["ppl"]) / fp - 1) < 0.01
+    assert float(rows[("rtn", "w3t")]["ppl"]) > float(rows[("rtn", "w3c")]["ppl"]) > fp
+    assert (out / "weights.md").exists() and (out / "weights.png").exists()
+    assert main(["diagnose", "--n-calib", "2", "--calib-seqlen", "128", "--out", str(out), "--quiet"]) == 0
+    with open(out / "diagnostics.csv") as fh:
+        diag = list(csv.DictReader(fh))
+    assert len(diag) == 210
+    # per-channel weight scales never do worse than one scale for the whole tensor, at 8 bits
+    assert all(float(d["w_err_channel"]) <= float(d["w_err_tensor"]) * 1.01 for d in diag)
+    assert (out / "heatmap_a_ratio.png").exists()
