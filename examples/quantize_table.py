@@ -101,7 +101,8 @@ def print_table(path):
     for r in sorted((r for r in rows if r["method"] != "fp"), key=lambda r: (r["spec"], order[r["method"]], r["variant"])):
         p = float(r["ppl"])
         base = rtn.get(r["spec"])
-        removed = f"{100 * (base - p) / (base - fp):.0f}%" if base is not None and r["method"] != "rtn" and base > fp else "-"
+        # the share is meaningless when RTN itself barely moves the perplexity (8 bits)
+        removed = f"{100 * (base - p) / (base - fp):.0f}%" if base is not None and r["method"] != "rtn" and base > 1.01 * fp else "-"
         print(f"| {r['spec']} | {r['method']} | {r['variant']} | {p:.3f} | {float(r['delta_pct']):+.2f}% | {removed} | {r['bits_per_weight']} | {r['quant_seconds']} |")
 
 

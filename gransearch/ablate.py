@@ -162,7 +162,7 @@ def ablate_weights(
         if not mine:
             continue
         need = sorted({m for _, m in mine}, key=METHODS.index)
-        bank = build_bank(model, None, need, [int(b)], sorted({g for g, _ in mine}, key=str), stats=stats, device=device, verbose=False)
+        bank = build_bank(model, None, need, [int(b)], sorted({g for g, _ in mine}, key=str), stats=stats, device=device, verbose=verbose)
         for g, m in mine:
             spec = QuantSpec(int(b), g)
             key = f"{m}:{spec}"
@@ -220,28 +220,34 @@ def _pyplot():
 
 
 def plot_weights(rows: Sequence[dict], path: str) -> bool:
-    """Perplexity (log scale) against bits per weight, one line per method and granularity."""
+    """Perplexity (log scale) against bits per weight, one line per method and granularity.
+
+    Left: every granularity; right: the same without per-tensor rows, whose collapse sets the
+    scale of the left panel."""
     plt = _pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange", "tab:green")))
     markers = {"tensor": "x", "channel": "o", "g128": "^", "g64": "s", "g32": "D"}
     styles = {"tensor": ":", "channel": "-", "g128": "-.", "g64": "--", "g32": "-."}
-    for m in METHODS:
-        for g in markers:
-            pts = sorted((float(r["bits_per_weight"]), float(r["ppl"])) for r in rows if r["method"] == m and r["granularity"] == g)
-            if pts:
-                ax.plot(*zip(*pts), color=colors[m], marker=markers[g], ls=styles[g], ms=5, label=f"{m} {g}")
     fp = next((r for r in rows if r["method"] == "fp"), None)
-    if fp:
-        ax.axhline(float(fp["ppl"]), color="black", lw=0.8, label="unquantized")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (codes + scales + zeros)")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=6, ncol=2)
+    for ax, grans in zip(axes, (list(markers), [g for g in markers if g != "tensor"])):
+        for m in METHODS:
+            for g in grans:
+                pts = sorted((float(r["bits_per_weight"]), float(r["ppl"])) for r in rows if r["method"] == m and r["granularity"] == g)
+                if pts:
+                    ax.plot(*zip(*pts), color=colors[m], marker=markers[g], ls=styles[g], ms=5, label=f"{m} {g}")
+        if fp:
+            ax.axhline(float(fp["ppl"]), color="black", lw=0.8, label="unquantized")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (codes + scales + zeros)")
+        ax.set_ylabel("perplexity")
+    axes[0].set_title("all granularities", fontsize=9)
+    axes[1].set_title("without per-tensor", fontsize=9)
+    axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
