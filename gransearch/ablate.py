@@ -429,6 +429,32 @@ class Diagnosis:
     def rows(self) -> list[dict]:
         return [asdict(d) for d in self.layers]
 
+    @classmethod
+    def from_csv(cls, path: str, weight_bits: int = 8, act_bits: int = 8) -> "Diagnosis":
+        """Read back a CSV written by :meth:`to_csv`."""
+        with open(path, newline="") as fh:
+            layers = [LayerDiag(**{k: (v if k in ("name", "kind") else int(v) if k == "block" else float(v)) for k, v in r.items()})
+                      for r in csv.DictReader(fh)]
+        return cls(layers, weight_bits, act_bits)
+
+    def by_kind(self) -> list[dict]:
+        """Per layer kind (q_proj, down_proj, ...): medians over blocks of every metric, and maxima
+        of the two error ratios."""
+        out = []
+        for kind in dict.fromkeys(d.kind for d in self.layers):
+            ds = [d for d in self.layers if d.kind == kind]
+
+            def med(f):
+                return float(torch.tensor([f(d) for d in ds], dtype=torch.float64).median())
+
+            out.append({"kind": kind, "n": len(ds),
+                        "act_outlier_ratio": med(lambda d: d.act_outlier_ratio), "act_kurtosis": med(lambda d: d.act_kurtosis),
+                        "weight_kurtosis": med(lambda d: d.weight_kurtosis),
+                        "w_ratio": med(lambda d: _metric(d, "w_ratio")), "w_ratio_max": max(_metric(d, "w_ratio") for d in ds),
+                        "a_err_tensor": med(lambda d: d.a_err_tensor), "a_err_token": med(lambda d: d.a_err_token),
+                        "a_ratio": med(lambda d: _metric(d, "a_ratio")), "a_ratio_max": max(_metric(d, "a_ratio") for d in ds)})
+        return out
+
     def worst(self, metric: str = "a_ratio", k: int = 5) -> list[LayerDiag]:
         """The ``k`` layers with the largest ``metric``: a field of :class:`LayerDiag`, or
         ``"a_ratio"`` (per-tensor / per-token activation error) or ``"w_ratio"`` (per-tensor /

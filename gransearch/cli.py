@@ -285,7 +285,14 @@ def cmd_diagnose(args) -> int:
               "act_kurtosis": "log10 activation kurtosis"}
     for metric, title in titles.items():
         d.heatmap(metric, os.path.join(args.out, f"heatmap_{metric}.png"), title)
-    lines = []
+    lines = [f"medians over blocks, by layer kind ({args.weight_bits}-bit weights, {args.act_bits}-bit activations; "
+             "W ratio = per-tensor / per-channel weight error, A ratio = per-tensor static / per-token dynamic activation error):\n",
+             "| kind | layers | outlier ratio | act kurtosis | weight kurtosis | W ratio (max) | A err tensor | A err token | A ratio (max) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in d.by_kind():
+        lines.append(f"| {k['kind']} | {k['n']} | {k['act_outlier_ratio']:.1f} | {k['act_kurtosis']:.1f} | {k['weight_kurtosis']:.1f} | "
+                     f"{k['w_ratio']:.0f} ({k['w_ratio_max']:.0f}) | {k['a_err_tensor']:.2e} | {k['a_err_token']:.2e} | "
+                     f"{k['a_ratio']:.0f} ({k['a_ratio_max']:.0f}) |")
     for metric in titles:
         lines.append(f"\nlayers with the largest {metric}:\n")
         lines.append("| layer | outlier ratio | act kurtosis | weight kurtosis | W err tensor | W err channel | A err tensor | A err token |")

@@ -153,5 +153,11 @@ def test_diagnose_names_planted_outliers(tmp_path):
     d.to_csv(str(tmp_path / "d.csv"))
     with open(tmp_path / "d.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 14
+    back = ablate.Diagnosis.from_csv(str(tmp_path / "d.csv"))
+    assert [x.name for x in back.layers] == [x.name for x in d.layers]
+    assert back.layers[3].a_err_tensor == pytest.approx(d.layers[3].a_err_tensor, rel=1e-5)
+    kinds = {k["kind"]: k for k in d.by_kind()}
+    assert set(kinds) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert max(kinds, key=lambda k: kinds[k]["w_ratio_max"]) == "k_proj"
     assert d.heatmap("a_ratio", str(tmp_path / "h.png"))
     assert (tmp_path / "h.png").stat().st_size > 1000
