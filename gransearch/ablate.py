@@ -39,7 +39,7 @@ from .cost import layer_nbytes
 from .evaluate import perplexity
 from .fold import smoothquant
 from .plan import GB, LayerPlan, plan_nbytes
-from .qlinear import QuantLinear, fake_quant_activation
+from .qlinear import fake_quant_activation
 from .quantize import METHODS, outlier_share, quantize, set_act_quant
 from .search import _as_gran, build_bank
 from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
@@ -347,13 +347,8 @@ def ablate_activations(
             m, st = plain, stats
         set_act_quant(m, None)
         if act is not None:
-            if "only" in opt:
-                for lname, mod in m.named_modules():
-                    if isinstance(mod, QuantLinear) and lname.rsplit(".", 1)[-1] in opt["only"]:
-                        amax = None if act.dynamic else st[lname].abs_max
-                        mod.set_act_quant(act, None if amax is None else (amax.max() if act.granularity == "tensor" else amax))
-            else:
-                set_act_quant(m, act, st)
+            leaves = opt.get("only")
+            set_act_quant(m, act, st, only=None if leaves is None else (lambda n: n.rsplit(".", 1)[-1] in leaves))
         r = _eval(m, eval_ids, seqlen, max_windows, batch_size)
         share = outlier_share(m) if opt.get("threshold") is not None else None
         set_act_quant(m, None)

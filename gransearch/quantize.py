@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -320,16 +320,22 @@ def quantize(
     return result
 
 
-def set_act_quant(model: nn.Module, act_spec: Optional[ActSpec], stats: Optional[Mapping[str, LayerStats]] = None) -> int:
+def set_act_quant(
+    model: nn.Module,
+    act_spec: Optional[ActSpec],
+    stats: Optional[Mapping[str, LayerStats]] = None,
+    only: Optional[Callable[[str], bool]] = None,
+) -> int:
     """Set activation fake-quantization on every :class:`QuantLinear` of ``model``.
 
     Static specs take their scales from ``stats`` (:func:`gransearch.calibrate` of this model):
     the largest ``max|x|`` for ``tensor``, the per-channel ``max|x|`` for ``channel``. ``None``
-    disables activation quantization. Returns the number of layers set.
+    disables activation quantization. ``only``: a predicate on the layer name; layers it rejects are
+    left as they are. Returns the number of layers set.
     """
     n = 0
     for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
+        if not isinstance(m, QuantLinear) or (only is not None and not only(name)):
             continue
         scale = None
         if act_spec is not None and not act_spec.dynamic:

@@ -104,6 +104,9 @@ def test_activation_ablation(tmp_path, monkeypatch):
     q = tiny_model("llama")
     gs.quantize(q, "w8c", calib, method="rtn", objective=False, verbose=False)
     assert float(by["W only"]["ppl"]) == pytest.approx(ppl(q, ids), rel=1e-4)
+    assert gs.set_act_quant(q, gs.ActSpec(8, "token"), only=lambda n: n.endswith("down_proj")) == 2
+    assert [n for n, m in q.named_modules() if isinstance(m, gs.QuantLinear) and m.act_spec is not None] == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     gs.set_act_quant(q, gs.ActSpec(8, "token"))
     assert float(by["A8 token dynamic"]["ppl"]) == pytest.approx(ppl(q, ids), rel=1e-4)
     # a threshold nothing exceeds keeps no column and changes nothing; a tiny one keeps many
