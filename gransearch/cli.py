@@ -78,19 +78,24 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     gs.data.check_text_name(args.data)
-    gs.QuantSpec.parse(args.spec)
+    plan = gs.QuantPlan.load(args.plan) if args.plan else None
+    if plan is None:
+        gs.QuantSpec.parse(args.spec)
     dev = _device(args.device)
     model, tok = gs.load_model(args.model, dtype=args.dtype, device=dev, trust_remote_code=args.trust_remote_code)
+    if plan is not None:
+        plan.check(model)
     calib = gs.sample_windows(gs.load_tokens(args.data, tok, "train"), args.n_calib, args.calib_seqlen, seed=args.seed)
     test = gs.load_tokens(args.data, tok, args.split)
-    summary = {"model": args.model, "data": f"{args.data}:{args.split}", "spec": args.spec, "method": args.method,
+    summary = {"model": args.model, "data": f"{args.data}:{args.split}", "spec": args.spec if plan is None else f"plan {args.plan}",
+               "method": args.method if plan is None else "plan",
                "calibration": f"{args.n_calib} x {args.calib_seqlen} tokens of {args.data}:train, seed {args.seed}",
                "act_order": args.act_order, "static_groups": args.static_groups}
     if not args.skip_fp_eval:
         fp = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
         summary["ppl_fp"] = round(fp.ppl, 4)
     clip = args.clip if args.clip in (None, "search") else float(args.clip)
-    res = gs.quantize(model, args.spec, calib, method=args.method, damp=args.damp, act_order=args.act_order,
+    res = gs.quantize(model, args.spec if plan is None else plan, calib, method=args.method, damp=args.damp, act_order=args.act_order,
                       static_groups=args.static_groups, clip=clip, awq_tokens=args.awq_tokens, device=dev, verbose=not args.quiet)
     q = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
     n_w = sum(r.shape[0] * r.shape[1] for r in res.records)
@@ -137,7 +142,8 @@ def _search_setup(cfg: dict):
 
 def _search_kwargs(cfg: dict) -> dict:
     return dict(methods=_csv_list(cfg["methods"]), bits=_csv_list(cfg["bits"], int), granularities=_csv_list(cfg["grans"], _gran),
-                seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"))
+                seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
+                act_order=cfg.get("act_order", True))
 
 
 def cmd_optimize(args) -> int:
@@ -150,7 +156,7 @@ def cmd_optimize(args) -> int:
         raise ValueError("give exactly one of --budget-gb, --budget-bytes or --budget-like SPEC")
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
-                                         "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size")}
+                                         "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order")}
     cfg["device"] = _device(args.device)
     if args.budget_like:
         gs.QuantSpec.parse(args.budget_like)
@@ -339,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-calib", type=int, default=128, help="calibration windows (default: 128)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by descending Hessian diagonal")
+    p.add_argument("--plan", default=None, help="a plan.json from 'gransearch optimize' (replaces --spec/--method)")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01, or the plan's)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by descending Hessian diagonal (default: off, or the plan's)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the original weights")
     p.add_argument("--clip", default=None, help="RTN/GPTQ weight clip: a ratio in (0, 1] or 'search'")
     p.add_argument("--awq-tokens", type=int, default=8192, help="calibration tokens for AWQ's scale search")
@@ -367,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per trial")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-final", type=int, default=2, help="best plans re-quantized sequentially and measured on test")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ column order (default: on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)

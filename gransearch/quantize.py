@@ -227,9 +227,9 @@ def quantize(
     *,
     batch_size: int = 8,
     device=None,
-    damp: float = 0.01,
+    damp: Optional[float] = None,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: Optional[bool] = None,
     static_groups: bool = False,
     clip: ClipArg = None,
     awq_tokens: int = 8192,
@@ -245,7 +245,8 @@ def quantize(
     ``method``, or a mapping ``{linear name: (method, spec)}`` / a ``QuantPlan`` (layers not named
     stay in floating point). ``calib``: token windows ``[n, seqlen]``. ``method``: ``"rtn"``,
     ``"gptq"``, ``"awq"`` or ``"awq+gptq"``. GPTQ options: ``damp``, ``block_size``, ``act_order``,
-    ``static_groups``; ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
+    ``static_groups``; ``damp`` and ``act_order`` left ``None`` take the values a ``QuantPlan`` made
+    by :func:`gransearch.optimize` records (``plan.meta["gptq"]``), else 0.01 and ``False``; ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
     ``"search"``). AWQ: ``awq_tokens`` calibration tokens for the scale search, ``awq_grid`` grid
     points, ``awq_clip_tokens`` tokens for the clip search. ``act_spec`` adds activation
     fake-quantization to every quantized linear. Blocks run on ``device`` if given.
@@ -255,6 +256,9 @@ def quantize(
     """
     t_start = time.perf_counter()
     info = arch_of(model)
+    recorded = getattr(spec_or_plan, "meta", {}).get("gptq", {}) if hasattr(spec_or_plan, "layers") else {}
+    damp = recorded.get("damp", 0.01) if damp is None else damp
+    act_order = bool(recorded.get("act_order", False)) if act_order is None else act_order
     plan = resolve_plan(model, spec_or_plan, method)
     for name, (m, sp) in plan.items():
         ref_shape = tuple(linear_weight(get_module(model, name)).shape)

@@ -114,6 +114,7 @@ class Bank:
     entries: list[list[BankEntry]]
     out_energy: list[float]  # tr(W H W^T): the layer's output energy, for relative objectives
     seconds: float = 0.0
+    gptq_options: dict = field(default_factory=dict)  # damp, act_order: recorded in every plan
 
     def index(self, layer: int, key: str) -> int:
         return self.keys[layer].index(key)
@@ -128,6 +129,7 @@ def build_bank(
     granularities: Sequence = ("tensor", "channel", 32, 64, 128),
     *,
     damp: float = 0.01,
+    act_order: bool = True,
     awq_grid: int = 20,
     awq_rank: Optional[int] = 64,
     device=None,
@@ -139,6 +141,10 @@ def build_bank(
     ``methods``: any of ``"rtn"``, ``"gptq"``, ``"awq"`` and ``"awq+gptq"`` (GPTQ rounding of the
     AWQ-scaled and clipped weight, with the Hessian of the scaled inputs). ``stats``: the output of
     :func:`gransearch.calibrate` for this model, to share one calibration between several banks.
+    ``damp`` and ``act_order`` are GPTQ's options; act-order is the default because plain GPTQ,
+    quantized one-shot on unquantized inputs, is often worse than RTN at 3 and 4 bits
+    (docs/quantization.md). They are recorded in the bank and in every plan made from it, so that
+    :func:`gransearch.quantize` re-applies a plan with the same options.
 
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
@@ -202,13 +208,13 @@ def build_bank(
         W = linear_weight(ref.module).detach().float()
         H = stats[ref.name].hessian
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        prep = gptq_prepare(H, damp=damp, name=ref.name) if ("gptq" in methods or "awq+gptq" in methods) else None
+        prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name) if ("gptq" in methods or "awq+gptq" in methods) else None
         leaf = ref.name.rsplit(".", 1)[-1]
         for spec in specs[ref.name]:
             if "rtn" in methods:
                 add(ref.name, "rtn", spec, rtn(W, spec), None, W, H)
             if "gptq" in methods:
-                add(ref.name, "gptq", spec, gptq(W, H, spec, damp=damp, prepared=prep, name=ref.name).qweight, None, W, H)
+                add(ref.name, "gptq", spec, gptq(W, H, spec, damp=damp, act_order=act_order, prepared=prep, name=ref.name).qweight, None, W, H)
             if use_awq and (ref.name, str(spec)) in awq_scales:
                 s = awq_scales[(ref.name, str(spec))]
                 Ws = W * s.unsqueeze(0)
@@ -220,15 +226,16 @@ def build_bank(
                 if "awq" in methods:
                     add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
                 if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, gptq(Ws, Hs, spec, damp=damp, name=ref.name).qweight, s, W, H)
+                    add(ref.name, "awq+gptq", spec, gptq(Ws, Hs, spec, damp=damp, act_order=act_order, name=ref.name).qweight, s, W, H)
             elif use_awq:
                 # no valid fold (e.g. v -> o under grouped-query attention): quantize() leaves the
                 # layer unscaled and unclipped, so AWQ is RTN there and AWQ+GPTQ is GPTQ
                 if "awq" in methods:
                     add(ref.name, "awq", spec, rtn(W, spec), None, W, H)
                 if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, gptq(W, H, spec, damp=damp, prepared=prep, name=ref.name).qweight, None, W, H)
-    return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0)
+                    add(ref.name, "awq+gptq", spec, gptq(W, H, spec, damp=damp, act_order=act_order, prepared=prep, name=ref.name).qweight, None, W, H)
+    return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
+                {"damp": damp, "act_order": act_order})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +342,11 @@ class _Assembler:
 
 
 def _plan_from_choice(bank: Bank, choice: Sequence[int], fingerprint: str, meta=None) -> QuantPlan:
-    return QuantPlan({n: LayerPlan.from_key(bank.keys[i][c]) for i, (n, c) in enumerate(zip(bank.layers, choice))}, fingerprint, dict(meta or {}))
+    layers = {n: LayerPlan.from_key(bank.keys[i][c]) for i, (n, c) in enumerate(zip(bank.layers, choice))}
+    meta = dict(meta or {})
+    if any(lp.method in ("gptq", "awq+gptq") for lp in layers.values()):
+        meta["gptq"] = dict(bank.gptq_options)
+    return QuantPlan(layers, fingerprint, meta)
 
 
 def _choice_id(choice: Sequence[int]) -> str:
@@ -363,6 +374,7 @@ def optimize(
     eval_windows: Optional[int] = 16,
     batch_size: int = 4,
     n_final: int = 2,
+    act_order: bool = True,
     bank: Optional[Bank] = None,
     objective_fn: Optional[Callable[[nn.Module, Callable[[int, float], None]], float]] = None,
     warm_start: bool = True,
@@ -375,7 +387,9 @@ def optimize(
     (``eval_windows`` windows of ``seqlen``); ``final_ids``: the stream the finalists are measured on
     (the test split; ``None`` skips the final stage). ``storage``/``study_name``: an Optuna storage
     URL (``sqlite:///run/study.db``) -- running again resumes and loses no finished trial.
-    ``objective_fn(model, report)`` replaces the perplexity objective (tests). ``warm_start=False``
+    ``act_order``: GPTQ's column order in the bank and the final re-quantization (ignored when a
+    ``bank`` is given: its own options are used). ``objective_fn(model, report)`` replaces the
+    perplexity objective (tests). ``warm_start=False``
     enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's finished
     trials, whichever process ran them. Returns an
     :class:`OptimizeResult`; ``model`` itself is not modified.
@@ -406,7 +420,7 @@ def optimize(
                           f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
 
     if bank is None:
-        bank = build_bank(model, calib, methods, bits, granularities, device=device, verbose=verbose)
+        bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose)
     if bank.layers != names:
         raise ValueError("the bank was built for another model (its layers differ)")
     L = len(names)
@@ -533,7 +547,7 @@ def optimize(
         for t in ranked[:n_final]:
             plan = plan_of(t)
             work = copy.deepcopy(model)
-            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)
+            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from plan.meta
             fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
             del work
             finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,

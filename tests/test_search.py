@@ -202,3 +202,28 @@ def test_bank_entries_are_consistent(kind):
         for spec in ("w3c", "w3g16"):
             assert objs[f"gptq:{spec}"] <= objs[f"rtn:{spec}"] * 1.0001
     assert n_awq > 0
+
+
+def test_plans_carry_the_banks_gptq_options():
+    """A plan records the bank's GPTQ options and quantize() re-applies them: the first block, which
+    sees unquantized inputs in both, gets exactly the bank's weights; without the options it does not."""
+    model = tiny_model("llama")
+    res = gs.optimize(model, budget_bytes=budget_between(model, 0.5), calib=calib(), eval_ids=None, methods=("gptq",),
+                      bits=(3, 4), granularities=("channel", 16), n_trials=3, objective_fn=fake_objective(model), verbose=False)
+    assert res.plan.meta["gptq"] == {"damp": 0.01, "act_order": True}
+    bank = build_bank(model, calib(), ("gptq",), (3, 4), ("channel", 16), verbose=False)
+    back = QuantPlan.from_dict(json.loads(json.dumps(res.plan.to_dict())))
+    first = [n for n in back.layers if ".0." in n]
+
+    def first_block_weights(plan, **kw):
+        fresh = tiny_model("llama")
+        gs.quantize(fresh, plan, calib(), verbose=False, **kw)
+        return {n: get_module(fresh, n).dequantized_weight().detach() for n in first}
+
+    got = first_block_weights(back)
+    for n in first:
+        i = bank.layers.index(n)
+        want = bank.entries[i][bank.index(i, back.layers[n].key())].effective_weight()
+        torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6)
+    plain = first_block_weights(back, act_order=False)
+    assert any(not torch.equal(plain[n], got[n]) for n in first)
