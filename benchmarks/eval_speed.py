@@ -1,6 +1,6 @@
 """Perplexity evaluation: overhead against a bare forward pass, and peak memory of the chunked loss.
 
-    python benchmarks/eval_speed.py [--model smollm2-135m] [--windows 16] [--repeats 3]
+    python benchmarks/eval_speed.py [--model smollm2-135m] [--windows 16] [--repeats 3] [--device cuda]
 
 Part 1 -- speed: tokens per second of ``gransearch.perplexity`` against a bare ``model(x)`` forward
 (logits for every position, no loss) over the same batches of 4 x 512 tokens, in one process,
@@ -31,21 +31,29 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
 
 
-def speed(model_name: str, n_windows: int, repeats: int, batch: int, seqlen: int) -> None:
+def sync(device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are honest."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speed(model_name: str, n_windows: int, repeats: int, batch: int, seqlen: int, device=None) -> None:
     import gransearch as gs
 
-    model, tok = gs.load_model(model_name)
+    model, tok = gs.load_model(model_name, device=device)
     ids = gs.load_tokens("wiki-sample", tok, "test")
-    w = gs.evaluate.windows(ids, seqlen, n_windows)
+    w = gs.evaluate.windows(ids, seqlen, n_windows).to(next(model.parameters()).device)
     n_tok = w.numel()
 
     @torch.no_grad()
     def bare():
         for i in range(0, w.shape[0], batch):
             model(input_ids=w[i : i + batch], use_cache=False)
+        sync(device)
 
     def ours():
         gs.perplexity(model, ids, seqlen=seqlen, batch_size=batch, max_windows=n_windows, verbose=False)
+        sync(device)
 
     bare()  # warm-up
     t_bare, t_ours = [], []
@@ -55,8 +63,8 @@ def speed(model_name: str, n_windows: int, repeats: int, batch: int, seqlen: int
             fn()
             acc.append(time.perf_counter() - t0)
     tb, to = min(t_bare), min(t_ours)
-    print(f"\n## Speed: {model_name}, {n_windows} windows x {seqlen} tokens, batch {batch}, best of {repeats}")
-    print(f"| run | seconds | tokens/s | ratio |\n|---|---:|---:|---:|")
+    print(f"\n## Speed: {model_name} on {device or 'cpu'}, {n_windows} windows x {seqlen} tokens, batch {batch}, best of {repeats}")
+    print("| run | seconds | tokens/s | ratio |\n|---|---:|---:|---:|")
     print(f"| bare forward (logits, no loss) | {tb:.2f} | {n_tok / tb:,.0f} | 1.000 |")
     print(f"| gransearch.perplexity | {to:.2f} | {n_tok / to:,.0f} | {to / tb:.3f} |")
     print(f"overhead: {100 * (to / tb - 1):+.1f}% (target: within 5%)")
@@ -121,14 +129,17 @@ def main() -> None:
     ap.add_argument("--mem-batch", type=int, default=8)
     ap.add_argument("--mem-child", choices=("naive", "ours"))
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="skip part 2 (host memory; CPU only)")
+    ap.add_argument("--device", default=None, help="cpu (default) or cuda, for part 1")
     args = ap.parse_args()
     if args.mem_child:
         mem_child(args.mem_child, args.vocab, args.mem_batch, 512)
         return
     print(f"machine: {machine()}")
     if not args.skip_speed:
-        speed(args.model, args.windows, args.repeats, batch=4, seqlen=512)
-    memory(args.vocab, args.mem_batch, 512)
+        speed(args.model, args.windows, args.repeats, batch=4, seqlen=512, device=args.device)
+    if not args.skip_memory:
+        memory(args.vocab, args.mem_batch, 512)
 
 
 if __name__ == "__main__":

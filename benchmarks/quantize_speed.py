@@ -1,17 +1,17 @@
 """Whole-model GPTQ cost on the packaged SmolLM2-135M against its floor.
 
-    python benchmarks/quantize_speed.py [--spec w4g64] [--n-calib 128] [--seqlen 512]
+    python benchmarks/quantize_speed.py [--spec w4g64] [--n-calib 128] [--seqlen 512] [--device cuda]
 
 Floor: two forward passes of every block over the calibration tokens (what a sequential method
 must do at least: one pass to collect statistics, one through the quantized block), timed in the
 same process with the same block runner. Peak memory: the process's peak resident set against the
-model's own parameter bytes (measured after loading, before calibration).
+model's own parameter bytes (measured after loading, before calibration); with ``--device cuda``
+the blocks run on the GPU one at a time and the GPU's peak allocated memory is reported too.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import time
 
@@ -20,7 +20,7 @@ import torch
 import gransearch as gs
 from gransearch.calibrate import BlockRunner
 
-from eval_speed import machine  # noqa: E402  (same folder)
+from eval_speed import machine, sync  # noqa: E402  (same folder)
 
 
 def rss_peak() -> int:
@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--device", default=None, help="where the blocks run: cpu (default) or cuda")
     args = ap.parse_args()
+    dev = args.device
     print(f"machine: {machine()}")
     model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
@@ -43,26 +45,32 @@ def main() -> None:
 
     # floor: capture + 2 passes per block, same runner and batches as quantize()
     t0 = time.perf_counter()
-    runner = BlockRunner(model, calib, batch_size=8)
+    runner = BlockRunner(model, calib, batch_size=8, device=dev)
     for i in range(len(runner.blocks)):
+        runner.blocks[i].to(runner.device)
         runner.run(i)
         runner.run(i, advance=True)
+        runner.blocks[i].to(runner.home)
+    sync(dev)
     floor = time.perf_counter() - t0
     del runner
 
     t0 = time.perf_counter()
-    res = gs.quantize(model, args.spec, calib, method="gptq", act_order=args.act_order, objective=False, verbose=False)
+    res = gs.quantize(model, args.spec, calib, method="gptq", act_order=args.act_order, objective=False, device=dev, verbose=False)
+    sync(dev)
     wall = time.perf_counter() - t0
     peak = rss_peak()
     gptq_s = sum(r.seconds for r in res.records)
     n_tok = args.n_calib * args.seqlen
-    print(f"\n## Whole-model GPTQ {args.spec}{' act-order' if args.act_order else ''}: {args.model}, calibration {args.n_calib} x {args.seqlen} = {n_tok:,} tokens")
+    print(f"\n## Whole-model GPTQ {args.spec}{' act-order' if args.act_order else ''}: {args.model} on {dev or 'cpu'}, calibration {args.n_calib} x {args.seqlen} = {n_tok:,} tokens")
     print("| run | seconds | ratio to floor |\n|---|---:|---:|")
     print(f"| floor: 2 block passes | {floor:.1f} | 1.00 |")
     print(f"| gransearch.quantize(method='gptq') | {wall:.1f} | {wall / floor:.2f} |")
     print(f"| of which GPTQ solves (all {len(res.records)} layers) | {gptq_s:.1f} | {gptq_s / floor:.2f} |")
     print(f"\npeak RSS {peak / 2**30:.2f} GiB; model parameters {model_bytes / 2**30:.2f} GiB; "
           f"peak minus model {(peak - model_bytes) / 2**30:.2f} GiB (after load: {peak_loaded / 2**30:.2f} GiB); target: model + 1.5 GB")
+    if dev is not None and torch.device(dev).type == "cuda":
+        print(f"GPU peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"target: wall time at most 1.3x the floor -> {'met' if wall / floor <= 1.3 else 'NOT met'}")
 
 

@@ -1,23 +1,26 @@
 """Cost of the search: bank construction against one uniform GPTQ, trial time against one evaluation.
 
-    python benchmarks/search_cost.py [--n-calib 128] [--trials 10]
+    python benchmarks/search_cost.py [--n-calib 128] [--trials 10] [--device cuda]
 
 Bank: K = 12 candidates per layer (rtn, gptq, awq x 3, 4 bits x per-channel, groups of 64), built by
 ``build_bank`` (one calibration pass, one Cholesky per layer, one AWQ search per group and spec),
 against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same calibration tokens,
 in the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
-evaluation of the same validation slice.
+evaluation of the same validation slice. ``--device cuda``: every step runs on the GPU (the
+model stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on
+the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import gransearch as gs
 from gransearch.search import build_bank
 
-from eval_speed import machine  # noqa: E402  (same folder)
+from eval_speed import machine, sync  # noqa: E402  (same folder)
 
 
 def main() -> None:
@@ -26,7 +29,9 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--device", default=None, help="cpu (default) or cuda")
     args = ap.parse_args()
+    dev = args.device
     print(f"machine: {machine()}")
     model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
@@ -34,25 +39,31 @@ def main() -> None:
 
     work, _ = gs.load_model(args.model)
     t0 = time.perf_counter()
-    gs.quantize(work, "w4g64", calib, method="gptq", objective=False, verbose=False)
+    gs.quantize(work, "w4g64", calib, method="gptq", objective=False, device=dev, verbose=False)
+    sync(dev)
     t_gptq = time.perf_counter() - t0
     del work
 
     t0 = time.perf_counter()
-    bank = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False)
+    bank = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
+    sync(dev)
     t_bank = time.perf_counter() - t0
     k = len(bank.keys[0])
 
+    bare = copy.deepcopy(model).to(dev) if dev else model
+    gs.perplexity(bare, val, seqlen=512, batch_size=4, max_windows=2, verbose=False)  # warm-up
     t0 = time.perf_counter()
-    gs.perplexity(model, val, seqlen=512, batch_size=4, max_windows=args.eval_windows, verbose=False)
+    gs.perplexity(bare, val, seqlen=512, batch_size=4, max_windows=args.eval_windows, verbose=False)
+    sync(dev)
     t_eval = time.perf_counter() - t0
+    del bare
     budget = gs.QuantPlan.uniform(model, "w4c", "rtn").nbytes(model)
     t0 = time.perf_counter()
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, methods=("rtn", "gptq", "awq"), bits=(3, 4),
                       granularities=("channel", 64), n_trials=args.trials, eval_windows=args.eval_windows, n_final=0, bank=bank,
-                      verbose=False)
+                      device=dev, verbose=False)
     t_trials = (time.perf_counter() - t0) / len(res.study.trials)
-    print(f"\n## Search cost: {args.model}, calibration {args.n_calib} x 512, K = {k} candidates per layer, {len(bank.layers)} layers")
+    print(f"\n## Search cost: {args.model} on {dev or 'cpu'}, calibration {args.n_calib} x 512, K = {k} candidates per layer, {len(bank.layers)} layers")
     print("| run | seconds | ratio |\n|---|---:|---:|")
     print(f"| one uniform GPTQ w4g64 (sequential) | {t_gptq:.1f} | 1.00 |")
     print(f"| bank of K = {k} | {t_bank:.1f} | {t_bank / t_gptq:.2f} (target at most 2) |")

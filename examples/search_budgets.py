@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--n-final", type=int, default=1)
     ap.add_argument("--out", default="runs/search")
+    ap.add_argument("--device", default=None, help="cpu (default) or cuda: bank, trials and finals run there")
     args = ap.parse_args()
     model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
@@ -55,7 +56,7 @@ def main() -> None:
     bits = tuple(int(b) for b in args.bits.split(","))
     grans = tuple(int(g) if g.isdigit() else g for g in args.grans.split(","))
     t0 = time.perf_counter()
-    bank = build_bank(model, calib, methods, bits, grans)
+    bank = build_bank(model, calib, methods, bits, grans, device=args.device)
     k = len(bank.keys[0])
     print(f"bank: {len(bank.layers)} layers x {k} candidates in {time.perf_counter() - t0:.0f} s", flush=True)
     for spec in args.budgets.split(","):
@@ -63,7 +64,7 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
         budget = gs.QuantPlan.uniform(model, spec, "rtn").nbytes(model)
         res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=methods, bits=bits,
-                          granularities=grans, n_trials=args.trials, eval_windows=args.eval_windows, n_final=args.n_final,
+                          granularities=grans, n_trials=args.trials, eval_windows=args.eval_windows, n_final=args.n_final, device=args.device,
                           storage=f"sqlite:///{os.path.abspath(out)}/study.db", study_name=f"budget-{spec}", bank=bank)
         res.plan.save(os.path.join(out, "plan.json"))
         summary = {"budget_like": spec, "budget_bytes": budget, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,

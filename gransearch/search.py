@@ -167,9 +167,15 @@ def build_bank(
     entries: dict[str, list[BankEntry]] = {n: [] for n in names}
     energy = {}
 
+    # the work runs on ``device`` (else where the model is); entries are kept on the CPU
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+
     def add(name, method, spec, qw, in_scale, W, H):
         entry = BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), 0.0)
         entry.objective = layer_objective(W, entry.effective_weight(), H)
+        if dev.type != "cpu":
+            entry.qweight = QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), qw.spec)
+            entry.in_scale = None if in_scale is None else in_scale.cpu()
         keys[name].append(f"{method}:{spec}")
         entries[name].append(entry)
 
@@ -181,7 +187,7 @@ def build_bank(
         if awq_rank is None or awq_rank >= st.in_features:
             return None
         if id(st) not in factors:
-            factors[id(st)] = hessian_factor(st.hessian, awq_rank)
+            factors[id(st)] = hessian_factor(st.hessian.to(dev), awq_rank)
         return factors[id(st)]
 
     # AWQ scales are searched once per scaling group and spec (the group shares one fold)
@@ -197,16 +203,16 @@ def build_bank(
                 width = prev.weight.shape[0] if grp.norm else linear_weight(prev).shape[0]
                 if any(linear_shape(get_module(model, n))[1] != width for n in gnames):
                     continue
-                ws = [linear_weight(get_module(model, n)).float() for n in gnames]
-                H = stats[gnames[0]].hessian
+                ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
+                H = stats[gnames[0]].hessian.to(dev)
                 for spec in specs[gnames[0]]:
-                    res = awq_search_hessian(stats[gnames[0]].abs_mean, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
+                    res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
                     for n in gnames:
                         awq_scales[(n, str(spec))] = res.scales
     bar = tqdm(refs, desc="bank", disable=not verbose)
     for ref in bar:
-        W = linear_weight(ref.module).detach().float()
-        H = stats[ref.name].hessian
+        W = linear_weight(ref.module).detach().float().to(dev)
+        H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
         prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name) if ("gptq" in methods or "awq+gptq" in methods) else None
         leaf = ref.name.rsplit(".", 1)[-1]
@@ -326,8 +332,10 @@ class OptimizeResult:
 class _Assembler:
     """Puts bank entries into a working copy of the model (float weights, nothing packed)."""
 
-    def __init__(self, model: nn.Module, bank: Bank):
+    def __init__(self, model: nn.Module, bank: Bank, device=None):
         self.model = copy.deepcopy(model).eval()
+        if device is not None:
+            self.model.to(device)
         self.bank = bank
         self.mods = [get_module(self.model, n) for n in bank.layers]
         self.current = [-1] * len(bank.layers)
@@ -437,7 +445,7 @@ def optimize(
     n_blocks = 1 + max((int(p) for n in names for p in n.split(".") if p.isdigit()), default=0)
     quarters = [_depth_quarter(n, n_blocks) for n in names]
 
-    assembler = _Assembler(model, bank)
+    assembler = _Assembler(model, bank, device)
 
     def evaluate(mdl, report):
         if objective_fn is not None:
@@ -548,6 +556,8 @@ def optimize(
             plan = plan_of(t)
             work = copy.deepcopy(model)
             quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from plan.meta
+            if device is not None:
+                work.to(device)
             fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
             del work
             finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
