@@ -14,9 +14,12 @@ How a search runs (no quantization math lives here):
    plan is ever evaluated or returned.
 3. **Warm starts.** Every uniform configuration that fits is enqueued, and so is the allocation
    that minimises the summed layer objectives under the budget (a multiple-choice knapsack solved
-   exactly with ``scipy.optimize.milp``). Optuna (TPE) then tunes how the knapsack weighs layers:
-   a multiplier per layer type and per depth quarter, and whether objectives are taken raw or
-   relative to the layer's output energy. Every knapsack solution fits the budget by construction.
+   exactly with ``scipy.optimize.milp``). The default knapsack loss of an entry is its estimated
+   loss increase: per-output-row layer objectives weighted by the layer's output Fisher
+   (:mod:`gransearch.sensitivity`, one backward pass over a few calibration windows). Optuna (TPE)
+   then tunes how the knapsack weighs layers: a multiplier per layer type and per depth quarter,
+   and which loss it uses (Fisher-weighted, raw, or relative to the layer's output energy). Every
+   knapsack solution fits the budget by construction.
 4. **Final.** The best plans by proxy perplexity are re-quantized sequentially with
    :func:`gransearch.quantize` (as a user would apply them) and measured on the final token
    stream; the result reports proxy and final perplexity side by side.
@@ -50,6 +53,7 @@ from .cost import layer_nbytes
 from .evaluate import layer_objective, perplexity
 from .plan import GB, LayerPlan, QuantPlan, float_nbytes, model_fingerprint
 from .quantizer import QuantizedWeight
+from .sensitivity import output_fisher
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -99,6 +103,7 @@ class BankEntry:
     in_scale: Optional[torch.Tensor]  # AWQ: the layer computes x @ (dequant / s)^T
     nbytes: int
     objective: float
+    row_objective: Optional[torch.Tensor] = None  # [out]: the objective's per-output-row terms (CPU)
 
     def effective_weight(self) -> torch.Tensor:
         w = self.qweight.dequantize()
@@ -115,6 +120,19 @@ class Bank:
     out_energy: list[float]  # tr(W H W^T): the layer's output energy, for relative objectives
     seconds: float = 0.0
     gptq_options: dict = field(default_factory=dict)  # damp, act_order: recorded in every plan
+    fisher: Optional[dict] = None  # {layer: [out] mean (dL/dy)^2} from gransearch.sensitivity
+
+    def fisher_losses(self) -> Optional[np.ndarray]:
+        """``[layers, K]`` estimated loss increases ``sum_j F_j * row_objective_j`` (``inf``: no entry)."""
+        if self.fisher is None:
+            return None
+        K = max(len(k) for k in self.keys)
+        out = np.full((len(self.layers), K), np.inf)
+        for i, name in enumerate(self.layers):
+            f = self.fisher[name].double()
+            for j, e in enumerate(self.entries[i]):
+                out[i, j] = float(f @ e.row_objective.double())
+        return out
 
     def index(self, layer: int, key: str) -> int:
         return self.keys[layer].index(key)
@@ -134,6 +152,7 @@ def build_bank(
     awq_rank: Optional[int] = 64,
     device=None,
     stats: Optional[dict] = None,
+    fisher_windows: int = 16,
     verbose: bool = True,
 ) -> Bank:
     """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
@@ -144,7 +163,9 @@ def build_bank(
     ``damp`` and ``act_order`` are GPTQ's options; act-order is the default because plain GPTQ,
     quantized one-shot on unquantized inputs, is often worse than RTN at 3 and 4 bits
     (docs/quantization.md). They are recorded in the bank and in every plan made from it, so that
-    :func:`gransearch.quantize` re-applies a plan with the same options.
+    :func:`gransearch.quantize` re-applies a plan with the same options. ``fisher_windows``
+    calibration windows (0: none) give each layer's output Fisher (:mod:`gransearch.sensitivity`),
+    which turns per-row layer objectives into estimated loss increases for the knapsack.
 
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
@@ -160,6 +181,10 @@ def build_bank(
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
     if stats is None:
         stats = calibrate(model, calib, device=device, verbose=verbose)
+    fisher = None
+    if fisher_windows:
+        windows = calib if isinstance(calib, torch.Tensor) else torch.cat(list(calib))
+        fisher = output_fisher(model, windows, n_windows=fisher_windows, device=device, verbose=verbose)
     refs = model_linears(model, info)
     names = [r.name for r in refs]
     specs = {r.name: candidate_specs(r.shape, bits, granularities) for r in refs}
@@ -172,7 +197,9 @@ def build_bank(
 
     def add(name, method, spec, qw, in_scale, W, H):
         entry = BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), 0.0)
-        entry.objective = layer_objective(W, entry.effective_weight(), H)
+        d = W - entry.effective_weight()
+        rows = ((d @ H) * d).sum(1)
+        entry.objective, entry.row_objective = float(rows.sum()), rows.cpu()
         if dev.type != "cpu":
             entry.qweight = QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), qw.spec)
             entry.in_scale = None if in_scale is None else in_scale.cpu()
@@ -241,7 +268,7 @@ def build_bank(
                 if "awq+gptq" in methods:
                     add(ref.name, "awq+gptq", spec, gptq(W, H, spec, damp=damp, act_order=act_order, prepared=prep, name=ref.name).qweight, None, W, H)
     return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                {"damp": damp, "act_order": act_order})
+                {"damp": damp, "act_order": act_order}, fisher)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,6 +467,8 @@ def optimize(
             costs[i, j] = e.nbytes
             raw[i, j] = e.objective
     rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
+    fis = bank.fisher_losses()
+    bases = {"raw": raw, "relative": rel} if fis is None else {"fisher": fis, "raw": raw, "relative": rel}
     capacity = budget - fixed
     types = sorted({_layer_type(n) for n in names})
     n_blocks = 1 + max((int(p) for n in names for p in n.split(".") if p.isdigit()), default=0)
@@ -476,10 +505,10 @@ def optimize(
         key = trial.user_attrs.get("uniform")
         if key is not None:
             return [bank.index(i, key) for i in range(L)], {"kind": "uniform", "uniform": key}
-        mode = trial.suggest_categorical("objective", ["raw", "relative"])
+        mode = trial.suggest_categorical("objective", list(bases))
         w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
         w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
-        base = raw if mode == "raw" else rel
+        base = bases[mode]
         weights = np.array([w_type[_layer_type(n)] * w_depth[q] for n, q in zip(names, quarters)])
         choice = solve_knapsack(costs, base * weights[:, None], capacity)
         if choice is None:
@@ -513,9 +542,9 @@ def optimize(
     if warm_start and not study.trials:  # a new study: warm starts first
         for _, key in uniform_keys:
             study.enqueue_trial({}, user_attrs={"uniform": key})
-        neutral = {"objective": "raw", **{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
-        study.enqueue_trial(neutral)
-        study.enqueue_trial({**neutral, "objective": "relative"})
+        neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
+        for mode in bases:
+            study.enqueue_trial({"objective": mode, **neutral})
     t_search = time.perf_counter()
     done = len([t for t in study.trials if t.state.is_finished()])
     remaining = max(0, n_trials - done)

@@ -227,3 +227,36 @@ def test_plans_carry_the_banks_gptq_options():
         torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6)
     plain = first_block_weights(back, act_order=False)
     assert any(not torch.equal(plain[n], got[n]) for n in first)
+
+
+def test_output_fisher_matches_autograd_and_leaves_the_model_alone():
+    from gransearch.sensitivity import output_fisher
+
+    model = tiny_model("llama")
+    windows = calib()[:3]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fis = output_fisher(model, windows, n_windows=3, batch_size=2, verbose=False)
+    assert set(fis) == {r.name for r in model_linears(model)}
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # by hand: the gradient of the summed loss with respect to one layer's output
+    name = "model.layers.1.mlp.down_proj"
+    outs = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        outs.append(output)
+
+    h = get_module(model, name).register_forward_hook(keep)
+    total = 0
+    for x in windows.split(2):
+        logits = model(input_ids=x).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").backward()
+        total = total + outs[-1].grad.pow(2).reshape(-1, outs[-1].shape[-1]).sum(0)
+    h.remove()
+    torch.testing.assert_close(fis[name], total / windows.numel(), rtol=1e-4, atol=1e-12)
+    # the bank turns it into per-entry loss estimates
+    bank = build_bank(model, calib(), ("rtn",), (2, 8), ("channel",), verbose=False)
+    est = bank.fisher_losses()
+    assert est.shape == (len(bank.layers), 2) and np.isfinite(est).all()
+    assert (est[:, bank.index(0, "rtn:w2c")] > est[:, bank.index(0, "rtn:w8c")]).all()

@@ -1,0 +1,97 @@
+"""How much the model's loss cares about each linear layer's output: a diagonal Fisher estimate.
+
+A quantized layer changes its output by ``dy = x dW^T``. To second order, with the empirical
+Fisher standing in for the Hessian of the loss, the loss grows by about
+``1/2 sum_tokens sum_j g_j^2 dy_j^2``, where ``g = dL/dy`` is the gradient of the summed
+next-token loss with respect to the layer's output. Taking ``g`` and ``dy`` as uncorrelated,
+
+    delta_L  ~  1/2 sum_j F_j * mean_tokens(dy_j^2),   F_j = sum_tokens g_j^2,
+
+and ``mean_tokens(dy_j^2)`` is the ``j``-th diagonal entry of ``dW (X^T X / n) dW^T``: the per-row
+layer objective that the bank already computes (up to the factor 2 of ``H = 2/n X^T X``).
+:func:`output_fisher` returns ``F`` for every block linear, from one forward and backward pass over
+a few calibration windows; :func:`gransearch.optimize` weighs its layer objectives with it, so
+that the knapsack allocates bits where the loss, not only the layer output, is sensitive (as
+HAWQ-style and Fisher-based mixed-precision methods do).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .arch import model_linears
+
+__all__ = ["output_fisher"]
+
+
+def output_fisher(
+    model: nn.Module,
+    calib: torch.Tensor,
+    *,
+    n_windows: Optional[int] = 16,
+    batch_size: int = 2,
+    device=None,
+    verbose: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``{linear name: F}`` with ``F[j]`` the mean over tokens of ``(dL/dy_j)^2`` (``[out]``, CPU).
+
+    ``calib``: token windows ``[n, seqlen]`` (the first ``n_windows`` are used); ``L`` is the summed
+    next-token cross-entropy. Runs on ``device`` (the model is moved there and back) or where the
+    model is. Parameters get no gradients and are not modified.
+    """
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] == 0:
+        raise ValueError("output_fisher needs calibration windows [n, seqlen] with n >= 1")
+    windows = calib[:n_windows] if n_windows else calib
+    refs = model_linears(model)
+    home = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else home
+    flags = [p.requires_grad for p in model.parameters()]
+    acc: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def on_output(name):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                def grad_hook(g):
+                    sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                    acc[name] = acc[name] + sq if name in acc else sq
+                output.register_hook(grad_hook)
+        return hook
+
+    def needs_grad(module, inputs, output):
+        return output.detach().requires_grad_(True)  # the graph starts at the embeddings
+
+    was_training = model.training
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if dev != home:
+            model.to(dev)
+        handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+        handles += [r.module.register_forward_hook(on_output(r.name)) for r in refs]
+        n_tok = 0
+        with torch.enable_grad():
+            for i in tqdm(range(0, windows.shape[0], batch_size), desc="fisher", disable=not verbose):
+                x = windows[i : i + batch_size].to(dev)
+                logits = model(input_ids=x, use_cache=False).logits
+                loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+                n_tok += x.numel()
+                del logits, loss
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        if dev != home:
+            model.to(home)
+        model.train(was_training)
+    missing = [r.name for r in refs if r.name not in acc]
+    if missing:
+        raise RuntimeError(f"no gradient reached {missing[0]} (and {len(missing) - 1} more): is the layer used by the forward pass?")
+    return {name: (v / n_tok).cpu() for name, v in acc.items()}
