@@ -118,7 +118,7 @@ def ablate_weights(
     of every missing configuration and evaluates each assembled model. A granularity whose group
     size does not divide every linear layer's input is skipped (logged). Rows already in ``out``
     are not recomputed. Returns every row (old and new), the unquantized model first
-    (``method="fp"``).
+    (``method="fp"``). GPTQ rows are plain GPTQ (no act-order), one-shot on unquantized inputs.
     """
     bad = set(methods) - set(METHODS)
     if bad:
@@ -162,7 +162,9 @@ def ablate_weights(
         if not mine:
             continue
         need = sorted({m for _, m in mine}, key=METHODS.index)
-        bank = build_bank(model, None, need, [int(b)], sorted({g for g, _ in mine}, key=str), stats=stats, device=device, verbose=verbose)
+        # plain GPTQ (no act-order), as the published grid was measured; no Fisher (no knapsack here)
+        bank = build_bank(model, None, need, [int(b)], sorted({g for g, _ in mine}, key=str), stats=stats, device=device,
+                          act_order=False, fisher_windows=0, verbose=verbose)
         for g, m in mine:
             spec = QuantSpec(int(b), g)
             key = f"{m}:{spec}"

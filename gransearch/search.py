@@ -182,7 +182,7 @@ def build_bank(
     if stats is None:
         stats = calibrate(model, calib, device=device, verbose=verbose)
     fisher = None
-    if fisher_windows:
+    if fisher_windows and calib is not None:
         windows = calib if isinstance(calib, torch.Tensor) else torch.cat(list(calib))
         fisher = output_fisher(model, windows, n_windows=fisher_windows, device=device, verbose=verbose)
     refs = model_linears(model, info)
