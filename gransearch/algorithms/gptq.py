@@ -152,7 +152,8 @@ def gptq(
 
     codes = torch.zeros(out_f, in_f, device=dev)
     loss = torch.zeros(out_f, device=dev)
-    col_group = (perm if perm is not None else torch.arange(in_f, device=dev)) // g  # natural group of each (permuted) column
+    # natural group of each (permuted) column, as Python ints: no device sync inside the loop
+    col_group = ((perm.cpu() if perm is not None else torch.arange(in_f)) // g).tolist()
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -169,7 +170,7 @@ def gptq(
                 s, z = qparams(blk, spec.bits, spec.symmetric, ratio)
                 scale_cols[:, col // g] = s.squeeze(1)
                 zero_cols[:, col // g] = z.squeeze(1)
-            grp = int(col_group[col])
+            grp = col_group[col]
             s = scale_cols[:, grp]
             z = zero_cols[:, grp]
             w = W1[:, i]
@@ -178,9 +179,9 @@ def gptq(
             q = (c - z) * s
             codes[:, col] = c
             err = (w - q) / d
-            loss += (w - q) ** 2 / d**2 / 2
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += Err1.pow(2).sum(1) / 2  # (w - q)^2 / d^2 / 2 per column, summed once per batch
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:
