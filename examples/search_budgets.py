@@ -1,19 +1,24 @@
 """Per-layer search on SmolLM2 at the exact sizes of uniform plans (issue 5's experiment).
 
-    python examples/search_budgets.py [--budgets w4g64,w3g64] [--trials 60] [--out runs/search]
+    python examples/search_budgets.py [--budgets w4g64,w3g64] [--trials 60] [--out runs/search] [--device cuda]
+    python examples/search_budgets.py --report runs/search      # tables from the run folders
+
 
 One candidate bank (calibration 128 x 512 tokens of wiki-sample train, seed 0) serves every budget.
 For each budget, the exact stored size of the uniform plan (the same for every method), the search
 runs ``--trials`` trials on 16 validation windows of 512 tokens, and the best ``--n-final`` plans are
 re-quantized sequentially and measured on the whole test split at seqlen 512 -- the protocol of
 examples/quantize_table.py, whose uniform rows are the baselines to compare with.
-Writes per budget: plan.json, summary.json, pareto.csv; prints what the plans chose.
+Writes per budget: plan.json, summary.json, pareto.csv; prints what the plans chose. ``--report``
+prints markdown tables from those folders against the best uniform rows of
+docs/data/quantize_table.csv (the same calibration and test protocol).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import json
 import os
 import time
@@ -35,6 +40,71 @@ def describe(plan: gs.QuantPlan) -> dict:
             "by_depth": {k: dict(v.most_common()) for k, v in by_depth.items()}}
 
 
+LINEAR_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "data", "quantize_table.csv")
+
+
+def report(root: str, model_name: str) -> None:
+    """Markdown tables of every budget-* folder under ``root``."""
+    from gransearch.arch import get_module, linear_shape
+    from gransearch.cost import layer_nbytes
+
+    model, _ = gs.load_model(model_name)
+    uniform = collections.defaultdict(list)
+    with open(TABLE) as fh:
+        for r in csv.DictReader(fh):
+            if r["method"] != "fp":
+                uniform[r["spec"]].append((float(r["ppl"]), f"{r['method']}{'' if r['variant'] == 'plain' else ' ' + r['variant']}"))
+    rows, comp = [], []
+    plans = {}
+    for d in sorted(os.listdir(root)):
+        if os.path.exists(os.path.join(root, d, "plan.json")):
+            plans[d] = gs.QuantPlan.load(os.path.join(root, d, "plan.json"))
+    bits = sorted({lp.spec.bits for p in plans.values() for lp in p.layers.values()})
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d, "summary.json")
+        if not d.startswith("budget-") or not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            s = json.load(fh)
+        plan = plans[d]
+        shapes = {n: linear_shape(get_module(model, n)) for n in plan.layers}
+        n_w = sum(o * i for o, i in shapes.values())
+        lin = sum(layer_nbytes(shapes[n], lp.spec) for n, lp in plan.layers.items())
+        best_u = min(uniform[s["budget_like"]]) if uniform[s["budget_like"]] else (float("nan"), "-")
+        best_proxy = min(s["uniform_proxy"].items(), key=lambda kv: kv[1])
+        rows.append(f"| {s['budget_like']} | {s['budget_bytes']:,} | {s['plan_bytes']:,} | {8 * lin / n_w:.3f} | {s['trials']} | "
+                    f"{s['proxy_ppl']:.2f} | {best_proxy[1]:.2f} ({best_proxy[0]}) | {s['final_ppl']:.2f} | {best_u[0]:.2f} ({best_u[1]}) | "
+                    f"{100 * (s['final_ppl'] / best_u[0] - 1):+.1f}% |")
+        for group, key in ((LINEAR_TYPES, lambda n: n.rsplit(".", 1)[-1]),
+                           (("blocks 0-9", "blocks 10-19", "blocks 20-29"), lambda n: ("blocks 0-9", "blocks 10-19", "blocks 20-29")[min(2, int(n.split(".")[2]) // 10)])):
+            for g in group:
+                names = [n for n in plan.layers if key(n) == g]
+                if not names:
+                    continue
+                w = {b: 0 for b in bits}
+                gran = collections.Counter()
+                for n in names:
+                    o, i = shapes[n]
+                    lp = plan.layers[n]
+                    w[lp.spec.bits] += o * i
+                    gran[str(lp.spec)[2:] or "t"] += o * i
+                tot = sum(w.values())
+                bpw = 8 * sum(layer_nbytes(shapes[n], plan.layers[n].spec) for n in names) / tot
+                top = ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in gran.most_common(3))
+                methods = collections.Counter(plan.layers[n].method for n in names)
+                comp.append(f"| {s['budget_like']} | {g} | {bpw:.2f} | " + " | ".join(f"{100 * w[b] / tot:.0f}%" for b in bits)
+                            + f" | {top} | {', '.join(f'{m} {c}' for m, c in methods.most_common())} |")
+    print("| budget like | budget bytes | plan bytes | linear bits/weight | trials | proxy ppl (validation) | best uniform proxy | "
+          "final ppl (test) | best uniform on test (docs/data/quantize_table.csv) | final vs best uniform |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print("\nWhat the plans chose (shares of weights; granularity: c = per-channel, g64 = groups of 64; methods count layers):\n")
+    print("| budget | layers | bits/weight | " + " | ".join(f"{b}-bit" for b in bits) + " | granularity | methods |")
+    print("|---|---|---:|" + "---:|" * len(bits) + "---|---|")
+    print("\n".join(comp))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -47,7 +117,11 @@ def main() -> None:
     ap.add_argument("--n-final", type=int, default=1)
     ap.add_argument("--out", default="runs/search")
     ap.add_argument("--device", default=None, help="cpu (default) or cuda: bank, trials and finals run there")
+    ap.add_argument("--report", default=None, metavar="DIR", help="print tables from the budget-* folders in DIR and exit")
     args = ap.parse_args()
+    if args.report:
+        report(args.report, args.model)
+        return
     model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
     val = gs.load_tokens("wiki-sample", tok, "validation")

@@ -4,7 +4,7 @@ How a search runs (no quantization math lives here):
 
 1. **Bank.** Calibrate once (Hessians and ``mean|x|`` of every linear's input, unquantized inputs),
    then quantize every (layer, candidate) once: RTN; GPTQ with one Cholesky factorisation per
-   layer shared by all its GPTQ candidates; AWQ with one scale search per scaling group and spec,
+   layer shared by all its GPTQ candidates, solved together as one stack of rows; AWQ with one scale search per scaling group and spec,
    using the group's linear-output error computed from the Hessian (no second activation pass).
    Each entry keeps its packed weight, exact stored bytes and layer objective
    ``tr((W - Q) H (W - Q)^T)``.
@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
-from .algorithms.gptq import gptq, gptq_prepare
+from .algorithms.gptq import gptq, gptq_many, gptq_prepare
 from .algorithms.rtn import rtn
 from .arch import arch_of, get_module, linear_shape, linear_weight, model_linears
 from .calibrate import calibrate
@@ -241,13 +241,17 @@ def build_bank(
         W = linear_weight(ref.module).detach().float().to(dev)
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name) if ("gptq" in methods or "awq+gptq" in methods) else None
+        plain_gptq = {}
+        if "gptq" in methods or "awq+gptq" in methods:  # one factorisation, one stacked solve for every spec
+            prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
+            results = gptq_many(W, H, specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
+            plain_gptq = {str(sp): r.qweight for sp, r in zip(specs[ref.name], results)}
         leaf = ref.name.rsplit(".", 1)[-1]
         for spec in specs[ref.name]:
             if "rtn" in methods:
                 add(ref.name, "rtn", spec, rtn(W, spec), None, W, H)
             if "gptq" in methods:
-                add(ref.name, "gptq", spec, gptq(W, H, spec, damp=damp, act_order=act_order, prepared=prep, name=ref.name).qweight, None, W, H)
+                add(ref.name, "gptq", spec, plain_gptq[str(spec)], None, W, H)
             if use_awq and (ref.name, str(spec)) in awq_scales:
                 s = awq_scales[(ref.name, str(spec))]
                 Ws = W * s.unsqueeze(0)
@@ -266,7 +270,7 @@ def build_bank(
                 if "awq" in methods:
                     add(ref.name, "awq", spec, rtn(W, spec), None, W, H)
                 if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, gptq(W, H, spec, damp=damp, act_order=act_order, prepared=prep, name=ref.name).qweight, None, W, H)
+                    add(ref.name, "awq+gptq", spec, plain_gptq[str(spec)], None, W, H)
     return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
                 {"damp": damp, "act_order": act_order}, fisher)
 

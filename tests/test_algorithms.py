@@ -205,3 +205,23 @@ def test_low_rank_hessian_factor_is_exact_at_full_rank_and_close_at_low_rank():
     exact = awq_search_hessian(x.abs().mean(0), [w], h, spec)
     approx = awq_search_hessian(x.abs().mean(0), [w], h, spec, rank=8)  # the 3 outlier channels dominate H
     assert abs(approx.ratio - exact.ratio) <= 0.1
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_many_equals_gptq_spec_by_spec(act_order):
+    """The stacked solve of several specs is GPTQ row by row: the same codes, scales and loss as one
+    gptq() call per spec (dead input columns included)."""
+    from gransearch.algorithms.gptq import gptq_many
+
+    torch.manual_seed(3)
+    W = torch.randn(24, 128)
+    X = torch.randn(512, 128) * torch.linspace(0.2, 3.0, 128)
+    X[:, 5] = 0.0  # a dead input
+    H = 2 * X.T @ X / X.shape[0]
+    specs = [gs.QuantSpec.parse(s) for s in ("w3g32", "w4c", "w2t", "w4g64s", "w8c")]
+    many = gptq_many(W, H, specs, act_order=act_order)
+    for spec, m in zip(specs, many):
+        one = gs.gptq(W, H, spec, act_order=act_order)
+        assert torch.equal(m.qweight.codes, one.qweight.codes), spec
+        assert torch.equal(m.qweight.scale, one.qweight.scale), spec
+        assert m.loss == pytest.approx(one.loss, rel=1e-6) and m.n_dead == 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["gptq", "gptq_prepare", "GPTQPrepared", "GPTQResult", "CholeskyError"]
+__all__ = ["gptq", "gptq_many", "gptq_prepare", "GPTQPrepared", "GPTQResult", "CholeskyError"]
 
 
 class CholeskyError(ValueError):
@@ -107,75 +107,158 @@ def gptq(
     one Cholesky factorisation for several candidates of the same layer.
     """
     check_weight(W, spec, name)
+    _check_hessian(W, H, name)
+    dev = W.device
+    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
+    if prep.act_order != act_order:
+        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    W = _dead_zeroed(W, prep)
     out_f, in_f = W.shape
+    gran = spec.granularity
+    grouped = isinstance(gran, PerGroup)
+    if act_order and grouped and not static_groups:
+        log.info("GPTQ%s: act_order with groups uses static groups (contiguous group storage)", " " + name if name else "")
+    g = gran.size if grouped else in_f
+    scale_cols, zero_cols, known = _upfront_params(W, spec, clip, static_groups or act_order)
+    cols = _column_groups(prep, in_f, g, dev)
+    if known:
+        S, Z, regroup = scale_cols[:, cols], zero_cols[:, cols], None
+    else:
+        # a lazy batch must hold whole groups, so each group's parameters see all earlier updates
+        block_size = max(g, (block_size // g) * g)
+        S, Z = torch.empty_like(W), torch.empty_like(W)
+
+        def regroup(col, W1, i):  # parameters of the group starting here, from the partially updated weights
+            if col % g == 0:
+                blk = W1[:, i : i + g]
+                sc, zc = qparams(blk, spec.bits, spec.symmetric, block_clip_ratios(blk, spec, clip))
+                scale_cols[:, col // g], zero_cols[:, col // g] = sc.squeeze(1), zc.squeeze(1)
+                S[:, col : col + g], Z[:, col : col + g] = sc, zc
+
+    Wp = W if prep.perm is None else W[:, prep.perm]
+    codes, loss = _solve_columns(Wp, prep.hinv.to(dev), S, Z, spec.maxq, block_size, regroup)
+    return _result(codes, scale_cols, zero_cols, spec, prep, loss)
+
+
+@torch.no_grad()
+def gptq_many(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    specs: Sequence[QuantSpec],
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    max_damp_tries: int = 6,
+    name: Optional[str] = None,
+    prepared: Optional["GPTQPrepared"] = None,
+) -> list[GPTQResult]:
+    """:func:`gptq` of one weight under several specs, as one solve over the specs' stacked rows.
+
+    GPTQ treats output rows independently given the shared inverse-Hessian factor, so candidates
+    whose quantization parameters are fixed up front (per-tensor, per-channel, and groups under
+    ``act_order``, which uses static groups) run as a single column loop over a
+    ``[len(specs) * out, in]`` stack: the same arithmetic row by row, a fraction of the kernel
+    launches and Python steps (what dominates on a GPU). Specs with groups taken from partially
+    updated weights (grouped, ``act_order=False``) run one by one. Returns one result per spec.
+    """
+    _check_hessian(W, H, name)
+    dev = W.device
+    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
+    if prep.act_order != act_order:
+        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    out: list[Optional[GPTQResult]] = [None] * len(specs)
+    batch = []
+    for k, spec in enumerate(specs):
+        if isinstance(spec.granularity, PerGroup) and not act_order:
+            out[k] = gptq(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, max_damp_tries=max_damp_tries, name=name, prepared=prep)
+        else:
+            check_weight(W, spec, name)
+            batch.append(k)
+    if batch:
+        W0 = _dead_zeroed(W, prep)
+        out_f, in_f = W0.shape
+        Wp = W0 if prep.perm is None else W0[:, prep.perm]
+        params, S, Z, maxq = [], [], [], []
+        for k in batch:
+            spec = specs[k]
+            sc, zc, _ = _upfront_params(W0, spec, None, True)
+            cols = _column_groups(prep, in_f, spec.granularity.size if isinstance(spec.granularity, PerGroup) else in_f, dev)
+            params.append((sc, zc))
+            S.append(sc[:, cols])
+            Z.append(zc[:, cols])
+            maxq.append(torch.full((out_f,), float(spec.maxq), device=dev))
+        codes, loss = _solve_columns(Wp.repeat(len(batch), 1), prep.hinv.to(dev), torch.cat(S), torch.cat(Z), torch.cat(maxq), block_size)
+        for j, k in enumerate(batch):
+            rows = slice(j * out_f, (j + 1) * out_f)
+            out[k] = _result(codes[rows], *params[j], specs[k], prep, loss[rows])
+    return out
+
+
+def _check_hessian(W: torch.Tensor, H: torch.Tensor, name: Optional[str]) -> None:
+    in_f = W.shape[-1]
     if tuple(H.shape) != (in_f, in_f):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match weight {tuple(W.shape)}{' (' + name + ')' if name else ''}")
     if not bool(torch.isfinite(H).all()):
         raise ValueError(f"the Hessian{' of ' + name if name else ''} contains NaN or Inf: check the calibration activations")
-    dev = W.device
+
+
+def _dead_zeroed(W: torch.Tensor, prep: "GPTQPrepared") -> torch.Tensor:
     W = W.detach().float().clone()
-    gran = spec.granularity
-    maxq = spec.maxq
-
-    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
-    if prep.act_order != act_order:
-        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
     if prep.n_dead:
-        W[:, prep.dead] = 0.0
+        W[:, prep.dead.to(W.device)] = 0.0
+    return W
 
-    # parameters fixed up front: per-tensor, per-channel, static groups
-    grouped = isinstance(gran, PerGroup)
-    use_static = grouped and (static_groups or act_order)
-    if act_order and grouped and not static_groups:
-        log.info("GPTQ%s: act_order with groups uses static groups (contiguous group storage)", " " + name if name else "")
-    g = gran.size if grouped else in_f
-    n_groups = in_f // g
-    scale_cols = torch.empty(out_f, n_groups, device=dev)
-    zero_cols = torch.empty(out_f, n_groups, device=dev)
+
+def _upfront_params(W: torch.Tensor, spec: QuantSpec, clip: ClipArg, static: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``[out, n_groups]`` scales and zeros fixed before the column loop, and whether they all are
+    (per-group parameters without ``static`` are taken inside the loop)."""
+    out_f, in_f = W.shape
+    gran = spec.granularity
+    n_groups = in_f // gran.size if isinstance(gran, PerGroup) else 1
+    scale_cols = torch.empty(out_f, n_groups, device=W.device)
+    zero_cols = torch.empty(out_f, n_groups, device=W.device)
     if isinstance(gran, PerTensor):
         blocks = block_view(W, spec)
-        s, z = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
-        scale_cols.fill_(float(s)), zero_cols.fill_(float(z))
-    elif isinstance(gran, PerChannel) or use_static:
+        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
+        scale_cols.fill_(float(sc)), zero_cols.fill_(float(zc))
+        return scale_cols, zero_cols, True
+    if isinstance(gran, PerChannel) or static:
         blocks = block_view(W, spec)  # [out * n_groups, g]
-        s, z = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
-        scale_cols.copy_(s.view(out_f, n_groups)), zero_cols.copy_(z.view(out_f, n_groups))
-    params_known = not grouped or use_static
-    if not params_known:
-        # a lazy batch must hold whole groups, so each group's parameters see all earlier updates
-        block_size = max(g, (block_size // g) * g)
+        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
+        scale_cols.copy_(sc.view(out_f, n_groups)), zero_cols.copy_(zc.view(out_f, n_groups))
+        return scale_cols, zero_cols, True
+    return scale_cols, zero_cols, False
 
-    perm = prep.perm
-    if perm is not None:
-        W = W[:, perm]
-    Hinv = prep.hinv.to(dev)
 
-    codes = torch.zeros(out_f, in_f, device=dev)
-    loss = torch.zeros(out_f, device=dev)
-    # natural group of each (permuted) column, as Python ints: no device sync inside the loop
-    col_group = ((perm.cpu() if perm is not None else torch.arange(in_f)) // g).tolist()
+def _column_groups(prep: "GPTQPrepared", in_f: int, g: int, device) -> torch.Tensor:
+    """The natural group of each column in solve (possibly permuted) order."""
+    order = prep.perm if prep.perm is not None else torch.arange(in_f)
+    return order.to(device) // g
 
+
+def _solve_columns(W, Hinv, S, Z, maxq, block_size, regroup=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop over ``W`` ``[rows, in]`` (solve order), in lazy batches of ``block_size``.
+
+    ``S``, ``Z``: each column's scale and zero per row (``regroup(col, W1, i)`` may fill them as
+    the loop reaches a group); ``maxq``: an int or a per-row tensor. Returns the float codes and the
+    per-row error estimate ``sum((w - q)^2 / d^2) / 2``. ``W`` is updated in place.
+    """
+    rows, in_f = W.shape
+    codes = torch.zeros_like(W)
+    loss = torch.zeros(rows, device=W.device)
+    per_row = isinstance(maxq, torch.Tensor)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
+        for i in range(i2 - i1):
             col = i1 + i
-            if not params_known and col % g == 0:
-                # parameters of the group starting here, from the partially updated weights
-                blk = W1[:, i : i + g]
-                ratio = block_clip_ratios(blk, spec, clip)
-                s, z = qparams(blk, spec.bits, spec.symmetric, ratio)
-                scale_cols[:, col // g] = s.squeeze(1)
-                zero_cols[:, col // g] = z.squeeze(1)
-            grp = col_group[col]
-            s = scale_cols[:, grp]
-            z = zero_cols[:, grp]
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            c = quantize_codes(w, s, z, maxq)
+            if regroup is not None:
+                regroup(col, W1, i)
+            s, z, w, d = S[:, col], Z[:, col], W1[:, i], Hinv1[i, i]
+            c = torch.minimum(torch.clamp(torch.round(w / s) + z, min=0), maxq) if per_row else quantize_codes(w, s, z, maxq)
             q = (c - z) * s
             codes[:, col] = c
             err = (w - q) / d
@@ -183,20 +266,15 @@ def gptq(
             Err1[:, i] = err
         loss += Err1.pow(2).sum(1) / 2  # (w - q)^2 / d^2 / 2 per column, summed once per batch
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, loss
 
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-    if isinstance(gran, PerTensor):
-        scale_t, zero_t = scale_cols[:1, :1], zero_cols[:1, :1]
-    else:
-        scale_t, zero_t = scale_cols, zero_cols
-    qw = QuantizedWeight(
-        codes.to(torch.uint8),
-        scale_t.to(torch.float16),
-        None if spec.symmetric else zero_t.to(torch.uint8),
-        spec,
-    )
+
+def _result(codes, scale_cols, zero_cols, spec: QuantSpec, prep: "GPTQPrepared", loss) -> GPTQResult:
+    if prep.perm is not None:
+        codes = codes[:, torch.argsort(prep.perm.to(codes.device))]
+    if isinstance(spec.granularity, PerTensor):
+        scale_cols, zero_cols = scale_cols[:1, :1], zero_cols[:1, :1]
+    qw = QuantizedWeight(codes.to(torch.uint8), scale_cols.to(torch.float16), None if spec.symmetric else zero_cols.to(torch.uint8), spec)
     return GPTQResult(qw, prep.damp, prep.damp_raised, prep.n_dead, float(loss.sum()))
 
 
