@@ -143,7 +143,7 @@ def _search_setup(cfg: dict):
 def _search_kwargs(cfg: dict) -> dict:
     return dict(methods=_csv_list(cfg["methods"]), bits=_csv_list(cfg["bits"], int), granularities=_csv_list(cfg["grans"], _gran),
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
-                act_order=cfg.get("act_order", True))
+                act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"))
 
 
 def cmd_optimize(args) -> int:
@@ -158,6 +158,7 @@ def cmd_optimize(args) -> int:
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order")}
     cfg["device"] = _device(args.device)
+    cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it
     if args.budget_like:
         gs.QuantSpec.parse(args.budget_like)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
@@ -379,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
-    p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db")
+    p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import os
@@ -97,16 +98,30 @@ def _as_gran(g):
 # the bank
 
 
+BANK_FORMAT, BANK_VERSION = "gransearch.bank", 1
+
+
 @dataclass
 class BankEntry:
-    qweight: QuantizedWeight
+    qweight: Optional[QuantizedWeight]  # None while the entry lives on disk (see ``source``)
     in_scale: Optional[torch.Tensor]  # AWQ: the layer computes x @ (dequant / s)^T
     nbytes: int
     objective: float
     row_objective: Optional[torch.Tensor] = None  # [out]: the objective's per-output-row terms (CPU)
+    source: Optional[tuple] = None  # (safetensors file, tensor prefix, shape, spec) of a stored entry
+
+    def quantized(self) -> QuantizedWeight:
+        if self.qweight is not None:
+            return self.qweight
+        from safetensors import safe_open
+
+        path, prefix, shape, spec = self.source
+        with safe_open(path, framework="pt") as fh:
+            bufs = {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix) and k[len(prefix):] in ("qweight", "scales", "qzeros")}
+        return QuantizedWeight.from_packed(bufs, spec, shape)
 
     def effective_weight(self) -> torch.Tensor:
-        w = self.qweight.dequantize()
+        w = self.quantized().dequantize()
         return w if self.in_scale is None else w / self.in_scale.unsqueeze(0)
 
 
@@ -137,6 +152,71 @@ class Bank:
     def index(self, layer: int, key: str) -> int:
         return self.keys[layer].index(key)
 
+    def save_manifest(self, folder: str, config: dict) -> None:
+        """Write ``bank.json`` (and ``fisher.safetensors``) for entries already stored in ``folder``."""
+        from safetensors.torch import save_file
+
+        if self.fisher is not None:
+            save_file({k: v.contiguous() for k, v in self.fisher.items()}, os.path.join(folder, "fisher.safetensors"))
+        doc = {"format": BANK_FORMAT, "version": BANK_VERSION, "config": config, "layers": self.layers, "keys": self.keys,
+               "nbytes": [[e.nbytes for e in row] for row in self.entries], "objectives": [[e.objective for e in row] for row in self.entries],
+               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq_options, "fisher": self.fisher is not None}
+        tmp = os.path.join(folder, "bank.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh)
+        os.replace(tmp, os.path.join(folder, "bank.json"))  # written last: its presence marks a complete bank
+
+    @classmethod
+    def load(cls, folder: str, config: Optional[dict] = None) -> Optional["Bank"]:
+        """The bank stored in ``folder``; ``None`` if there is none, or it was built with another ``config``."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, "bank.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as fh:
+            doc = json.load(fh)
+        if doc.get("format") != BANK_FORMAT or doc.get("version") != BANK_VERSION:
+            raise ValueError(f"{path} is not a gransearch bank of version {BANK_VERSION}; remove the folder to rebuild it")
+        if config is not None and doc["config"] != json.loads(json.dumps(config)):
+            return None
+        entries = []
+        for i, name in enumerate(doc["layers"]):
+            file = os.path.join(folder, f"layer{i:04d}.safetensors")
+            row = []
+            with safe_open(file, framework="pt") as fh:
+                names = set(fh.keys())
+                for j, key in enumerate(doc["keys"][i]):
+                    spec = QuantSpec.parse(key.split(":", 1)[1])
+                    in_scale = fh.get_tensor(f"{j}.in_scale") if f"{j}.in_scale" in names else None
+                    shape = tuple(int(v) for v in fh.get_tensor(f"{j}.shape").tolist())
+                    row.append(BankEntry(None, in_scale, doc["nbytes"][i][j], doc["objectives"][i][j], fh.get_tensor(f"{j}.rows"),
+                                         (file, f"{j}.", shape, spec)))
+            entries.append(row)
+        fisher = load_file(os.path.join(folder, "fisher.safetensors")) if doc["fisher"] else None
+        return cls(doc["layers"], doc["keys"], entries, doc["out_energy"], doc["seconds"], doc["gptq_options"], fisher)
+
+
+def _store_layer(folder: str, i: int, row: list[BankEntry]) -> None:
+    """Write one layer's entries (packed) to ``folder/layer{i}.safetensors`` and free their codes."""
+    from safetensors.torch import save_file
+
+    file = os.path.join(folder, f"layer{i:04d}.safetensors")
+    tensors = {}
+    for j, e in enumerate(row):
+        for k, v in e.qweight.packed().items():
+            tensors[f"{j}.{k}"] = v.contiguous()
+        tensors[f"{j}.shape"] = torch.tensor(e.qweight.shape)
+        tensors[f"{j}.rows"] = e.row_objective.contiguous()
+        if e.in_scale is not None:
+            tensors[f"{j}.in_scale"] = e.in_scale.contiguous()
+    save_file(tensors, file + ".tmp")
+    os.replace(file + ".tmp", file)  # atomic: a worker reading the bank never sees half a file
+    for j, e in enumerate(row):
+        e.source = (file, f"{j}.", e.qweight.shape, e.qweight.spec)
+        e.qweight = None
+
 
 @torch.no_grad()
 def build_bank(
@@ -153,6 +233,7 @@ def build_bank(
     device=None,
     stats: Optional[dict] = None,
     fisher_windows: int = 16,
+    store: Optional[str] = None,
     verbose: bool = True,
 ) -> Bank:
     """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
@@ -166,6 +247,11 @@ def build_bank(
     :func:`gransearch.quantize` re-applies a plan with the same options. ``fisher_windows``
     calibration windows (0: none) give each layer's output Fisher (:mod:`gransearch.sensitivity`),
     which turns per-row layer objectives into estimated loss increases for the knapsack.
+
+    ``store``: a folder; each layer's entries are written there packed (safetensors) as soon as
+    they are made and read back only when a trial assembles them, so that memory holds one layer's
+    candidates at a time (a bank is ``K`` quantized copies of the model). Use :func:`bank_for` to
+    reuse a stored bank.
 
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
@@ -236,6 +322,11 @@ def build_bank(
                     res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
                     for n in gnames:
                         awq_scales[(n, str(spec))] = res.scales
+    if store:
+        os.makedirs(store, exist_ok=True)
+        stale = os.path.join(store, "bank.json")
+        if os.path.exists(stale):
+            os.remove(stale)  # rebuilt in place: no longer complete until the end
     bar = tqdm(refs, desc="bank", disable=not verbose)
     for ref in bar:
         W = linear_weight(ref.module).detach().float().to(dev)
@@ -271,8 +362,36 @@ def build_bank(
                     add(ref.name, "awq", spec, rtn(W, spec), None, W, H)
                 if "awq+gptq" in methods:
                     add(ref.name, "awq+gptq", spec, plain_gptq[str(spec)], None, W, H)
-    return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
+        if store:
+            _store_layer(store, names.index(ref.name), entries[ref.name])
+    bank = Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
                 {"damp": damp, "act_order": act_order}, fisher)
+    if store:
+        bank.save_manifest(store, bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order,
+                                              awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows))
+    return bank
+
+
+def bank_config(model: nn.Module, calib, methods, bits, granularities, **options) -> dict:
+    """What a stored bank depends on: the model's layers, the calibration tokens and every option."""
+    h = hashlib.sha256()
+    for t in ([calib] if isinstance(calib, torch.Tensor) else list(calib or [])):
+        h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
+    return {"fingerprint": model_fingerprint(model), "calib_sha256": h.hexdigest()[:16], "methods": list(methods),
+            "bits": [int(b) for b in bits], "granularities": [str(g) for g in granularities], **options}
+
+
+def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"), bits=(2, 3, 4, 8),
+             granularities=("tensor", "channel", 32, 64, 128), *, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
+             awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, verbose: bool = True) -> Bank:
+    """The bank stored in ``folder`` if it was built for this model, calibration and options; else
+    build it there (entries on disk, see :func:`build_bank`). A killed build starts over."""
+    opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
+    bank = Bank.load(folder, bank_config(model, calib, methods, bits, granularities, **opts))
+    if bank is not None:
+        log.info("reusing the bank stored in %s", folder)
+        return bank
+    return build_bank(model, calib, methods, bits, granularities, device=device, store=folder, verbose=verbose, **opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,6 +534,7 @@ def optimize(
     n_final: int = 2,
     act_order: bool = True,
     bank: Optional[Bank] = None,
+    bank_dir: Optional[str] = None,
     objective_fn: Optional[Callable[[nn.Module, Callable[[int, float], None]], float]] = None,
     warm_start: bool = True,
     verbose: bool = True,
@@ -427,7 +547,9 @@ def optimize(
     (the test split; ``None`` skips the final stage). ``storage``/``study_name``: an Optuna storage
     URL (``sqlite:///run/study.db``) -- running again resumes and loses no finished trial.
     ``act_order``: GPTQ's column order in the bank and the final re-quantization (ignored when a
-    ``bank`` is given: its own options are used). ``objective_fn(model, report)`` replaces the
+    ``bank`` is given: its own options are used). ``bank_dir``: keep the candidate bank on disk
+    there (memory then holds one layer's candidates while building) and reuse it when the same
+    search runs again (:func:`bank_for`). ``objective_fn(model, report)`` replaces the
     perplexity objective (tests). ``warm_start=False``
     enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's finished
     trials, whichever process ran them. Returns an
@@ -458,7 +580,9 @@ def optimize(
         raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
                           f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
 
-    if bank is None:
+    if bank is None and bank_dir:
+        bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose)
+    elif bank is None:
         bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose)
     if bank.layers != names:
         raise ValueError("the bank was built for another model (its layers differ)")

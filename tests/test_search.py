@@ -260,3 +260,29 @@ def test_output_fisher_matches_autograd_and_leaves_the_model_alone():
     est = bank.fisher_losses()
     assert est.shape == (len(bank.layers), 2) and np.isfinite(est).all()
     assert (est[:, bank.index(0, "rtn:w2c")] > est[:, bank.index(0, "rtn:w8c")]).all()
+
+
+def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
+    """A stored bank holds the same entries as one in memory, keeps no codes in memory, is reused by
+    the same search (no rebuild) and rebuilt when an option changes."""
+    import gransearch.search as search
+
+    model = tiny_model("llama")
+    folder = str(tmp_path / "bank")
+    cands = (("rtn", "gptq", "awq"), (3, 4), ("channel", 16))
+    mem = build_bank(model, calib(), *cands, verbose=False)
+    disk = search.bank_for(model, calib(), folder, *cands, verbose=False)
+    assert all(e.qweight is None for row in disk.entries for e in row)
+    again = search.Bank.load(folder)
+    for bank in (disk, again):
+        assert bank.keys == mem.keys and bank.gptq_options == mem.gptq_options
+        for rm, rd in zip(mem.entries, bank.entries):
+            for a, b in zip(rm, rd):
+                assert b.nbytes == a.nbytes and b.objective == a.objective
+                assert torch.equal(b.effective_weight(), a.effective_weight())
+        np.testing.assert_allclose(bank.fisher_losses(), mem.fisher_losses(), rtol=1e-6)
+    calls = []
+    monkeypatch.setattr(search, "build_bank", lambda *a, **k: calls.append(1))
+    assert search.bank_for(model, calib(), folder, *cands, verbose=False) is not None and not calls
+    search.bank_for(model, calib(), folder, *cands, act_order=False, verbose=False)  # another option: rebuilt
+    assert calls == [1]
