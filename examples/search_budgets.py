@@ -95,6 +95,27 @@ def report(root: str, model_name: str) -> None:
                 methods = collections.Counter(plan.layers[n].method for n in names)
                 comp.append(f"| {s['budget_like']} | {g} | {bpw:.2f} | " + " | ".join(f"{100 * w[b] / tot:.0f}%" for b in bits)
                             + f" | {top} | {', '.join(f'{m} {c}' for m, c in methods.most_common())} |")
+    modes = []
+    for d in sorted(plans):
+        db = os.path.join(root, d, "study.db")
+        if os.path.exists(db):
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            st = optuna.load_study(study_name=d, storage=f"sqlite:///{os.path.abspath(db)}")
+            best = collections.defaultdict(lambda: (float("inf"), None))
+            for t in st.trials:
+                if t.state == optuna.trial.TrialState.COMPLETE:
+                    kind = "uniform" if t.user_attrs.get("uniform") else f"knapsack: {t.params.get('objective')}"
+                    best[kind] = min(best[kind], (t.value, t.number))
+            first = {}
+            for t in st.trials:  # the neutral (all weights 1) knapsack of each loss: the warm starts
+                if t.params and all(v == 1.0 for k, v in t.params.items() if k != "objective") and t.state == optuna.trial.TrialState.COMPLETE:
+                    first.setdefault(t.params["objective"], t.value)
+            for kind, (v, n) in sorted(best.items()):
+                mode = kind.split(": ")[-1]
+                modes.append(f"| {d[7:]} | {kind} | {sum(1 for t in st.trials if (('uniform' if t.user_attrs.get('uniform') else 'knapsack: ' + str(t.params.get('objective'))) == kind))} | "
+                             (f"{first[mode]:.2f}" if mode in first else "-") + f" | {v:.2f} (trial {n}) |")
     print("| budget like | budget bytes | plan bytes | linear bits/weight | trials | proxy ppl (validation) | best uniform proxy | "
           "final ppl (test) | best uniform on test (docs/data/quantize_table.csv) | final vs best uniform |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -103,6 +124,10 @@ def report(root: str, model_name: str) -> None:
     print("| budget | layers | bits/weight | " + " | ".join(f"{b}-bit" for b in bits) + " | granularity | methods |")
     print("|---|---|---:|" + "---:|" * len(bits) + "---|---|")
     print("\n".join(comp))
+    if modes:
+        print("\nBest proxy perplexity by kind of trial (neutral: the warm start with every weight 1):\n")
+        print("| budget | kind | trials (pruned included) | neutral knapsack | best |\n|---|---|---:|---:|---:|")
+        print("\n".join(modes))
 
 
 def main() -> None:

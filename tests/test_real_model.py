@@ -117,9 +117,19 @@ def test_optimize_cli_small_run(tmp_path):
     plan = gs.QuantPlan.load(str(out / "plan.json"))
     model, _ = gs.load_model("smollm2-135m")
     assert plan.nbytes(model) == summary["plan_bytes"]
+    manifest = out / "bank" / "bank.json"
+    stamp = manifest.stat().st_mtime_ns
     argv[argv.index("--trials") + 1] = "7"
-    assert main(argv) == 0  # the same command again resumes the study
-    assert json.loads((out / "summary.json").read_text())["trials"] == 7
+    assert main(argv) == 0  # the same command again resumes the study, and reuses the stored bank
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 7
+    assert manifest.stat().st_mtime_ns == stamp
+    plan = gs.QuantPlan.load(str(out / "plan.json"))
+    # the plan applies to a fresh model from the CLI
+    assert main(["quantize", "--plan", str(out / "plan.json"), "--n-calib", "4", "--calib-seqlen", "128", "--seqlen", "256",
+                 "--max-windows", "2", "--skip-fp-eval", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    applied = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert applied["method"] == "plan" and applied["linear_bytes"] + gs.plan.float_nbytes(model, exclude=set(plan.layers)) == summary["plan_bytes"]
 
 
 @needs_smollm
