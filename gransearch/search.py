@@ -59,7 +59,7 @@ from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "build_bank", "candidate_specs", "solve_knapsack", "optimize", "OptimizeResult", "ParetoPoint", "BudgetError"]
+__all__ = ["Bank", "bank_for", "build_bank", "candidate_specs", "solve_knapsack", "optimize", "OptimizeResult", "ParetoPoint", "BudgetError"]
 
 _NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
 
