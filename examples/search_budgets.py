@@ -55,7 +55,7 @@ def report(root: str, model_name: str) -> None:
         for r in csv.DictReader(fh):
             if r["method"] != "fp":
                 uniform[r["spec"]].append((float(r["ppl"]), f"{r['method']}{'' if r['variant'] == 'plain' else ' ' + r['variant']}"))
-    rows, comp = [], []
+    rows, comp, base = [], [], []
     plans = {}
     for d in sorted(os.listdir(root)):
         if os.path.exists(os.path.join(root, d, "plan.json")):
@@ -76,6 +76,13 @@ def report(root: str, model_name: str) -> None:
         rows.append(f"| {s['budget_like']} | {s['budget_bytes']:,} | {s['plan_bytes']:,} | {8 * lin / n_w:.3f} | {s['trials']} | "
                     f"{s['proxy_ppl']:.2f} | {best_proxy[1]:.2f} ({best_proxy[0]}) | {s['final_ppl']:.2f} | {best_u[0]:.2f} ({best_u[1]}) | "
                     f"{100 * (s['final_ppl'] / best_u[0] - 1):+.1f}% |")
+        # every uniform plan of this size: test perplexity from the table, proxy where the bank has it
+        bank_key = {"rtn": "rtn", "awq": "awq", "gptq act_order": "gptq"}  # the bank's GPTQ uses act-order
+        for ppl, label in sorted(uniform[s["budget_like"]]):
+            key = f"{bank_key[label]}:{s['budget_like']}" if label in bank_key else None
+            proxy = f"{s['uniform_proxy'][key]:.2f}" if key in s["uniform_proxy"] else "-"
+            base.append(f"| {s['budget_like']} | uniform {label} | {s['budget_bytes']:,} | {proxy} | {ppl:.2f} |")
+        base.append(f"| {s['budget_like']} | **searched plan** | {s['plan_bytes']:,} | {s['proxy_ppl']:.2f} | **{s['final_ppl']:.2f}** |")
         for group, key in ((LINEAR_TYPES, lambda n: n.rsplit(".", 1)[-1]),
                            (("blocks 0-9", "blocks 10-19", "blocks 20-29"), lambda n: ("blocks 0-9", "blocks 10-19", "blocks 20-29")[min(2, int(n.split(".")[2]) // 10)])):
             for g in group:
@@ -103,23 +110,31 @@ def report(root: str, model_name: str) -> None:
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             st = optuna.load_study(study_name=d, storage=f"sqlite:///{os.path.abspath(db)}")
+
+            def kind_of(t):
+                return "uniform" if t.user_attrs.get("uniform") else f"knapsack: {t.params.get('objective')}"
+
             best = collections.defaultdict(lambda: (float("inf"), None))
-            for t in st.trials:
-                if t.state == optuna.trial.TrialState.COMPLETE:
-                    kind = "uniform" if t.user_attrs.get("uniform") else f"knapsack: {t.params.get('objective')}"
-                    best[kind] = min(best[kind], (t.value, t.number))
+            count = collections.Counter(kind_of(t) for t in st.trials)
             first = {}
-            for t in st.trials:  # the neutral (all weights 1) knapsack of each loss: the warm starts
-                if t.params and all(v == 1.0 for k, v in t.params.items() if k != "objective") and t.state == optuna.trial.TrialState.COMPLETE:
+            for t in st.trials:
+                if t.state != optuna.trial.TrialState.COMPLETE:
+                    continue
+                best[kind_of(t)] = min(best[kind_of(t)], (t.value, t.number))
+                # the neutral (all weights 1) knapsack of each loss: its warm start
+                if t.params and all(v == 1.0 for k, v in t.params.items() if k != "objective"):
                     first.setdefault(t.params["objective"], t.value)
             for kind, (v, n) in sorted(best.items()):
                 mode = kind.split(": ")[-1]
-                modes.append(f"| {d[7:]} | {kind} | {sum(1 for t in st.trials if (('uniform' if t.user_attrs.get('uniform') else 'knapsack: ' + str(t.params.get('objective'))) == kind))} | "
-                             (f"{first[mode]:.2f}" if mode in first else "-") + f" | {v:.2f} (trial {n}) |")
+                neutral = f"{first[mode]:.2f}" if mode in first else "-"
+                modes.append(f"| {d[7:]} | {kind} | {count[kind]} | {neutral} | {v:.2f} (trial {n}) |")
     print("| budget like | budget bytes | plan bytes | linear bits/weight | trials | proxy ppl (validation) | best uniform proxy | "
           "final ppl (test) | best uniform on test (docs/data/quantize_table.csv) | final vs best uniform |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    print("\nEvery uniform plan of the budget's size (test perplexity from docs/data/quantize_table.csv) and the searched plan:\n")
+    print("| budget | plan | bytes | proxy ppl (validation) | test ppl |\n|---|---|---:|---:|---:|")
+    print("\n".join(base))
     print("\nWhat the plans chose (shares of weights; granularity: c = per-channel, g64 = groups of 64; methods count layers):\n")
     print("| budget | layers | bits/weight | " + " | ".join(f"{b}-bit" for b in bits) + " | granularity | methods |")
     print("|---|---|---:|" + "---:|" * len(bits) + "---|---|")

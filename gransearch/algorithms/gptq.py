@@ -113,7 +113,7 @@ def gptq(
     if prep.act_order != act_order:
         raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
     W = _dead_zeroed(W, prep)
-    out_f, in_f = W.shape
+    in_f = W.shape[1]
     gran = spec.granularity
     grouped = isinstance(gran, PerGroup)
     if act_order and grouped and not static_groups:
