@@ -183,7 +183,7 @@ def main() -> None:
         res.plan.save(os.path.join(out, "plan.json"))
         summary = {"budget_like": spec, "budget_bytes": budget, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
                    "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
-                   "trials": len(res.study.trials), "search_seconds": res.search_seconds, "bank_seconds": bank.seconds,
+                   "trials": res.n_trials, "search_seconds": res.search_seconds, "bank_seconds": bank.seconds,
                    "plan": res.plan.summary(), "described": describe(res.plan)}
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)

@@ -179,7 +179,7 @@ def cmd_optimize(args) -> int:
             w.writerow([p.trial, p.nbytes, f"{p.nbytes / gs.plan.GB:.6f}", f"{p.ppl:.4f}", json.dumps(p.plan.summary())])
     summary = {"budget_bytes": budget, "budget_gb": budget / gs.plan.GB, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
                "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
-               "trials": len(res.study.trials), "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
+               "trials": res.n_trials, "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
                "plan": res.plan.summary(), "storage": storage, "study": study_name}
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
@@ -227,7 +227,7 @@ def cmd_worker(args) -> int:
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=args.trials or len(study.trials) + 20,
                       storage=args.storage, study_name=args.study, n_final=0, warm_start=False, verbose=not args.quiet,
                       **_search_kwargs(cfg))
-    print(json.dumps({"trials": len(res.study.trials), "best_proxy_ppl": res.proxy_ppl}))
+    print(json.dumps({"trials": res.n_trials, "best_proxy_ppl": res.proxy_ppl}))
     return 0
 
 

@@ -474,6 +474,11 @@ class OptimizeResult:
         """Relative gap between the final and the proxy perplexity of the returned plan."""
         return self.ppl / self.proxy_ppl - 1.0
 
+    @property
+    def n_trials(self) -> int:
+        """Finished trials of the study (complete, pruned or failed; enqueued ones not yet run excluded)."""
+        return sum(1 for t in self.study.trials if t.state.is_finished())
+
 
 # ------------------------------------------------------------------------------------------------
 # the search

@@ -80,7 +80,7 @@ def test_search_never_exceeds_budget_and_matches_stored_bytes():
     res = gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn", "gptq"), bits=BITS,
                       granularities=GRANS, n_trials=14, seed=0, objective_fn=counting, verbose=False)
     trials = res.study.trials
-    assert len(trials) == 14 and seen
+    assert len(trials) == 14 and res.n_trials == 14 and seen
     assert all(t.user_attrs["nbytes"] <= budget for t in trials if "nbytes" in t.user_attrs)
     assert res.nbytes <= budget and res.plan.nbytes(model) == res.nbytes
     # the plan applied for real stores exactly the bytes the search counted
