@@ -117,7 +117,8 @@ class BankEntry:
 
         path, prefix, shape, spec = self.source
         with safe_open(path, framework="pt") as fh:
-            bufs = {k[len(prefix):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefix) and k[len(prefix):] in ("qweight", "scales", "qzeros")}
+            stored = set(fh.keys())
+            bufs = {k: fh.get_tensor(prefix + k) for k in ("qweight", "scales", "qzeros") if prefix + k in stored}
         return QuantizedWeight.from_packed(bufs, spec, shape)
 
     def effective_weight(self) -> torch.Tensor:

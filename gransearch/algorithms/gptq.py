@@ -109,9 +109,7 @@ def gptq(
     check_weight(W, spec, name)
     _check_hessian(W, H, name)
     dev = W.device
-    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
-    if prep.act_order != act_order:
-        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    prep = _prepared(prepared, H.to(dev), damp, act_order, max_damp_tries, name)
     W = _dead_zeroed(W, prep)
     in_f = W.shape[1]
     gran = spec.granularity
@@ -164,9 +162,7 @@ def gptq_many(
     """
     _check_hessian(W, H, name)
     dev = W.device
-    prep = prepared if prepared is not None else gptq_prepare(H.to(dev), damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
-    if prep.act_order != act_order:
-        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    prep = _prepared(prepared, H.to(dev), damp, act_order, max_damp_tries, name)
     out: list[Optional[GPTQResult]] = [None] * len(specs)
     batch = []
     for k, spec in enumerate(specs):
@@ -193,6 +189,16 @@ def gptq_many(
             rows = slice(j * out_f, (j + 1) * out_f)
             out[k] = _result(codes[rows], *params[j], specs[k], prep, loss[rows])
     return out
+
+
+def _prepared(prepared: Optional["GPTQPrepared"], H: torch.Tensor, damp: float, act_order: bool, max_damp_tries: int,
+              name: Optional[str]) -> "GPTQPrepared":
+    """``prepared`` if given (checked against ``act_order``), else a new factorisation of ``H``."""
+    if prepared is None:
+        return gptq_prepare(H, damp=damp, act_order=act_order, max_damp_tries=max_damp_tries, name=name)
+    if prepared.act_order != act_order:
+        raise ValueError("the prepared GPTQ factorisation was made with a different act_order")
+    return prepared
 
 
 def _check_hessian(W: torch.Tensor, H: torch.Tensor, name: Optional[str]) -> None:
