@@ -16,7 +16,8 @@ from .plan import LayerPlan, QuantPlan
 from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
 from .ablate import Diagnosis, ablate_activations, ablate_weights, diagnose
-from . import plan, search  # noqa: E402  (submodules as attributes)
+from . import errors, plan, search, study  # noqa: E402  (submodules as attributes)
+from .errors import BankError, BudgetError, NonFiniteError, PlanFormatError, SearchError, StudyMismatchError
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
 from .evaluate import Perplexity, layer_objective, perplexity
@@ -29,6 +30,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActSpec",
+    "BankError",
+    "BudgetError",
+    "NonFiniteError",
+    "PlanFormatError",
+    "SearchError",
+    "StudyMismatchError",
     "Diagnosis",
     "ablate_activations",
     "ablate_weights",

@@ -36,13 +36,14 @@ from tqdm.auto import tqdm
 from .arch import arch_of, block_linears, get_module, linear_weight, model_linears
 from .calibrate import BlockRunner, calibrate, collect_block_stats, hooks
 from .cost import layer_nbytes
-from .evaluate import perplexity
+from .evaluate import perplexity, windows
 from .fold import smoothquant
-from .plan import GB, LayerPlan, plan_nbytes
+from .plan import GB, LayerPlan, plan_nbytes, weights_fingerprint
 from .qlinear import fake_quant_activation
 from .quantize import METHODS, outlier_share, quantize, set_act_quant
 from .search import _as_gran, build_bank
 from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
+from .study import bind_file
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,23 @@ def _gran_name(g) -> str:
     return f"g{g.size}"
 
 
+def _run_record(kind: str, model, calib, eval_ids, seqlen, max_windows, stats=None) -> dict:
+    """What an ablation's rows depend on: the weights, the calibration and the evaluated windows."""
+    import hashlib
+
+    def sha(t):
+        return hashlib.sha256(t.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    if stats is not None:
+        calib_id = "given stats"
+    elif calib is None:
+        calib_id = None
+    else:
+        calib_id = sha(calib if isinstance(calib, torch.Tensor) else torch.cat([c.reshape(-1) for c in calib]))
+    return {"kind": kind, "weights": weights_fingerprint(model), "calib_sha256": calib_id,
+            "eval_sha256": sha(windows(eval_ids, seqlen, max_windows)), "seqlen": seqlen, "max_windows": max_windows}
+
+
 def _eval(model, ids, seqlen, max_windows, batch_size):
     return perplexity(model, ids, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows, verbose=False)
 
@@ -127,6 +145,8 @@ def ablate_weights(
     if not refs:
         raise ValueError("the model has no quantizable linear layers")
     n_weights = sum(r.shape[0] * r.shape[1] for r in refs)
+    if out:
+        bind_file(out, _run_record("weights", model, calib, eval_ids, seqlen, max_windows, stats), "weight-ablation rows")
     done = read_rows(out, ("method", "spec"))
 
     def record(row):
@@ -302,6 +322,9 @@ def ablate_activations(
       o, gate/up, down), every other layer's activations in floating point.
     """
     wspec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
+    if out:
+        rec = {**_run_record("activations", model, calib, eval_ids, seqlen, max_windows), "weight_spec": str(wspec), "act_bits": act_bits}
+        bind_file(out, rec, "activation-ablation rows")
     done = read_rows(out, ("config",))
     a = act_bits
     configs: list[tuple[str, str, dict]] = [

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchInfo, arch_of, block_linears, get_blocks
+from .errors import NonFiniteError, check_int, check_token_ids, first_nonfinite_parameter
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,10 @@ class BlockRunner:
         self.blocks = get_blocks(model, self.info)
         self.home = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.home
-        self.batches = as_batches(calib, batch_size)
+        self.batches = as_batches(calib, check_int("batch_size", batch_size, 1))
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for b in self.batches:
+            check_token_ids(b, getattr(emb, "num_embeddings", None), "the calibration ids")
         self.inputs: list[torch.Tensor] = []
         self.extra: list[tuple[tuple, dict]] = []
         self._capture()
@@ -281,6 +285,12 @@ def collect_block_stats(
         runner.run(index, advance=advance, on_batch=next_batch)
     for name, owner in alias.items():
         stats[name] = stats[owner]
+    for ref in refs:  # in block order: the first layer whose inputs went bad is the one to name
+        st = stats.get(ref.name)
+        if st is not None and st.abs_max is not None and not bool(torch.isfinite(st.abs_max).all()):
+            bad = first_nonfinite_parameter(runner.model)
+            cause = f"parameter {bad} holds NaN or infinity" if bad else "no parameter is non-finite, so an activation overflowed (try float32)"
+            raise NonFiniteError(f"the calibration inputs of {ref.name} are not finite (NaN or infinity): {cause}")
     return stats
 
 
@@ -301,7 +311,9 @@ def calibrate(
     of ``[b, seqlen]`` batches. Blocks run one at a time (on ``device`` if given) on the outputs of
     the previous block; the model is not modified. Returns ``{linear name: LayerStats}``.
     ``hessian=False`` skips the Hessians (activation statistics only); ``moments=True`` also keeps
-    the first four moments of the inputs (:attr:`LayerStats.kurtosis`).
+    the first four moments of the inputs (:attr:`LayerStats.kurtosis`). Raises
+    :class:`~gransearch.errors.NonFiniteError` naming the first layer whose inputs hold NaN or
+    infinity, and ``ValueError`` on token ids outside the vocabulary.
 
         >>> stats = calibrate(model, gs.sample_windows(train_ids, 128, 512))   # doctest: +SKIP
         >>> stats["model.layers.0.self_attn.q_proj"].hessian.shape              # doctest: +SKIP

