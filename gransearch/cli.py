@@ -235,6 +235,8 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: {b} must be a number > 0")
     if cfg.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: dtype {cfg.get('dtype')!r} is not float32, bfloat16 or float16")
+    if cfg.get("device") is not None and not (isinstance(cfg["device"], str) and cfg["device"].split(":")[0] in ("cpu", "cuda", "mps")):
+        raise ValueError(f"stored run configuration: device {cfg['device']!r} is not cpu, cuda[:N] or mps")
     if not isinstance(cfg.get("act_order", True), bool):
         raise ValueError("stored run configuration: act_order must be true or false")
     model = cfg["model"]
