@@ -47,7 +47,6 @@ def main() -> None:
     rtn_new, _ = timed(lambda: gs.quantize(fresh, "w4g64", calib, method="rtn", verbose=False))
     fresh, _ = gs.load_model(args.model)
     rtn_old, _ = timed(lambda: gs.quantize(fresh, "w4g64", calib, method="rtn", objective=True, verbose=False))
-    del fresh
 
     fp_s, _ = timed(lambda: weights_fingerprint(model))
     path = packaged_gguf(args.model) if args.model in gs.models.PACKAGED_MODELS else None
@@ -62,7 +61,7 @@ def main() -> None:
     print("| call | seconds | ratio |\n|---|---:|---:|")
     print(f"| quantize(..., method='rtn') with objective=True (the old default: a calibration pass) | {rtn_old:.1f} | 1.000 |")
     print(f"| quantize(..., method='rtn') default (no calibration pass) | {rtn_new:.2f} | {rtn_new / rtn_old:.3f} |")
-    print(f"\n## Integrity checks against one proxy evaluation (16 x 512 tokens, a trial's cost)")
+    print("\n## Integrity checks against one proxy evaluation (16 x 512 tokens, a trial's cost)")
     print("| work | seconds | ratio |\n|---|---:|---:|")
     print(f"| perplexity, 16 x 512 validation tokens | {ppl_s:.2f} | 1.000 |")
     print(f"| weights_fingerprint(model) | {fp_s:.3f} | {fp_s / ppl_s:.4f} |")

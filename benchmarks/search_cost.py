@@ -18,7 +18,7 @@ import copy
 import time
 
 import gransearch as gs
-from gransearch.search import build_bank
+from gransearch.bank import build_bank
 
 from eval_speed import machine, sync  # noqa: E402  (same folder)
 

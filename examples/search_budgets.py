@@ -24,7 +24,7 @@ import os
 import time
 
 import gransearch as gs
-from gransearch.search import build_bank
+from gransearch.bank import build_bank
 
 
 def describe(plan: gs.QuantPlan) -> dict:

@@ -16,7 +16,7 @@ from .plan import LayerPlan, QuantPlan
 from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
 from .ablate import Diagnosis, ablate_activations, ablate_weights, diagnose
-from . import errors, plan, search, study  # noqa: E402  (submodules as attributes)
+from . import allocate, bank, errors, plan, search, study  # noqa: E402, F401  (submodules as attributes)
 from .errors import BankError, BudgetError, NonFiniteError, PlanFormatError, SearchError, StudyMismatchError
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows

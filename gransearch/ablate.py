@@ -2,7 +2,7 @@
 
 * :func:`ablate_weights`: methods x granularities x bit widths on one model. The model is
   calibrated **once** and every layer is quantized from those statistics (the candidate bank of
-  :func:`gransearch.search.build_bank`: each layer sees the unquantized model's inputs); each
+  :func:`gransearch.bank.build_bank`: each layer sees the unquantized model's inputs); each
   configuration is then assembled and its perplexity measured. This is the one-shot protocol of the
   search, cheaper than sequential :func:`gransearch.quantize` (which re-computes every block's
   inputs through the already quantized blocks); ``docs/granularity.md`` compares the two.
@@ -41,7 +41,7 @@ from .fold import smoothquant
 from .plan import GB, LayerPlan, plan_nbytes, weights_fingerprint
 from .qlinear import fake_quant_activation
 from .quantize import METHODS, outlier_share, quantize, set_act_quant
-from .search import _as_gran, build_bank
+from .bank import as_granularity, build_bank
 from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
 from .study import bind_file
 
@@ -164,7 +164,7 @@ def ablate_weights(
 
     grans = []
     for g in granularities:
-        gran = _as_gran(g)
+        gran = as_granularity(g)
         if isinstance(gran, PerGroup):
             misfit = sorted({r.shape[1] for r in refs if r.shape[1] % gran.size})
             if misfit:

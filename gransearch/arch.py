@@ -26,9 +26,33 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ARCHS", "ArchInfo", "LinearRef", "ScaleGroup", "arch_of", "block_linears", "get_blocks", "get_module",
-    "linear_shape", "linear_weight", "model_linears", "register_arch", "set_module",
+    "ARCHS", "ArchInfo", "HEAD_ON_BASE", "LinearRef", "NO_CLIP_LEAVES", "ScaleGroup", "arch_of", "block_index", "block_linears",
+    "clips_after_awq", "get_blocks", "get_module", "linear_shape", "linear_weight", "model_linears", "register_arch", "set_module",
 ]
+
+# model types whose causal-LM forward is exactly lm_head(base(x)) (with Gemma's soft-capping): the
+# perplexity computes their loss in chunks from the final hidden states
+HEAD_ON_BASE = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "gpt2", "opt", "phi3", "smollm3", "olmo", "olmo2", "starcoder2", "gpt_neox",
+})
+
+# linears whose output error passes through the attention softmax: AWQ searches no clip for them,
+# as the reference code does (query/key projections of every layout, GPT-2's fused c_attn)
+NO_CLIP_LEAVES = ("q_proj", "k_proj", "c_attn", "query", "key")
+
+
+def clips_after_awq(name: str) -> bool:
+    """Whether AWQ's output-space clip search applies to the linear called ``name``."""
+    return name.rsplit(".", 1)[-1] not in NO_CLIP_LEAVES
+
+
+def block_index(name: str) -> Optional[int]:
+    """The decoder block a module name belongs to (its first integer path component), else ``None``."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
 
 
 @dataclass(frozen=True)

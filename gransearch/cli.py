@@ -69,13 +69,13 @@ def _check_bits(t: str) -> None:
 
 
 def _check_gran(t: str) -> None:
-    from gransearch.search import _as_gran
+    from gransearch.bank import as_granularity
 
-    _as_gran(_gran(t))
+    as_granularity(_gran(t))
 
 
 def _check_method(t: str) -> None:
-    from gransearch.search import METHODS_BANK
+    from gransearch.bank import METHODS_BANK
 
     if t not in METHODS_BANK:
         raise ValueError(f"use one of {', '.join(METHODS_BANK)}")

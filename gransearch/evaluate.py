@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import HEAD_ON_BASE
 from .errors import NonFiniteError, check_int, check_token_ids, first_nonfinite_parameter
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,6 @@ __all__ = ["Perplexity", "perplexity", "windows", "layer_objective", "chunked_nl
 # float32 logits elements per loss chunk (64M elements = 256 MiB)
 LOGITS_BUDGET = 1 << 26
 
-# model types whose causal-LM forward is exactly lm_head(base(x)) (with Gemma's soft-capping)
-_HEAD_ON_BASE = {
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3_text", "gpt2", "opt", "phi3", "smollm3", "olmo", "olmo2", "starcoder2", "gpt_neox",
-}
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -
 def _head_parts(model: nn.Module):
     """``(base, lm_head, softcap)`` when the loss can be chunked, else ``None``."""
     mtype = getattr(model.config, "model_type", None)
-    if mtype not in _HEAD_ON_BASE:
+    if mtype not in HEAD_ON_BASE:
         return None
     base = getattr(model, model.base_model_prefix, None)
     head = model.get_output_embeddings()

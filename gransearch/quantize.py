@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
-from .arch import ArchInfo, arch_of, block_linears, get_module, linear_weight, model_linears, set_module
+from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
 from .evaluate import layer_objective
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 __all__ = ["METHODS", "LayerRecord", "QuantizeResult", "quantize", "to_quant_linear", "resolve_plan", "set_act_quant", "outlier_share"]
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
-_NO_CLIP = ("q_proj", "k_proj", "c_attn", "query", "key")
 
 PlanLike = Union[QuantSpec, str, Mapping[str, object]]
 
@@ -197,7 +196,7 @@ def _awq_block(
         step = max(1, x_scaled.shape[0] // clip_tokens)
         x_s = x_scaled[::step][:clip_tokens]
         for l, n in zip(lins, names):
-            if n.rsplit(".", 1)[-1] in _NO_CLIP or n not in awq_set:
+            if not clips_after_awq(n) or n not in awq_set:
                 continue
             sp = plan[n][1]
             w = linear_weight(l)

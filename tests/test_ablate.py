@@ -10,7 +10,7 @@ import gransearch as gs
 from gransearch import ablate
 from gransearch.arch import get_module, linear_weight, model_linears
 from gransearch.calibrate import hooks
-from gransearch.search import build_bank
+from gransearch.bank import build_bank
 
 from .tiny import tiny_model, token_stream
 

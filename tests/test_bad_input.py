@@ -12,7 +12,7 @@ import torch
 import gransearch as gs
 from gransearch.cli import main
 from gransearch.errors import BankError, PlanFormatError
-from gransearch.search import Bank, bank_for
+from gransearch.bank import Bank, bank_for
 
 from .test_search import calib
 from .tiny import VOCAB, tiny_model, token_stream

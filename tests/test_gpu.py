@@ -5,7 +5,7 @@ import torch
 
 import gransearch as gs
 from gransearch.arch import get_module
-from gransearch.search import build_bank
+from gransearch.bank import build_bank
 
 from .tiny import tiny_model, token_stream
 

@@ -19,7 +19,7 @@ import gransearch as gs
 from gransearch.arch import get_module
 from gransearch.cli import main
 from gransearch.errors import BankError, NonFiniteError, StudyMismatchError
-from gransearch.search import Bank, bank_for, build_bank
+from gransearch.bank import Bank, bank_for, build_bank
 
 from .test_search import BITS, GRANS, budget_between, calib, fake_objective
 from .tiny import tiny_model, token_stream
@@ -186,7 +186,7 @@ def test_corrupted_bank_file_is_named_and_rebuilt(tmp_path, caplog):
     layer.write_bytes(bytes(data))
     with pytest.raises(BankError, match="layer0003.safetensors is corrupted"):
         Bank.load(str(folder))
-    with caplog.at_level("WARNING", logger="gransearch.search"):
+    with caplog.at_level("WARNING", logger="gransearch.bank"):
         rebuilt = bank_for(model, calib(), str(folder), *CANDS, verbose=False)
     assert "corrupted" in caplog.text and "rebuilding" in caplog.text
     mem = build_bank(model, calib(), *CANDS, verbose=False)

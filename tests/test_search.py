@@ -14,7 +14,9 @@ import torch
 import gransearch as gs
 from gransearch.arch import get_module, linear_weight, model_linears
 from gransearch.plan import QuantPlan, float_nbytes, plan_nbytes
-from gransearch.search import BudgetError, build_bank, solve_knapsack
+from gransearch.allocate import solve_knapsack
+from gransearch.bank import build_bank
+from gransearch.errors import BudgetError
 
 from .tiny import tiny_model, token_stream
 
@@ -265,7 +267,7 @@ def test_output_fisher_matches_autograd_and_leaves_the_model_alone():
 def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
     """A stored bank holds the same entries as one in memory, keeps no codes in memory, is reused by
     the same search (no rebuild) and rebuilt when an option changes."""
-    import gransearch.search as search
+    import gransearch.bank as search
 
     model = tiny_model("llama")
     folder = str(tmp_path / "bank")
