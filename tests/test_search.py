@@ -288,3 +288,18 @@ def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
     assert search.bank_for(model, calib(), folder, *cands, verbose=False) is not None and not calls
     search.bank_for(model, calib(), folder, *cands, act_order=False, verbose=False)  # another option: rebuilt
     assert calls == [1]
+
+
+def test_seeded_tiny_search_is_pinned():
+    """A refactor must not change what a seeded search does: every trial value in order, the returned
+    plan and its bytes. Pinned from commit 0d29cd0 (before the reliability work) and unchanged since;
+    a change of these numbers needs a reason in the commit that makes it."""
+    model = tiny_model("llama")
+    res = gs.optimize(model, budget_bytes=budget_between(model, 0.45), calib=calib(), eval_ids=None, methods=("rtn", "gptq", "awq"),
+                      bits=BITS, granularities=GRANS, n_trials=24, seed=0, objective_fn=fake_objective(model), verbose=False)
+    pinned = [1.290247, 2.761968, 1.360899, 2.318673, 5.073258, 2.390456, 32.648203, 66.351193, 29.677635, 57.945835, 121.862441,
+              43.496213, 2.924325, 6.145343, 2.754189, 35.974664, 4.60733, 5.758346, 0.717571, 9.626968, 5.758346, 3.040417, 0.959589,
+              3.197691]
+    assert [t.value for t in res.study.trials] == pytest.approx(pinned, rel=1e-5)
+    assert res.nbytes == 115200 and res.plan.summary() == {"rtn:w4g16": 14}
+    assert res.proxy_ppl == pytest.approx(1.2902473025023937, rel=1e-6)
