@@ -5,9 +5,16 @@ import random
 
 import pytest
 
-from .tiny import tiny_model
+from .tiny import tiny_model, token_stream
 
-CLI_VOCAB = 260  # 256 byte tokens and a few spare ids
+CLI_VOCAB = 260
+
+
+def calib_windows(n: int = 8, seqlen: int = 32, seed: int = 0, stream_seed=None):
+    """``n`` calibration windows of ``seqlen`` tokens from the tiny models' structured token stream."""
+    import gransearch as gs
+
+    return gs.sample_windows(token_stream(4096, seed=seed if stream_seed is None else stream_seed), n, seqlen, seed=seed)  # 256 byte tokens and a few spare ids
 
 
 def _byte_tokenizer():

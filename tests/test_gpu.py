@@ -7,6 +7,7 @@ import gransearch as gs
 from gransearch.arch import get_module
 from gransearch.bank import build_bank
 
+from .conftest import calib_windows
 from .tiny import tiny_model, token_stream
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -22,7 +23,7 @@ def _ieee_fp32():
 
 
 def calib():
-    return gs.sample_windows(token_stream(4096, seed=2), 8, 32, seed=0)
+    return calib_windows(stream_seed=2)
 
 
 def test_perplexity_on_gpu_matches_cpu():

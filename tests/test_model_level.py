@@ -9,13 +9,12 @@ from gransearch.arch import linear_weight
 from gransearch.fold import fold_scales
 from gransearch.qlinear import QuantLinear
 
+from .conftest import calib_windows
 from .tiny import tiny_model, token_stream
 
 KINDS = ["llama", "opt", "gpt2", "gemma3"]
 
 
-def calib_windows(n=8, seqlen=32, seed=0):
-    return gs.sample_windows(token_stream(4096, seed=seed), n, seqlen, seed=seed)
 
 
 def n_hooks(model):
