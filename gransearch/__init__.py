@@ -16,7 +16,8 @@ from .plan import LayerPlan, QuantPlan
 from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
 from .ablate import Diagnosis, ablate_activations, ablate_weights, diagnose
-from . import allocate, bank, errors, plan, search, study  # noqa: E402, F401  (submodules as attributes)
+from . import allocate, bank, errors, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
+from .runs import join_study
 from .errors import BankError, BudgetError, NonFiniteError, PlanFormatError, SearchError, StudyMismatchError
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
@@ -56,6 +57,7 @@ __all__ = [
     "bits_per_weight",
     "calibrate",
     "gptq",
+    "join_study",
     "layer_nbytes",
     "layer_objective",
     "load_model",

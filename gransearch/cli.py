@@ -15,75 +15,31 @@ import logging
 import sys
 import time
 
+from . import runs
+
+
+def _argtype(name: str, fn, *extra):
+    """An argparse type from a check in :mod:`gransearch.runs` (its message becomes argparse's)."""
+
+    def parse(text: str):
+        try:
+            return fn(text, *extra)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
 
 def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo``, with the range in the error."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-
-    parse.__name__ = f"integer >= {lo}"
-    return parse
+    return _argtype(f"integer >= {lo}", runs.int_at_least, lo)
 
 
-def _positive_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _list_arg(what: str, check):
-    """argparse type: a non-empty comma-separated list whose items ``check`` accepts; kept as text."""
-
-    def parse(text: str) -> str:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated")
-        for t in items:
-            try:
-                check(t)
-            except (ValueError, TypeError) as exc:
-                raise argparse.ArgumentTypeError(f"bad {what} {t!r}: {exc}") from None
-        return ",".join(items)
-
-    parse.__name__ = f"list of {what}s"
-    return parse
-
-
-def _check_bits(t: str) -> None:
-    from gransearch.spec import PerChannel, QuantSpec
-
-    QuantSpec(int(t), PerChannel())
-
-
-def _check_gran(t: str) -> None:
-    from gransearch.bank import as_granularity
-
-    as_granularity(_gran(t))
-
-
-def _check_method(t: str) -> None:
-    from gransearch.bank import METHODS_BANK
-
-    if t not in METHODS_BANK:
-        raise ValueError(f"use one of {', '.join(METHODS_BANK)}")
-
-
-_BITS = _list_arg("bit width", _check_bits)
-_GRANS = _list_arg("granularity", _check_gran)
-_METHODS = _list_arg("method", _check_method)
+_positive_float = _argtype("number > 0", runs.positive_float)
+_BITS = _argtype("bit widths", runs.text_list, *runs.LIST_CHECKS["bits"])
+_GRANS = _argtype("granularities", runs.text_list, *runs.LIST_CHECKS["grans"])
+_METHODS = _argtype("methods", runs.text_list, *runs.LIST_CHECKS["methods"])
+_csv_list, _gran = runs.csv_list, runs.gran_token
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -187,103 +143,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _csv_list(text, cast=str):
-    return tuple(cast(t) for t in text.split(",") if t)
-
-
-def _gran(t):
-    return int(t) if t.isdigit() else t
-
-
-# the run configuration `optimize` stores in its study for workers: key -> (accepted types, check)
-_RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
-             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir")
-
-
-def check_run_config(cfg) -> dict:
-    """Validate a run configuration read from a study's storage (untrusted input): known keys of
-    the right types and ranges, a model that is a packaged name, an existing path or a hub id, a
-    corpus that exists, and a complete bank at an absolute path. Raises ``ValueError``."""
-    import os
-
-    import gransearch as gs
-
-    if not isinstance(cfg, dict):
-        raise ValueError("the stored run configuration is not a JSON object")
-    unknown = set(cfg) - set(_RUN_KEYS)
-    missing = {"model", "data", "n_calib", "calib_seqlen", "seed", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size"} - set(cfg)
-    if unknown or missing:
-        raise ValueError(f"the stored run configuration has unknown keys {sorted(unknown)} or lacks {sorted(missing)}")
-    checks = {"n_calib": _int_at_least(1), "calib_seqlen": _int_at_least(2), "seqlen": _int_at_least(2), "eval_windows": _int_at_least(1),
-              "batch_size": _int_at_least(1), "methods": _METHODS, "bits": _BITS, "grans": _GRANS}
-    for key, check in checks.items():  # the CLI's own argument checks, applied to the stored values
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, str)):
-            raise ValueError(f"stored run configuration: {key} has the wrong type ({type(cfg[key]).__name__})")
-        try:
-            check(str(cfg[key]))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"stored run configuration: {key}: {exc}") from None
-    if not isinstance(cfg["seed"], int):
-        raise ValueError("stored run configuration: seed must be an integer")
-    budgets = [k for k in ("budget_gb", "budget_bytes", "budget_like") if cfg.get(k) is not None]
-    if len(budgets) != 1:
-        raise ValueError("stored run configuration: exactly one of budget_gb, budget_bytes, budget_like must be set")
-    b = budgets[0]
-    if b == "budget_like":
-        gs.QuantSpec.parse(str(cfg[b]))
-    elif isinstance(cfg[b], bool) or not isinstance(cfg[b], (int, float)) or cfg[b] <= 0:
-        raise ValueError(f"stored run configuration: {b} must be a number > 0")
-    if cfg.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"stored run configuration: dtype {cfg.get('dtype')!r} is not float32, bfloat16 or float16")
-    if cfg.get("device") is not None and not (isinstance(cfg["device"], str) and cfg["device"].split(":")[0] in ("cpu", "cuda", "mps")):
-        raise ValueError(f"stored run configuration: device {cfg['device']!r} is not cpu, cuda[:N] or mps")
-    if not isinstance(cfg.get("act_order", True), bool):
-        raise ValueError("stored run configuration: act_order must be true or false")
-    model = cfg["model"]
-    if not isinstance(model, str) or not model:
-        raise ValueError("stored run configuration: model must be a non-empty string")
-    looks_local = model.endswith(".gguf") or model.startswith((".", "/", "~")) or os.sep + os.sep in model
-    if model not in gs.models.PACKAGED_MODELS and looks_local and not os.path.exists(model):
-        raise ValueError(f"stored run configuration: model path {model!r} does not exist on this machine")
-    if not isinstance(cfg["data"], str):
-        raise ValueError("stored run configuration: data must be a string")
-    gs.data.check_text_name(cfg["data"])
-    bank_dir = cfg.get("bank_dir")
-    if bank_dir is not None:
-        if not isinstance(bank_dir, str) or not os.path.isabs(bank_dir):
-            raise ValueError(f"stored run configuration: bank_dir {bank_dir!r} must be an absolute path")
-        if not os.path.isfile(os.path.join(bank_dir, "bank.json")):
-            raise ValueError(f"the bank at {bank_dir} is not complete (no bank.json): start workers once `gransearch optimize` "
-                             "has built it (its first trials are running), on a machine that sees that folder")
-    return cfg
-
-
-def _search_setup(cfg: dict, trust_remote_code: bool = False):
-    """Model, calibration, validation and test streams and budget from a run configuration."""
-    import gransearch as gs
-
-    gs.data.check_text_name(cfg["data"])
-    model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"), trust_remote_code=trust_remote_code)
-    calib = gs.sample_windows(gs.load_tokens(cfg["data"], tok, "train"), cfg["n_calib"], cfg["calib_seqlen"], seed=cfg["seed"])
-    val = gs.load_tokens(cfg["data"], tok, "validation")
-    test = gs.load_tokens(cfg["data"], tok, "test")
-    if cfg.get("budget_like"):
-        budget = gs.QuantPlan.uniform(model, cfg["budget_like"], "rtn").nbytes(model)
-    elif cfg.get("budget_bytes"):
-        budget = int(cfg["budget_bytes"])
-    else:
-        budget = int(round(cfg["budget_gb"] * gs.plan.GB))
-    return model, calib, val, test, budget
-
-
-def _search_kwargs(cfg: dict) -> dict:
-    return dict(methods=_csv_list(cfg["methods"]), bits=_csv_list(cfg["bits"], int), granularities=_csv_list(cfg["grans"], _gran),
-                seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
-                act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"))
-
-
 def cmd_optimize(args) -> int:
-    import csv
     import os
 
     import gransearch as gs
@@ -298,71 +158,19 @@ def cmd_optimize(args) -> int:
     cfg["device"] = _device(args.device)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
-    model, calib, val, test, budget = _search_setup(cfg, args.trust_remote_code)
+    model, calib, val, test, budget = runs.setup_search(cfg, args.trust_remote_code)
     study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
     # workers read the run configuration from the study: stored once the study is checked, before the first trial
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None if args.n_final == 0 else test,
                       n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
-                      study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **_search_kwargs(cfg))
-    res.plan.save(os.path.join(args.out, "plan.json"))
-    with open(os.path.join(args.out, "pareto.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["trial", "nbytes", "gb", "proxy_ppl", "plan"])
-        for p in res.pareto:
-            w.writerow([p.trial, p.nbytes, f"{p.nbytes / gs.plan.GB:.6f}", f"{p.ppl:.4f}", json.dumps(p.plan.summary())])
-    summary = {"budget_bytes": budget, "budget_gb": budget / gs.plan.GB, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
-               "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
-               "trials": res.n_trials, "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
-               "plan": res.plan.summary(), "storage": storage, "study": study_name}
-    with open(os.path.join(args.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
-    _plot_pareto(res, budget, os.path.join(args.out, "pareto.png"))
+                      study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **runs.search_kwargs(cfg))
+    summary = runs.write_run_folder(args.out, res, budget, storage, study_name)
     print(json.dumps({k: summary[k] for k in ("budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan")}, indent=1))
     return 0
 
 
-def _plot_pareto(res, budget, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional
-        return
-    import optuna
-
-    from gransearch.plan import GB
-
-    done = [t for t in res.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([t.user_attrs["nbytes"] / GB for t in done], [t.value for t in done], s=12, alpha=0.5, label="trials")
-    ax.plot([p.nbytes / GB for p in res.pareto], [p.ppl for p in res.pareto], "r.-", label="Pareto front")
-    ax.axvline(budget / GB, color="gray", ls="--", label="budget")
-    ax.set_xlabel("model size as stored (GB)")
-    ax.set_ylabel("validation perplexity (proxy)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def cmd_worker(args) -> int:
-    import gransearch as gs
-    from gransearch.study import open_study
-
-    study = open_study(args.storage, args.study, create=False)  # an unknown study: an error, nothing created
-    raw = study.user_attrs.get("cli_config")
-    if raw is None:
-        raise ValueError(f"study {args.study!r} has no run configuration yet: start it with `gransearch optimize` first")
-    try:
-        cfg = json.loads(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"study {args.study!r}: its stored run configuration is not valid JSON") from None
-    cfg = check_run_config(cfg)
-    model, calib, val, _, budget = _search_setup(cfg, args.trust_remote_code)  # remote code only if this command allows it
-    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=args.trials or len(study.trials) + 20,
-                      storage=args.storage, study_name=args.study, n_final=0, warm_start=False, verbose=not args.quiet,
-                      **_search_kwargs(cfg))
+    res = runs.join_study(args.storage, args.study, args.trials, trust_remote_code=args.trust_remote_code, verbose=not args.quiet)
     print(json.dumps({"trials": res.n_trials, "best_proxy_ppl": res.proxy_ppl}))
     return 0
 

@@ -214,6 +214,10 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
     capsys.readouterr()
     assert main(["worker", "--storage", f"sqlite:///{out}/study.db", "--study", "gransearch-run", "--trials", "4", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 4
+    # and the same from Python
+    assert gs.join_study(f"sqlite:///{out}/study.db", "gransearch-run", 5, verbose=False).n_trials == 5
+    with pytest.raises(ValueError, match="no study named"):
+        gs.join_study(f"sqlite:///{out}/study.db", "nope")
 
 
 @pytest.mark.parametrize("tamper, says", [
@@ -233,7 +237,7 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
 def test_worker_treats_the_stored_run_configuration_as_untrusted(tmp_path, capsys, cli_assets, tamper, says):
     import optuna
 
-    from gransearch.cli import check_run_config
+    from gransearch.runs import check_run_config
 
     model_dir, _, text = cli_assets
     cfg = {"model": model_dir, "data": text, "dtype": "float32", "n_calib": 2, "calib_seqlen": 32, "seed": 0, "budget_gb": None,
