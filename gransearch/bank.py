@@ -31,8 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
-from .algorithms.gptq import gptq, gptq_many, gptq_prepare
-from .algorithms.rtn import rtn
+from .algorithms.gptq import gptq_many, gptq_prepare
+from .algorithms.layer import GPTQOptions, quantize_layer
 from .arch import arch_of, clips_after_awq, get_module, linear_shape, linear_weight, model_linears
 from .calibrate import calibrate
 from .cost import layer_nbytes
@@ -367,12 +367,15 @@ def build_bank(
         stale = os.path.join(store, "bank.json")
         if os.path.exists(stale):
             os.remove(stale)  # rebuilt in place: no longer complete until the end
+    opts = GPTQOptions(damp=damp, act_order=act_order)
     sums: list[str] = []  # sha256 of each stored layer file
     bar = tqdm(refs, desc="bank", disable=not verbose)
     for ref in bar:
         W = linear_weight(ref.module).detach().float().to(dev)
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
+        # plain GPTQ of every spec at once: the same rounding as quantize_layer(W, H, "gptq", spec), solved as
+        # one stack of rows on one factorisation (tests/test_algorithms.py checks the two agree)
         plain_gptq = {}
         if "gptq" in methods or "awq+gptq" in methods:  # one factorisation, one stacked solve for every spec
             prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
@@ -380,7 +383,7 @@ def build_bank(
             plain_gptq = {str(sp): r.qweight for sp, r in zip(specs[ref.name], results)}
         for spec in specs[ref.name]:
             if "rtn" in methods:
-                add(ref.name, "rtn", spec, rtn(W, spec), None, W, H)
+                add(ref.name, "rtn", spec, quantize_layer(W, H, "rtn", spec).qweight, None, W, H)
             if "gptq" in methods:
                 add(ref.name, "gptq", spec, plain_gptq[str(spec)], None, W, H)
             if use_awq and (ref.name, str(spec)) in awq_scales:
@@ -392,14 +395,14 @@ def build_bank(
                     Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
                     Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
                 if "awq" in methods:
-                    add(ref.name, "awq", spec, rtn(Ws, spec), s, W, H)
+                    add(ref.name, "awq", spec, quantize_layer(Ws, Hs, "awq", spec).qweight, s, W, H)
                 if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, gptq(Ws, Hs, spec, damp=damp, act_order=act_order, name=ref.name).qweight, s, W, H)
+                    add(ref.name, "awq+gptq", spec, quantize_layer(Ws, Hs, "awq+gptq", spec, opts, name=ref.name).qweight, s, W, H)
             elif use_awq:
                 # no valid fold (e.g. v -> o under grouped-query attention): quantize() leaves the
                 # layer unscaled and unclipped, so AWQ is RTN there and AWQ+GPTQ is GPTQ
                 if "awq" in methods:
-                    add(ref.name, "awq", spec, rtn(W, spec), None, W, H)
+                    add(ref.name, "awq", spec, quantize_layer(W, H, "awq", spec).qweight, None, W, H)
                 if "awq+gptq" in methods:
                     add(ref.name, "awq+gptq", spec, plain_gptq[str(spec)], None, W, H)
         if store:

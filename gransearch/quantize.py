@@ -28,8 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
-from .algorithms.gptq import gptq
-from .algorithms.rtn import rtn
+from .algorithms.layer import GPTQOptions, quantize_layer, uses_gptq
 from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
@@ -211,7 +210,7 @@ def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: floa
     for name, (_, sp) in plan.items():
         t0 = time.perf_counter()
         mod = get_module(model, name)
-        qw = rtn(linear_weight(mod).detach().float(), sp, clip=clip, name=name)
+        qw = quantize_layer(linear_weight(mod).detach().float(), None, "rtn", sp, clip=clip, name=name).qweight
         set_module(model, name, to_quant_linear(mod, qw, act_spec))
         result.records.append(LayerRecord(name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
     result.seconds = time.perf_counter() - t_start
@@ -277,10 +276,11 @@ def quantize(
             raise ValueError(f"{name}: {exc}") from None
         if m.startswith("awq") and info.generic:
             raise ValueError(f"AWQ needs the scaling groups of the architecture table; add a row for {model.config.model_type!r} in gransearch.arch")
+    opts = GPTQOptions(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     methods = {m for m, _ in plan.values()}
     if objective is None:
-        objective = bool(methods & {"gptq", "awq+gptq"})
-    needs_hessian = objective or bool(methods & {"gptq", "awq+gptq"})
+        objective = any(uses_gptq(m) for m in methods)
+    needs_hessian = objective or any(uses_gptq(m) for m in methods)
     result = QuantizeResult(model)
     if not needs_hessian and methods == {"rtn"}:
         return _rtn_only(model, plan, clip, act_spec, result, t_start)
@@ -313,13 +313,8 @@ def quantize(
                     if st is None:
                         raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
                     H = st.hessian
-                used_damp = None
-                if m in ("gptq", "awq+gptq"):
-                    r = gptq(W, H, sp, damp=damp, block_size=block_size, act_order=act_order,
-                             static_groups=static_groups, clip=clip if m == "gptq" else None, name=ref.name)
-                    qw, used_damp = r.qweight, r.damp
-                else:
-                    qw = rtn(W, sp, clip=clip if m == "rtn" else None, name=ref.name)
+                r = quantize_layer(W, H, m, sp, opts, clip=clip, name=ref.name)  # W is folded and clipped for AWQ methods
+                qw, used_damp = r.qweight, r.damp
                 obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
                 set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
                 result.records.append(LayerRecord(ref.name, m, str(sp), ref.shape, qw.nbytes, obj,

@@ -1,0 +1,69 @@
+"""The per-layer step, written once: a method's rounding of one weight given its Hessian.
+
+Sequential quantization (:func:`gransearch.quantize`) and the candidate bank
+(:func:`gransearch.bank.build_bank`) both end each layer here. AWQ's part of ``awq`` and
+``awq+gptq`` -- scaling the weight's input channels and clipping it -- happens before: this step
+receives the scaled, clipped weight ``W`` and the Hessian of the scaled inputs ``H``, and rounds
+with RTN (``rtn``, ``awq``) or GPTQ (``gptq``, ``awq+gptq``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..quantizer import ClipArg, QuantizedWeight
+from ..spec import QuantSpec
+from .gptq import gptq
+from .rtn import rtn
+
+__all__ = ["GPTQOptions", "LayerResult", "quantize_layer", "uses_gptq"]
+
+GPTQ_METHODS = ("gptq", "awq+gptq")
+
+
+def uses_gptq(method: str) -> bool:
+    """Whether ``method`` rounds with GPTQ (and so needs the layer's Hessian)."""
+    return method in GPTQ_METHODS
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's options: dampening (fraction of the mean Hessian diagonal), lazy-batch block size,
+    column order by descending Hessian diagonal, group parameters from the original weights."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+
+@dataclass
+class LayerResult:
+    qweight: QuantizedWeight
+    damp: Optional[float] = None  # the dampening GPTQ ended with (raised if a Cholesky failed)
+
+
+def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
+                   clip: ClipArg = None, name: Optional[str] = None) -> LayerResult:
+    """Round ``W`` ``[out, in]`` with ``method``'s rounding; ``H`` ``[in, in]`` is needed by GPTQ.
+
+    ``clip`` (a ratio or ``"search"``) applies to plain ``rtn`` and ``gptq`` only: the AWQ methods
+    have clipped ``W`` already, in output space.
+
+        >>> import torch, gransearch as gs
+        >>> from gransearch.algorithms.layer import quantize_layer
+        >>> w = torch.randn(8, 32)
+        >>> a = quantize_layer(w, torch.eye(32), "gptq", gs.QuantSpec.parse("w4c")).qweight
+        >>> torch.equal(a.codes, gs.rtn(w, gs.QuantSpec.parse("w4c")).codes)   # identity Hessian: GPTQ is RTN
+        True
+    """
+    if uses_gptq(method):
+        if H is None:
+            raise ValueError(f"{name or 'this layer'}: {method} needs the layer's Hessian")
+        r = gptq(W, H, spec, damp=options.damp, block_size=options.block_size, act_order=options.act_order,
+                 static_groups=options.static_groups, clip=clip if method == "gptq" else None, name=name)
+        return LayerResult(r.qweight, r.damp)
+    return LayerResult(rtn(W, spec, clip=clip if method == "rtn" else None, name=name))
