@@ -111,6 +111,7 @@ def ablate_weights(
     are not recomputed. Returns every row (old and new), the unquantized model first
     (``method="fp"``). GPTQ rows are plain GPTQ (no act-order), one-shot on unquantized inputs.
     """
+    # long on purpose: resume bookkeeping, one calibration and one bank per bit width in a single loop
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}: use any of {METHODS}")
@@ -225,6 +226,7 @@ def ablate_activations(
     * ``attribution``: per-tensor static on the inputs of one kind of layer at a time (q/k/v,
       o, gate/up, down), every other layer's activations in floating point.
     """
+    # long on purpose: the configuration list is data, read top to bottom with the loop that runs it
     wspec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
     if out:
         rec = {**_run_record("activations", model, calib, eval_ids, seqlen, max_windows), "weight_spec": str(wspec), "act_bits": act_bits}
@@ -398,6 +400,7 @@ def diagnose(
     activation-quantization errors with the calibrated per-tensor scale). Weight errors are RTN at
     ``weight_bits`` (asymmetric), measured in output space with the layer's Hessian.
     """
+    # long on purpose: two passes per block share one block's statistics and hooks
     from .algorithms.rtn import rtn
     from .evaluate import layer_objective
 

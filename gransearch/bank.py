@@ -295,6 +295,8 @@ def build_bank(
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
     recorded layer objectives are always exact.
     """
+    # long on purpose: one pass over the layers computes every candidate from one Hessian, one GPTQ
+    # factorisation and the group's AWQ scales while they are in memory; splitting it would hold them longer
     t0 = time.perf_counter()
     info = arch_of(model)
     check_candidates(methods, bits, granularities)

@@ -271,6 +271,7 @@ def _add_ablation_args(p: argparse.ArgumentParser, n_calib: int, max_windows) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # long on purpose: every subcommand's options in one place, in the order --help prints them
     ap = argparse.ArgumentParser(prog="gransearch", description="Measure and search per-layer LLM quantization.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress events")
     sub = ap.add_subparsers(dest="cmd", required=True)

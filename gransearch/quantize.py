@@ -124,6 +124,7 @@ def _awq_block(
     Returns the chosen ratio per linear and the folded weights before clipping (the reference of
     the layer objective: clipping is part of the quantization error).
     """
+    # long on purpose: the hooks, the captured block calls and the loss closure must share one scope
     block = runner.blocks[index]
     prefix = f"{info.blocks}.{index}."
     groups = []
@@ -255,6 +256,8 @@ def quantize(
     calibration pass at all (a second for SmolLM2 instead of minutes) and AWQ runs only over its
     ``awq_tokens`` search tokens (records get ``objective=None``). ``True`` always computes it.
     """
+    # long on purpose: the block loop keeps the GPTQ reference order (AWQ fold, statistics, per-layer step,
+    # advance) visible in one place; the per-layer step itself is algorithms.layer.quantize_layer
     t_start = time.perf_counter()
     batch_size = check_int("batch_size", batch_size, 1)
     block_size = check_int("block_size", block_size, 1)

@@ -152,6 +152,114 @@ def _all_candidate_keys(shapes, methods, bits, granularities) -> list[str]:
     return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
 
 
+def _check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int) -> tuple[int, list]:
+    """``(float bytes outside the linears, linear shapes)``; :class:`BudgetError` naming the feasible
+    range when no plan fits or no search is needed. Needs only the candidate specs, so it runs
+    before any bank work."""
+    fixed = float_nbytes(model, exclude=set(names))
+    full = float_nbytes(model)
+    shapes = [linear_shape(get_module(model, n)) for n in names]
+    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
+    if any(not c for c in per_layer):
+        bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
+        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
+    smallest = fixed + sum(min(c) for c in per_layer)
+    if budget < smallest:
+        raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
+                          f"({smallest:,} bytes = {smallest / GB:.4f} GB with the smallest candidate everywhere); "
+                          f"the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    if budget >= full:
+        raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
+                          f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    return fixed, shapes
+
+
+def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows) -> dict:
+    """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
+    methods, bits, granularities = candidates
+    if objective_fn is None and eval_ids is None:
+        raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
+    if bank is not None:
+        if bank.config.get("weights") not in (None, weights_fingerprint(model)):
+            raise BankError("the bank was built for another model (other weights): build one for this model")
+        bconf = dict(bank.config)
+        cand_keys = sorted({k for row in bank.keys for k in row})
+    else:
+        bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
+        cand_keys = _all_candidate_keys(shapes, methods, bits, granularities)
+    if objective_fn is None:
+        proxy = {"kind": "perplexity", "eval_sha256": _ids_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
+                 "eval_windows": eval_windows}
+    else:
+        proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
+    return {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+
+
+def _cost_and_losses(bank: Bank) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``costs [layers, K]`` (bytes) and the knapsack's loss tables by name (``inf``: no entry)."""
+    L, K = len(bank.layers), max(len(k) for k in bank.keys)
+    costs = np.zeros((L, K), dtype=np.int64)
+    raw = np.full((L, K), np.inf)
+    for i in range(L):
+        for j, e in enumerate(bank.entries[i]):
+            costs[i, j] = e.nbytes
+            raw[i, j] = e.objective
+    rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
+    fis = bank.fisher_losses()
+    return costs, ({"raw": raw, "relative": rel} if fis is None else {"fisher": fis, "raw": raw, "relative": rel})
+
+
+def _uniform_keys(bank: Bank, costs: np.ndarray, fixed: int, budget: int) -> list[str]:
+    """Every ``method:spec`` every layer has whose uniform plan fits, the largest (usually best) first."""
+    fits = []
+    for key in sorted({k for row in bank.keys for k in row}):
+        if all(key in row for row in bank.keys):
+            cost = fixed + sum(costs[i, bank.index(i, key)] for i in range(len(bank.layers)))
+            if cost <= budget:
+                fits.append((cost, key))
+    return [key for _, key in sorted(fits, reverse=True)]
+
+
+def _pareto(complete, plan_of) -> list[ParetoPoint]:
+    """Bytes against proxy perplexity: the trials no smaller-or-equal trial beats."""
+    pareto: list[ParetoPoint] = []
+    for t in sorted(complete, key=lambda t: (t.user_attrs["nbytes"], t.value)):
+        if not pareto or t.value < pareto[-1].ppl:
+            pareto.append(ParetoPoint(t.user_attrs["nbytes"], t.value, plan_of(t), t.number))
+    return pareto
+
+
+def _ranked(complete) -> list:
+    """Complete trials by proxy perplexity, one per distinct plan."""
+    ranked, seen = [], set()
+    for t in sorted(complete, key=lambda t: t.value):
+        if t.user_attrs["plan_id"] not in seen:
+            seen.add(t.user_attrs["plan_id"])
+            ranked.append(t)
+    return ranked
+
+
+def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device, verbose):
+    """Re-quantize each trial's plan sequentially (as a user applies it) and measure it on
+    ``final_ids``; returns ``(best final perplexity, its trial, one record per finalist)``."""
+    from .quantize import quantize
+
+    finals, best = [], None
+    for t in trials:
+        plan = plan_of(t)
+        work = copy.deepcopy(model)
+        quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from plan.meta
+        if device is not None:
+            work.to(device)
+        fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
+        del work
+        finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
+                       "kind": t.user_attrs.get("kind"), "summary": plan.summary()})
+        if best is None or fin < best[0]:
+            best = (fin, t)
+    return best[0], best[1], finals
+
+
 def optimize(
     model: nn.Module,
     budget_gb: Optional[float] = None,
@@ -204,6 +312,8 @@ def optimize(
     :class:`~gransearch.errors.StudyMismatchError` naming what changed; trials store their plans
     by content; trials of dead workers are marked failed and lost warm starts are run again.
     """
+    # long on purpose: the trial closures below share the bank, its cost and loss tables and the study,
+    # so the objective reads top to bottom in one place; every separable step is a named helper above
     import optuna
 
     if (budget_gb is None) == (budget_bytes is None):
@@ -220,41 +330,13 @@ def optimize(
     check_device(device)
     fingerprint = model_fingerprint(model)
     names = [r.name for r in model_linears(model)]
-    fixed = float_nbytes(model, exclude=set(names))
-    full = float_nbytes(model)
-
-    # the feasible range needs only the candidate specs, so check it before building the bank
-    shapes = [linear_shape(get_module(model, n)) for n in names]
-    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
-    if any(not c for c in per_layer):
-        bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
-        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
-    smallest = fixed + sum(min(c) for c in per_layer)
-    if budget < smallest:
-        raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
-                          f"({smallest:,} bytes = {smallest / GB:.4f} GB with the smallest candidate everywhere); "
-                          f"the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
-    if budget >= full:
-        raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
-                          f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    fixed, shapes = _check_budget(model, names, bits, granularities, budget)
 
     # ---- the study: bound to everything its values depend on, checked before any bank work
     if objective_fn is None and eval_ids is None:
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
-    if bank is not None:
-        if bank.config.get("weights") not in (None, weights_fingerprint(model)):
-            raise BankError("the bank was built for another model (other weights): build one for this model")
-        bconf = dict(bank.config)
-        cand_keys = sorted({k for row in bank.keys for k in row})
-    else:
-        bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
-        cand_keys = _all_candidate_keys(shapes, methods, bits, granularities)
-    if objective_fn is None:
-        proxy = {"kind": "perplexity", "eval_sha256": _ids_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
-                 "eval_windows": eval_windows}
-    else:
-        proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
-    record = {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+    record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
+                            objective_fn, eval_ids, seqlen, eval_windows)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
@@ -272,16 +354,7 @@ def optimize(
     if bank.layers != names:
         raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)
-    K = max(len(k) for k in bank.keys)
-    costs = np.zeros((L, K), dtype=np.int64)
-    raw = np.full((L, K), np.inf)
-    for i in range(L):
-        for j, e in enumerate(bank.entries[i]):
-            costs[i, j] = e.nbytes
-            raw[i, j] = e.objective
-    rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
-    fis = bank.fisher_losses()
-    bases = {"raw": raw, "relative": rel} if fis is None else {"fisher": fis, "raw": raw, "relative": rel}
+    costs, bases = _cost_and_losses(bank)
     capacity = budget - fixed
     types = sorted({_layer_type(n) for n in names})
     n_blocks = 1 + max((block_index(n) or 0 for n in names), default=0)
@@ -295,13 +368,7 @@ def optimize(
         return perplexity(mdl, eval_ids, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
                           verbose=False, on_window=report).ppl
 
-    uniform_keys = []
-    for key in sorted({k for row in bank.keys for k in row}):
-        if all(key in row for row in bank.keys):
-            cost = fixed + sum(costs[i, bank.index(i, key)] for i in range(L))
-            if cost <= budget:
-                uniform_keys.append((cost, key))
-    uniform_keys.sort(reverse=True)  # the largest (usually best) first
+    uniform_keys = _uniform_keys(bank, costs, fixed, budget)
 
     def choice_for(trial) -> tuple[list[int], dict]:
         key = trial.user_attrs.get("uniform")
@@ -346,7 +413,7 @@ def optimize(
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         with storage_lock(storage):
-            enqueue_missing(study, [key for _, key in uniform_keys], {mode: {"objective": mode, **neutral} for mode in bases})
+            enqueue_missing(study, uniform_keys, {mode: {"objective": mode, **neutral} for mode in bases})
     t_search = time.perf_counter()
     # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials
     remaining = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))
@@ -364,38 +431,13 @@ def optimize(
         return _plan_from_keys(bank, t.user_attrs["keys"], fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],
                                                              "budget_bytes": budget, "kind": t.user_attrs.get("kind")})
 
-    pareto = []
-    for t in sorted(complete, key=lambda t: (t.user_attrs["nbytes"], t.value)):
-        if not pareto or t.value < pareto[-1].ppl:
-            pareto.append(ParetoPoint(t.user_attrs["nbytes"], t.value, plan_of(t), t.number))
+    pareto = _pareto(complete, plan_of)
     baselines = {t.user_attrs["uniform"]: t.value for t in complete if t.user_attrs.get("uniform")}
-
-    ranked, seen = [], set()
-    for t in sorted(complete, key=lambda t: t.value):
-        if t.user_attrs["plan_id"] not in seen:
-            seen.add(t.user_attrs["plan_id"])
-            ranked.append(t)
-    finals = []
-    best_t = ranked[0]
-    best_final = None
+    ranked = _ranked(complete)
+    best_t, final_ppl, finals = ranked[0], ranked[0].value, []
     if final_ids is not None and n_final > 0:
-        from .quantize import quantize
-
-        for t in ranked[:n_final]:
-            plan = plan_of(t)
-            work = copy.deepcopy(model)
-            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from plan.meta
-            if device is not None:
-                work.to(device)
-            fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
-            del work
-            finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
-                           "kind": t.user_attrs.get("kind"), "summary": plan.summary()})
-            if best_final is None or fin < best_final[0]:
-                best_final = (fin, t)
-        best_t = best_final[1]
+        final_ppl, best_t, finals = _finals(model, ranked[:n_final], plan_of, calib, final_ids, seqlen, batch_size, device, verbose)
     plan = plan_of(best_t)
-    final_ppl = best_final[0] if best_final else best_t.value
     plan.meta["final_ppl"] = final_ppl
     return OptimizeResult(plan, best_t.user_attrs["nbytes"], final_ppl, best_t.value, pareto, study, finals, baselines,
                           bank.seconds, search_seconds)

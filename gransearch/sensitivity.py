@@ -44,6 +44,7 @@ def output_fisher(
     next-token cross-entropy. Runs on ``device`` (the model is moved there and back) or where the
     model is. Parameters get no gradients and are not modified.
     """
+    # long on purpose: hooks, gradient flags and the device move must be undone in one finally block
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] == 0:
         raise ValueError("output_fisher needs calibration windows [n, seqlen] with n >= 1")
     windows = calib[:n_windows] if n_windows else calib
