@@ -81,6 +81,16 @@ def as_granularity(g):
 BANK_FORMAT, BANK_VERSION = "gransearch.bank", 2  # 2: sha256 of every file, weights in the config
 
 
+@dataclass(frozen=True)
+class StoredEntry:
+    """Where a stored entry's packed buffers are: ``{prefix}qweight``, ``scales`` (and ``qzeros``) in ``path``."""
+
+    path: str
+    prefix: str
+    shape: tuple[int, int]
+    spec: QuantSpec
+
+
 @dataclass
 class BankEntry:
     qweight: Optional[QuantizedWeight]  # None while the entry lives on disk (see ``source``)
@@ -88,14 +98,14 @@ class BankEntry:
     nbytes: int
     objective: float
     row_objective: Optional[torch.Tensor] = None  # [out]: the objective's per-output-row terms (CPU)
-    source: Optional[tuple] = None  # (safetensors file, tensor prefix, shape, spec) of a stored entry
+    source: Optional[StoredEntry] = None  # where a stored entry's buffers are
 
     def quantized(self) -> QuantizedWeight:
         if self.qweight is not None:
             return self.qweight
         from safetensors import safe_open
 
-        path, prefix, shape, spec = self.source
+        path, prefix, shape, spec = self.source.path, self.source.prefix, self.source.shape, self.source.spec
         with safe_open(path, framework="pt") as fh:
             stored = set(fh.keys())
             bufs = {k: fh.get_tensor(prefix + k) for k in ("qweight", "scales", "qzeros") if prefix + k in stored}
@@ -200,7 +210,7 @@ class Bank:
                     in_scale = fh.get_tensor(f"{j}.in_scale") if f"{j}.in_scale" in names else None
                     shape = tuple(int(v) for v in fh.get_tensor(f"{j}.shape").tolist())
                     row.append(BankEntry(None, in_scale, int(doc["nbytes"][i][j]), float(doc["objectives"][i][j]), fh.get_tensor(f"{j}.rows"),
-                                         (file, f"{j}.", shape, spec)))
+                                         StoredEntry(file, f"{j}.", shape, spec)))
             entries.append(row)
         fisher = None
         if doc["fisher"]:
@@ -251,7 +261,7 @@ def _store_layer(folder: str, i: int, row: list[BankEntry]) -> str:
             tensors[f"{j}.in_scale"] = e.in_scale.contiguous()
     digest = _write_safetensors(tensors, file)
     for j, e in enumerate(row):
-        e.source = (file, f"{j}.", e.qweight.shape, e.qweight.spec)
+        e.source = StoredEntry(file, f"{j}.", tuple(e.qweight.shape), e.qweight.spec)
         e.qweight = None
     return digest
 
