@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .arch import arch_of, block_linears, get_module, linear_weight, model_linears
 from .calibrate import BlockRunner, calibrate, collect_block_stats, hooks
 from .cost import layer_nbytes
+from .data import tokens_sha256
 from .evaluate import perplexity, windows
 from .fold import smoothquant
 from .plan import LayerPlan, plan_nbytes, weights_fingerprint
@@ -62,19 +63,14 @@ def _gran_name(g) -> str:
 
 def _run_record(kind: str, model, calib, eval_ids, seqlen, max_windows, stats=None) -> dict:
     """What an ablation's rows depend on: the weights, the calibration and the evaluated windows."""
-    import hashlib
-
-    def sha(t):
-        return hashlib.sha256(t.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
     if stats is not None:
         calib_id = "given stats"
     elif calib is None:
         calib_id = None
     else:
-        calib_id = sha(calib if isinstance(calib, torch.Tensor) else torch.cat([c.reshape(-1) for c in calib]))
+        calib_id = tokens_sha256(calib)
     return {"kind": kind, "weights": weights_fingerprint(model), "calib_sha256": calib_id,
-            "eval_sha256": sha(windows(eval_ids, seqlen, max_windows)), "seqlen": seqlen, "max_windows": max_windows}
+            "eval_sha256": tokens_sha256(windows(eval_ids, seqlen, max_windows)), "seqlen": seqlen, "max_windows": max_windows}
 
 
 def _eval(model, ids, seqlen, max_windows, batch_size):

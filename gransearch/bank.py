@@ -30,12 +30,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._files import atomic_write, sha256_file
 from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import GPTQOptions, quantize_layer
 from .arch import arch_of, clips_after_awq, get_module, linear_shape, linear_weight, model_linears
 from .calibrate import calibrate
 from .cost import layer_nbytes
+from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device
 from .evaluate import layer_objective
 from .plan import model_fingerprint, weights_fingerprint
@@ -157,10 +159,7 @@ class Bank:
                "nbytes": [[e.nbytes for e in row] for row in self.entries], "objectives": [[e.objective for e in row] for row in self.entries],
                "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq_options, "fisher": self.fisher is not None,
                "sha256": self.sha256, "fisher_sha256": fisher_sha}
-        tmp = os.path.join(folder, "bank.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh)
-        os.replace(tmp, os.path.join(folder, "bank.json"))  # written last: its presence marks a complete bank
+        atomic_write(os.path.join(folder, "bank.json"), json.dumps(doc))  # written last: its presence marks a complete bank
 
     @classmethod
     def load(cls, folder: str, config: Optional[dict] = None) -> Optional["Bank"]:
@@ -220,18 +219,10 @@ class Bank:
         return cls(layers, keys, entries, doc["out_energy"], doc["seconds"], doc["gptq_options"], fisher, doc["config"], sums)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(file: str, expected, folder: str) -> None:
     if not os.path.isfile(file):
         raise BankError(f"bank file {file} is missing; remove the folder {folder} to rebuild the bank")
-    if not isinstance(expected, str) or _sha256_file(file) != expected:
+    if not isinstance(expected, str) or sha256_file(file) != expected:
         raise BankError(f"bank file {file} is corrupted (its sha256 differs from the one recorded when it was written); "
                         f"remove the folder {folder} to rebuild the bank")
 
@@ -241,9 +232,7 @@ def _write_safetensors(tensors: dict, file: str) -> str:
     from safetensors.torch import save
 
     data = save(tensors)
-    with open(file + ".tmp", "wb") as fh:
-        fh.write(data)
-    os.replace(file + ".tmp", file)  # atomic: a worker reading the bank never sees half a file
+    atomic_write(file, data)  # a worker reading the bank never sees half a file
     return hashlib.sha256(data).hexdigest()
 
 
@@ -450,10 +439,7 @@ def _gran_text(g) -> str:
 def bank_config(model: nn.Module, calib, methods, bits, granularities, **options) -> dict:
     """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
     calibration tokens and every option. Candidate lists are sets: their order changes nothing."""
-    h = hashlib.sha256()
-    for t in ([calib] if isinstance(calib, torch.Tensor) else list(calib or [])):
-        h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
-    return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": h.hexdigest()[:16],
+    return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": tokens_sha256(calib),
             "methods": sorted(set(methods)), "bits": sorted({int(b) for b in bits}),
             "granularities": sorted({_gran_text(g) for g in granularities}), **options}
 

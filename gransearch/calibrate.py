@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ArchInfo, arch_of, block_linears, get_blocks
-from .errors import NonFiniteError, check_int, check_token_ids, first_nonfinite_parameter
+from .errors import NonFiniteError, check_int, check_token_ids, nonfinite_cause
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +288,7 @@ def collect_block_stats(
     for ref in refs:  # in block order: the first layer whose inputs went bad is the one to name
         st = stats.get(ref.name)
         if st is not None and st.abs_max is not None and not bool(torch.isfinite(st.abs_max).all()):
-            bad = first_nonfinite_parameter(runner.model)
-            cause = f"parameter {bad} holds NaN or infinity" if bad else "no parameter is non-finite, so an activation overflowed (try float32)"
+            cause = nonfinite_cause(runner.model, "no parameter is non-finite, so an activation overflowed (try float32)")
             raise NonFiniteError(f"the calibration inputs of {ref.name} are not finite (NaN or infinity): {cause}")
     return stats
 

@@ -17,6 +17,7 @@ of its text when it has none): ``crc % 10 == 0`` is *test*, ``== 1`` is *validat
 from __future__ import annotations
 
 import bz2
+import hashlib
 import html
 import logging
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "load_tokens",
     "sample_windows",
     "split_of",
+    "tokens_sha256",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -273,6 +275,16 @@ def load_tokens(name: str, tokenizer, split: str = "test", max_tokens: Optional[
     if ids.numel() == 0:
         raise ValueError(f"the {split!r} split of {name!r} tokenized to nothing")
     return ids
+
+
+def tokens_sha256(tokens) -> str:
+    """A short sha256 of token ids (a tensor, or a list of tensors hashed as one stream) as int64:
+    what records of banks, studies and ablations use to tell one calibration or evaluation slice
+    from another."""
+    h = hashlib.sha256()
+    for t in ([tokens] if isinstance(tokens, torch.Tensor) else list(tokens or [])):
+        h.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "check_token_ids",
     "check_device",
     "first_nonfinite_parameter",
+    "nonfinite_cause",
 ]
 
 
@@ -105,6 +106,12 @@ def check_device(device) -> Optional[torch.device]:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def nonfinite_cause(model: torch.nn.Module, otherwise: str) -> str:
+    """Why a model's numbers went non-finite: its first NaN/infinite parameter, else ``otherwise``."""
+    bad = first_nonfinite_parameter(model)
+    return f"parameter {bad} holds NaN or infinity" if bad else otherwise
 
 
 def first_nonfinite_parameter(model: torch.nn.Module) -> Optional[str]:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import HEAD_ON_BASE
-from .errors import NonFiniteError, check_int, check_token_ids, first_nonfinite_parameter
+from .errors import NonFiniteError, check_int, check_token_ids, nonfinite_cause
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ def perplexity(
     seconds = time.perf_counter() - t0
     mean = total / count
     if not math.isfinite(mean):
-        bad = first_nonfinite_parameter(model)
-        where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter is non-finite, so an activation overflowed (try float32)"
+        where = nonfinite_cause(model, "no parameter is non-finite, so an activation overflowed (try float32)")
         raise NonFiniteError(f"perplexity is not finite (mean NLL {mean}): the model's outputs are NaN or infinite; {where}")
     return Perplexity(math.exp(mean), mean, count, int(w.shape[0]), seqlen, seconds)
 

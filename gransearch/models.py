@@ -12,7 +12,6 @@ Cache folder: ``$GRANSEARCH_CACHE`` if set, else ``$XDG_CACHE_HOME/gransearch``,
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -22,6 +21,8 @@ import tempfile
 from typing import Optional, Union
 
 import torch
+
+from ._files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,11 @@ def file_sha256(path: str) -> str:
         memo = {}
     if isinstance(memo.get(memo_key), str):
         return memo[memo_key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     memo[memo_key] = digest
     try:  # best effort: a read-only cache only costs a re-hash next time
         os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".file-sha256-", dir=cache_dir())
-        with os.fdopen(fd, "w") as fh:
-            json.dump(memo, fh)
-        os.replace(tmp, index)
+        atomic_write(index, json.dumps(memo))
     except OSError:
         pass
     return digest

@@ -29,6 +29,7 @@ from torch import nn
 
 import torch
 
+from ._files import atomic_write
 from .arch import arch_of, get_module, linear_shape, model_linears
 from .cost import layer_nbytes
 from .errors import PlanFormatError
@@ -188,10 +189,7 @@ class QuantPlan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON (atomically: a reader never sees half a file)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=1, sort_keys=False)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=1, sort_keys=False))
 
     @classmethod
     def load(cls, path: str) -> "QuantPlan":

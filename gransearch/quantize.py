@@ -281,9 +281,9 @@ def quantize(
             raise ValueError(f"AWQ needs the scaling groups of the architecture table; add a row for {model.config.model_type!r} in gransearch.arch")
     opts = GPTQOptions(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     methods = {m for m, _ in plan.values()}
-    if objective is None:
-        objective = any(uses_gptq(m) for m in methods)
-    needs_hessian = objective or any(uses_gptq(m) for m in methods)
+    gptq_used = any(uses_gptq(m) for m in methods)
+    objective = gptq_used if objective is None else objective
+    needs_hessian = objective or gptq_used
     result = QuantizeResult(model)
     if not needs_hessian and methods == {"rtn"}:
         return _rtn_only(model, plan, clip, act_spec, result, t_start)

@@ -43,6 +43,7 @@ from .allocate import solve_knapsack
 from .arch import block_index, get_module, linear_shape, linear_weight, model_linears
 from .bank import Bank, bank_config, bank_for, build_bank, candidate_specs, check_candidates
 from .cost import layer_nbytes
+from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int
 from .evaluate import perplexity
 from .evaluate import windows as eval_windows_of
@@ -142,10 +143,6 @@ def _plan_id(keys: Sequence[str]) -> str:
     return hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]
 
 
-def _ids_sha256(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
 def _all_candidate_keys(shapes, methods, bits, granularities) -> list[str]:
     """Every ``method:spec`` some layer can take (before any bank is built)."""
     specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities)}
@@ -188,7 +185,7 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
         cand_keys = _all_candidate_keys(shapes, methods, bits, granularities)
     if objective_fn is None:
-        proxy = {"kind": "perplexity", "eval_sha256": _ids_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
+        proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
                  "eval_windows": eval_windows}
     else:
         proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}

@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .arch import model_linears
-from .errors import NonFiniteError, first_nonfinite_parameter
+from .errors import NonFiniteError, nonfinite_cause
 
 __all__ = ["output_fisher"]
 
@@ -98,7 +98,6 @@ def output_fisher(
         raise RuntimeError(f"no gradient reached {missing[0]} (and {len(missing) - 1} more): is the layer used by the forward pass?")
     for r in refs:  # in model order: name the first layer whose output gradients went bad
         if not bool(torch.isfinite(acc[r.name]).all()):
-            bad = first_nonfinite_parameter(model)
-            cause = f"parameter {bad} holds NaN or infinity" if bad else "the loss or an activation overflowed (try float32)"
+            cause = nonfinite_cause(model, "the loss or an activation overflowed (try float32)")
             raise NonFiniteError(f"the output Fisher of {r.name} is not finite: {cause}")
     return {name: (v / n_tok).cpu() for name, v in acc.items()}

@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Iterator, Optional
 
+from ._files import atomic_write
 from .errors import StudyMismatchError
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,7 @@ def bind_file(path: str, record: dict, what: str = "results") -> None:
     if os.path.exists(path):
         log.warning("%s has no record of the run that wrote it; adopting it for this run (%s)", path, side)
     os.makedirs(os.path.dirname(os.path.abspath(side)), exist_ok=True)
-    with open(side + ".tmp", "w") as fh:
-        json.dump(record, fh, indent=1, sort_keys=True)
-    os.replace(side + ".tmp", side)
+    atomic_write(side, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,35 @@
+"""Small file helpers shared by every writer of run state: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Union
+
+__all__ = ["atomic_write", "sha256_file"]
+
+
+def atomic_write(path: str, data: Union[bytes, str]) -> None:
+    """Write ``data`` to ``path`` through a private temporary file in the same folder and an atomic
+    rename: a reader (another worker, a resumed run) sees the old file or the new one, never half a
+    file, and concurrent writers never share a temporary name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def sha256_file(path: str) -> str:
+    """sha256 of a file's whole content, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
