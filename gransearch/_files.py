@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
 from typing import Union
 
 __all__ = ["atomic_write", "sha256_file"]
 
 
 def atomic_write(path: str, data: Union[bytes, str]) -> None:
-    """Write ``data`` to ``path`` through a private temporary file in the same folder and an atomic
+    """Write ``data`` to ``path`` through a temporary file of its own in the same folder and an atomic
     rename: a reader (another worker, a resumed run) sees the old file or the new one, never half a
     file, and concurrent writers never share a temporary name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    # a name of its own (not mkstemp, which would make the file private to this user: workers of
+    # other users read plans and banks too)
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
