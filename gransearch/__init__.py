@@ -13,10 +13,12 @@ from .algorithms import gptq, rtn
 from .calibrate import LayerStats, calibrate
 from .fold import smoothquant
 from .plan import LayerPlan, QuantPlan
-from .quantize import METHODS, QuantizeResult, outlier_share, quantize, set_act_quant
+from .methods import METHODS, GPTQOptions, Method
+from .quantize import QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
-from .ablate import Diagnosis, ablate_activations, ablate_weights, diagnose
-from . import allocate, bank, errors, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
+from .ablate import ablate_activations, ablate_weights
+from .diagnostics import Diagnosis, diagnose
+from . import allocate, bank, diagnostics, errors, methods, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
 from .runs import join_study
 from .errors import BankError, BudgetError, NonFiniteError, PlanFormatError, SearchError, StudyMismatchError
 from .cost import bits_per_weight, layer_nbytes
@@ -25,7 +27,7 @@ from .evaluate import Perplexity, layer_objective, perplexity
 from .models import load_model
 from .qlinear import QuantLinear
 from .quantizer import QuantizedWeight, pack_codes, unpack_codes
-from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
+from .spec import ActSpec, Granularity, PerChannel, PerGroup, PerTensor, QuantSpec, as_granularity
 
 __version__ = "0.1.0"
 
@@ -38,8 +40,11 @@ __all__ = [
     "SearchError",
     "StudyMismatchError",
     "Diagnosis",
+    "GPTQOptions",
+    "Method",
     "ablate_activations",
     "ablate_weights",
+    "as_granularity",
     "diagnose",
     "LayerPlan",
     "LayerStats",
@@ -47,6 +52,7 @@ __all__ = [
     "OptimizeResult",
     "QuantPlan",
     "QuantizeResult",
+    "Granularity",
     "PerChannel",
     "PerGroup",
     "PerTensor",

@@ -10,10 +10,8 @@
   dynamic; SmoothQuant over its migration strength; LLM.int8()-style outlier columns over
   thresholds; and per-tensor activation quantization on one input kind at a time (which layers are
   responsible for the damage).
-* :func:`diagnose`: per linear layer, the activation outlier ratio (largest over median per-channel
-  ``max|x|``), the kurtosis of activations and weights, and the relative output error of per-tensor
-  against per-channel weight quantization and of per-tensor against per-token activation
-  quantization.
+
+Outlier diagnostics per layer (:func:`gransearch.diagnostics.diagnose`) live in :mod:`gransearch.diagnostics`.
 
 Every ablation appends one CSV row per configuration and skips the rows its CSV already holds, so
 an interrupted run resumes where it stopped.
@@ -22,43 +20,32 @@ an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import csv
 import logging
-import os
-from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import arch_of, block_linears, get_module, linear_weight, model_linears
-from .calibrate import BlockRunner, calibrate, collect_block_stats, hooks
+from .arch import get_module, input_kinds, layer_kind, linear_weight, model_linears
+from .calibrate import calibrate
 from .cost import layer_nbytes
 from .data import tokens_sha256
 from .evaluate import perplexity, windows
 from .fold import smoothquant
 from .plan import LayerPlan, plan_nbytes, weights_fingerprint
-from .qlinear import fake_quant_activation
-from .quantize import METHODS, outlier_share, quantize, set_act_quant
-from .bank import as_granularity, build_bank
-from .spec import ActSpec, PerChannel, PerGroup, PerTensor, QuantSpec
+from .methods import METHODS
+from .quantize import outlier_share, quantize, set_act_quant
+from .bank import build_bank
+from .spec import ActSpec, QuantSpec, as_granularity
 from .report import ACT_FIELDS, WEIGHT_FIELDS, act_text, activations_markdown, append_row, plot_activations, plot_weights, read_rows, weights_markdown
 from .study import bind_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ablate_weights", "ablate_activations", "diagnose", "Diagnosis", "LayerDiag", "WEIGHT_FIELDS", "ACT_FIELDS",
+__all__ = ["ablate_weights", "ablate_activations", "WEIGHT_FIELDS", "ACT_FIELDS",
            "read_rows", "weights_markdown", "activations_markdown", "plot_weights", "plot_activations"]
 
-
-
-def _gran_name(g) -> str:
-    if isinstance(g, PerTensor):
-        return "tensor"
-    if isinstance(g, PerChannel):
-        return "channel"
-    return f"g{g.size}"
 
 
 def _run_record(kind: str, model, calib, eval_ids, seqlen, max_windows, stats=None) -> dict:
@@ -135,11 +122,10 @@ def ablate_weights(
     grans = []
     for g in granularities:
         gran = as_granularity(g)
-        if isinstance(gran, PerGroup):
-            misfit = sorted({r.shape[1] for r in refs if r.shape[1] % gran.size})
-            if misfit:
-                log.warning("skipping groups of %d: they do not divide input width(s) %s", gran.size, misfit)
-                continue
+        misfit = sorted({r.shape[1] for r in refs if not gran.fits(r.shape[1])})
+        if misfit:
+            log.warning("skipping %s: its groups do not divide input width(s) %s", gran.name, misfit)
+            continue
         grans.append(gran)
     todo = [(b, g, m) for b in bits for g in grans for m in methods if (m, str(QuantSpec(int(b), g))) not in done]
     bar = tqdm(total=len(todo), desc="ablate weights", disable=not verbose)
@@ -163,7 +149,7 @@ def ablate_weights(
             r = _eval(work, eval_ids, seqlen, max_windows, batch_size)
             lin_bytes = sum(layer_nbytes(ref.shape, spec) for ref in refs)
             total = plan_nbytes(model, {ref.name: LayerPlan(m, spec) for ref in refs})
-            record({"model": model_name, "method": m, "spec": str(spec), "bits": int(b), "granularity": _gran_name(g),
+            record({"model": model_name, "method": m, "spec": str(spec), "bits": int(b), "granularity": g.name,
                     "ppl": f"{r.ppl:.4f}", "delta_pct": f"{100 * (r.ppl / base - 1):.2f}",
                     "bits_per_weight": f"{8 * lin_bytes / n_weights:.3f}", "model_bytes": total,
                     "linear_bytes": lin_bytes, "eval_tokens": r.n_tokens, "eval_seconds": f"{r.seconds:.1f}"})
@@ -177,17 +163,6 @@ def ablate_weights(
 
 # ------------------------------------------------------------------------------------------------
 # activations
-
-
-def _input_kinds(model: nn.Module) -> dict[str, list[str]]:
-    """Linear leaf names grouped by the tensor they read (q/k/v share one input, gate/up another)."""
-    info = arch_of(model)
-    if info.generic or not info.groups:
-        leaves = []
-        for r in block_linears(model, 0, info):
-            leaves.append(r.name.rsplit(".", 1)[-1])
-        return {l: [l] for l in leaves}
-    return {"+".join(l.rsplit(".", 1)[-1] for l in g.linears): [l.rsplit(".", 1)[-1] for l in g.linears] for g in info.groups}
 
 
 @torch.no_grad()
@@ -244,7 +219,7 @@ def ablate_activations(
         configs.append((f"outliers > {t:g} + A{a} token dynamic", "outliers", {"threshold": t, "act": ActSpec(a, "token", True, t)}))
         configs.append((f"outliers > {t:g} + A{a} tensor dynamic", "outliers", {"threshold": t, "act": ActSpec(a, "tensor", True, t)}))
     if attribution:
-        for kind, leaves in _input_kinds(model).items():
+        for kind, leaves in input_kinds(model).items():
             configs.append((f"A{a} tensor static on {kind} only", "attribution", {"act": ActSpec(a, "tensor", dynamic=False), "only": leaves}))
     todo = [c for c in configs if (c[0],) not in done]
     fp = done.get(("fp",))
@@ -275,7 +250,7 @@ def ablate_activations(
         set_act_quant(m, None)
         if act is not None:
             leaves = opt.get("only")
-            set_act_quant(m, act, st, only=None if leaves is None else (lambda n: n.rsplit(".", 1)[-1] in leaves))
+            set_act_quant(m, act, st, only=None if leaves is None else (lambda n: layer_kind(n) in leaves))
         r = _eval(m, eval_ids, seqlen, max_windows, batch_size)
         share = outlier_share(m) if opt.get("threshold") is not None else None
         set_act_quant(m, None)
@@ -288,167 +263,3 @@ def ablate_activations(
         done[(name,)] = row
         bar.set_postfix(last=f"{name}: {r.ppl:.2f}")
     return [done[k] for k in [("fp",)] + [(c[0],) for c in configs] if k in done]
-
-
-# ------------------------------------------------------------------------------------------------
-# diagnostics
-
-
-@dataclass
-class LayerDiag:
-    name: str
-    block: int
-    kind: str  # leaf name: q_proj, down_proj, ...
-    act_outlier_ratio: float  # largest / median per-channel max|x|
-    act_kurtosis: float
-    weight_kurtosis: float
-    w_err_tensor: float  # relative output error tr(dW H dW^T) / tr(W H W^T), per-tensor weights
-    w_err_channel: float  # same, per-channel weights
-    a_err_tensor: float  # relative output error ||(Q(x) - x) W^T||^2 / ||x W^T||^2, per-tensor static
-    a_err_token: float  # same, per-token dynamic
-
-
-@dataclass
-class Diagnosis:
-    layers: list[LayerDiag]
-    weight_bits: int
-    act_bits: int
-
-    def rows(self) -> list[dict]:
-        return [asdict(d) for d in self.layers]
-
-    @classmethod
-    def from_csv(cls, path: str, weight_bits: int = 8, act_bits: int = 8) -> "Diagnosis":
-        """Read back a CSV written by :meth:`to_csv`."""
-        with open(path, newline="") as fh:
-            layers = [LayerDiag(**{k: (v if k in ("name", "kind") else int(v) if k == "block" else float(v)) for k, v in r.items()})
-                      for r in csv.DictReader(fh)]
-        return cls(layers, weight_bits, act_bits)
-
-    def by_kind(self) -> list[dict]:
-        """Per layer kind (q_proj, down_proj, ...): medians over blocks of every metric, and maxima
-        of the two error ratios."""
-        out = []
-        for kind in dict.fromkeys(d.kind for d in self.layers):
-            ds = [d for d in self.layers if d.kind == kind]
-
-            def med(f):
-                return float(torch.tensor([f(d) for d in ds], dtype=torch.float64).median())
-
-            out.append({"kind": kind, "n": len(ds),
-                        "act_outlier_ratio": med(lambda d: d.act_outlier_ratio), "act_kurtosis": med(lambda d: d.act_kurtosis),
-                        "weight_kurtosis": med(lambda d: d.weight_kurtosis),
-                        "w_ratio": med(lambda d: _metric(d, "w_ratio")), "w_ratio_max": max(_metric(d, "w_ratio") for d in ds),
-                        "a_err_tensor": med(lambda d: d.a_err_tensor), "a_err_token": med(lambda d: d.a_err_token),
-                        "a_ratio": med(lambda d: _metric(d, "a_ratio")), "a_ratio_max": max(_metric(d, "a_ratio") for d in ds)})
-        return out
-
-    def worst(self, metric: str = "a_ratio", k: int = 5) -> list[LayerDiag]:
-        """The ``k`` layers with the largest ``metric``: a field of :class:`LayerDiag`, or
-        ``"a_ratio"`` (per-tensor / per-token activation error) or ``"w_ratio"`` (per-tensor /
-        per-channel weight error)."""
-        return sorted(self.layers, key=lambda d: -_metric(d, metric))[:k]
-
-    def to_csv(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, list(asdict(self.layers[0]).keys()))
-            w.writeheader()
-            for r in self.rows():
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-    def heatmap(self, metric: str, path: str, title: Optional[str] = None) -> bool:
-        """Blocks x layer kinds heatmap of ``metric`` (log10 colour scale); see :mod:`gransearch.report`."""
-        from .report import diagnosis_heatmap
-
-        return diagnosis_heatmap(self, metric, path, title)
-
-
-def _metric(d: LayerDiag, metric: str) -> float:
-    if metric == "a_ratio":
-        return d.a_err_tensor / max(d.a_err_token, 1e-30)
-    if metric == "w_ratio":
-        return d.w_err_tensor / max(d.w_err_channel, 1e-30)
-    return float(getattr(d, metric))
-
-
-def _kurtosis(w: torch.Tensor) -> float:
-    x = w.double().flatten()
-    c = x - x.mean()
-    var = (c * c).mean()
-    return float((c**4).mean() / (var * var))
-
-
-@torch.no_grad()
-def diagnose(
-    model: nn.Module,
-    calib,
-    *,
-    weight_bits: int = 8,
-    act_bits: int = 8,
-    batch_size: int = 8,
-    device=None,
-    verbose: bool = True,
-) -> Diagnosis:
-    """Outlier diagnostics of every quantizable linear layer (see :class:`LayerDiag`).
-
-    Runs the model block by block over ``calib`` (two passes per block: statistics, then the
-    activation-quantization errors with the calibrated per-tensor scale). Weight errors are RTN at
-    ``weight_bits`` (asymmetric), measured in output space with the layer's Hessian.
-    """
-    # long on purpose: two passes per block share one block's statistics and hooks
-    from .algorithms.rtn import rtn
-    from .evaluate import layer_objective
-
-    info = arch_of(model)
-    runner = BlockRunner(model, calib, batch_size, device, info)
-    out: list[LayerDiag] = []
-    a_tensor = ActSpec(act_bits, "tensor", dynamic=False)
-    a_token = ActSpec(act_bits, "token", dynamic=True)
-    for i in tqdm(range(len(runner.blocks)), desc="diagnose", disable=not verbose):
-        block = runner.blocks[i]
-        block.to(runner.device)
-        try:
-            refs = block_linears(model, i, info)
-            stats = collect_block_stats(runner, i, moments=True)
-            err = {r.name: torch.zeros(3, dtype=torch.float64) for r in refs}  # tensor, token, reference
-
-            def make_hook(ref):
-                W = linear_weight(ref.module)
-                amax = stats[ref.name].abs_max.max()
-
-                def hook(module, args):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    Wf = W.float()
-                    y = x @ Wf.t()
-                    for j, (spec, sc) in enumerate(((a_tensor, amax), (a_token, None))):
-                        d = (fake_quant_activation(x, spec, sc) - x) @ Wf.t()
-                        err[ref.name][j] += float((d * d).sum())
-                    err[ref.name][2] += float((y * y).sum())
-
-                return hook
-
-            handles: list = []
-            with hooks(handles):
-                for ref in refs:
-                    handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
-                runner.run(i, advance=True)
-            for ref in refs:
-                st = stats[ref.name]
-                W = linear_weight(ref.module).detach().float()
-                H = st.hessian
-                energy = max(layer_objective(W, torch.zeros_like(W), H), 1e-30)
-                wt = rtn(W, QuantSpec(weight_bits, PerTensor())).dequantize()
-                wc = rtn(W, QuantSpec(weight_bits, PerChannel())).dequantize()
-                amax = st.abs_max
-                e = err[ref.name]
-                ref_e = max(float(e[2]), 1e-30)
-                out.append(LayerDiag(
-                    name=ref.name, block=i, kind=ref.name.rsplit(".", 1)[-1],
-                    act_outlier_ratio=float(amax.max() / amax.median().clamp_min(1e-12)),
-                    act_kurtosis=st.kurtosis, weight_kurtosis=_kurtosis(W),
-                    w_err_tensor=layer_objective(W, wt, H) / energy, w_err_channel=layer_objective(W, wc, H) / energy,
-                    a_err_tensor=float(e[0]) / ref_e, a_err_token=float(e[1]) / ref_e))
-        finally:
-            block.to(runner.home)
-    return Diagnosis(out, weight_bits, act_bits)

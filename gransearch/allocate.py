@@ -1,15 +1,115 @@
-"""Allocation: which candidate each layer gets under a byte budget (a multiple-choice knapsack)."""
+"""Allocation: which candidate each layer may take, and which it gets under a byte budget.
+
+* **Candidates**: the specs a layer can take (every bit width x every granularity that divides its
+  input), checked before any work; the ``method:spec`` keys a search can meet.
+* **Budget**: the feasible range of a budget, from the candidate specs alone.
+* **Tables**: per layer and candidate, the exact stored bytes and the knapsack's loss tables.
+* **Knapsack**: one candidate per layer minimising the summed loss under the budget, exactly.
+* **Layer kinds**: the groups the search weighs together (leaf name, depth quarter).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
+from torch import nn
 
-from .errors import NonFiniteError
+from .arch import block_index, get_module, layer_kind, linear_shape
+from .cost import layer_nbytes
+from .errors import BudgetError, NonFiniteError
+from .methods import Method
+from .plan import GB, float_nbytes
+from .spec import PerChannel, QuantSpec, as_granularity
 
-__all__ = ["solve_knapsack"]
+__all__ = ["solve_knapsack", "candidate_specs", "check_candidates", "candidate_keys", "check_budget", "cost_and_losses",
+           "uniform_keys", "layer_kind", "depth_quarter"]
 
+
+def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
+    """Asymmetric specs for a layer: every bit width x every granularity that divides its input."""
+    out = []
+    for b in bits:
+        for g in granularities:
+            gran = as_granularity(g)
+            if gran.fits(shape[1]):
+                out.append(QuantSpec(int(b), gran))
+    return out
+
+
+def check_candidates(methods, bits, granularities) -> None:
+    """Non-empty, known methods, bit widths and granularities; ``ValueError`` naming the option."""
+    if not methods or not bits or not granularities:
+        empty = [n for n, v in (("methods", methods), ("bits", bits), ("granularities", granularities)) if not v]
+        raise ValueError(f"{', '.join(empty)} must not be empty: e.g. methods=('rtn', 'gptq', 'awq'), bits=(3, 4, 8), "
+                         "granularities=('channel', 64)")
+    for m in methods:
+        Method.parse(m)
+    for b in bits:
+        QuantSpec(b, PerChannel())  # raises naming the accepted range
+    for g in granularities:
+        as_granularity(g)
+
+
+def candidate_keys(shapes, methods, bits, granularities) -> list[str]:
+    """Every ``method:spec`` some layer of these ``[out, in]`` shapes can take (before any bank is built)."""
+    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities)}
+    return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
+
+
+def check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int) -> tuple[int, list]:
+    """``(float bytes outside the linears, linear shapes)``; :class:`BudgetError` naming the feasible
+    range when no plan fits or no search is needed. Needs only the candidate specs, so it runs
+    before any bank work."""
+    fixed = float_nbytes(model, exclude=set(names))
+    full = float_nbytes(model)
+    shapes = [linear_shape(get_module(model, n)) for n in names]
+    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
+    if any(not c for c in per_layer):
+        bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
+        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
+    smallest = fixed + sum(min(c) for c in per_layer)
+    if budget < smallest:
+        raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
+                          f"({smallest:,} bytes = {smallest / GB:.4f} GB with the smallest candidate everywhere); "
+                          f"the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    if budget >= full:
+        raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
+                          f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
+    return fixed, shapes
+
+
+def cost_and_losses(bank) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``costs [layers, K]`` (bytes) of a :class:`~gransearch.bank.Bank` and the knapsack's loss
+    tables by name (``inf``: no entry): ``fisher`` (when the bank has the output Fisher), ``raw``
+    layer objectives, and ``relative`` (over the layer's output energy)."""
+    L, K = len(bank.layers), max(len(k) for k in bank.keys)
+    costs = np.zeros((L, K), dtype=np.int64)
+    raw = np.full((L, K), np.inf)
+    for i in range(L):
+        for j, e in enumerate(bank.entries[i]):
+            costs[i, j] = e.nbytes
+            raw[i, j] = e.objective
+    rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
+    fis = bank.fisher_losses()
+    return costs, ({"raw": raw, "relative": rel} if fis is None else {"fisher": fis, "raw": raw, "relative": rel})
+
+
+def uniform_keys(bank, costs: np.ndarray, fixed: int, budget: int) -> list[str]:
+    """Every ``method:spec`` every layer has whose uniform plan fits, the largest (usually best) first."""
+    fits = []
+    for key in sorted({k for row in bank.keys for k in row}):
+        if all(key in row for row in bank.keys):
+            cost = fixed + sum(costs[i, bank.index(i, key)] for i in range(len(bank.layers)))
+            if cost <= budget:
+                fits.append((cost, key))
+    return [key for _, key in sorted(fits, reverse=True)]
+
+
+def depth_quarter(name: str, n_blocks: int) -> int:
+    """Which quarter of the model's depth (0..3) the linear called ``name`` sits in."""
+    b = block_index(name)
+    return 0 if b is None else min(3, 4 * b // max(1, n_blocks))
 
 
 def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Optional[list[int]]:

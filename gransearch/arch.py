@@ -27,7 +27,8 @@ from torch import nn
 
 __all__ = [
     "ARCHS", "ArchInfo", "HEAD_ON_BASE", "LinearRef", "NO_CLIP_LEAVES", "ScaleGroup", "arch_of", "block_index", "block_linears",
-    "clips_after_awq", "get_blocks", "get_module", "linear_shape", "linear_weight", "model_linears", "register_arch", "set_module",
+    "clips_after_awq", "foldable", "get_blocks", "get_module", "input_kinds", "layer_kind", "linear_shape", "linear_weight",
+    "model_linears", "register_arch", "set_module",
 ]
 
 # model types whose causal-LM forward is exactly lm_head(base(x)) (with Gemma's soft-capping): the
@@ -45,6 +46,11 @@ NO_CLIP_LEAVES = ("q_proj", "k_proj", "c_attn", "query", "key")
 def clips_after_awq(name: str) -> bool:
     """Whether AWQ's output-space clip search applies to the linear called ``name``."""
     return name.rsplit(".", 1)[-1] not in NO_CLIP_LEAVES
+
+
+def layer_kind(name: str) -> str:
+    """What a linear is across blocks (``q_proj``, ``down_proj``): its leaf name."""
+    return name.rsplit(".", 1)[-1]
 
 
 def block_index(name: str) -> Optional[int]:
@@ -230,3 +236,21 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(_get(root, parent) if parent else root, leaf, new)
+
+
+def foldable(block: nn.Module, group: ScaleGroup) -> bool:
+    """Whether AWQ's input scales of ``group``'s linears fold into ``group.prev`` in ``block``: the
+    linears must read exactly ``prev``'s output (``v -> o`` under grouped-query attention does not:
+    ``v`` is narrower than ``o``'s input, so that group is skipped)."""
+    prev = _get(block, group.prev)
+    width = prev.weight.shape[0] if group.norm is not None else linear_weight(prev).shape[0]
+    return all(linear_weight(_get(block, l)).shape[1] == width for l in group.linears)
+
+
+def input_kinds(model: nn.Module) -> dict[str, list[str]]:
+    """Linear leaf names grouped by the tensor they read (q/k/v share one input, gate/up another);
+    without scaling groups, each linear on its own."""
+    info = arch_of(model)
+    if info.generic or not info.groups:
+        return {layer_kind(r.name): [layer_kind(r.name)] for r in block_linears(model, 0, info)}
+    return {"+".join(layer_kind(l) for l in g.linears): [layer_kind(l) for l in g.linears] for g in info.groups}

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from ._files import atomic_write, sha256_file
 from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
-from .algorithms.layer import GPTQOptions, quantize_layer
-from .arch import arch_of, clips_after_awq, get_module, linear_shape, linear_weight, model_linears
+from .algorithms.layer import quantize_layer
+from .allocate import candidate_specs, check_candidates
+from .arch import arch_of, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .calibrate import calibrate
 from .cost import layer_nbytes
 from .data import tokens_sha256
@@ -43,41 +44,12 @@ from .evaluate import layer_objective
 from .plan import model_fingerprint, weights_fingerprint
 from .quantizer import QuantizedWeight
 from .sensitivity import output_fisher
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .methods import GPTQOptions, Method
+from .spec import QuantSpec, as_granularity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS_BANK", "Bank", "BankEntry", "as_granularity", "bank_config", "bank_for", "build_bank", "candidate_specs", "check_candidates"]
-
-METHODS_BANK = ("rtn", "gptq", "awq", "awq+gptq")
-
-
-def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
-    """Asymmetric specs for a layer: every bit width x every granularity that divides its input."""
-    out = []
-    for b in bits:
-        for g in granularities:
-            gran = as_granularity(g)
-            if isinstance(gran, PerGroup) and shape[1] % gran.size:
-                continue
-            out.append(QuantSpec(int(b), gran))
-    return out
-
-
-def as_granularity(g):
-    if isinstance(g, (PerTensor, PerChannel, PerGroup)):
-        return g
-    if isinstance(g, int):
-        return PerGroup(g)
-    if g in ("tensor", "t"):
-        return PerTensor()
-    if g in ("channel", "c"):
-        return PerChannel()
-    if isinstance(g, str) and g.startswith("g"):
-        return PerGroup(int(g[1:]))
-    raise ValueError(f"unknown granularity {g!r}: use 'tensor', 'channel', a group size or PerGroup(n)")
-
-
+__all__ = ["Bank", "BankEntry", "StoredEntry", "bank_config", "bank_for", "build_bank"]
 
 
 BANK_FORMAT, BANK_VERSION = "gransearch.bank", 2  # 2: sha256 of every file, weights in the config
@@ -127,7 +99,7 @@ class Bank:
     entries: list[list[BankEntry]]
     out_energy: list[float]  # tr(W H W^T): the layer's output energy, for relative objectives
     seconds: float = 0.0
-    gptq_options: dict = field(default_factory=dict)  # damp, act_order: recorded in every plan
+    gptq: GPTQOptions = GPTQOptions()  # the options of its GPTQ entries: carried by every plan's GPTQ layers
     fisher: Optional[dict] = None  # {layer: [out] mean (dL/dy)^2} from gransearch.sensitivity
     config: dict = field(default_factory=dict)  # what the bank depends on (bank_config)
     sha256: list = field(default_factory=list)  # per layer file of a stored bank
@@ -157,7 +129,7 @@ class Bank:
             fisher_sha = _write_safetensors({k: v.contiguous() for k, v in self.fisher.items()}, os.path.join(folder, "fisher.safetensors"))
         doc = {"format": BANK_FORMAT, "version": BANK_VERSION, "config": config, "layers": self.layers, "keys": self.keys,
                "nbytes": [[e.nbytes for e in row] for row in self.entries], "objectives": [[e.objective for e in row] for row in self.entries],
-               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq_options, "fisher": self.fisher is not None,
+               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq.to_dict(), "fisher": self.fisher is not None,
                "sha256": self.sha256, "fisher_sha256": fisher_sha}
         atomic_write(os.path.join(folder, "bank.json"), json.dumps(doc))  # written last: its presence marks a complete bank
 
@@ -216,7 +188,7 @@ class Bank:
             file = os.path.join(folder, "fisher.safetensors")
             _verify(file, doc["fisher_sha256"], folder)
             fisher = load_file(file)
-        return cls(layers, keys, entries, doc["out_energy"], doc["seconds"], doc["gptq_options"], fisher, doc["config"], sums)
+        return cls(layers, keys, entries, doc["out_energy"], doc["seconds"], GPTQOptions.from_dict(doc["gptq_options"]), fisher, doc["config"], sums)
 
 
 def _verify(file: str, expected, folder: str) -> None:
@@ -300,7 +272,8 @@ def build_bank(
     info = arch_of(model)
     check_candidates(methods, bits, granularities)
     check_device(device)
-    use_awq = any(m.startswith("awq") for m in methods)
+    methods = [Method.parse(m) for m in methods]
+    use_awq = any(m.uses_awq for m in methods)
     if use_awq and info.generic:
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
     if stats is None:
@@ -352,10 +325,7 @@ def build_bank(
             block_prefix = f"{info.blocks}.{b}."
             for grp in info.groups:
                 gnames = [block_prefix + l for l in grp.linears]
-                block = get_module(model, f"{info.blocks}.{b}")
-                prev = get_module(block, grp.prev)
-                width = prev.weight.shape[0] if grp.norm else linear_weight(prev).shape[0]
-                if any(linear_shape(get_module(model, n))[1] != width for n in gnames):
+                if not foldable(get_module(model, f"{info.blocks}.{b}"), grp):
                     continue
                 ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
                 H = stats[gnames[0]].hessian.to(dev)
@@ -375,18 +345,18 @@ def build_bank(
         W = linear_weight(ref.module).detach().float().to(dev)
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        # plain GPTQ of every spec at once: the same rounding as quantize_layer(W, H, "gptq", spec), solved as
+        # plain GPTQ of every spec at once: the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as
         # one stack of rows on one factorisation (tests/test_algorithms.py checks the two agree)
         plain_gptq = {}
-        if "gptq" in methods or "awq+gptq" in methods:  # one factorisation, one stacked solve for every spec
+        if any(m.uses_gptq for m in methods):  # one factorisation, one stacked solve for every spec
             prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
             results = gptq_many(W, H, specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
             plain_gptq = {str(sp): r.qweight for sp, r in zip(specs[ref.name], results)}
         for spec in specs[ref.name]:
-            if "rtn" in methods:
-                add(ref.name, "rtn", spec, quantize_layer(W, H, "rtn", spec).qweight, None, W, H)
-            if "gptq" in methods:
-                add(ref.name, "gptq", spec, plain_gptq[str(spec)], None, W, H)
+            if Method.RTN in methods:
+                add(ref.name, Method.RTN, spec, quantize_layer(W, H, Method.RTN, spec).qweight, None, W, H)
+            if Method.GPTQ in methods:
+                add(ref.name, Method.GPTQ, spec, plain_gptq[str(spec)], None, W, H)
             if use_awq and (ref.name, str(spec)) in awq_scales:
                 s = awq_scales[(ref.name, str(spec))]
                 Ws = W * s.unsqueeze(0)
@@ -395,45 +365,26 @@ def build_bank(
                     F = factor_of(ref.name)
                     Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
                     Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
-                if "awq" in methods:
-                    add(ref.name, "awq", spec, quantize_layer(Ws, Hs, "awq", spec).qweight, s, W, H)
-                if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, quantize_layer(Ws, Hs, "awq+gptq", spec, opts, name=ref.name).qweight, s, W, H)
+                if Method.AWQ in methods:
+                    add(ref.name, Method.AWQ, spec, quantize_layer(Ws, Hs, Method.AWQ, spec).qweight, s, W, H)
+                if Method.AWQ_GPTQ in methods:
+                    add(ref.name, Method.AWQ_GPTQ, spec, quantize_layer(Ws, Hs, Method.AWQ_GPTQ, spec, opts, name=ref.name).qweight, s, W, H)
             elif use_awq:
                 # no valid fold (e.g. v -> o under grouped-query attention): quantize() leaves the
                 # layer unscaled and unclipped, so AWQ is RTN there and AWQ+GPTQ is GPTQ
-                if "awq" in methods:
-                    add(ref.name, "awq", spec, quantize_layer(W, H, "awq", spec).qweight, None, W, H)
-                if "awq+gptq" in methods:
-                    add(ref.name, "awq+gptq", spec, plain_gptq[str(spec)], None, W, H)
+                if Method.AWQ in methods:
+                    add(ref.name, Method.AWQ, spec, quantize_layer(W, H, Method.AWQ, spec).qweight, None, W, H)
+                if Method.AWQ_GPTQ in methods:
+                    add(ref.name, Method.AWQ_GPTQ, spec, plain_gptq[str(spec)], None, W, H)
         if store:
             sums.append(_store_layer(store, names.index(ref.name), entries[ref.name]))
     config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows)
     bank = Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                {"damp": damp, "act_order": act_order}, fisher, config, sums)
+                opts, fisher, config, sums)
     if store:
         bank.save_manifest(store, config)
     return bank
-
-
-def check_candidates(methods, bits, granularities) -> None:
-    """Non-empty, known methods, bit widths and granularities; ``ValueError`` naming the option."""
-    if not methods or not bits or not granularities:
-        empty = [n for n, v in (("methods", methods), ("bits", bits), ("granularities", granularities)) if not v]
-        raise ValueError(f"{', '.join(empty)} must not be empty: e.g. methods=('rtn', 'gptq', 'awq'), bits=(3, 4, 8), "
-                         "granularities=('channel', 64)")
-    unknown = set(methods) - set(METHODS_BANK)
-    if unknown:
-        raise ValueError(f"unknown bank methods {sorted(unknown)}: use {', '.join(METHODS_BANK)}")
-    for b in bits:
-        QuantSpec(b, PerChannel())  # raises naming the accepted range
-    for g in granularities:
-        as_granularity(g)
-
-
-def _gran_text(g) -> str:
-    return as_granularity(g).tag()
 
 
 def bank_config(model: nn.Module, calib, methods, bits, granularities, **options) -> dict:
@@ -441,7 +392,7 @@ def bank_config(model: nn.Module, calib, methods, bits, granularities, **options
     calibration tokens and every option. Candidate lists are sets: their order changes nothing."""
     return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": tokens_sha256(calib),
             "methods": sorted(set(methods)), "bits": sorted({int(b) for b in bits}),
-            "granularities": sorted({_gran_text(g) for g in granularities}), **options}
+            "granularities": sorted({as_granularity(g).tag() for g in granularities}), **options}
 
 
 def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"), bits=(2, 3, 4, 8),

@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=_positive_float, default=None, help="GPTQ dampening, fraction of mean diag(H) (default: 0.01, or the plan's)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (default: off, or the plan's)")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters from the original weights")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: group parameters from the original weights (default: off, or the plan's)")
     p.add_argument("--clip", default=None, help="RTN/GPTQ weight clip: a ratio in (0, 1] or 'search'")
     p.add_argument("--awq-tokens", type=_int_at_least(1), default=8192, help="calibration tokens for AWQ's scale search")
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the unquantized model first")

@@ -1,6 +1,8 @@
 """Per-layer quantization plans: plain data, saved as versioned JSON, applied by ``quantize``.
 
-A plan maps every quantized linear (by its name in the model) to a method and a spec, and carries
+A plan maps every quantized linear (by its name in the model) to a method and a spec (and, for the
+GPTQ methods, the GPTQ options the layer was measured with, so that re-applying the plan rounds it
+the same way), and carries
 a fingerprint of the model it was made for (a hash of every planned layer's name and shape, plus
 the model type) so that applying it to another architecture fails loudly. The fingerprint covers
 shapes only, on purpose: a plan found on one checkpoint applies to another of the same architecture
@@ -33,6 +35,7 @@ from ._files import atomic_write
 from .arch import arch_of, get_module, linear_shape, model_linears
 from .cost import layer_nbytes
 from .errors import PlanFormatError
+from .methods import GPTQOptions, Method
 from .spec import QuantSpec
 
 __all__ = ["LayerPlan", "QuantPlan", "PLAN_FORMAT", "PLAN_VERSION", "model_fingerprint", "weights_fingerprint", "float_nbytes",
@@ -45,24 +48,34 @@ GB = 10**9  # budgets are in GB (10^9 bytes), everywhere
 
 @dataclass(frozen=True)
 class LayerPlan:
-    method: str
+    """One layer's recipe: the rounding ``method``, the ``spec`` and, for the GPTQ methods, the
+    :class:`~gransearch.methods.GPTQOptions` it was measured with (``None``: the caller's)."""
+
+    method: Method
     spec: QuantSpec
+    gptq: Optional[GPTQOptions] = None
 
     def __post_init__(self) -> None:
-        from .quantize import METHODS
-
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: use one of {METHODS}")
+        object.__setattr__(self, "method", Method.parse(self.method))
         if isinstance(self.spec, str):
             object.__setattr__(self, "spec", QuantSpec.parse(self.spec))
+        if self.gptq is not None and not self.method.uses_gptq:
+            object.__setattr__(self, "gptq", None)  # options of a rounding this layer does not use
 
     def key(self) -> str:
+        """``method:spec``: what a bank stores and a trial chooses (options are the bank's)."""
         return f"{self.method}:{self.spec}"
 
     @classmethod
-    def from_key(cls, key: str) -> "LayerPlan":
+    def from_key(cls, key: str, gptq: Optional[GPTQOptions] = None) -> "LayerPlan":
         method, spec = key.split(":")
-        return cls(method, QuantSpec.parse(spec))
+        return cls(method, QuantSpec.parse(spec), gptq)
+
+    def to_dict(self) -> dict:
+        out = {"method": str(self.method), "spec": str(self.spec)}
+        if self.gptq is not None:
+            out["gptq"] = self.gptq.to_dict()
+        return out
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -128,9 +141,9 @@ class QuantPlan:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, model: nn.Module, spec: Union[QuantSpec, str], method: str = "gptq") -> "QuantPlan":
+    def uniform(cls, model: nn.Module, spec: Union[QuantSpec, str], method: str = "gptq", gptq: Optional[GPTQOptions] = None) -> "QuantPlan":
         sp = QuantSpec.parse(spec) if isinstance(spec, str) else spec
-        return cls({n: LayerPlan(method, sp) for n in _planned_names(model)}, model_fingerprint(model), {"uniform": f"{method}:{sp}"})
+        return cls({n: LayerPlan(method, sp, gptq) for n in _planned_names(model)}, model_fingerprint(model), {"uniform": f"{method}:{sp}"})
 
     def check(self, model: nn.Module) -> None:
         """Raise ``ValueError`` if this plan was made for another model."""
@@ -156,7 +169,7 @@ class QuantPlan:
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
             "fingerprint": self.fingerprint,
-            "layers": {n: {"method": lp.method, "spec": str(lp.spec)} for n, lp in self.layers.items()},
+            "layers": {n: lp.to_dict() for n, lp in self.layers.items()},
             "meta": self.meta,
         }
 
@@ -177,13 +190,18 @@ class QuantPlan:
             raise PlanFormatError(f"{source}: 'meta' must be a JSON object")
         if not d["layers"]:
             raise PlanFormatError(f"{source}: the plan names no layer")
+        meta = dict(meta)
+        shared = meta.pop("gptq", None)  # plans written before the options moved onto each layer
         layers = {}
         for name, e in d["layers"].items():
             if not isinstance(e, dict) or not isinstance(e.get("method"), str) or not isinstance(e.get("spec"), str):
                 raise PlanFormatError(f"{source}: layer {name!r} must be an object with string fields 'method' and 'spec', got {e!r}")
+            opts = e.get("gptq", shared)
+            if opts is not None and not isinstance(opts, dict):
+                raise PlanFormatError(f"{source}: layer {name!r}: 'gptq' must be a JSON object of GPTQ options, got {opts!r}")
             try:
-                layers[name] = LayerPlan(e["method"], QuantSpec.parse(e["spec"]))
-            except ValueError as exc:
+                layers[name] = LayerPlan(e["method"], QuantSpec.parse(e["spec"]), None if opts is None else GPTQOptions.from_dict(opts))
+            except (ValueError, TypeError) as exc:
                 raise PlanFormatError(f"{source}: layer {name!r}: {exc}") from None
         return cls(layers, d["fingerprint"], meta)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Optional, Union
 
 import torch
@@ -28,21 +28,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
-from .algorithms.layer import GPTQOptions, quantize_layer, uses_gptq
-from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, get_module, linear_weight, model_linears, set_module
+from .algorithms.layer import quantize_layer
+from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
 from .evaluate import layer_objective
 from .fold import fold_scales
 from .qlinear import QuantLinear
 from .quantizer import ClipArg, QuantizedWeight
+from .methods import METHODS, GPTQOptions, Method
+from .plan import LayerPlan
 from .spec import ActSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "LayerRecord", "QuantizeResult", "quantize", "to_quant_linear", "resolve_plan", "set_act_quant", "outlier_share"]
 
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 PlanLike = Union[QuantSpec, str, Mapping[str, object]]
 
@@ -75,32 +76,39 @@ class QuantizeResult:
         return sum(r.nbytes for r in self.records)
 
 
-def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, tuple[str, QuantSpec]]:
-    """``{linear name: (method, spec)}`` from a spec (uniform), a mapping, or a QuantPlan-like object."""
+def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, LayerPlan]:
+    """``{linear name: LayerPlan}`` from a spec (uniform, with ``method``), a mapping
+    ``{name: spec | (method, spec) | LayerPlan}``, or a :class:`~gransearch.plan.QuantPlan`."""
     info = arch_of(model)
     names = [r.name for r in model_linears(model, info)]
     if isinstance(plan, str):
         plan = QuantSpec.parse(plan)
     if isinstance(plan, QuantSpec):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-        return {n: (method, plan) for n in names}
+        lp = LayerPlan(method, plan)
+        return {n: lp for n in names}
     if hasattr(plan, "layers"):  # QuantPlan
         plan.check(model)
-        plan = {n: (lp.method, lp.spec) for n, lp in plan.layers.items()}
+        plan = plan.layers
     out = {}
     for name, entry in plan.items():
         if name not in names:
             raise ValueError(f"plan names layer {name!r}, which this model does not have (a plan made for another model?)")
-        if isinstance(entry, (QuantSpec, str)):
-            m, sp = method, entry
-        else:
-            m, sp = entry
-        sp = QuantSpec.parse(sp) if isinstance(sp, str) else sp
-        if m not in METHODS:
-            raise ValueError(f"layer {name}: unknown method {m!r}: use one of {METHODS}")
-        out[name] = (m, sp)
+        try:
+            if isinstance(entry, LayerPlan):
+                out[name] = entry
+            elif isinstance(entry, (QuantSpec, str)):
+                out[name] = LayerPlan(method, entry)
+            else:
+                out[name] = LayerPlan(*entry)
+        except ValueError as exc:
+            raise ValueError(f"layer {name}: {exc}") from None
     return out
+
+
+def _gptq_options(lp: LayerPlan, given: dict) -> GPTQOptions:
+    """A layer's GPTQ options: each one given to :func:`quantize`, else the plan's, else the default."""
+    base = lp.gptq or GPTQOptions()
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def to_quant_linear(module: nn.Module, qw: QuantizedWeight, act_spec: Optional[ActSpec] = None) -> QuantLinear:
@@ -130,15 +138,12 @@ def _awq_block(
     groups = []
     for g in info.groups:
         names = [prefix + l for l in g.linears]
-        awq_set = {n for n in names if n in plan and plan[n][0].startswith("awq")}
+        awq_set = {n for n in names if n in plan and plan[n].method.uses_awq}
         if not awq_set:
             continue  # a fold is function-preserving, so one AWQ linear in the group is enough
-        prev = get_module(block, g.prev)
-        lins = [get_module(block, l) for l in g.linears]
-        prev_out = linear_weight(prev).shape[0] if g.norm is None else prev.weight.shape[0]
-        if any(linear_weight(l).shape[1] != prev_out for l in lins):
+        if not foldable(block, g):
             continue  # e.g. v -> o under grouped-query attention: no valid fold
-        groups.append((g, prev, lins, names, awq_set))
+        groups.append((g, get_module(block, g.prev), [get_module(block, l) for l in g.linears], names, awq_set))
     if not groups:
         return {}, {}
     # batches used by the search: the first ones, up to awq_tokens tokens
@@ -173,7 +178,7 @@ def _awq_block(
         x_all = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         act_mean = x_all.abs().float().mean(0)
         weights = [linear_weight(l).detach().clone() for l in lins]
-        spec = plan[sorted(awq_set, key=names.index)[0]][1]
+        spec = plan[sorted(awq_set, key=names.index)[0]].spec
 
         def loss_fn(cands):
             for l, c in zip(lins, cands):
@@ -198,7 +203,7 @@ def _awq_block(
         for l, n in zip(lins, names):
             if not clips_after_awq(n) or n not in awq_set:
                 continue
-            sp = plan[n][1]
+            sp = plan[n].spec
             w = linear_weight(l)
             unclipped[n] = w.detach().float().clone()
             r = awq_clip_ratios(w, x_s, sp)
@@ -208,10 +213,11 @@ def _awq_block(
 
 def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: float) -> QuantizeResult:
     """RTN needs no calibration: quantize every planned linear directly."""
-    for name, (_, sp) in plan.items():
+    for name, lp in plan.items():
         t0 = time.perf_counter()
         mod = get_module(model, name)
-        qw = quantize_layer(linear_weight(mod).detach().float(), None, "rtn", sp, clip=clip, name=name).qweight
+        sp = lp.spec
+        qw = quantize_layer(linear_weight(mod).detach().float(), None, Method.RTN, sp, clip=clip, name=name).qweight
         set_module(model, name, to_quant_linear(mod, qw, act_spec))
         result.records.append(LayerRecord(name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
     result.seconds = time.perf_counter() - t_start
@@ -228,9 +234,9 @@ def quantize(
     batch_size: int = 8,
     device=None,
     damp: Optional[float] = None,
-    block_size: int = 128,
+    block_size: Optional[int] = None,
     act_order: Optional[bool] = None,
-    static_groups: bool = False,
+    static_groups: Optional[bool] = None,
     clip: ClipArg = None,
     awq_tokens: int = 8192,
     awq_grid: int = 20,
@@ -245,8 +251,9 @@ def quantize(
     ``method``, or a mapping ``{linear name: (method, spec)}`` / a ``QuantPlan`` (layers not named
     stay in floating point). ``calib``: token windows ``[n, seqlen]``. ``method``: ``"rtn"``,
     ``"gptq"``, ``"awq"`` or ``"awq+gptq"``. GPTQ options: ``damp``, ``block_size``, ``act_order``,
-    ``static_groups``; ``damp`` and ``act_order`` left ``None`` take the values a ``QuantPlan`` made
-    by :func:`gransearch.optimize` records (``plan.meta["gptq"]``), else 0.01 and ``False``; ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
+    ``static_groups``; each one left ``None`` takes the value a plan's layer carries (a plan made
+    by :func:`gransearch.optimize` records the bank's options on every GPTQ layer), else
+    :class:`~gransearch.methods.GPTQOptions`' default (0.01, 128, ``False``, ``False``); ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
     ``"search"``). AWQ: ``awq_tokens`` calibration tokens for the scale search, ``awq_grid`` grid
     points, ``awq_clip_tokens`` tokens for the clip search. ``act_spec`` adds activation
     fake-quantization to every quantized linear. Blocks run on ``device`` if given.
@@ -260,28 +267,25 @@ def quantize(
     # advance) visible in one place; the per-layer step itself is algorithms.layer.quantize_layer
     t_start = time.perf_counter()
     batch_size = check_int("batch_size", batch_size, 1)
-    block_size = check_int("block_size", block_size, 1)
+    block_size = None if block_size is None else check_int("block_size", block_size, 1)
     awq_tokens = check_int("awq_tokens", awq_tokens, 1)
     awq_grid = check_int("awq_grid", awq_grid, 1)
     awq_clip_tokens = check_int("awq_clip_tokens", awq_clip_tokens, 1)
     damp = check_positive("damp", damp, allow_none=True)
     check_device(device)
     info = arch_of(model)
-    recorded = getattr(spec_or_plan, "meta", {}).get("gptq", {}) if hasattr(spec_or_plan, "layers") else {}
-    damp = recorded.get("damp", 0.01) if damp is None else damp
-    act_order = bool(recorded.get("act_order", False)) if act_order is None else act_order
+    given = dict(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     plan = resolve_plan(model, spec_or_plan, method)
-    for name, (m, sp) in plan.items():
+    for name, lp in plan.items():
         ref_shape = tuple(linear_weight(get_module(model, name)).shape)
         try:
-            sp.check_shape(ref_shape)
+            lp.spec.check_shape(ref_shape)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        if m.startswith("awq") and info.generic:
+        if lp.method.uses_awq and info.generic:
             raise ValueError(f"AWQ needs the scaling groups of the architecture table; add a row for {model.config.model_type!r} in gransearch.arch")
-    opts = GPTQOptions(damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
-    methods = {m for m, _ in plan.values()}
-    gptq_used = any(uses_gptq(m) for m in methods)
+    methods = {lp.method for lp in plan.values()}
+    gptq_used = any(m.uses_gptq for m in methods)
     objective = gptq_used if objective is None else objective
     needs_hessian = objective or gptq_used
     result = QuantizeResult(model)
@@ -303,12 +307,13 @@ def quantize(
                 runner.run(i, advance=True)
                 continue
             ratios, unclipped = {}, {}
-            if any(plan[r.name][0].startswith("awq") for r in refs):
+            if any(plan[r.name].method.uses_awq for r in refs):
                 ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
             stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
             for ref in refs:
                 t0 = time.perf_counter()
-                m, sp = plan[ref.name]
+                lp = plan[ref.name]
+                m, sp = lp.method, lp.spec
                 W = linear_weight(ref.module).detach().float()
                 H = None
                 if needs_hessian:
@@ -316,11 +321,11 @@ def quantize(
                     if st is None:
                         raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
                     H = st.hessian
-                r = quantize_layer(W, H, m, sp, opts, clip=clip, name=ref.name)  # W is folded and clipped for AWQ methods
+                r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name)  # W is folded and clipped for AWQ methods
                 qw, used_damp = r.qweight, r.damp
                 obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
                 set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
-                result.records.append(LayerRecord(ref.name, m, str(sp), ref.shape, qw.nbytes, obj,
+                result.records.append(LayerRecord(ref.name, str(m), str(sp), ref.shape, qw.nbytes, obj,
                                                   time.perf_counter() - t0, used_damp, ratios.get(ref.name)))
             del stats
             runner.run(i, advance=True)

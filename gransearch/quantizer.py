@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .spec import QuantSpec
 
 __all__ = [
     "QuantizedWeight",
@@ -86,23 +86,11 @@ def check_weight(weight: torch.Tensor, spec: QuantSpec, name: Optional[str] = No
 
 def block_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``[out, in]`` -> ``[n_blocks, block_size]``: each row shares one scale and zero."""
-    out_f, in_f = weight.shape
-    g = spec.granularity
-    if isinstance(g, PerTensor):
-        return weight.reshape(1, out_f * in_f)
-    if isinstance(g, PerChannel):
-        return weight
-    return weight.reshape(out_f * (in_f // g.size), g.size)
+    return spec.granularity.block_view(weight)
 
 
 def _params_shape(shape: tuple[int, int], spec: QuantSpec) -> tuple[int, int]:
-    out_f, in_f = shape
-    g = spec.granularity
-    if isinstance(g, PerTensor):
-        return (1, 1)
-    if isinstance(g, PerChannel):
-        return (out_f, 1)
-    return (out_f, in_f // g.size)
+    return spec.granularity.params_shape(*shape)
 
 
 def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
@@ -299,8 +287,8 @@ class QuantizedWeight:
         out_f, in_f = self.shape
         s = self.scale.float()
         z = self.zero_float()
-        if isinstance(self.spec.granularity, PerGroup):
-            g = self.spec.granularity.size
+        if self.spec.granularity.grouped:
+            g = self.spec.granularity.width(in_f)
             w = (self.codes.view(out_f, in_f // g, g).float() - z.unsqueeze(-1)) * s.unsqueeze(-1)
             return w.reshape(out_f, in_f).to(dtype)
         return ((self.codes.float() - z) * s).to(dtype)

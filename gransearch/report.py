@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .plan import GB
-from .quantize import METHODS
+from .methods import METHODS
 from .spec import ActSpec
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ def plot_activations(rows: Sequence[dict], path: str) -> bool:
 
 
 def diagnosis_heatmap(diag, metric: str, path: str, title: Optional[str] = None) -> bool:
-    """Blocks x layer kinds heatmap of a :class:`~gransearch.ablate.Diagnosis` ``metric`` (log10 colour scale)."""
-    from .ablate import _metric
+    """Blocks x layer kinds heatmap of a :class:`~gransearch.diagnostics.Diagnosis` ``metric`` (log10 colour scale)."""
+    from .diagnostics import _metric
 
     plt = _pyplot()
     if plt is None:

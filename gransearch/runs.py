@@ -80,16 +80,16 @@ def check_bits_item(t: str) -> None:
 
 
 def check_gran_item(t: str) -> None:
-    from .bank import as_granularity
+    from .spec import as_granularity
 
     as_granularity(gran_token(t))
 
 
 def check_method_item(t: str) -> None:
-    from .bank import METHODS_BANK
+    from .methods import METHODS
 
-    if t not in METHODS_BANK:
-        raise ValueError(f"use one of {', '.join(METHODS_BANK)}")
+    if t not in METHODS:
+        raise ValueError(f"use one of {', '.join(METHODS)}")
 
 
 # the checks of the list options, by run-configuration key

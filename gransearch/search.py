@@ -39,15 +39,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocate import solve_knapsack
-from .arch import block_index, get_module, linear_shape, linear_weight, model_linears
-from .bank import Bank, bank_config, bank_for, build_bank, candidate_specs, check_candidates
-from .cost import layer_nbytes
+from .allocate import (candidate_keys, candidate_specs, check_budget, check_candidates, cost_and_losses, depth_quarter, layer_kind,
+                       solve_knapsack, uniform_keys)
+from .arch import block_index, get_module, linear_weight, model_linears
+from .bank import Bank, bank_config, bank_for, build_bank
 from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int
 from .evaluate import perplexity
 from .evaluate import windows as eval_windows_of
-from .plan import GB, LayerPlan, QuantPlan, float_nbytes, model_fingerprint, weights_fingerprint
+from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .study import SEARCH_RECORD_VERSION, bind_study, enqueue_missing, fail_dead_trials, open_study, storage_lock, worker_id
 
 __all__ = ["optimize", "OptimizeResult", "ParetoPoint", "BudgetError", "BankError",
@@ -56,15 +56,6 @@ __all__ = ["optimize", "OptimizeResult", "ParetoPoint", "BudgetError", "BankErro
 
 # the bank options optimize() uses (recorded in its search record, so they are passed explicitly)
 _BANK_DEFAULTS = dict(damp=0.01, awq_grid=20, awq_rank=64, fisher_windows=16)
-
-
-def _layer_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _depth_quarter(name: str, n_blocks: int) -> int:
-    b = block_index(name)
-    return 0 if b is None else min(3, 4 * b // max(1, n_blocks))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,44 +122,13 @@ class _Assembler:
 
 def _plan_from_keys(bank: Bank, keys: Sequence[str], fingerprint: str, meta=None) -> QuantPlan:
     """The plan of a trial: ``keys[i]`` is the ``method:spec`` of layer ``bank.layers[i]``."""
-    layers = {n: LayerPlan.from_key(k) for n, k in zip(bank.layers, keys)}
-    meta = dict(meta or {})
-    if any(lp.method in ("gptq", "awq+gptq") for lp in layers.values()):
-        meta["gptq"] = dict(bank.gptq_options)
-    return QuantPlan(layers, fingerprint, meta)
+    layers = {n: LayerPlan.from_key(k, bank.gptq) for n, k in zip(bank.layers, keys)}  # GPTQ layers keep the bank's options
+    return QuantPlan(layers, fingerprint, dict(meta or {}))
 
 
 def _plan_id(keys: Sequence[str]) -> str:
     """A plan's identity: a hash of its content (``method:spec`` per layer), never of bank positions."""
     return hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]
-
-
-def _all_candidate_keys(shapes, methods, bits, granularities) -> list[str]:
-    """Every ``method:spec`` some layer can take (before any bank is built)."""
-    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities)}
-    return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
-
-
-def _check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int) -> tuple[int, list]:
-    """``(float bytes outside the linears, linear shapes)``; :class:`BudgetError` naming the feasible
-    range when no plan fits or no search is needed. Needs only the candidate specs, so it runs
-    before any bank work."""
-    fixed = float_nbytes(model, exclude=set(names))
-    full = float_nbytes(model)
-    shapes = [linear_shape(get_module(model, n)) for n in names]
-    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
-    if any(not c for c in per_layer):
-        bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
-        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
-    smallest = fixed + sum(min(c) for c in per_layer)
-    if budget < smallest:
-        raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
-                          f"({smallest:,} bytes = {smallest / GB:.4f} GB with the smallest candidate everywhere); "
-                          f"the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
-    if budget >= full:
-        raise BudgetError(f"budget {budget / GB:.4f} GB is not below the unquantized model ({full / GB:.4f} GB): "
-                          f"nothing to search; the feasible range is {smallest / GB:.4f} to {full / GB:.4f} GB")
-    return fixed, shapes
 
 
 def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows) -> dict:
@@ -183,38 +143,13 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
         bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
-        cand_keys = _all_candidate_keys(shapes, methods, bits, granularities)
+        cand_keys = candidate_keys(shapes, methods, bits, granularities)
     if objective_fn is None:
         proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
                  "eval_windows": eval_windows}
     else:
         proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
     return {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
-
-
-def _cost_and_losses(bank: Bank) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``costs [layers, K]`` (bytes) and the knapsack's loss tables by name (``inf``: no entry)."""
-    L, K = len(bank.layers), max(len(k) for k in bank.keys)
-    costs = np.zeros((L, K), dtype=np.int64)
-    raw = np.full((L, K), np.inf)
-    for i in range(L):
-        for j, e in enumerate(bank.entries[i]):
-            costs[i, j] = e.nbytes
-            raw[i, j] = e.objective
-    rel = raw / np.array(bank.out_energy, dtype=float).clip(min=1e-30)[:, None]
-    fis = bank.fisher_losses()
-    return costs, ({"raw": raw, "relative": rel} if fis is None else {"fisher": fis, "raw": raw, "relative": rel})
-
-
-def _uniform_keys(bank: Bank, costs: np.ndarray, fixed: int, budget: int) -> list[str]:
-    """Every ``method:spec`` every layer has whose uniform plan fits, the largest (usually best) first."""
-    fits = []
-    for key in sorted({k for row in bank.keys for k in row}):
-        if all(key in row for row in bank.keys):
-            cost = fixed + sum(costs[i, bank.index(i, key)] for i in range(len(bank.layers)))
-            if cost <= budget:
-                fits.append((cost, key))
-    return [key for _, key in sorted(fits, reverse=True)]
 
 
 def _pareto(complete, plan_of) -> list[ParetoPoint]:
@@ -245,7 +180,7 @@ def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device
     for t in trials:
         plan = plan_of(t)
         work = copy.deepcopy(model)
-        quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from plan.meta
+        quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from the plan's layers
         if device is not None:
             work.to(device)
         fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
@@ -310,7 +245,7 @@ def optimize(
     by content; trials of dead workers are marked failed and lost warm starts are run again.
     """
     # long on purpose: the trial closures below share the bank, its cost and loss tables and the study,
-    # so the objective reads top to bottom in one place; every separable step is a named helper above
+    # so a trial reads top to bottom in one place; every separable step is a named helper above
     import optuna
 
     if (budget_gb is None) == (budget_bytes is None):
@@ -327,7 +262,7 @@ def optimize(
     check_device(device)
     fingerprint = model_fingerprint(model)
     names = [r.name for r in model_linears(model)]
-    fixed, shapes = _check_budget(model, names, bits, granularities, budget)
+    fixed, shapes = check_budget(model, names, bits, granularities, budget)
 
     # ---- the study: bound to everything its values depend on, checked before any bank work
     if objective_fn is None and eval_ids is None:
@@ -351,11 +286,11 @@ def optimize(
     if bank.layers != names:
         raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)
-    costs, bases = _cost_and_losses(bank)
+    costs, bases = cost_and_losses(bank)
     capacity = budget - fixed
-    types = sorted({_layer_type(n) for n in names})
+    types = sorted({layer_kind(n) for n in names})
     n_blocks = 1 + max((block_index(n) or 0 for n in names), default=0)
-    quarters = [_depth_quarter(n, n_blocks) for n in names]
+    quarters = [depth_quarter(n, n_blocks) for n in names]
 
     assembler = _Assembler(model, bank, device)
 
@@ -365,23 +300,23 @@ def optimize(
         return perplexity(mdl, eval_ids, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
                           verbose=False, on_window=report).ppl
 
-    uniform_keys = _uniform_keys(bank, costs, fixed, budget)
+    uniform = uniform_keys(bank, costs, fixed, budget)
 
     def choice_for(trial) -> tuple[list[int], dict]:
         key = trial.user_attrs.get("uniform")
         if key is not None:
             return [bank.index(i, key) for i in range(L)], {"kind": "uniform", "uniform": key}
-        mode = trial.suggest_categorical("objective", list(bases))
+        mode = trial.suggest_categorical("objective", list(bases))  # the knapsack's loss table (name kept: stored studies resume)
         w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
         w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
         base = bases[mode]
-        weights = np.array([w_type[_layer_type(n)] * w_depth[q] for n, q in zip(names, quarters)])
+        weights = np.array([w_type[layer_kind(n)] * w_depth[q] for n, q in zip(names, quarters)])
         choice = solve_knapsack(costs, base * weights[:, None], capacity)
         if choice is None:
             raise optuna.TrialPruned("knapsack infeasible")
         return choice, {"kind": "knapsack"}
 
-    def objective(trial):
+    def run_trial(trial):
         trial.set_user_attr("worker", worker_id())  # first: a dead worker's trial is recognised on resume
         choice, meta = choice_for(trial)
         nbytes = fixed + int(sum(costs[i, c] for i, c in enumerate(choice)))
@@ -410,14 +345,14 @@ def optimize(
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         with storage_lock(storage):
-            enqueue_missing(study, uniform_keys, {mode: {"objective": mode, **neutral} for mode in bases})
+            enqueue_missing(study, uniform, {mode: {"objective": mode, **neutral} for mode in bases})
     t_search = time.perf_counter()
     # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials
     remaining = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))
     if remaining:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         stop = optuna.study.MaxTrialsCallback(n_trials, states=counted)
-        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=verbose, catch=(), callbacks=[stop])
+        study.optimize(run_trial, n_trials=remaining, timeout=timeout, show_progress_bar=verbose, catch=(), callbacks=[stop])
     search_seconds = time.perf_counter() - t_search
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

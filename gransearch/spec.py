@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 __all__ = [
     "PerTensor",
     "PerChannel",
     "PerGroup",
     "Granularity",
+    "as_granularity",
     "QuantSpec",
     "ActSpec",
     "MIN_BITS",
@@ -41,46 +42,125 @@ MIN_BITS = 2
 MAX_BITS = 8
 
 
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale for the whole weight matrix."""
+class Granularity:
+    """The block of weights that shares one scale: every question about it is answered here.
+
+    A block is ``width(in_features)`` consecutive input columns of one output row, except for
+    :class:`PerTensor`, whose one block spans every row (``spans_rows``). ``grouped`` is true when
+    a row holds several blocks, whose parameters GPTQ takes as it reaches them.
+    """
+
+    spans_rows = False
+    grouped = False
+
+    def width(self, in_features: int) -> int:
+        """Input columns of one row that share a scale."""
+        return in_features
+
+    def fits(self, in_features: int) -> bool:
+        """Whether this granularity can quantize a layer ``in_features`` wide."""
+        return True
 
     def n_groups(self, out_features: int, in_features: int) -> int:
-        return 1
+        """How many scales a ``[out, in]`` weight stores."""
+        rows, cols = self.params_shape(out_features, in_features)
+        return rows * cols
+
+    def params_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """Shape of the scale (and zero) grid of a ``[out, in]`` weight."""
+        return (1, 1) if self.spans_rows else (out_features, in_features // self.width(in_features))
+
+    def block_view(self, weight):
+        """``[out, in]`` -> ``[n_blocks, block_size]``: each row of the view shares one scale."""
+        out_f, in_f = weight.shape
+        if self.spans_rows:
+            return weight.reshape(1, out_f * in_f)
+        g = self.width(in_f)
+        return weight if g == in_f else weight.reshape(out_f * (in_f // g), g)
+
+    def tag(self) -> str:
+        """The letter(s) in a spec's text form: ``t``, ``c`` or ``g<size>``."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The word used in tables and on the command line: ``tensor``, ``channel`` or ``g<size>``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PerTensor(Granularity):
+    """One scale for the whole weight matrix."""
+
+    spans_rows = True
 
     def tag(self) -> str:
         return "t"
 
+    @property
+    def name(self) -> str:
+        return "tensor"
+
 
 @dataclass(frozen=True)
-class PerChannel:
+class PerChannel(Granularity):
     """One scale per output channel (row of ``[out, in]``)."""
-
-    def n_groups(self, out_features: int, in_features: int) -> int:
-        return out_features
 
     def tag(self) -> str:
         return "c"
 
+    @property
+    def name(self) -> str:
+        return "channel"
+
 
 @dataclass(frozen=True)
-class PerGroup:
+class PerGroup(Granularity):
     """One scale per ``size`` consecutive input weights of each output row."""
 
     size: int
+    grouped = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
             raise ValueError(f"PerGroup size must be a positive integer, got {self.size!r}")
 
-    def n_groups(self, out_features: int, in_features: int) -> int:
-        return out_features * (in_features // self.size)
+    def width(self, in_features: int) -> int:
+        return self.size
+
+    def fits(self, in_features: int) -> bool:
+        return in_features % self.size == 0
+
+    def block_view(self, weight):
+        out_f, in_f = weight.shape
+        return weight.reshape(out_f * (in_f // self.size), self.size)
 
     def tag(self) -> str:
         return f"g{self.size}"
 
+    @property
+    def name(self) -> str:
+        return f"g{self.size}"
 
-Granularity = Union[PerTensor, PerChannel, PerGroup]
+
+def as_granularity(g) -> Granularity:
+    """A :class:`Granularity` from itself, a group size, or a word: ``tensor``/``t``,
+    ``channel``/``c``, ``g64`` or ``"64"``."""
+    if isinstance(g, Granularity):
+        return g
+    if isinstance(g, int) and not isinstance(g, bool):
+        return PerGroup(g)
+    if isinstance(g, str):
+        t = g.strip().lower()
+        if t in ("tensor", "t"):
+            return PerTensor()
+        if t in ("channel", "c"):
+            return PerChannel()
+        m = re.fullmatch(r"g?(\d+)", t)
+        if m:
+            return PerGroup(int(m.group(1)))
+    raise ValueError(f"unknown granularity {g!r}: use 'tensor', 'channel' or a group size such as 64")
+
 
 _SPEC_RE = re.compile(r"^w(\d+)(t|c|g(\d+))(s?)$")
 
@@ -105,7 +185,7 @@ class QuantSpec:
                 f"QuantSpec bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}; "
                 "use an integer width such as 8, 4 or 3"
             )
-        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+        if not isinstance(self.granularity, Granularity) or type(self.granularity) is Granularity:
             raise ValueError(
                 "QuantSpec granularity must be PerTensor(), PerChannel() or PerGroup(size), "
                 f"got {self.granularity!r}"
@@ -146,7 +226,7 @@ class QuantSpec:
         out_f, in_f = shape
         if out_f < 1 or in_f < 1:
             raise ValueError(f"weight of shape {tuple(shape)} is empty")
-        if isinstance(self.granularity, PerGroup) and in_f % self.granularity.size != 0:
+        if not self.granularity.fits(in_f):
             raise ValueError(
                 f"group size {self.granularity.size} does not divide the input dimension {in_f} "
                 f"of the weight of shape {tuple(shape)}; choose a group size that divides {in_f} "

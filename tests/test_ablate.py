@@ -182,7 +182,7 @@ def test_diagnose_names_planted_outliers(tmp_path):
     d.to_csv(str(tmp_path / "d.csv"))
     with open(tmp_path / "d.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 14
-    back = ablate.Diagnosis.from_csv(str(tmp_path / "d.csv"))
+    back = gs.Diagnosis.from_csv(str(tmp_path / "d.csv"))
     assert [x.name for x in back.layers] == [x.name for x in d.layers]
     assert back.layers[3].a_err_tensor == pytest.approx(d.layers[3].a_err_tensor, rel=1e-5)
     kinds = {k["kind"]: k for k in d.by_kind()}

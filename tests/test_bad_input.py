@@ -101,7 +101,7 @@ def test_library_checks_arguments_before_any_work():
             gs.quantize(tiny_model("llama"), "w4c", calib(), method="gptq", **kw, verbose=False)
     opt = dict(budget_bytes=10**9, calib=calib(), eval_ids=ids, verbose=False)
     for kw, says in (({"bits": ()}, "bits must not be empty"), ({"granularities": []}, "granularities must not be empty"),
-                     ({"methods": ("rtn", "hqq")}, "unknown bank methods"), ({"bits": (4, 12)}, "between 2 and 8"),
+                     ({"methods": ("rtn", "hqq")}, "unknown method 'hqq'"), ({"bits": (4, 12)}, "between 2 and 8"),
                      ({"granularities": ("rows",)}, "unknown granularity"), ({"n_trials": 0}, "n_trials must be"),
                      ({"seqlen": 1}, "seqlen must be"), ({"eval_windows": 0}, "eval_windows must be"),
                      ({"timeout": -5}, "timeout must be")):
@@ -181,6 +181,8 @@ def _copy_bank(src, dst):
     (lambda f: (f / "bank.json").write_text(json.dumps({**json.loads((f / "bank.json").read_text()), "sha256": "x"})), "must be lists"),
     (lambda f: (f / "bank.json").write_text(json.dumps({**json.loads((f / "bank.json").read_text()), "nbytes": [[None]]})),
      "malformed bank manifest"),
+    (lambda f: (f / "bank.json").write_text(json.dumps({**json.loads((f / "bank.json").read_text()), "gptq_options": {"dmap": 1}})),
+     "unknown GPTQ options"),
     (lambda f: os.remove(f / "layer0002.safetensors"), "layer0002.safetensors is missing"),
     (lambda f: (f / "layer0001.safetensors").write_bytes((f / "layer0001.safetensors").read_bytes()[:-9]), "layer0001.safetensors is corrupted"),
     (lambda f: (f / "fisher.safetensors").write_bytes(b"\x00" * 64), "fisher.safetensors is corrupted"),

@@ -234,3 +234,42 @@ def test_bad_inputs_raise_with_shape():
         gs.QuantSpec(12, gs.PerChannel())
     with pytest.raises(ValueError, match="layer.q"):
         gs.rtn(torch.randn(8, 96), spec, name="layer.q")
+
+
+# ---- granularities and methods as types -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gran", [gs.PerTensor(), gs.PerChannel(), gs.PerGroup(8), gs.PerGroup(32)])
+def test_granularity_knows_its_blocks_and_text(gran):
+    """block_view, params_shape, n_groups and the text forms agree with one another and with the quantizer."""
+    w = torch.randn(6, 32)
+    blocks = gran.block_view(w)
+    rows, cols = gran.params_shape(6, 32)
+    assert blocks.shape[0] == rows * cols == gran.n_groups(6, 32)
+    assert blocks.numel() == w.numel() and torch.equal(blocks.reshape(6, 32), w)
+    q = gs.rtn(w, gs.QuantSpec(4, gran))
+    assert tuple(q.scale.shape) == (rows, cols)
+    assert gs.as_granularity(gran.name) == gran and gs.as_granularity(gran.tag()) == gran
+    assert str(gs.QuantSpec(4, gran)).startswith(f"w4{gran.tag()}")
+
+
+def test_granularity_fits_and_rejects():
+    assert gs.PerGroup(8).fits(32) and not gs.PerGroup(12).fits(32) and gs.PerChannel().fits(7)
+    assert gs.as_granularity(64) == gs.as_granularity("64") == gs.as_granularity("g64") == gs.PerGroup(64)
+    for bad in ("rows", "gg64", "", True, 1.5):
+        with pytest.raises(ValueError, match="granularity"):
+            gs.as_granularity(bad)
+    with pytest.raises(ValueError, match="granularity must be"):
+        gs.QuantSpec(4, gs.Granularity())  # the base type is not a granularity of its own
+
+
+def test_method_is_typed_text():
+    m = gs.Method.parse("awq+gptq")
+    assert m == "awq+gptq" and m.uses_awq and m.uses_gptq and str(m) == "awq+gptq"
+    assert [x for x in gs.Method if x.uses_gptq] == [gs.Method.GPTQ, gs.Method.AWQ_GPTQ]
+    assert not gs.Method.RTN.uses_awq and not gs.Method.RTN.uses_gptq
+    with pytest.raises(ValueError, match="unknown method 'hqq': use one of rtn, gptq, awq, awq\\+gptq"):
+        gs.Method.parse("hqq")
+    assert gs.GPTQOptions.from_dict({"damp": 0.1}) == gs.GPTQOptions(damp=0.1)
+    with pytest.raises(ValueError, match="unknown GPTQ options \\['dmap'\\]"):
+        gs.GPTQOptions.from_dict({"dmap": 0.1})

@@ -71,3 +71,17 @@ def test_quantize_applies_act_spec_and_clip():
         gs.set_act_quant(model, None)
         off = model(x).logits
     assert not torch.equal(on, off) and (on - off).abs().max() < 0.1 * off.abs().max()
+
+
+def test_foldable_groups_and_input_kinds():
+    """AWQ's fold check lives in arch: under grouped-query attention v -> o cannot fold (v is narrower
+    than o's input); q/k/v, gate/up and down read one tensor each."""
+    from gransearch.arch import arch_of, foldable, get_blocks, input_kinds
+
+    model = tiny_model("llama")  # 4 heads, 2 key/value heads
+    info = arch_of(model)
+    block = get_blocks(model)[0]
+    fold = {g.prev: foldable(block, g) for g in info.groups}
+    assert fold == {"input_layernorm": True, "self_attn.v_proj": False, "post_attention_layernorm": True, "mlp.up_proj": True}
+    assert input_kinds(model) == {"q_proj+k_proj+v_proj": ["q_proj", "k_proj", "v_proj"], "o_proj": ["o_proj"],
+                                  "gate_proj+up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"]}

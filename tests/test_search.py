@@ -139,6 +139,40 @@ def test_plan_json_round_trip_and_mismatch(tmp_path):
         QuantPlan.load(str(path))
 
 
+def test_layer_gptq_options_round_trip_and_apply(tmp_path):
+    """GPTQ layers carry their options through JSON; quantize() applies them, an explicit argument
+    wins, and a plan written with the old plan-wide ``meta["gptq"]`` still loads with its options."""
+    model = tiny_model("llama")
+    opts = gs.GPTQOptions(damp=0.05, act_order=True)
+    plan = QuantPlan.uniform(model, "w3c", "gptq", gptq=opts)
+    first = next(iter(plan.layers))
+    plan.layers[first] = gs.plan.LayerPlan("rtn", "w8c", opts)  # options of a rounding it does not use are dropped
+    assert plan.layers[first].gptq is None
+    back = QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back.layers == plan.layers
+
+    def weights(target, **kw):
+        m = tiny_model("llama")
+        gs.quantize(m, target, calib(), verbose=False, **kw)
+        return [get_module(m, n).dequantized_weight() for n in list(plan.layers)[1:]]
+
+    via_plan = weights(back)
+    via_args = weights({n: ("rtn", "w8c") if n == first else ("gptq", "w3c") for n in plan.layers}, damp=0.05, act_order=True)
+    assert all(torch.equal(a, b) for a, b in zip(via_plan, via_args))
+    overridden = weights(back, act_order=False)
+    assert not all(torch.equal(a, b) for a, b in zip(via_plan, overridden))
+
+    legacy = plan.to_dict()
+    for e in legacy["layers"].values():
+        e.pop("gptq", None)
+    legacy["meta"]["gptq"] = {"damp": 0.05, "act_order": True}
+    old = QuantPlan.from_dict(legacy)
+    assert old.layers == plan.layers and "gptq" not in old.meta
+    legacy["layers"][first]["gptq"] = {"dmap": 1}
+    with pytest.raises(gs.PlanFormatError, match="unknown GPTQ options"):
+        QuantPlan.from_dict(legacy)
+
+
 def _worker(storage, study, n, sleep, warm):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.Popen([sys.executable, "-m", "tests.search_worker", storage, study, str(n), str(sleep), "1" if warm else "0"],
@@ -224,7 +258,8 @@ def test_plans_carry_the_banks_gptq_options():
     model = tiny_model("llama")
     res = gs.optimize(model, budget_bytes=budget_between(model, 0.5), calib=calib(), eval_ids=None, methods=("gptq",),
                       bits=(3, 4), granularities=("channel", 16), n_trials=3, objective_fn=fake_objective(model), verbose=False)
-    assert res.plan.meta["gptq"] == {"damp": 0.01, "act_order": True}
+    gptq_opts = {lp.gptq for lp in res.plan.layers.values()}
+    assert gptq_opts == {gs.GPTQOptions(damp=0.01, act_order=True)} and "gptq" not in res.plan.meta
     bank = build_bank(model, calib(), ("gptq",), (3, 4), ("channel", 16), verbose=False)
     back = QuantPlan.from_dict(json.loads(json.dumps(res.plan.to_dict())))
     first = [n for n in back.layers if ".0." in n]
@@ -289,7 +324,7 @@ def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
     assert all(e.qweight is None for row in disk.entries for e in row)
     again = search.Bank.load(folder)
     for bank in (disk, again):
-        assert bank.keys == mem.keys and bank.gptq_options == mem.gptq_options
+        assert bank.keys == mem.keys and bank.gptq == mem.gptq
         for rm, rd in zip(mem.entries, bank.entries):
             for a, b in zip(rm, rd):
                 assert b.nbytes == a.nbytes and b.objective == a.objective

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..quantizer import block_view, dequantize_codes, qparams, quantize_codes
-from ..spec import PerGroup, PerTensor, QuantSpec
+from ..spec import QuantSpec
 from .rtn import rtn
 
 __all__ = ["awq_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
@@ -69,7 +69,7 @@ def awq_search(
 def _grouped(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` -> ``[out, ng, g]``, ``x`` -> ``[n, ng, g]`` where a block is ``g`` input columns of a row."""
     out_f, in_f = w.shape
-    g = spec.granularity.size if isinstance(spec.granularity, PerGroup) else in_f
+    g = spec.granularity.width(in_f)
     return w.reshape(out_f, in_f // g, g), x.reshape(x.shape[0], in_f // g, g)
 
 
@@ -87,7 +87,7 @@ def awq_clip_ratios(
     out_f = w.shape[0]
     wg, xg = _grouped(w, x, spec)  # [out, ng, g], [n, ng, g]
     ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid))]
-    if isinstance(spec.granularity, PerTensor):
+    if spec.granularity.spans_rows:
         blocks = block_view(w, spec)
         best_err, best_r = float("inf"), 1.0
         ref = torch.einsum("ogk,ngk->ogn", wg, xg)
@@ -181,8 +181,8 @@ def clip_ratios_hessian(
     out_f, in_f = w.shape
     ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid))]
     blocks = block_view(w, spec)
-    if isinstance(spec.granularity, PerGroup):
-        g = spec.granularity.size
+    if spec.granularity.grouped:
+        g = spec.granularity.width(in_f)
         ng = in_f // g
         Hb = torch.stack([H[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(ng)])  # [ng, g, g]
 
@@ -196,7 +196,7 @@ def clip_ratios_hessian(
             d = q - w
             return (d @ F).pow(2).sum(1, keepdim=True) if F is not None else ((d @ H) * d).sum(1, keepdim=True)
 
-        if isinstance(spec.granularity, PerTensor):
+        if spec.granularity.spans_rows:
             def err_of(q):
                 return row_err(q).sum().reshape(1, 1)
         else:

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..quantizer import ClipArg, QuantizedWeight, block_clip_ratios, block_view, check_weight, qparams, quantize_codes
-from ..spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from ..spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def gptq(
     W = _dead_zeroed(W, prep)
     in_f = W.shape[1]
     gran = spec.granularity
-    grouped = isinstance(gran, PerGroup)
+    grouped = gran.grouped
     if act_order and grouped and not static_groups:
         log.info("GPTQ%s: act_order with groups uses static groups (contiguous group storage)", " " + name if name else "")
-    g = gran.size if grouped else in_f
+    g = gran.width(in_f)
     scale_cols, zero_cols, known = _upfront_params(W, spec, clip, static_groups or act_order)
     cols = _column_groups(prep, in_f, g, dev)
     if known:
@@ -166,7 +166,7 @@ def gptq_many(
     out: list[Optional[GPTQResult]] = [None] * len(specs)
     batch = []
     for k, spec in enumerate(specs):
-        if isinstance(spec.granularity, PerGroup) and not act_order:
+        if spec.granularity.grouped and not act_order:
             out[k] = gptq(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, max_damp_tries=max_damp_tries, name=name, prepared=prep)
         else:
             check_weight(W, spec, name)
@@ -179,7 +179,7 @@ def gptq_many(
         for k in batch:
             spec = specs[k]
             sc, zc, _ = _upfront_params(W0, spec, None, True)
-            cols = _column_groups(prep, in_f, spec.granularity.size if isinstance(spec.granularity, PerGroup) else in_f, dev)
+            cols = _column_groups(prep, in_f, spec.granularity.width(in_f), dev)
             params.append((sc, zc))
             S.append(sc[:, cols])
             Z.append(zc[:, cols])
@@ -221,15 +221,15 @@ def _upfront_params(W: torch.Tensor, spec: QuantSpec, clip: ClipArg, static: boo
     (per-group parameters without ``static`` are taken inside the loop)."""
     out_f, in_f = W.shape
     gran = spec.granularity
-    n_groups = in_f // gran.size if isinstance(gran, PerGroup) else 1
+    n_groups = in_f // gran.width(in_f)
     scale_cols = torch.empty(out_f, n_groups, device=W.device)
     zero_cols = torch.empty(out_f, n_groups, device=W.device)
-    if isinstance(gran, PerTensor):
+    if gran.spans_rows:
         blocks = block_view(W, spec)
         sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
         scale_cols.fill_(float(sc)), zero_cols.fill_(float(zc))
         return scale_cols, zero_cols, True
-    if isinstance(gran, PerChannel) or static:
+    if not gran.grouped or static:
         blocks = block_view(W, spec)  # [out * n_groups, g]
         sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
         scale_cols.copy_(sc.view(out_f, n_groups)), zero_cols.copy_(zc.view(out_f, n_groups))
@@ -278,7 +278,7 @@ def _solve_columns(W, Hinv, S, Z, maxq, block_size, regroup=None) -> tuple[torch
 def _result(codes, scale_cols, zero_cols, spec: QuantSpec, prep: "GPTQPrepared", loss) -> GPTQResult:
     if prep.perm is not None:
         codes = codes[:, torch.argsort(prep.perm.to(codes.device))]
-    if isinstance(spec.granularity, PerTensor):
+    if spec.granularity.spans_rows:
         scale_cols, zero_cols = scale_cols[:1, :1], zero_cols[:1, :1]
     qw = QuantizedWeight(codes.to(torch.uint8), scale_cols.to(torch.float16), None if spec.symmetric else zero_cols.to(torch.uint8), spec)
     return GPTQResult(qw, prep.damp, prep.damp_raised, prep.n_dead, float(loss.sum()))

@@ -15,29 +15,17 @@ from typing import Optional
 import torch
 
 from ..quantizer import ClipArg, QuantizedWeight
+from ..methods import GPTQOptions, Method
 from ..spec import QuantSpec
 from .gptq import gptq
 from .rtn import rtn
 
 __all__ = ["GPTQOptions", "LayerResult", "quantize_layer", "uses_gptq"]
 
-GPTQ_METHODS = ("gptq", "awq+gptq")
 
-
-def uses_gptq(method: str) -> bool:
+def uses_gptq(method) -> bool:
     """Whether ``method`` rounds with GPTQ (and so needs the layer's Hessian)."""
-    return method in GPTQ_METHODS
-
-
-@dataclass(frozen=True)
-class GPTQOptions:
-    """GPTQ's options: dampening (fraction of the mean Hessian diagonal), lazy-batch block size,
-    column order by descending Hessian diagonal, group parameters from the original weights."""
-
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+    return Method.parse(method).uses_gptq
 
 
 @dataclass
@@ -60,10 +48,11 @@ def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec
         >>> torch.equal(a.codes, gs.rtn(w, gs.QuantSpec.parse("w4c")).codes)   # identity Hessian: GPTQ is RTN
         True
     """
-    if uses_gptq(method):
+    method = Method.parse(method)
+    if method.uses_gptq:
         if H is None:
             raise ValueError(f"{name or 'this layer'}: {method} needs the layer's Hessian")
         r = gptq(W, H, spec, damp=options.damp, block_size=options.block_size, act_order=options.act_order,
-                 static_groups=options.static_groups, clip=clip if method == "gptq" else None, name=name)
+                 static_groups=options.static_groups, clip=clip if method is Method.GPTQ else None, name=name)
         return LayerResult(r.qweight, r.damp)
-    return LayerResult(rtn(W, spec, clip=clip if method == "rtn" else None, name=name))
+    return LayerResult(rtn(W, spec, clip=clip if method is Method.RTN else None, name=name))
