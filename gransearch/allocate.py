@@ -16,25 +16,20 @@ import numpy as np
 from torch import nn
 
 from .arch import block_index, get_module, layer_kind, linear_shape
-from .cost import layer_nbytes
 from .errors import BudgetError, NonFiniteError
 from .methods import Method
 from .plan import GB, float_nbytes
+from .profiles import get_profile
 from .spec import PerChannel, QuantSpec, as_granularity
 
 __all__ = ["solve_knapsack", "candidate_specs", "check_candidates", "candidate_keys", "check_budget", "cost_and_losses",
-           "uniform_keys", "layer_kind", "depth_quarter"]
+           "uniform_keys", "layer_kind", "depth_quarter", "solve_tied"]
 
 
-def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
-    """Asymmetric specs for a layer: every bit width x every granularity that divides its input."""
-    out = []
-    for b in bits:
-        for g in granularities:
-            gran = as_granularity(g)
-            if gran.fits(shape[1]):
-                out.append(QuantSpec(int(b), gran))
-    return out
+def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence, profile=None) -> list[QuantSpec]:
+    """The specs a layer can take: every bit width x every granularity that divides its input, as
+    ``profile`` allows (default ``research``: all of them, asymmetric)."""
+    return get_profile(profile or "research").specs(shape, bits, granularities)
 
 
 def check_candidates(methods, bits, granularities) -> None:
@@ -51,23 +46,27 @@ def check_candidates(methods, bits, granularities) -> None:
         as_granularity(g)
 
 
-def candidate_keys(shapes, methods, bits, granularities) -> list[str]:
+def candidate_keys(shapes, methods, bits, granularities, profile=None) -> list[str]:
     """Every ``method:spec`` some layer of these ``[out, in]`` shapes can take (before any bank is built)."""
-    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities)}
+    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities, profile)}
     return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
 
 
-def check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int) -> tuple[int, list]:
+def check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int, profile=None,
+                 float_dtype=None) -> tuple[int, list]:
     """``(float bytes outside the linears, linear shapes)``; :class:`BudgetError` naming the feasible
     range when no plan fits or no search is needed. Needs only the candidate specs, so it runs
-    before any bank work."""
-    fixed = float_nbytes(model, exclude=set(names))
-    full = float_nbytes(model)
+    before any bank work. ``float_dtype``: the dtype floating-point tensors are counted at (default:
+    each at its own)."""
+    prof = get_profile(profile or "research")
+    fixed = float_nbytes(model, exclude=set(names), dtype=float_dtype)
+    full = float_nbytes(model, dtype=float_dtype)
     shapes = [linear_shape(get_module(model, n)) for n in names]
-    per_layer = [[layer_nbytes(s, sp) for sp in candidate_specs(s, bits, granularities)] for s in shapes]
+    per_layer = [[prof.nbytes(s, sp) for sp in prof.specs(s, bits, granularities)] for s in shapes]
     if any(not c for c in per_layer):
         bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
-        raise ValueError(f"no candidate spec fits layer {bad}: add 'channel' or a group size that divides its input")
+        raise ValueError(f"no candidate spec fits layer {bad} {shapes[names.index(bad)]} in the {prof.name} profile: "
+                         "add 'channel' or a group size that divides its input")
     smallest = fixed + sum(min(c) for c in per_layer)
     if budget < smallest:
         raise BudgetError(f"budget {budget:,} bytes ({budget / GB:.4f} GB) is below the smallest possible model "
@@ -147,4 +146,46 @@ def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Opti
         choice[flat // K] = int(flat % K)
     if min(choice) < 0:
         return None
+    return choice
+
+
+def solve_tied(costs: np.ndarray, losses: np.ndarray, keys: Sequence[Sequence[str]], groups: Sequence[Sequence[int]],
+               capacity: int) -> Optional[list[int]]:
+    """:func:`solve_knapsack` where the layers of each group (a fused serving set) take one spec.
+
+    A group and a spec make one item: its cost is the members' summed bytes at that spec, its loss
+    the sum over members of their best method at that spec (costs do not depend on the method, and
+    the loss is additive, so this is exact). Layers in no group are items on their own. Returns one
+    candidate index per layer, or ``None`` when infeasible.
+    """
+    L = costs.shape[0]
+    grouped = {i for g in groups for i in g}
+    items = [list(g) for g in groups] + [[i] for i in range(L) if i not in grouped]
+    per_item = []
+    for members in items:
+        options = {}
+        for i in members:
+            for j, key in enumerate(keys[i]):
+                if np.isfinite(losses[i, j]):
+                    spec = key.split(":", 1)[1]
+                    best = options.setdefault(spec, {}).get(i)
+                    if best is None or losses[i, j] < losses[i, best]:
+                        options[spec][i] = j
+        per_item.append([(sp, js) for sp, js in sorted(options.items()) if len(js) == len(members)])
+    K = max(len(o) for o in per_item)
+    if K == 0:
+        return None
+    c = np.zeros((len(items), K), dtype=np.int64)
+    f = np.full((len(items), K), np.inf)
+    for g, opts in enumerate(per_item):
+        for k, (_, js) in enumerate(opts):
+            c[g, k] = sum(int(costs[i, j]) for i, j in js.items())
+            f[g, k] = sum(float(losses[i, j]) for i, j in js.items())
+    pick = solve_knapsack(c, f, capacity)
+    if pick is None:
+        return None
+    choice = [-1] * L
+    for g, k in enumerate(pick):
+        for i, j in per_item[g][k][1].items():
+            choice[i] = j
     return choice

@@ -27,7 +27,7 @@ from torch import nn
 
 __all__ = [
     "ARCHS", "ArchInfo", "HEAD_ON_BASE", "LinearRef", "NO_CLIP_LEAVES", "ScaleGroup", "arch_of", "block_index", "block_linears",
-    "clips_after_awq", "foldable", "get_blocks", "get_module", "input_kinds", "layer_kind", "linear_shape", "linear_weight",
+    "FUSED_IN_SERVING", "clips_after_awq", "foldable", "fused_sets", "get_blocks", "get_module", "input_kinds", "layer_kind", "linear_shape", "linear_weight",
     "model_linears", "register_arch", "set_module",
 ]
 
@@ -41,6 +41,23 @@ HEAD_ON_BASE = frozenset({
 # linears whose output error passes through the attention softmax: AWQ searches no clip for them,
 # as the reference code does (query/key projections of every layout, GPT-2's fused c_attn)
 NO_CLIP_LEAVES = ("q_proj", "k_proj", "c_attn", "query", "key")
+
+
+# linears a serving engine fuses into one (vLLM: QKVParallelLinear, MergedColumnParallelLinear): one
+# fused layer has one quantization scheme, so these must share a spec to be servable
+FUSED_IN_SERVING = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def fused_sets(names) -> list[list[str]]:
+    """The linears among ``names`` that serving fuses, grouped: each set shares its parent module
+    and its leaves form one of :data:`FUSED_IN_SERVING`; a set misses none of its parts."""
+    by_parent: dict[tuple[str, int], list[str]] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        for k, fused in enumerate(FUSED_IN_SERVING):
+            if leaf in fused:
+                by_parent.setdefault((parent, k), []).append(n)
+    return [sorted(v, key=lambda n: FUSED_IN_SERVING[k].index(n.rsplit(".", 1)[-1])) for (_, k), v in by_parent.items() if len(v) > 1]
 
 
 def clips_after_awq(name: str) -> bool:

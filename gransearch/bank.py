@@ -37,11 +37,11 @@ from .algorithms.layer import quantize_layer
 from .allocate import candidate_specs, check_candidates
 from .arch import arch_of, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .calibrate import calibrate
-from .cost import layer_nbytes
 from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device
 from .evaluate import layer_objective
 from .plan import model_fingerprint, weights_fingerprint
+from .profiles import get_profile
 from .quantizer import QuantizedWeight
 from .sensitivity import output_fisher
 from .methods import GPTQOptions, Method
@@ -243,6 +243,7 @@ def build_bank(
     stats: Optional[dict] = None,
     fisher_windows: int = 16,
     store: Optional[str] = None,
+    profile: str = "research",
     verbose: bool = True,
 ) -> Bank:
     """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
@@ -284,7 +285,8 @@ def build_bank(
         fisher = output_fisher(model, windows, n_windows=fisher_windows, device=device, verbose=verbose)
     refs = model_linears(model, info)
     names = [r.name for r in refs]
-    specs = {r.name: candidate_specs(r.shape, bits, granularities) for r in refs}
+    prof = get_profile(profile)
+    specs = {r.name: candidate_specs(r.shape, bits, granularities, prof) for r in refs}
     keys: dict[str, list[str]] = {n: [] for n in names}
     entries: dict[str, list[BankEntry]] = {n: [] for n in names}
     energy = {}
@@ -293,7 +295,7 @@ def build_bank(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
 
     def add(name, method, spec, qw, in_scale, W, H):
-        entry = BankEntry(qw, in_scale, layer_nbytes(tuple(W.shape), spec), 0.0)
+        entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
         d = W - entry.effective_weight()
         rows = ((d @ H) * d).sum(1)
         entry.objective, entry.row_objective = float(rows.sum()), rows.cpu()
@@ -379,7 +381,7 @@ def build_bank(
         if store:
             sums.append(_store_layer(store, names.index(ref.name), entries[ref.name]))
     config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
-                         awq_rank=awq_rank, fisher_windows=fisher_windows)
+                         awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile)
     bank = Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
                 opts, fisher, config, sums)
     if store:
@@ -387,23 +389,24 @@ def build_bank(
     return bank
 
 
-def bank_config(model: nn.Module, calib, methods, bits, granularities, **options) -> dict:
+def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: str = "research", **options) -> dict:
     """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
-    calibration tokens and every option. Candidate lists are sets: their order changes nothing."""
+    calibration tokens, the profile and every option. Candidate lists are sets: their order changes nothing."""
+    prof = {} if get_profile(profile).name == "research" else {"profile": get_profile(profile).name}  # research banks keep their old key
     return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": tokens_sha256(calib),
             "methods": sorted(set(methods)), "bits": sorted({int(b) for b in bits}),
-            "granularities": sorted({as_granularity(g).tag() for g in granularities}), **options}
+            "granularities": sorted({as_granularity(g).tag() for g in granularities}), **prof, **options}
 
 
 def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"), bits=(2, 3, 4, 8),
              granularities=("tensor", "channel", 32, 64, 128), *, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
-             awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, verbose: bool = True) -> Bank:
+             awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, profile: str = "research", verbose: bool = True) -> Bank:
     """The bank stored in ``folder`` if it was built for this model, calibration and options; else
     build it there (entries on disk, see :func:`build_bank`). A killed build starts over; a
     corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
     holds the bank of *another model* (other weights) is refused, never overwritten."""
     opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
-    config = bank_config(model, calib, methods, bits, granularities, **opts)
+    config = bank_config(model, calib, methods, bits, granularities, profile=profile, **opts)
     manifest = os.path.join(folder, "bank.json")
     try:
         with open(manifest, encoding="utf-8") as fh:
@@ -421,5 +424,5 @@ def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"
     if bank is not None:
         log.info("reusing the bank stored in %s", folder)
         return bank
-    return build_bank(model, calib, methods, bits, granularities, device=device, store=folder, verbose=verbose, **opts)
+    return build_bank(model, calib, methods, bits, granularities, device=device, store=folder, profile=profile, verbose=verbose, **opts)
 

@@ -133,6 +133,9 @@ def cmd_quantize(args) -> int:
                     "total_seconds": round(time.perf_counter() - t0, 1)})
     if "ppl_fp" in summary:
         summary["ppl_change_pct"] = round(100 * (q.ppl / summary["ppl_fp"] - 1), 2)
+    if args.save:
+        saved = gs.save_quantized(model, args.save, dtype=args.save_dtype, tokenizer=tok)
+        summary["saved"] = _saved_summary(saved)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
@@ -141,6 +144,11 @@ def cmd_quantize(args) -> int:
             json.dump([r.to_dict() for r in res.records], fh, indent=1)
     _emit(summary, args.json)
     return 0
+
+
+def _saved_summary(saved) -> dict:
+    return {"folder": saved.folder, "quantized_bytes": saved.quantized_nbytes, "float_bytes": saved.float_nbytes,
+            "tensor_bytes": saved.quantized_nbytes + saved.float_nbytes, "file_bytes": saved.file_nbytes, "float_dtype": saved.float_dtype}
 
 
 def cmd_optimize(args) -> int:
@@ -154,7 +162,8 @@ def cmd_optimize(args) -> int:
         gs.QuantSpec.parse(args.budget_like)
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
-                                         "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order")}
+                                         "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
+                                         "profile", "float_dtype")}
     cfg["device"] = _device(args.device)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
@@ -165,7 +174,17 @@ def cmd_optimize(args) -> int:
                       n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
                       study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **runs.search_kwargs(cfg))
     summary = runs.write_run_folder(args.out, res, budget, storage, study_name)
-    print(json.dumps({k: summary[k] for k in ("budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan")}, indent=1))
+    shown = ["budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan"]
+    if args.save:  # the best plan, re-quantized as a user applies it, written as a checkpoint
+        tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
+        gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
+        saved = gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
+                                  profile="vllm" if args.profile == "vllm" else None)
+        summary["saved"] = _saved_summary(saved)
+        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        shown.append("saved")
+    print(json.dumps({k: summary[k] for k in shown}, indent=1))
     return 0
 
 
@@ -301,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq-tokens", type=_int_at_least(1), default=8192, help="calibration tokens for AWQ's scale search")
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the unquantized model first")
     p.add_argument("--out", default=None, help="folder for summary.json and layers.json")
+    p.add_argument("--save", default=None, help="write the quantized model here as a compressed-tensors checkpoint")
+    p.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved floating-point tensors (default: the model's published dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
@@ -327,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
+    p.add_argument("--profile", default="research", choices=("research", "vllm"),
+                   help="research: every candidate; vllm: only what vLLM serves, bytes of the compressed-tensors checkpoint")
+    p.add_argument("--float-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype the budget counts (and --save writes) floating-point tensors at (default: as loaded; "
+                        "vllm: the model's published dtype)")
+    p.add_argument("--save", default=None, help="write the best plan's model here as a compressed-tensors checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

@@ -9,6 +9,11 @@ with blocks of ``g`` weights (``n = out*in/g`` blocks) costs exactly::
 
 Per-channel is ``g = in`` (``n = out``); per-tensor is one block (``n = 1``).
 
+``format="compressed-tensors"`` counts what that checkpoint stores instead
+(:mod:`gransearch.export.compressed_tensors`): codes packed densely into int32 words per row
+(``out * ceil(in*b/32) * 4``), float16 scales, zero points packed into int32 words along the output
+dimension (``ceil(out*b/32) * groups * 4``, asymmetric only) and the int64 ``weight_shape`` (16).
+
     >>> from gransearch import QuantSpec, layer_nbytes
     >>> layer_nbytes((4096, 4096), QuantSpec.parse("w4g128"))
     8716288
@@ -20,7 +25,9 @@ import math
 
 from .spec import QuantSpec
 
-__all__ = ["layer_nbytes", "layer_n_blocks", "bits_per_weight"]
+__all__ = ["layer_nbytes", "layer_n_blocks", "bits_per_weight", "FORMATS"]
+
+FORMATS = ("gransearch", "compressed-tensors")
 
 
 def layer_n_blocks(shape: tuple[int, int], spec: QuantSpec) -> int:
@@ -30,10 +37,18 @@ def layer_n_blocks(shape: tuple[int, int], spec: QuantSpec) -> int:
     return spec.granularity.n_groups(out_f, in_f)
 
 
-def layer_nbytes(shape: tuple[int, int], spec: QuantSpec) -> int:
-    """Bytes that a ``[out, in]`` weight quantized with ``spec`` occupies as stored (no bias)."""
+def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransearch") -> int:
+    """Bytes that a ``[out, in]`` weight quantized with ``spec`` occupies as stored in ``format`` (no bias)."""
     out_f, in_f = shape
     n = layer_n_blocks(shape, spec)
+    if format == "compressed-tensors":
+        if spec.granularity.spans_rows:
+            raise ValueError(f"per-tensor {spec} has no compressed-tensors layout: use per-channel or groups")
+        cols = spec.granularity.params_shape(out_f, in_f)[1]
+        zeros = 0 if spec.symmetric else math.ceil(out_f * spec.bits / 32) * cols * 4
+        return out_f * math.ceil(in_f * spec.bits / 32) * 4 + 2 * n + zeros + 16
+    if format != "gransearch":
+        raise ValueError(f"unknown storage format {format!r}: use one of {', '.join(FORMATS)}")
     codes = math.ceil(out_f * in_f * spec.bits / 8)
     scales = 2 * n
     zeros = 0 if spec.symmetric else math.ceil(n * spec.bits / 8)

@@ -134,7 +134,9 @@ def perplexity(
     check_token_ids(ids, getattr(emb, "num_embeddings", None), "the evaluation ids")
     w = windows(ids, seqlen, max_windows)
     dev = next(model.parameters()).device
-    parts = _head_parts(model)
+    # hooks on the whole model (compressed-tensors decompresses a loaded checkpoint on the first
+    # forward) would be bypassed by calling the base and the head apart: use the full forward then
+    parts = None if model._forward_pre_hooks or model._forward_hooks else _head_parts(model)
     vocab = getattr(model.config, "vocab_size", None)
     total = 0.0
     count = 0

@@ -108,11 +108,13 @@ def _planned_names(model: nn.Module) -> list[str]:
     return [r.name for r in model_linears(model, arch_of(model))]
 
 
-def float_nbytes(model: nn.Module, exclude: Optional[set] = None) -> int:
-    """Bytes of every parameter and buffer-free weight not in ``exclude`` (linear names), counted once."""
+def float_nbytes(model: nn.Module, exclude: Optional[set] = None, dtype=None) -> int:
+    """Bytes of every parameter not in ``exclude`` (linear names: their weights), counted once; at
+    ``dtype`` if given (the dtype a checkpoint writes floats in), else each at its own."""
     exclude = exclude or set()
     seen = set()
     total = 0
+    size = None if dtype is None else torch.empty(0, dtype=dtype).element_size()
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             if mname in exclude and pname == "weight":
@@ -120,15 +122,16 @@ def float_nbytes(model: nn.Module, exclude: Optional[set] = None) -> int:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel() * p.element_size()
+            total += p.numel() * (size if size is not None and p.is_floating_point() else p.element_size())
     return total
 
 
-def plan_nbytes(model: nn.Module, layers: dict[str, "LayerPlan"]) -> int:
-    """Stored bytes of ``model`` quantized with ``layers`` (see the module docstring)."""
-    total = float_nbytes(model, exclude=set(layers))
+def plan_nbytes(model: nn.Module, layers: dict[str, "LayerPlan"], format: str = "gransearch", float_dtype=None) -> int:
+    """Stored bytes of ``model`` quantized with ``layers`` (see the module docstring), its linears in
+    ``format``'s layout and its floats at ``float_dtype`` (default: each at its own)."""
+    total = float_nbytes(model, exclude=set(layers), dtype=float_dtype)
     for name, lp in layers.items():
-        total += layer_nbytes(linear_shape(get_module(model, name)), lp.spec)
+        total += layer_nbytes(linear_shape(get_module(model, name)), lp.spec, format)
     return total
 
 
@@ -155,7 +158,10 @@ class QuantPlan:
             )
 
     def nbytes(self, model: nn.Module) -> int:
-        return plan_nbytes(model, self.layers)
+        """Whole-model bytes, counted as the search that made the plan counted them (its storage
+        ``format`` and float dtype, recorded in ``meta``; default gransearch's layout, floats as loaded)."""
+        fdt = self.meta.get("float_dtype")
+        return plan_nbytes(model, self.layers, self.meta.get("format", "gransearch"), None if fdt is None else getattr(torch, fdt))
 
     def summary(self) -> dict[str, int]:
         """How many layers use each ``method:spec``."""

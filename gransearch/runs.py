@@ -23,7 +23,7 @@ __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup
 
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
-            "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir")
+            "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype")
 
 
 # ---- option checks on text -----------------------------------------------------------------
@@ -140,6 +140,10 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: device {cfg['device']!r} is not cpu, cuda[:N] or mps")
     if not isinstance(cfg.get("act_order", True), bool):
         raise ValueError("stored run configuration: act_order must be true or false")
+    if cfg.get("profile", "research") not in ("research", "vllm"):
+        raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not research or vllm")
+    if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
     model = cfg["model"]
     if not isinstance(model, str) or not model:
         raise ValueError("stored run configuration: model must be a non-empty string")
@@ -169,7 +173,7 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
     val = gs.load_tokens(cfg["data"], tok, "validation")
     test = gs.load_tokens(cfg["data"], tok, "test")
     if cfg.get("budget_like"):
-        budget = gs.QuantPlan.uniform(model, cfg["budget_like"], "rtn").nbytes(model)
+        budget = budget_like(model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype"))
     elif cfg.get("budget_bytes"):
         budget = int(cfg["budget_bytes"])
     else:
@@ -177,11 +181,24 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
     return model, calib, val, test, budget
 
 
+def budget_like(model, spec: str, profile: str = "research", float_dtype=None) -> int:
+    """The bytes of the uniform plan ``spec`` as ``profile`` counts them (its storage format and,
+    for ``vllm``, floats at the dtype they are written in)."""
+    from .export import float_dtype_of
+    from .plan import QuantPlan, plan_nbytes
+    from .profiles import get_profile
+
+    prof = get_profile(profile)
+    fdt = float_dtype_of(model, float_dtype) if (float_dtype is not None or prof.float_dtype_of_model) else None
+    return plan_nbytes(model, QuantPlan.uniform(model, spec, "rtn").layers, prof.format, fdt)
+
+
 def search_kwargs(cfg: dict) -> dict:
     """The keyword arguments of :func:`gransearch.optimize` that a run configuration sets."""
     return dict(methods=csv_list(cfg["methods"]), bits=csv_list(cfg["bits"], int), granularities=csv_list(cfg["grans"], gran_token),
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
-                act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"))
+                act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"), profile=cfg.get("profile", "research"),
+                float_dtype=cfg.get("float_dtype"))
 
 
 def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, trust_remote_code: bool = False, verbose: bool = True):
@@ -227,7 +244,8 @@ def write_run_folder(out: str, res, budget: int, storage: str, study_name: str) 
     summary = {"budget_bytes": budget, "budget_gb": budget / GB, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
                "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
                "trials": res.n_trials, "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
-               "plan": res.plan.summary(), "storage": storage, "study": study_name}
+               "plan": res.plan.summary(), "storage": storage, "study": study_name,
+               "accounting": {k: res.plan.meta[k] for k in ("profile", "format", "float_dtype") if k in res.plan.meta}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     plot_pareto(res, budget, os.path.join(out, "pareto.png"))

@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from .allocate import (candidate_keys, candidate_specs, check_budget, check_candidates, cost_and_losses, depth_quarter, layer_kind,
-                       solve_knapsack, uniform_keys)
-from .arch import block_index, get_module, linear_weight, model_linears
+                       solve_knapsack, solve_tied, uniform_keys)
+from .arch import block_index, fused_sets, get_module, linear_weight, model_linears
+from .export import float_dtype_of
+from .profiles import get_profile
 from .bank import Bank, bank_config, bank_for, build_bank
 from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int
@@ -131,7 +133,8 @@ def _plan_id(keys: Sequence[str]) -> str:
     return hashlib.sha1(",".join(keys).encode()).hexdigest()[:16]
 
 
-def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows) -> dict:
+def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows,
+                   profile="research", float_dtype=None) -> dict:
     """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
     methods, bits, granularities = candidates
     if objective_fn is None and eval_ids is None:
@@ -142,14 +145,17 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         bconf = dict(bank.config)
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
-        bconf = bank_config(model, calib, methods, bits, granularities, act_order=act_order, **_BANK_DEFAULTS)
-        cand_keys = candidate_keys(shapes, methods, bits, granularities)
+        bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, act_order=act_order, **_BANK_DEFAULTS)
+        cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
         proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
                  "eval_windows": eval_windows}
     else:
         proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
-    return {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+    record = {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+    if float_dtype is not None:  # the budget counts floats at this dtype (absent: as loaded, the old records)
+        record["float_dtype"] = str(float_dtype).removeprefix("torch.")
+    return record
 
 
 def _pareto(complete, plan_of) -> list[ParetoPoint]:
@@ -219,6 +225,8 @@ def optimize(
     objective_fn: Optional[Callable[[nn.Module, Callable[[int, float], None]], float]] = None,
     warm_start: bool = True,
     study_attrs: Optional[dict] = None,
+    profile: str = "research",
+    float_dtype=None,
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -236,7 +244,11 @@ def optimize(
     enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's complete
     and pruned trials, whichever process ran them (failed ones are retried, not counted).
     ``study_attrs``: user attributes stored on the study once it is checked (the CLI keeps its run
-    configuration there for workers). Returns an :class:`OptimizeResult`; ``model`` itself is not
+    configuration there for workers). ``profile``: ``"research"`` (every candidate, gransearch's
+    byte layout) or ``"vllm"`` (only what vLLM serves, fused layers sharing a spec, bytes of the
+    compressed-tensors checkpoint; :mod:`gransearch.profiles`). ``float_dtype``: the dtype the
+    budget counts floating-point tensors at (default: as loaded for ``research``, the model's
+    published dtype for ``vllm``, as :func:`gransearch.save_quantized` writes them). Returns an :class:`OptimizeResult`; ``model`` itself is not
     modified.
 
     Resuming is safe: the study records everything its trial values depend on (weights, candidates,
@@ -259,16 +271,20 @@ def optimize(
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
     check_candidates(methods, bits, granularities)
+    prof = get_profile(profile)
+    prof.check_candidates(bits, granularities)
     check_device(device)
+    if float_dtype is not None or prof.float_dtype_of_model:
+        float_dtype = float_dtype_of(model, float_dtype)
     fingerprint = model_fingerprint(model)
     names = [r.name for r in model_linears(model)]
-    fixed, shapes = check_budget(model, names, bits, granularities, budget)
+    fixed, shapes = check_budget(model, names, bits, granularities, budget, prof, float_dtype)
 
     # ---- the study: bound to everything its values depend on, checked before any bank work
     if objective_fn is None and eval_ids is None:
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
-                            objective_fn, eval_ids, seqlen, eval_windows)
+                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
@@ -279,10 +295,10 @@ def optimize(
 
     if bank is None and bank_dir:
         bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                        **_BANK_DEFAULTS)
+                        profile=prof.name, **_BANK_DEFAULTS)
     elif bank is None:
         bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                          **_BANK_DEFAULTS)
+                          profile=prof.name, **_BANK_DEFAULTS)
     if bank.layers != names:
         raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)
@@ -293,6 +309,7 @@ def optimize(
     quarters = [depth_quarter(n, n_blocks) for n in names]
 
     assembler = _Assembler(model, bank, device)
+    tied = [[names.index(n) for n in g] for g in fused_sets(names)] if prof.fused else None
 
     def evaluate(mdl, report):
         if objective_fn is not None:
@@ -311,7 +328,10 @@ def optimize(
         w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
         base = bases[mode]
         weights = np.array([w_type[layer_kind(n)] * w_depth[q] for n, q in zip(names, quarters)])
-        choice = solve_knapsack(costs, base * weights[:, None], capacity)
+        if tied is None:
+            choice = solve_knapsack(costs, base * weights[:, None], capacity)
+        else:  # fused serving sets take one spec: chosen jointly
+            choice = solve_tied(costs, base * weights[:, None], bank.keys, tied, capacity)
         if choice is None:
             raise optuna.TrialPruned("knapsack infeasible")
         return choice, {"kind": "knapsack"}
@@ -359,9 +379,12 @@ def optimize(
     if not complete:
         raise SearchError("no trial completed: raise n_trials or the timeout")
 
+    accounting = {} if prof.name == "research" and float_dtype is None else {
+        "profile": prof.name, "format": prof.format, "float_dtype": None if float_dtype is None else str(float_dtype).removeprefix("torch.")}
+
     def plan_of(t) -> QuantPlan:
         return _plan_from_keys(bank, t.user_attrs["keys"], fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],
-                                                             "budget_bytes": budget, "kind": t.user_attrs.get("kind")})
+                                                             "budget_bytes": budget, "kind": t.user_attrs.get("kind"), **accounting})
 
     pareto = _pareto(complete, plan_of)
     baselines = {t.user_attrs["uniform"]: t.value for t in complete if t.user_attrs.get("uniform")}

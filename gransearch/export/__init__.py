@@ -1,0 +1,179 @@
+"""Write the quantized model as a checkpoint other tools load, and read it back.
+
+:func:`save_quantized` writes a model quantized by :func:`gransearch.quantize` (its linears are
+:class:`~gransearch.qlinear.QuantLinear`) as a compressed-tensors ``pack-quantized`` checkpoint:
+``config.json`` with its ``quantization_config``, ``model.safetensors``, the generation config and,
+when given, the tokenizer. ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it
+(with ``compressed-tensors`` installed) and vLLM serves it when every layer is in the ``vllm``
+profile (:mod:`gransearch.profiles`). :func:`load_quantized` reads it back with bit-identical codes.
+The layout and how our codes map to compressed-tensors' are in :mod:`.compressed_tensors`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .._files import atomic_write
+from ..arch import get_module, set_module
+from ..qlinear import QuantLinear
+from . import compressed_tensors as ct
+
+__all__ = ["save_quantized", "load_quantized", "SavedModel", "FORMATS", "float_dtype_of"]
+
+FORMATS = ("compressed-tensors",)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SavedModel:
+    """What :func:`save_quantized` wrote: the folder, the bytes of the quantized layers' tensors, of
+    the floating-point tensors, and of the whole safetensors file (its header included)."""
+
+    folder: str
+    quantized_nbytes: int
+    float_nbytes: int
+    file_nbytes: int
+    float_dtype: str
+    n_quantized: int
+
+
+def float_dtype_of(model: nn.Module, dtype: Union[None, str, torch.dtype] = None) -> torch.dtype:
+    """The dtype floating-point tensors are written in: ``dtype`` if given, else the dtype the model
+    was published in (``config.dtype``), else its parameters' dtype."""
+    if dtype is None:
+        dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+        if dtype is None:
+            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"unknown float dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"float dtype {dtype} is not a float type a checkpoint stores: use one of {', '.join(_DTYPES)}")
+    return dtype
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tensors", *, dtype=None, tokenizer=None,
+                   profile: Optional[str] = None) -> SavedModel:
+    """Write ``model`` (quantized by :func:`gransearch.quantize`) to ``folder`` in ``format``.
+
+    ``dtype``: of the floating-point tensors (embeddings, norms, an untied head, biases); default
+    the model's published dtype (:func:`float_dtype_of`). ``tokenizer``: saved beside it.
+    ``profile``: ``"vllm"`` refuses (naming the layers) a model vLLM cannot serve; see
+    :func:`gransearch.profiles.check_plan`. Layers quantized per tensor or with activation
+    quantization are refused: the format has no place for them.
+    """
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    qlayers = _quantized_layers(model)
+    if not qlayers:
+        raise ValueError("the model has no quantized layer: quantize it first (gs.quantize(model, plan, calib))")
+    acts = sorted(n for n, m in qlayers.items() if m.act_spec is not None)
+    if acts:
+        raise ValueError(f"activation quantization is not exported (layers {acts[:3]}...): set_act_quant(model, None) first")
+    bad = sorted(n for n, m in qlayers.items() if m.spec.granularity.spans_rows)
+    if bad:
+        raise ValueError(f"per-tensor layers cannot be written as compressed-tensors: {', '.join(bad[:5])}"
+                         f"{' and %d more' % (len(bad) - 5) if len(bad) > 5 else ''}; use per-channel or groups")
+    if profile is not None:
+        from ..profiles import get_profile
+
+        get_profile(profile).check_layers({n: m.spec for n, m in qlayers.items()})
+    fdt = float_dtype_of(model, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    qbytes = 0
+    for name, m in qlayers.items():
+        t = ct.layer_tensors(name, m.quantized_weight())
+        qbytes += sum(v.numel() * v.element_size() for v in t.values())
+        tensors.update(t)
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu", fdt).contiguous()
+    seen: dict[int, str] = {}
+    fbytes = 0
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner = pname.rsplit(".", 1)[0]
+        if owner in qlayers:
+            continue
+        if id(p) in seen or (tied and pname == "lm_head.weight"):
+            continue  # a tied tensor is stored once, under its first name
+        seen[id(p)] = pname
+        v = p.detach().to("cpu", fdt if p.is_floating_point() else p.dtype).contiguous()
+        tensors[pname] = v
+        fbytes += v.numel() * v.element_size()
+    for bname, b in model.named_buffers():
+        owner = bname.rsplit(".", 1)[0]
+        if owner in qlayers or not _persistent(model, bname):
+            continue
+        tensors[bname] = b.detach().cpu().contiguous()
+        fbytes += tensors[bname].numel() * tensors[bname].element_size()
+    os.makedirs(folder, exist_ok=True)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qlayers)
+    cfg = copy.deepcopy(model.config)
+    cfg.quantization_config = ct.quantization_config({n: m.spec for n, m in qlayers.items()}, ignore)
+    cfg.dtype = str(fdt).removeprefix("torch.")
+    path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return SavedModel(folder, qbytes, fbytes, os.path.getsize(path), str(fdt).removeprefix("torch."), len(qlayers))
+
+
+def _persistent(model: nn.Module, bname: str) -> bool:
+    owner, _, leaf = bname.rpartition(".")
+    mod = get_module(model, owner) if owner else model
+    return leaf not in getattr(mod, "_non_persistent_buffers_set", set())
+
+
+def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool = False) -> nn.Module:
+    """The model saved in ``folder`` by :func:`save_quantized`, its quantized linears as
+    :class:`~gransearch.qlinear.QuantLinear` holding the stored codes, scales and zeros exactly.
+    Compute runs in ``dtype`` (default: the stored float dtype)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_doc, layers = ct.read_config(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fdt = float_dtype_of(nn.Module(), dtype) if dtype is not None else _DTYPES.get(str(cfg_doc.get("dtype", "float32")), torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=fdt, trust_remote_code=trust_remote_code)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    for name, spec in layers.items():
+        lin = get_module(model, name)
+        qw = ct.layer_from_tensors(tensors, name, spec)
+        bias = tensors.get(f"{name}.bias")
+        if bias is not None:
+            lin.bias.data = bias.to(fdt)
+        set_module(model, name, QuantLinear.from_float(lin, qw))
+        for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias"):
+            tensors.pop(f"{name}.{k}", None)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in layers and not k.endswith(("qweight", "scales", "qzeros"))]
+    if unexpected:
+        raise ValueError(f"{folder}: tensors the model does not have: {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}")
+    model.eval()
+    return model.to(device) if device is not None else model
