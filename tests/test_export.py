@@ -188,3 +188,29 @@ def test_tied_solve_is_the_best_joint_choice():
             assert got is None
         else:
             assert sum(losses[i, j] for i, j in enumerate(got)) == pytest.approx(best)
+
+
+def test_cli_optimize_vllm_profile_saves_a_servable_checkpoint(cli_assets, tmp_path, capsys):
+    """`gransearch optimize --profile vllm --save DIR`: one command, a checkpoint transformers loads
+    whose tensors weigh what the summary says, and a plan within the budget counted the same way;
+    then `quantize --plan --save` writes the same plan again."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    out, save = tmp_path / "run", tmp_path / "ckpt"
+    argv = ["optimize", "--model", model_dir, "--data", text, "--out", str(out), "--device", "cpu", "--quiet", "--profile", "vllm",
+            "--budget-like", "w4g32", "--bits", "4,8", "--grans", "channel,32", "--methods", "rtn,gptq", "--trials", "6",
+            "--n-calib", "4", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "2", "--batch-size", "2", "--n-final", "0",
+            "--save", str(save)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accounting"] == {"profile": "vllm", "format": "compressed-tensors", "float_dtype": "float32"}
+    assert summary["saved"]["tensor_bytes"] == summary["plan_bytes"] <= summary["budget_bytes"]
+    hf = AutoModelForCausalLM.from_pretrained(str(save), quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert hf.config.vocab_size > 0 and os.path.exists(save / "tokenizer.json")
+    assert main(["quantize", "--model", model_dir, "--data", text, "--plan", str(out / "plan.json"), "--n-calib", "4",
+                 "--calib-seqlen", "32", "--seqlen", "32", "--skip-fp-eval", "--quiet", "--json", "--save", str(tmp_path / "again")]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["saved"]["tensor_bytes"] == summary["plan_bytes"]
