@@ -161,3 +161,43 @@ def test_ablation_and_diagnose_cli_small_run(tmp_path):
     # per-channel weight scales never do worse than one scale for the whole tensor, at 8 bits
     assert all(float(d["w_err_channel"]) <= float(d["w_err_tensor"]) * 1.01 for d in diag)
     assert (out / "heatmap_a_ratio.png").exists()
+
+
+@needs_smollm
+@pytest.mark.parametrize("plan_kind", ["w4g64", "w8cs", "w4g32s", "vllm-plan"])
+def test_smollm_export_loads_in_transformers(tmp_path, plan_kind):
+    """SmolLM2 exported as compressed-tensors and loaded by transformers gives gransearch's
+    perplexity (relative difference below 1e-4) and bit-identical codes through load_quantized.
+    RTN rounding (no calibration pass): the format is what is tested. ``vllm-plan``: the specs of the
+    searched vllm-profile plan committed in docs/data/export/plan.json (mixed 4/8 bits, fused sets
+    sharing specs)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model, tok = gs.load_model("smollm2-135m")
+    if plan_kind == "vllm-plan":
+        here = os.path.dirname(os.path.abspath(__file__))
+        plan = gs.QuantPlan.load(os.path.join(here, "..", "docs", "data", "export", "plan.json"))
+        gs.profiles.get_profile("vllm").check_layers({n: lp.spec for n, lp in plan.layers.items()})
+        target = {n: ("rtn", lp.spec) for n, lp in plan.layers.items()}
+    else:
+        target = plan_kind
+    gs.quantize(model, target, None, method="rtn", verbose=False)
+    saved = gs.save_quantized(model, str(tmp_path), tokenizer=tok)
+    test = gs.load_tokens("wiki-sample", tok, "test")
+    ours = gs.perplexity(model, test, seqlen=512, batch_size=3, max_windows=3, verbose=False).ppl
+    symmetric = all(m.spec.symmetric for m in model.modules() if isinstance(m, gs.QuantLinear))
+    kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), **kw)
+    theirs = gs.perplexity(hf, test, seqlen=512, batch_size=3, max_windows=3, verbose=False).ppl
+    assert abs(theirs / ours - 1) < 1e-4, (ours, theirs)
+    del hf
+    back = gs.load_quantized(str(tmp_path))
+    for name, m in model.named_modules():
+        if isinstance(m, gs.QuantLinear):
+            a, b = m.quantized_weight(), gs.arch.get_module(back, name).quantized_weight()
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), name
+    layers = {n: gs.LayerPlan("rtn", m.spec) for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+    fresh, _ = gs.load_model("smollm2-135m")
+    assert saved.quantized_nbytes + saved.float_nbytes == gs.plan.plan_nbytes(fresh, layers, "compressed-tensors", torch.float32)

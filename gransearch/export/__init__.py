@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -24,6 +25,8 @@ from .._files import atomic_write
 from ..arch import get_module, set_module
 from ..qlinear import QuantLinear
 from . import compressed_tensors as ct
+
+log = logging.getLogger(__name__)
 
 __all__ = ["save_quantized", "load_quantized", "SavedModel", "FORMATS", "float_dtype_of"]
 
@@ -91,7 +94,12 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
     if profile is not None:
         from ..profiles import get_profile
 
-        get_profile(profile).check_layers({n: m.spec for n, m in qlayers.items()})
+        prof = get_profile(profile)
+        prof.check_layers({n: m.spec for n, m in qlayers.items()})
+        untiled = prof.kernel_warnings({n: (m.out_features, m.in_features) for n, m in qlayers.items()})
+        if untiled:
+            log.warning("%d layers have shapes vLLM's Marlin kernels do not tile (out %% 64, in %% 128), e.g. %s: vLLM picks "
+                        "another kernel for them or refuses to load (docs/export.md)", len(untiled), untiled[0])
     fdt = float_dtype_of(model, dtype)
     tensors: dict[str, torch.Tensor] = {}
     qbytes = 0
