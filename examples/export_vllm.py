@@ -7,8 +7,8 @@ compressed-tensors, loaded back by transformers, against the `research` search a
 Protocol (that of docs/search.md): SmolLM2-135M-Instruct from the packaged GGUF, computed in float32;
 calibration 128 x 512 tokens of wiki-sample train (seed 0); candidates RTN, GPTQ (act-order) and AWQ
 at what the profile allows of bits 3, 4, 8 x per-channel and groups of 32 and 64; proxy 16 x 512
-validation tokens; the best 2 plans re-quantized sequentially and measured on the whole test split
-at seqlen 512. The budget is the size of uniform w4g64 *as the vllm profile counts it*: the
+validation tokens; the best plan by proxy re-quantized sequentially (as a user applies it), measured
+on the whole test split at seqlen 512, and that model exported. Killed, the same command resumes (the bank and the study are in --out). The budget is the size of uniform w4g64 *as the vllm profile counts it*: the
 compressed-tensors tensors (int32-packed codes, float16 scales, packed zero points, shapes) plus
 the floating-point tensors at float32, the dtype the packaged model is published in here (the
 tied 49152 x 576 embedding is 113 MB of it; ``--float-dtype bfloat16`` counts and writes it at half).
@@ -38,8 +38,10 @@ def run(args) -> None:
     test = gs.load_tokens("wiki-sample", tok, "test")
     budget = gs.runs.budget_like(model, "w4g64", "vllm", args.float_dtype)
     t0 = time.perf_counter()
-    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=("rtn", "gptq", "awq"),
-                      bits=(3, 4, 8), granularities=("channel", 32, 64), n_trials=args.trials, n_final=2, profile="vllm",
+    # no final stage inside optimize: the best plan is re-quantized once below, measured on the test
+    # split (the final stage's protocol) and that same model is exported
+    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=("rtn", "gptq", "awq"),
+                      bits=(3, 4, 8), granularities=("channel", 32, 64), n_trials=args.trials, n_final=0, profile="vllm",
                       float_dtype=args.float_dtype, storage=f"sqlite:///{os.path.abspath(args.out)}/study.db",
                       study_name="export-vllm", bank_dir=os.path.join(args.out, "bank"), device=args.device)
     search_s = time.perf_counter() - t0
@@ -60,7 +62,7 @@ def run(args) -> None:
     by_type = collections.defaultdict(collections.Counter)
     for name, lp in res.plan.layers.items():
         by_type[name.rsplit(".", 1)[-1]][f"{lp.method}:{lp.spec}"] += 1
-    summary = {"budget_bytes": budget, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "final_ppl": res.ppl, "trials": res.n_trials,
+    summary = {"budget_bytes": budget, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "final_ppl": ours, "trials": res.n_trials,
                "saved_tensor_bytes": saved.quantized_nbytes + saved.float_nbytes, "saved_file_bytes": saved.file_nbytes,
                "float_dtype": saved.float_dtype, "test_ppl_gransearch": ours, "test_ppl_transformers": theirs,
                "ppl_rel_diff": abs(theirs / ours - 1), "max_logit_diff": max_logit, "transformers_path": "compressed" if symmetric else "dequantize",

@@ -169,8 +169,9 @@ def test_smollm_export_loads_in_transformers(tmp_path, plan_kind):
     """SmolLM2 exported as compressed-tensors and loaded by transformers gives gransearch's
     perplexity (relative difference below 1e-4) and bit-identical codes through load_quantized.
     RTN rounding (no calibration pass): the format is what is tested. ``vllm-plan``: the specs of the
-    searched vllm-profile plan committed in docs/data/export/plan.json (mixed 4/8 bits, fused sets
-    sharing specs)."""
+    best knapsack plan of the vllm-profile search of docs/export.md, committed in
+    docs/data/export/knapsack_plan.json (4 and 8 bits, symmetric and asymmetric, per channel and
+    groups of 32 and 64, fused sets sharing specs)."""
     import os
 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -178,7 +179,7 @@ def test_smollm_export_loads_in_transformers(tmp_path, plan_kind):
     model, tok = gs.load_model("smollm2-135m")
     if plan_kind == "vllm-plan":
         here = os.path.dirname(os.path.abspath(__file__))
-        plan = gs.QuantPlan.load(os.path.join(here, "..", "docs", "data", "export", "plan.json"))
+        plan = gs.QuantPlan.load(os.path.join(here, "..", "docs", "data", "export", "knapsack_plan.json"))
         gs.profiles.get_profile("vllm").check_layers({n: lp.spec for n, lp in plan.layers.items()})
         target = {n: ("rtn", lp.spec) for n, lp in plan.layers.items()}
     else:
