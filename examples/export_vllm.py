@@ -1,7 +1,7 @@
 """The servable search on SmolLM2: a `vllm`-profile plan at the bytes of uniform w4g64, exported as
 compressed-tensors, loaded back by transformers, against the `research` search and the best uniform.
 
-    python examples/export_vllm.py --out runs/export [--trials 40] [--device cuda]
+    python examples/export_vllm.py --out runs/export [--profile vllm-asym] [--trials 20] [--device cuda]
     python examples/export_vllm.py --report runs/export      # the table of docs/export.md
 
 Protocol (that of docs/search.md): SmolLM2-135M-Instruct from the packaged GGUF, computed in float32;
@@ -36,19 +36,19 @@ def run(args) -> None:
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
     val = gs.load_tokens("wiki-sample", tok, "validation")
     test = gs.load_tokens("wiki-sample", tok, "test")
-    budget = gs.runs.budget_like(model, "w4g64", "vllm", args.float_dtype)
+    budget = gs.runs.budget_like(model, "w4g64", args.profile, args.float_dtype)
     t0 = time.perf_counter()
     # no final stage inside optimize: the best plan is re-quantized once below, measured on the test
     # split (the final stage's protocol) and that same model is exported
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=("rtn", "gptq", "awq"),
-                      bits=(3, 4, 8), granularities=("channel", 32, 64), n_trials=args.trials, n_final=0, profile="vllm",
+                      bits=(3, 4, 8), granularities=("channel", 32, 64), n_trials=args.trials, n_final=0, profile=args.profile,
                       float_dtype=args.float_dtype, storage=f"sqlite:///{os.path.abspath(args.out)}/study.db",
                       study_name="export-vllm", bank_dir=os.path.join(args.out, "bank"), device=args.device)
     search_s = time.perf_counter() - t0
     res.plan.save(os.path.join(args.out, "plan.json"))
     # the best plan as a user applies it, written, and read back by transformers
     gs.quantize(model, res.plan, calib, device=args.device, objective=False)
-    saved = gs.save_quantized(model, os.path.join(args.out, "checkpoint"), dtype=args.float_dtype, tokenizer=tok, profile="vllm")
+    saved = gs.save_quantized(model, os.path.join(args.out, "checkpoint"), dtype=args.float_dtype, tokenizer=tok, profile=args.profile)
     ours = gs.perplexity(model, test, seqlen=512, batch_size=4).ppl
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -67,7 +67,7 @@ def run(args) -> None:
                "float_dtype": saved.float_dtype, "test_ppl_gransearch": ours, "test_ppl_transformers": theirs,
                "ppl_rel_diff": abs(theirs / ours - 1), "max_logit_diff": max_logit, "transformers_path": "compressed" if symmetric else "dequantize",
                "search_seconds": search_s, "bank_seconds": res.bank_seconds, "by_type": {k: dict(v.most_common()) for k, v in by_type.items()},
-               "device": args.device or "cpu", "torch": torch.__version__}
+               "device": args.device or "cpu", "torch": torch.__version__, "profile": args.profile}
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     print(json.dumps(summary, indent=1))
@@ -83,7 +83,7 @@ def report(folder: str) -> None:
     print("|---|---|---:|---:|---:|")
     print(f"| best uniform w4g64 ({uni['method']}, {uni['variant']}) | gransearch layout, floats float32 | - | - | {float(uni['ppl']):.3f} |")
     print(f"| research search | gransearch layout, floats float32 | {r['budget_bytes']:,} | {r['plan_bytes']:,} | {r['final_ppl']:.3f} |")
-    print(f"| vllm search | compressed-tensors, floats {s['float_dtype']} | {s['budget_bytes']:,} | {s['plan_bytes']:,} | {s['final_ppl']:.3f} |")
+    print(f"| {s.get('profile', 'vllm-asym')} search | compressed-tensors, floats {s['float_dtype']} | {s['budget_bytes']:,} | {s['plan_bytes']:,} | {s['final_ppl']:.3f} |")
     print()
     print(f"exported checkpoint: {s['saved_tensor_bytes']:,} tensor bytes ({s['saved_file_bytes']:,} bytes of file); "
           f"test ppl {s['test_ppl_gransearch']:.4f} in gransearch, {s['test_ppl_transformers']:.4f} in transformers "
@@ -98,7 +98,8 @@ def report(folder: str) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/export")
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--profile", default="vllm-asym", choices=("vllm", "vllm-asym"))
     ap.add_argument("--device", default=None)
     ap.add_argument("--float-dtype", default=None, choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--report", default=None, help="print the tables from a finished --out folder")

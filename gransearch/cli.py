@@ -179,7 +179,7 @@ def cmd_optimize(args) -> int:
         tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
         gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
         saved = gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
-                                  profile="vllm" if args.profile == "vllm" else None)
+                                  profile=None if args.profile == "research" else args.profile)
         summary["saved"] = _saved_summary(saved)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -349,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
-    p.add_argument("--profile", default="research", choices=("research", "vllm"),
-                   help="research: every candidate; vllm: only what vLLM serves, bytes of the compressed-tensors checkpoint")
+    p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym"),
+                   help="research: every candidate; vllm: only what vLLM serves and transformers reloads (symmetric 4/8 bits), "
+                        "bytes of the compressed-tensors checkpoint; vllm-asym: vllm plus asymmetric 4 bits")
     p.add_argument("--float-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype the budget counts (and --save writes) floating-point tensors at (default: as loaded; "
                         "vllm: the model's published dtype)")

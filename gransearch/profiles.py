@@ -3,14 +3,17 @@
 * ``research``: every bit width 2..8 and granularity the user lists (asymmetric), counted in
   gransearch's own packed layout (:func:`gransearch.cost.layer_nbytes`). Not every plan can be
   served: vLLM takes only some specs and fuses layers.
-* ``vllm``: what vLLM's compressed-tensors WNA16 path serves. 4 bits (symmetric or asymmetric:
-  ``uint4b8``/``uint4`` with zero points) and 8 bits symmetric only (``uint8b128``; an
-  asymmetric 8-bit checkpoint passes vLLM's config checks but has no Marlin kernel), per channel or
-  in groups of 32, 64 or 128 along the input. Layers vLLM fuses (q/k/v, gate/up:
-  :data:`gransearch.arch.FUSED_IN_SERVING`) share one spec, chosen jointly as one knapsack item;
-  methods may differ inside a set (they change codes, not the format). Bytes are those the
-  compressed-tensors checkpoint stores, and the floating-point tensors are counted at the dtype they
-  are written in.
+* ``vllm``: what vLLM's compressed-tensors WNA16 path serves *and* transformers reloads: 4 and 8
+  bits symmetric (``uint4b8``, ``uint8b128``), per channel or in groups of 32, 64 or 128 along the
+  input. Layers vLLM fuses (q/k/v, gate/up: :data:`gransearch.arch.FUSED_IN_SERVING`) share one
+  spec, chosen jointly as one knapsack item; methods may differ inside a set (they change codes,
+  not the format). Bytes are those the compressed-tensors checkpoint stores, and the
+  floating-point tensors are counted at the dtype they are written in.
+* ``vllm-asym``: ``vllm`` plus asymmetric 4 bits (``uint4`` with zero points, which vLLM's Marlin
+  kernels run). transformers 5.24 with compressed-tensors 0.20 reloads such a checkpoint only when
+  it has one scheme (``dequantize=True``; docs/export.md), so a mixed plan of this profile is for
+  vLLM and gransearch. Asymmetric 8 bits is in neither: it passes vLLM's configuration checks but
+  has no Marlin kernel.
 
 Kernel shapes: vLLM's Marlin kernels tile the output in multiples of 64 and the input in multiples
 of 128 (per tensor-parallel shard); a layer outside that falls back to other kernels or is refused
@@ -94,15 +97,19 @@ class Profile:
     def kernel_warnings(self, shapes: dict) -> list[str]:
         """Layers whose ``[out, in]`` Marlin does not tile (out % 64, in % 128): vLLM picks another
         kernel or refuses them."""
-        if self.name != "vllm":
+        if not self.name.startswith("vllm"):
             return []
         return [f"{n} {tuple(s)}" for n, s in shapes.items() if s[0] % 64 or s[1] % 128]
 
 
+_VLLM_GRANS = (PerChannel(), PerGroup(32), PerGroup(64), PerGroup(128))
+
 PROFILES = {
     "research": Profile("research", "gransearch"),
-    "vllm": Profile("vllm", "compressed-tensors", bits=(4, 8), granularities=(PerChannel(), PerGroup(32), PerGroup(64), PerGroup(128)),
-                    symmetric={4: (False, True), 8: (True,)}, fused=True, float_dtype_of_model=True),
+    "vllm": Profile("vllm", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (True,), 8: (True,)},
+                    fused=True, float_dtype_of_model=True),
+    "vllm-asym": Profile("vllm-asym", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (False, True), 8: (True,)},
+                         fused=True, float_dtype_of_model=True),
 }
 
 

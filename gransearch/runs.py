@@ -140,8 +140,8 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: device {cfg['device']!r} is not cpu, cuda[:N] or mps")
     if not isinstance(cfg.get("act_order", True), bool):
         raise ValueError("stored run configuration: act_order must be true or false")
-    if cfg.get("profile", "research") not in ("research", "vllm"):
-        raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not research or vllm")
+    if cfg.get("profile", "research") not in ("research", "vllm", "vllm-asym"):
+        raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not research, vllm or vllm-asym")
     if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
     model = cfg["model"]

@@ -245,7 +245,7 @@ def optimize(
     and pruned trials, whichever process ran them (failed ones are retried, not counted).
     ``study_attrs``: user attributes stored on the study once it is checked (the CLI keeps its run
     configuration there for workers). ``profile``: ``"research"`` (every candidate, gransearch's
-    byte layout) or ``"vllm"`` (only what vLLM serves, fused layers sharing a spec, bytes of the
+    byte layout), ``"vllm"`` or ``"vllm-asym"`` (only what vLLM serves, fused layers sharing a spec, bytes of the
     compressed-tensors checkpoint; :mod:`gransearch.profiles`). ``float_dtype``: the dtype the
     budget counts floating-point tensors at (default: as loaded for ``research``, the model's
     published dtype for ``vllm``, as :func:`gransearch.save_quantized` writes them). Returns an :class:`OptimizeResult`; ``model`` itself is not

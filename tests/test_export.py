@@ -11,7 +11,7 @@ from gransearch.cost import layer_nbytes
 from gransearch.export import compressed_tensors as ct
 
 from .conftest import calib_windows
-from .tiny import VOCAB, tiny_model, token_stream
+from .tiny import tiny_model, token_stream
 
 compressed_tensors = pytest.importorskip("compressed_tensors", reason="needs the export extra: pip install compressed-tensors")
 
@@ -138,7 +138,7 @@ def test_vllm_profile_refuses_unservable_plans_by_name(tmp_path):
 def test_vllm_profile_search_is_servable_and_counted_exactly(tmp_path):
     """A vllm-profile search proposes only vLLM's specs, fused sets share one, and the saved
     checkpoint's tensors weigh exactly what the search counted."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama")
     names = [r.name for r in gs.arch.model_linears(model)]
@@ -148,7 +148,7 @@ def test_vllm_profile_search_is_servable_and_counted_exactly(tmp_path):
     plan = res.plan
     specs = {n: lp.spec for n, lp in plan.layers.items()}
     gs.profiles.get_profile("vllm").check_layers(specs)
-    assert {sp.bits for sp in specs.values()} <= {4, 8} and all(sp.symmetric for sp in specs.values() if sp.bits == 8)
+    assert {sp.bits for sp in specs.values()} <= {4, 8}
     for group in gs.arch.fused_sets(names):
         assert len({str(specs[n]) for n in group}) == 1
     assert plan.meta["format"] == "compressed-tensors" and plan.meta["float_dtype"] == "float32"
@@ -157,11 +157,10 @@ def test_vllm_profile_search_is_servable_and_counted_exactly(tmp_path):
     gs.quantize(work, plan, calib_windows(), verbose=False)
     saved = gs.save_quantized(work, str(tmp_path), profile="vllm")
     assert saved.quantized_nbytes + saved.float_nbytes == res.nbytes
-    symmetric = all(sp.symmetric for sp in specs.values())
-    kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), **kw)
+    assert all(sp.symmetric for sp in specs.values())  # the vllm profile: every plan reloads in transformers, exactly
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     ids = token_stream(1024, seed=5)
-    assert _ppl(hf, ids) == pytest.approx(_ppl(work, ids), rel=1e-4)
+    assert _ppl(hf, ids) == pytest.approx(_ppl(work, ids), rel=1e-6)
 
 
 def test_tied_solve_is_the_best_joint_choice():
@@ -194,7 +193,7 @@ def test_cli_optimize_vllm_profile_saves_a_servable_checkpoint(cli_assets, tmp_p
     """`gransearch optimize --profile vllm --save DIR`: one command, a checkpoint transformers loads
     whose tensors weigh what the summary says, and a plan within the budget counted the same way;
     then `quantize --plan --save` writes the same plan again."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
     from gransearch.cli import main
 
@@ -208,9 +207,19 @@ def test_cli_optimize_vllm_profile_saves_a_servable_checkpoint(cli_assets, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accounting"] == {"profile": "vllm", "format": "compressed-tensors", "float_dtype": "float32"}
     assert summary["saved"]["tensor_bytes"] == summary["plan_bytes"] <= summary["budget_bytes"]
-    hf = AutoModelForCausalLM.from_pretrained(str(save), quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = AutoModelForCausalLM.from_pretrained(str(save))
     assert hf.config.vocab_size > 0 and os.path.exists(save / "tokenizer.json")
     assert main(["quantize", "--model", model_dir, "--data", text, "--plan", str(out / "plan.json"), "--n-calib", "4",
                  "--calib-seqlen", "32", "--seqlen", "32", "--skip-fp-eval", "--quiet", "--json", "--save", str(tmp_path / "again")]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["saved"]["tensor_bytes"] == summary["plan_bytes"]
+
+
+def test_profiles_candidates():
+    vllm, asym = gs.profiles.get_profile("vllm"), gs.profiles.get_profile("vllm-asym")
+    assert [str(s) for s in vllm.specs((64, 96), (3, 4, 8), ("tensor", "channel", 32, 64))] == ["w4cs", "w4g32s", "w8cs", "w8g32s"]
+    assert [str(s) for s in asym.specs((64, 128), (4, 8), ("channel",))] == ["w4c", "w4cs", "w8cs"]
+    with pytest.raises(ValueError, match="takes bits \\[4, 8\\]"):
+        vllm.check_candidates((2, 3), ("channel",))
+    with pytest.raises(ValueError, match="unknown profile 'tgi'"):
+        gs.profiles.get_profile("tgi")

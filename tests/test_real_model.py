@@ -169,9 +169,9 @@ def test_smollm_export_loads_in_transformers(tmp_path, plan_kind):
     """SmolLM2 exported as compressed-tensors and loaded by transformers gives gransearch's
     perplexity (relative difference below 1e-4) and bit-identical codes through load_quantized.
     RTN rounding (no calibration pass): the format is what is tested. ``vllm-plan``: the specs of the
-    best knapsack plan of the vllm-profile search of docs/export.md, committed in
-    docs/data/export/knapsack_plan.json (4 and 8 bits, symmetric and asymmetric, per channel and
-    groups of 32 and 64, fused sets sharing specs)."""
+    best knapsack plan of the vllm-asym search of docs/export.md (docs/data/export/knapsack_plan.json:
+    4 and 8 bits, per channel and groups of 32 and 64, fused sets sharing specs), made symmetric so
+    that it is a ``vllm``-profile plan, which transformers reloads whole."""
     import os
 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -180,8 +180,10 @@ def test_smollm_export_loads_in_transformers(tmp_path, plan_kind):
     if plan_kind == "vllm-plan":
         here = os.path.dirname(os.path.abspath(__file__))
         plan = gs.QuantPlan.load(os.path.join(here, "..", "docs", "data", "export", "knapsack_plan.json"))
-        gs.profiles.get_profile("vllm").check_layers({n: lp.spec for n, lp in plan.layers.items()})
-        target = {n: ("rtn", lp.spec) for n, lp in plan.layers.items()}
+        specs = {n: gs.QuantSpec(lp.spec.bits, lp.spec.granularity, symmetric=True) for n, lp in plan.layers.items()}
+        assert len({str(sp) for sp in specs.values()}) > 3  # a mixed plan
+        gs.profiles.get_profile("vllm").check_layers(specs)
+        target = {n: ("rtn", sp) for n, sp in specs.items()}
     else:
         target = plan_kind
     gs.quantize(model, target, None, method="rtn", verbose=False)

@@ -73,7 +73,7 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
 
     ``dtype``: of the floating-point tensors (embeddings, norms, an untied head, biases); default
     the model's published dtype (:func:`float_dtype_of`). ``tokenizer``: saved beside it.
-    ``profile``: ``"vllm"`` refuses (naming the layers) a model vLLM cannot serve; see
+    ``profile``: ``"vllm"`` or ``"vllm-asym"`` refuses (naming the layers) a model vLLM cannot serve; see
     :func:`gransearch.profiles.check_plan`. Layers quantized per tensor or with activation
     quantization are refused: the format has no place for them.
     """
