@@ -59,8 +59,8 @@ def check_budget(model: nn.Module, names: list[str], bits, granularities, budget
     before any bank work. ``float_dtype``: the dtype floating-point tensors are counted at (default:
     each at its own)."""
     prof = get_profile(profile or "research")
-    fixed = float_nbytes(model, exclude=set(names), dtype=float_dtype)
-    full = float_nbytes(model, dtype=float_dtype)
+    fixed = float_nbytes(model, exclude=set(names), dtype=float_dtype, format=prof.format)
+    full = float_nbytes(model, dtype=float_dtype, format=prof.format)
     shapes = [linear_shape(get_module(model, n)) for n in names]
     per_layer = [[prof.nbytes(s, sp) for sp in prof.specs(s, bits, granularities)] for s in shapes]
     if any(not c for c in per_layer):

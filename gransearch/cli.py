@@ -82,11 +82,21 @@ def cmd_eval(args) -> int:
 
     t0 = time.perf_counter()
     gs.data.check_text_name(args.data)
+    if args.llamacpp and gs.models.gguf_source(args.model) is None:
+        raise ValueError(f"--llamacpp scores a GGUF file: {args.model!r} is not one (give a .gguf path or a packaged model)")
     model, tok = gs.load_model(args.model, dtype=args.dtype, device=_device(args.device), trust_remote_code=args.trust_remote_code)
     ids = gs.load_tokens(args.data, tok, args.split)
-    res = gs.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
+    if args.llamacpp:
+        from gransearch import llamacpp
+
+        del model
+        res = llamacpp.perplexity(gs.models.gguf_source(args.model), ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                                  verbose=not args.quiet)
+    else:
+        res = gs.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
     out = {
         "model": args.model,
+        "engine": "llama.cpp" if args.llamacpp else "torch",
         "data": f"{args.data}:{args.split}",
         "seqlen": args.seqlen,
         "perplexity": round(res.ppl, 4),
@@ -124,6 +134,10 @@ def cmd_quantize(args) -> int:
         fp = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
         summary["ppl_fp"] = round(fp.ppl, 4)
     clip = args.clip if args.clip in (None, "search") else float(args.clip)
+    if args.save_gguf:  # measure the model llama.cpp will run: the embedding as the GGUF stores it (Q8_0)
+        from gransearch.export.gguf import round_embeddings
+
+        round_embeddings(model, "Q8_0")
     res = gs.quantize(model, args.spec if plan is None else plan, calib, method=args.method, damp=args.damp, act_order=args.act_order,
                       static_groups=args.static_groups, clip=clip, awq_tokens=args.awq_tokens, device=dev, verbose=not args.quiet)
     q = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
@@ -136,6 +150,8 @@ def cmd_quantize(args) -> int:
     if args.save:
         saved = gs.save_quantized(model, args.save, dtype=args.save_dtype, tokenizer=tok)
         summary["saved"] = _saved_summary(saved)
+    if args.save_gguf:
+        summary["saved_gguf"] = _save_gguf(model, args, test)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
@@ -144,6 +160,22 @@ def cmd_quantize(args) -> int:
             json.dump([r.to_dict() for r in res.records], fh, indent=1)
     _emit(summary, args.json)
     return 0
+
+
+def _save_gguf(model, args, test) -> dict:
+    """Write ``args.save_gguf`` and, with ``--llamacpp-eval``, score it with llama.cpp on the same windows."""
+    import gransearch as gs
+    from gransearch.export import gguf as gg
+
+    saved = gg.save_gguf(model, args.save_gguf, source=gs.models.gguf_source(args.model), verbose=not args.quiet)
+    out = {"path": saved.path, "tensor_bytes": saved.tensor_nbytes, "file_bytes": saved.file_nbytes,
+           "types": dict(sorted(__import__("collections").Counter(saved.types.values()).items()))}
+    if getattr(args, "llamacpp_eval", False):
+        from gransearch import llamacpp
+
+        r = llamacpp.perplexity(saved.path, test, seqlen=args.seqlen, max_windows=args.max_windows, verbose=not args.quiet)
+        out["ppl_llamacpp"] = round(r.ppl, 4)
+    return out
 
 
 def _saved_summary(saved) -> dict:
@@ -181,9 +213,15 @@ def cmd_optimize(args) -> int:
         saved = gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
                                   profile=None if args.profile == "research" else args.profile)
         summary["saved"] = _saved_summary(saved)
+        shown.append("saved")
+    if args.save_gguf:
+        if not args.save:
+            gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
+        summary["saved_gguf"] = _save_gguf(model, args, test)
+        shown.append("saved_gguf")
+    if args.save or args.save_gguf:
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
-        shown.append("saved")
     print(json.dumps({k: summary[k] for k in shown}, indent=1))
     return 0
 
@@ -278,6 +316,12 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def _add_gguf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-gguf", default=None, metavar="FILE",
+                   help="write the quantized model as a GGUF for llama.cpp (layers in Q4_0/Q5_0/Q8_0: w4g32s/w5g32s/w8g32s)")
+    p.add_argument("--llamacpp-eval", action="store_true", help="score the --save-gguf file with llama.cpp on the test windows")
+
+
 def _add_ablation_args(p: argparse.ArgumentParser, n_calib: int, max_windows) -> None:
     _add_model_args(p)
     _add_eval_args(p)
@@ -298,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model on a text split")
     _add_model_args(p)
     _add_eval_args(p)
+    p.add_argument("--llamacpp", action="store_true", help="score the GGUF file with llama.cpp (CPU) instead of torch")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -323,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="write the quantized model here as a compressed-tensors checkpoint")
     p.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype of the saved floating-point tensors (default: the model's published dtype)")
+    _add_gguf_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
@@ -349,13 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
-    p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym"),
+    p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym", "gguf"),
                    help="research: every candidate; vllm: only what vLLM serves and transformers reloads (symmetric 4/8 bits), "
-                        "bytes of the compressed-tensors checkpoint; vllm-asym: vllm plus asymmetric 4 bits")
+                        "bytes of the compressed-tensors checkpoint; vllm-asym: vllm plus asymmetric 4 bits; gguf: llama.cpp's "
+                        "Q4_0/Q5_0/Q8_0 (--bits 4,5,8 --grans 32), bytes of the GGUF's tensors")
     p.add_argument("--float-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype the budget counts (and --save writes) floating-point tensors at (default: as loaded; "
                         "vllm: the model's published dtype)")
     p.add_argument("--save", default=None, help="write the best plan's model here as a compressed-tensors checkpoint")
+    _add_gguf_args(p)
+    p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

@@ -14,6 +14,9 @@ Per-channel is ``g = in`` (``n = out``); per-tensor is one block (``n = 1``).
 (``out * ceil(in*b/32) * 4``), float16 scales, zero points packed into int32 words along the output
 dimension (``ceil(out*b/32) * groups * 4``, asymmetric only) and the int64 ``weight_shape`` (16).
 
+``format="gguf"`` counts llama.cpp's block bytes (:mod:`gransearch.export.gguf`): ``w4g32s`` is
+``Q4_0`` (18 bytes per 32 weights), ``w5g32s`` ``Q5_0`` (22), ``w8g32s`` ``Q8_0`` (34).
+
     >>> from gransearch import QuantSpec, layer_nbytes
     >>> layer_nbytes((4096, 4096), QuantSpec.parse("w4g128"))
     8716288
@@ -27,7 +30,7 @@ from .spec import QuantSpec
 
 __all__ = ["layer_nbytes", "layer_n_blocks", "bits_per_weight", "FORMATS"]
 
-FORMATS = ("gransearch", "compressed-tensors")
+FORMATS = ("gransearch", "compressed-tensors", "gguf")
 
 
 def layer_n_blocks(shape: tuple[int, int], spec: QuantSpec) -> int:
@@ -47,6 +50,12 @@ def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransea
         cols = spec.granularity.params_shape(out_f, in_f)[1]
         zeros = 0 if spec.symmetric else math.ceil(out_f * spec.bits / 32) * cols * 4
         return out_f * math.ceil(in_f * spec.bits / 32) * 4 + 2 * n + zeros + 16
+    if format == "gguf":
+        from .export.gguf import TYPE_OF_SPEC, ggml_nbytes
+
+        if str(spec) not in TYPE_OF_SPEC:
+            raise ValueError(f"{spec} has no GGUF type: GGUF layers take {', '.join(f'{s} ({t})' for s, t in TYPE_OF_SPEC.items())}")
+        return ggml_nbytes(shape, TYPE_OF_SPEC[str(spec)])
     if format != "gransearch":
         raise ValueError(f"unknown storage format {format!r}: use one of {', '.join(FORMATS)}")
     codes = math.ceil(out_f * in_f * spec.bits / 8)

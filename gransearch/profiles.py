@@ -15,6 +15,13 @@
   vLLM and gransearch. Asymmetric 8 bits is in neither: it passes vLLM's configuration checks but
   has no Marlin kernel.
 
+* ``gguf``: what a GGUF stores for llama.cpp, from gransearch's own codes: ``w4g32s`` (``Q4_0``),
+  ``w5g32s`` (``Q5_0``) and ``w8g32s`` (``Q8_0``), each layer on its own (GGUF has a type per tensor,
+  nothing is fused). Bytes are llama.cpp's block bytes; the rest of the file is counted as
+  :func:`gransearch.export.gguf.save_gguf` writes it (norms F32, token embedding Q8_0), so the budget
+  is the file's tensor bytes. RTN, GPTQ, AWQ and AWQ+GPTQ all apply. The K-quants (256-weight
+  super-blocks, scales of their own) are not candidates yet: llama.cpp's presets use them.
+
 Kernel shapes: vLLM's Marlin kernels tile the output in multiples of 64 and the input in multiples
 of 128 (per tensor-parallel shard); a layer outside that falls back to other kernels or is refused
 by vLLM at load. The profile does not drop such layers; :func:`Profile.kernel_warnings` names them.
@@ -108,13 +115,14 @@ PROFILES = {
     "research": Profile("research", "gransearch"),
     "vllm": Profile("vllm", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (True,), 8: (True,)},
                     fused=True, float_dtype_of_model=True),
+    "gguf": Profile("gguf", "gguf", bits=(4, 5, 8), granularities=(PerGroup(32),), symmetric={4: (True,), 5: (True,), 8: (True,)}),
     "vllm-asym": Profile("vllm-asym", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (False, True), 8: (True,)},
                          fused=True, float_dtype_of_model=True),
 }
 
 
 def get_profile(profile) -> Profile:
-    """A :class:`Profile` by name (``research``, ``vllm``) or itself."""
+    """A :class:`Profile` by name (``research``, ``vllm``, ``vllm-asym``, ``gguf``) or itself."""
     if isinstance(profile, Profile):
         return profile
     if profile not in PROFILES:

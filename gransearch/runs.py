@@ -140,8 +140,10 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: device {cfg['device']!r} is not cpu, cuda[:N] or mps")
     if not isinstance(cfg.get("act_order", True), bool):
         raise ValueError("stored run configuration: act_order must be true or false")
-    if cfg.get("profile", "research") not in ("research", "vllm", "vllm-asym"):
-        raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not research, vllm or vllm-asym")
+    from .profiles import PROFILES
+
+    if cfg.get("profile", "research") not in PROFILES:
+        raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not one of {', '.join(PROFILES)}")
     if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
     model = cfg["model"]
@@ -169,6 +171,10 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
 
     gs.data.check_text_name(cfg["data"])
     model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"), trust_remote_code=trust_remote_code)
+    if cfg.get("profile") == "gguf":  # search the model llama.cpp will run: its embedding as the GGUF stores it
+        from .export.gguf import round_embeddings
+
+        round_embeddings(model, "Q8_0")
     calib = gs.sample_windows(gs.load_tokens(cfg["data"], tok, "train"), cfg["n_calib"], cfg["calib_seqlen"], seed=cfg["seed"])
     val = gs.load_tokens(cfg["data"], tok, "validation")
     test = gs.load_tokens(cfg["data"], tok, "test")

