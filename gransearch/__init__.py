@@ -18,9 +18,10 @@ from .quantize import QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
 from .ablate import ablate_activations, ablate_weights
 from .diagnostics import Diagnosis, diagnose
-from . import allocate, bank, diagnostics, errors, export, methods, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
+from . import allocate, bank, diagnostics, errors, export, llamacpp, methods, models, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
 from .runs import join_study
 from .export import load_quantized, save_quantized
+from .export.gguf import save_gguf
 from .errors import BankError, BudgetError, NonFiniteError, PlanFormatError, SearchError, StudyMismatchError
 from .cost import bits_per_weight, layer_nbytes
 from .data import load_text, load_tokens, sample_windows
@@ -67,6 +68,7 @@ __all__ = [
     "join_study",
     "load_quantized",
     "save_quantized",
+    "save_gguf",
     "layer_nbytes",
     "layer_objective",
     "load_model",

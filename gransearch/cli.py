@@ -151,7 +151,7 @@ def cmd_quantize(args) -> int:
         saved = gs.save_quantized(model, args.save, dtype=args.save_dtype, tokenizer=tok)
         summary["saved"] = _saved_summary(saved)
     if args.save_gguf:
-        summary["saved_gguf"] = _save_gguf(model, args, test)
+        summary["saved_gguf"] = _save_gguf(model, args, test, tok)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
@@ -162,12 +162,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _save_gguf(model, args, test) -> dict:
+def _save_gguf(model, args, test, tok=None) -> dict:
     """Write ``args.save_gguf`` and, with ``--llamacpp-eval``, score it with llama.cpp on the same windows."""
     import gransearch as gs
     from gransearch.export import gguf as gg
 
-    saved = gg.save_gguf(model, args.save_gguf, source=gs.models.gguf_source(args.model), verbose=not args.quiet)
+    src = gs.models.gguf_source(args.model)
+    saved = gg.save_gguf(model, args.save_gguf, source=src, tokenizer=None if src else tok, verbose=not args.quiet)
     out = {"path": saved.path, "tensor_bytes": saved.tensor_nbytes, "file_bytes": saved.file_nbytes,
            "types": dict(sorted(__import__("collections").Counter(saved.types.values()).items()))}
     if getattr(args, "llamacpp_eval", False):
@@ -217,7 +218,8 @@ def cmd_optimize(args) -> int:
     if args.save_gguf:
         if not args.save:
             gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
-        summary["saved_gguf"] = _save_gguf(model, args, test)
+        tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
+        summary["saved_gguf"] = _save_gguf(model, args, test, tok)
         shown.append("saved_gguf")
     if args.save or args.save_gguf:
         with open(os.path.join(args.out, "summary.json"), "w") as fh:

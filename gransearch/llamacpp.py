@@ -15,6 +15,7 @@ and files come out.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -48,6 +49,7 @@ class LlamaCppError(RuntimeError):
 
 _BACKEND = None
 _LOG_CB = None
+_RECENT: collections.deque = collections.deque(maxlen=6)  # llama.cpp's last warnings and errors
 
 
 def available() -> bool:
@@ -69,8 +71,11 @@ def _lib():
     if _BACKEND is None:
         @llama_cpp.llama_log_callback
         def _quiet(level, text, user_data):  # llama.cpp's own log goes to our logger at debug level
+            line = text.decode("utf-8", "replace").rstrip()
+            if level >= 3 and line:  # warnings and errors: kept to explain a refusal
+                _RECENT.append(line)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug(text.decode("utf-8", "replace").rstrip())
+                log.debug(line)
 
         _LOG_CB = _quiet
         llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p())
@@ -90,9 +95,10 @@ def _model(path: str):
     # build (llama-cpp-python 0.3.36, on AVX-512 machines) decoding a repacked model crashes, its own
     # quantize output included. The plain layout runs the same Q8_0 activation arithmetic.
     mp.use_extra_bufts = False
+    _RECENT.clear()
     model = lib.llama_model_load_from_file(path.encode(), mp)
     if not model:
-        raise LlamaCppError(f"llama.cpp could not load {path} (run with logging at DEBUG for its reason)")
+        raise LlamaCppError(f"llama.cpp could not load {path}: {' | '.join(_RECENT) or 'no reason given'}")
     try:
         yield model
     finally:
@@ -173,10 +179,9 @@ def imatrix_from_stats(stats: dict, gguf_names: dict) -> dict:
     """
     out = {}
     for name, st in stats.items():
-        H = getattr(st, "H", None)
-        if H is None or name not in gguf_names:
+        if getattr(st, "acc", None) is None or not st.n or name not in gguf_names:
             continue
-        out[gguf_names[name]] = (torch.diagonal(H).double() / 2).float().cpu().numpy()
+        out[gguf_names[name]] = (torch.diagonal(st.acc).double() / st.n).float().cpu().numpy()  # diag(sum x x^T) / n
     return out
 
 

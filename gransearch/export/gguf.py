@@ -30,6 +30,7 @@ rows, so codes and scales move with them unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -58,6 +59,9 @@ __all__ = [
     "SavedGGUF",
     "gguf_float_nbytes",
     "GGUF_ARCHS",
+    "gguf_names",
+    "round_embeddings",
+    "llamacpp_activations",
 ]
 
 # gransearch spec <-> ggml type, for the types whose codes gransearch writes unchanged
@@ -154,6 +158,16 @@ def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized
         c = np.concatenate([qs & 15, qs >> 4], axis=1) | (qh << 4)
     codes = torch.from_numpy(c.reshape(out_f, in_f).astype(np.uint8))
     return QuantizedWeight(codes, torch.from_numpy(d.copy()), None, spec)
+
+
+def gguf_names(model: nn.Module, arch: str = "llama") -> dict:
+    """``{HF linear name: GGUF tensor name}`` for the model's linears (llama.cpp's tensor map)."""
+    gguf = _gguf()
+    from ..arch import model_linears
+
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    tmap = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
+    return {r.name: tmap.get_name(f"{r.name}.weight", try_suffixes=(".weight",)) for r in model_linears(model)}
 
 
 def _qk_view(n_rows: int, n_head: int) -> tuple[int, int]:
@@ -263,6 +277,37 @@ def _ids_only_vocab(writer, vocab_size: int) -> None:
     writer.add_add_bos_token(False)
 
 
+def _hf_bpe_vocab(writer, tokenizer, vocab_size: int) -> bool:
+    """The model's byte-level BPE tokenizer as llama.cpp's ``gpt2`` vocabulary (tokens by id, merges,
+    special ids). ``False`` when the tokenizer is not byte-level BPE with merges (SentencePiece,
+    WordPiece..., or no merges, which llama.cpp refuses)."""
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    doc = json.loads(backend.to_str())
+    if (doc.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(doc.get("pre_tokenizer")):
+        return False
+    if not doc["model"].get("merges"):
+        return False  # llama.cpp refuses a BPE vocabulary without merges
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    toks = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    types = [int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.NORMAL)
+             for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(toks)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, tid in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id)):
+        if tid is not None:
+            setter(int(tid))
+    writer.add_add_bos_token(False)
+    return True
+
+
 def _float_tensor(t: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
     gguf = _gguf()
     a = t.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -277,15 +322,17 @@ def _float_tensor(t: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
         raise ValueError(f"the gguf package cannot write {type_name} from float weights: use F32, F16, Q8_0, Q4_0 or Q5_0") from None
 
 
-def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, embd_type: str = "Q8_0", float_type: str = "F32",
-              verbose: bool = True) -> SavedGGUF:
+def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, tokenizer=None, embd_type: str = "Q8_0",
+              float_type: str = "F32", verbose: bool = True) -> SavedGGUF:
     """Write ``model`` (quantized by :func:`gransearch.quantize` with GGUF specs, or partly/not at all)
     as a GGUF file llama.cpp loads.
 
     ``source``: the GGUF the model came from (``"smollm2-135m"`` or a path); its metadata and
     tokenizer are copied and its tensor names and order are kept. Without it, ``llama``-family
-    models get their hyperparameters from the HF config and a placeholder vocabulary (llama.cpp
-    scores token ids but cannot tokenize text). Other architectures raise ``ValueError``.
+    models get their hyperparameters from the HF config and the vocabulary of ``tokenizer`` when it
+    is byte-level BPE (GPT-2 style, as llama.cpp's ``gpt2`` model; other tokenizers, and no
+    tokenizer, give a placeholder vocabulary: llama.cpp then scores token ids but cannot tokenize
+    text). Other architectures raise ``ValueError``.
 
     Quantized linears are written in the ggml type of their spec (:data:`TYPE_OF_SPEC`); linears
     left in float as ``float_type``; the token embedding (and an untied ``output``) as ``embd_type``,
@@ -375,7 +422,10 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, embd
         writer.add_file_type(0)
     else:
         _arch_metadata(writer, model, arch)
-        _ids_only_vocab(writer, model.config.vocab_size)
+        if tokenizer is None or not _hf_bpe_vocab(writer, tokenizer, model.config.vocab_size):
+            if tokenizer is not None:
+                log.warning("the tokenizer is not byte-level BPE with merges: %s gets a placeholder vocabulary (llama.cpp scores token ids only)", path)
+            _ids_only_vocab(writer, model.config.vocab_size)
     writer.add_string("general.quantized_by", "gransearch")
     total = 0
     for name in order:

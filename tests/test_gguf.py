@@ -1,0 +1,248 @@
+"""GGUF export, proven by the gguf package's dequantizer, transformers' GGUF reader and llama.cpp itself."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gransearch as gs
+from gransearch.export import gguf as G
+from gransearch.plan import plan_nbytes
+
+from .conftest import calib_windows
+from .tiny import tiny_model, token_stream
+
+gguf = pytest.importorskip("gguf", reason="needs the gguf package (assets/dev extra)")
+needs_llamacpp = pytest.mark.skipif(not gs.llamacpp.available(), reason="needs llama-cpp-python (the gguf extra)")
+
+SEQ = 64
+
+
+def _ids():
+    return token_stream(4096, seed=5)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
+def test_blocks_are_what_ggml_dequantizes(type_name):
+    """Our codes written as ggml blocks dequantize (by the gguf package, which mirrors ggml) to exactly
+    our weights, read back bit for bit, and take the bytes the cost model counts."""
+    spec = G.SPEC_OF_TYPE[type_name]
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 160, generator=g) * torch.linspace(0.1, 3, 160)
+    W[3, :32] = 0.0  # an all-zero block
+    q = gs.rtn(W, spec, clip="search")
+    raw = G.encode(q)
+    assert raw.dtype == np.uint8 and raw.nbytes == G.ggml_nbytes((24, 160), type_name) == gs.layer_nbytes((24, 160), spec, "gguf")
+    assert np.array_equal(gguf.quants.dequantize(raw, G.ggml_type(type_name)), q.dequantize().numpy())
+    back = G.decode(raw, type_name, (24, 160))
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scale, q.scale)
+    assert G.ggml_type_of(spec) == type_name
+
+
+def test_ggml_block_bytes():
+    assert G.ggml_nbytes((576, 576), "Q4_0") == 576 * 18 * 18
+    assert G.ggml_nbytes((10, 256), "Q4_1") == 10 * 8 * 20
+    assert G.ggml_nbytes((10, 256), "Q5_1") == 10 * 8 * 24
+    assert G.ggml_nbytes((10, 512), "Q6_K") == 10 * 2 * 210
+    assert G.ggml_nbytes((10, 512), "Q2_K") == 10 * 2 * 84
+    with pytest.raises(ValueError, match="blocks of 256"):
+        G.ggml_nbytes((10, 576), "Q4_K")
+    with pytest.raises(ValueError, match="unknown ggml type"):
+        G.ggml_nbytes((10, 64), "Q9_9")
+    with pytest.raises(ValueError, match="no GGUF type"):
+        gs.layer_nbytes((8, 64), gs.QuantSpec.parse("w4g64"), "gguf")
+
+
+def test_qk_permutation_round_trips_and_interleaves_halves():
+    t = torch.arange(4 * 8).reshape(4 * 8, 1)  # 4 heads of 8 rows
+    p = G.permute_qk(t, 4)
+    assert torch.equal(G.unpermute_qk(p, 4), t)
+    # head 0: rows 0..3 are the first rotary half, 4..7 the second; llama.cpp interleaves them
+    assert p[:8, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_transformers_reads_the_written_weights(tmp_path):
+    """transformers' own GGUF reader (which undoes llama.cpp's q/k permutation) gets our weights back."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    G.save_gguf(model, str(tmp_path / "m.gguf"), embd_type="F32")
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ours = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+
+
+def _mixed_plan(model):
+    """A plan that uses every GGUF type and method, by layer kind."""
+    names = [r.name for r in gs.arch.model_linears(model)]
+    choice = {"q_proj": ("w4g32s", "gptq"), "k_proj": ("w4g32s", "awq"), "v_proj": ("w8g32s", "rtn"), "o_proj": ("w5g32s", "gptq"),
+              "gate_proj": ("w4g32s", "awq+gptq"), "up_proj": ("w5g32s", "awq"), "down_proj": ("w8g32s", "gptq")}
+    layers = {n: gs.LayerPlan.from_key("{1}:{0}".format(*choice[n.rsplit(".", 1)[-1]])) for n in names}
+    return gs.QuantPlan(layers, gs.plan.model_fingerprint(model))
+
+
+@needs_llamacpp
+def test_llamacpp_scores_the_unquantized_export_as_torch_does(tmp_path):
+    model = tiny_model("llama")
+    G.save_gguf(model, str(tmp_path / "f32.gguf"), embd_type="F32")
+    ids = _ids()
+    ours = gs.perplexity(model, ids, seqlen=SEQ, verbose=False)
+    theirs = gs.llamacpp.perplexity(str(tmp_path / "f32.gguf"), ids, seqlen=SEQ, verbose=False)
+    assert theirs.n_tokens == ours.n_tokens and theirs.n_windows == ours.n_windows
+    assert abs(theirs.ppl / ours.ppl - 1) < 1e-4
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("plan_kind", ["Q4_0", "mixed"])
+def test_llamacpp_scores_the_quantized_export_as_torch_does(tmp_path, plan_kind):
+    """llama.cpp's perplexity of the written file equals the torch model's within 1%; emulating its
+    8-bit activation blocks in torch closes most of the rest. The tensor bytes are the plan's count."""
+    model = tiny_model("llama")
+    G.round_embeddings(model, "Q8_0")
+    plan = gs.QuantPlan.uniform(model, "w4g32s", "gptq") if plan_kind == "Q4_0" else _mixed_plan(model)
+    gs.quantize(model, plan, calib_windows(), verbose=False)
+    ids = _ids()
+    torch_ppl = gs.perplexity(model, ids, seqlen=SEQ, verbose=False).ppl
+    with G.llamacpp_activations(model):
+        emulated = gs.perplexity(model, ids, seqlen=SEQ, verbose=False).ppl
+    saved = G.save_gguf(model, str(tmp_path / "q.gguf"))
+    assert saved.tensor_nbytes == plan_nbytes(model, plan.layers, "gguf")
+    reader = gguf.GGUFReader(saved.path)
+    assert sum(int(t.n_bytes) for t in reader.tensors) == saved.tensor_nbytes
+    want = {"Q4_0"} if plan_kind == "Q4_0" else {"Q4_0", "Q5_0", "Q8_0"}
+    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk") and t.name.endswith("weight")
+            and "norm" not in t.name} == want
+    cpp = gs.llamacpp.perplexity(saved.path, ids, seqlen=SEQ, verbose=False).ppl
+    assert abs(cpp / torch_ppl - 1) < 0.01
+    assert abs(cpp / emulated - 1) < 1e-3
+
+
+@needs_llamacpp
+def test_embedding_rounding_is_what_the_file_stores(tmp_path):
+    """round_embeddings gives the torch model the embedding the GGUF stores; doing it twice changes nothing."""
+    model = tiny_model("llama")
+    G.round_embeddings(model, "Q8_0")
+    once = model.get_input_embeddings().weight.detach().clone()
+    G.round_embeddings(model, "Q8_0")
+    assert torch.equal(once, model.get_input_embeddings().weight)
+    saved = G.save_gguf(model, str(tmp_path / "e.gguf"))
+    t = next(t for t in gguf.GGUFReader(saved.path).tensors if t.name == "token_embd.weight")
+    assert t.tensor_type.name == "Q8_0"
+    assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), once.numpy())
+
+
+def test_unstorable_layers_and_architectures_are_refused(tmp_path):
+    model = tiny_model("llama")
+    gs.quantize(model, "w4g64", None, method="rtn", verbose=False)
+    with pytest.raises(ValueError, match=r"quantized as w4g64, which GGUF cannot store.*profile='gguf'"):
+        G.save_gguf(model, str(tmp_path / "x.gguf"))
+    with pytest.raises(ValueError, match="needs its source GGUF"):
+        G.save_gguf(tiny_model("opt"), str(tmp_path / "y.gguf"))
+    with pytest.raises(FileNotFoundError, match="source GGUF"):
+        G.save_gguf(tiny_model("llama"), str(tmp_path / "z.gguf"), source=str(tmp_path / "missing.gguf"))
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@needs_llamacpp
+def test_source_metadata_is_copied_and_mismatches_refused(tmp_path):
+    """A GGUF written with a source keeps its metadata and tensor order; another model's source is refused."""
+    model = tiny_model("llama")
+    src = G.save_gguf(model, str(tmp_path / "src.gguf"), embd_type="F32").path
+    gs.quantize(model, "w8g32s", None, method="rtn", verbose=False)
+    out = G.save_gguf(model, str(tmp_path / "out.gguf"), source=src, embd_type="F32")
+    r_src, r_out = gguf.GGUFReader(src), gguf.GGUFReader(out.path)
+    assert [t.name for t in r_src.tensors] == [t.name for t in r_out.tensors]
+    for key in ("llama.attention.head_count_kv", "tokenizer.ggml.model", "llama.rope.freq_base"):
+        assert r_out.fields[key].contents() == r_src.fields[key].contents()
+    assert r_out.fields["general.quantized_by"].contents() == "gransearch"
+    other = tiny_model("llama", vocab=64)
+    with pytest.raises(ValueError, match="differs from the source"):
+        G.save_gguf(other, str(tmp_path / "bad.gguf"), source=src)
+
+
+@needs_llamacpp
+def test_llamacpp_quantizer_takes_overrides_and_an_importance_matrix(tmp_path):
+    """quantize_file runs llama.cpp's quantizer: per-tensor types are honoured, and an importance
+    matrix from our calibration statistics changes the rounding."""
+    model = tiny_model("llama")
+    src = G.save_gguf(model, str(tmp_path / "f32.gguf"), embd_type="F32").path
+    plain = gs.llamacpp.quantize_file(src, str(tmp_path / "q4.gguf"), "Q4_0", types={"blk.0.attn_v.weight": "Q8_0"})
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(plain).tensors}
+    assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.1.attn_v.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    stats = gs.calibrate(model, calib_windows(), verbose=False)
+    names = G.gguf_names(model)
+    imat = gs.llamacpp.imatrix_from_stats(stats, names)
+    assert set(imat) == set(names.values())
+    for n, gname in names.items():  # llama.cpp's imatrix: mean x_j^2 per input column = half the Hessian's diagonal
+        assert np.allclose(imat[gname], torch.diagonal(stats[n].hessian).numpy() / 2, rtol=1e-5)
+    weighted = gs.llamacpp.quantize_file(src, str(tmp_path / "q4i.gguf"), "Q4_0", imatrix=imat)
+    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(plain).tensors}
+    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(weighted).tensors}
+    assert not np.array_equal(a["blk.1.ffn_up.weight"], b["blk.1.ffn_up.weight"])
+    with pytest.raises(ValueError, match="unknown llama.cpp preset"):
+        gs.llamacpp.quantize_file(src, str(tmp_path / "x.gguf"), "Q4_Z")
+
+
+def test_gguf_profile_search_returns_storable_plans_counted_exactly(tmp_path):
+    model = tiny_model("llama")
+    G.round_embeddings(model, "Q8_0")
+    budget = plan_nbytes(model, gs.QuantPlan.uniform(model, "w5g32s", "rtn").layers, "gguf")
+    res = gs.optimize(model, budget_bytes=budget, calib=calib_windows(), eval_ids=_ids(), final_ids=None, profile="gguf",
+                      methods=("rtn", "gptq"), bits=(4, 5, 8), granularities=(32,), n_trials=6, seqlen=SEQ, eval_windows=4,
+                      verbose=False)
+    assert res.nbytes <= budget
+    assert {str(lp.spec) for lp in res.plan.layers.values()} <= set(G.TYPE_OF_SPEC)
+    assert res.plan.meta["format"] == "gguf"
+    fresh = tiny_model("llama")
+    G.round_embeddings(fresh, "Q8_0")
+    gs.quantize(fresh, res.plan, calib_windows(), verbose=False)
+    saved = G.save_gguf(fresh, str(tmp_path / "s.gguf"))
+    assert saved.tensor_nbytes == res.nbytes == res.plan.nbytes(fresh)
+    with pytest.raises(ValueError, match="gguf profile takes bits"):
+        gs.optimize(model, budget_bytes=budget, calib=calib_windows(), eval_ids=_ids(), profile="gguf", bits=(3,), granularities=(32,),
+                    n_trials=1, verbose=False)
+
+
+def _bpe_tokenizer_with_merges():
+    """The byte tokenizer of the CLI models plus four merges (llama.cpp wants a BPE vocabulary with merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = [("q", "u"), ("a", "n"), ("e", "r"), ("l", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@needs_llamacpp
+def test_cli_quantize_and_eval_with_llamacpp(cli_assets, tmp_path, capsys):
+    """quantize --save-gguf --llamacpp-eval, then eval --llamacpp on the file: transformers tokenizes
+    the text from the written vocabulary and llama.cpp scores it, the same number both times."""
+    from gransearch.cli import main
+
+    from .conftest import CLI_VOCAB
+
+    _, _, text = cli_assets
+    model_dir = str(tmp_path / "bpe_model")
+    tiny_model("llama", vocab=CLI_VOCAB).save_pretrained(model_dir)
+    _bpe_tokenizer_with_merges().save_pretrained(model_dir)
+    out = tmp_path / "tiny.gguf"
+    assert main(["quantize", "--model", model_dir, "--data", text, "--spec", "w4g32s", "--method", "gptq", "--n-calib", "4",
+                 "--calib-seqlen", "32", "--seqlen", "32", "--skip-fp-eval", "--save-gguf", str(out), "--llamacpp-eval",
+                 "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    g = summary["saved_gguf"]
+    assert g["types"]["Q4_0"] == 14 and g["tensor_bytes"] < g["file_bytes"]
+    assert abs(g["ppl_llamacpp"] / summary["ppl_quantized"] - 1) < 0.01
+    assert main(["eval", "--model", str(out), "--data", text, "--seqlen", "32", "--llamacpp", "--json", "--quiet"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["engine"] == "llama.cpp" and ev["perplexity"] == g["ppl_llamacpp"]
+    assert main(["eval", "--model", model_dir, "--data", text, "--llamacpp", "--quiet"]) == 2
+    assert "not one" in capsys.readouterr().err
