@@ -1,0 +1,181 @@
+"""llama.cpp's own presets against the gguf-profile search at each preset's file size, all scored by llama.cpp.
+
+    python examples/gguf_presets.py --out runs/gguf [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M] [--trials 20]
+    python examples/gguf_presets.py --report runs/gguf      # the tables of docs/gguf.md
+
+Protocol: SmolLM2-135M-Instruct from the packaged GGUF, computed in float32 and written as an F32
+GGUF (its metadata and tokenizer copied). llama.cpp's presets are made from that file by
+``llama_model_quantize`` (llama-cpp-python 0.3.36), once without and once with an importance matrix
+computed from gransearch's calibration statistics (128 x 512 tokens of wiki-sample train, seed 0:
+the mean of x^2 per input column of every linear). The search (``profile="gguf"``: Q4_0, Q5_0 and
+Q8_0 per linear from RTN, GPTQ with act-order and AWQ codes; the token embedding in Q8_0, as
+every one of these presets keeps it for this model) runs at each preset's exact tensor bytes, on
+the same calibration, with a proxy of 16 x 512 validation tokens; its best plan is re-quantized,
+written as GGUF and scored. Every perplexity in the table is llama.cpp's (CPU, default context:
+F16 KV cache) on the same test windows (seqlen 512). Killed, the same command resumes: finished
+rows are kept in results.json, the bank and the studies in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import torch
+
+import gransearch as gs
+from gransearch import llamacpp
+from gransearch.errors import BudgetError
+from gransearch.export import gguf as G
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+def _types(path: str) -> dict:
+    import gguf
+
+    c = collections.Counter()
+    for t in gguf.GGUFReader(path).tensors:
+        kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.rsplit(".", 1)[0]
+        if t.tensor_type.name != "F32" or kind not in ("attn_norm", "ffn_norm", "output_norm"):
+            c[f"{kind}:{t.tensor_type.name}"] += 1
+    return dict(sorted(c.items()))
+
+
+def _tensor_bytes(path: str) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def _imatrix(model, calib, path: str) -> dict:
+    from safetensors.numpy import load_file, save_file
+
+    if not os.path.exists(path):
+        stats = gs.calibrate(model, calib)
+        save_file(llamacpp.imatrix_from_stats(stats, G.gguf_names(model)), path)
+        del stats
+    return load_file(path)
+
+
+def run(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    res_path = os.path.join(args.out, "results.json")
+    rows = json.load(open(res_path)) if os.path.exists(res_path) else {}
+
+    def keep(name, row):
+        rows[name] = row
+        with open(res_path + ".tmp", "w") as fh:
+            json.dump(rows, fh, indent=1)
+        os.replace(res_path + ".tmp", res_path)
+        print(name, json.dumps(row))
+
+    model, tok = gs.load_model("smollm2-135m")
+    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
+    val = gs.load_tokens("wiki-sample", tok, "validation")
+    test = gs.load_tokens("wiki-sample", tok, "test")
+
+    def score(path):
+        r = llamacpp.perplexity(path, test, seqlen=512, max_windows=args.max_windows, verbose=False)
+        return {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds}
+
+    f32 = os.path.join(args.out, "f32.gguf")
+    if not os.path.exists(f32):
+        G.save_gguf(model, f32, source="smollm2-135m", embd_type="F32")
+    if "f32" not in rows:
+        keep("f32", {"kind": "reference", "tensor_bytes": _tensor_bytes(f32), **score(f32)})
+    if "source" not in rows:
+        src = gs.models.packaged_gguf("smollm2-135m")
+        keep("source", {"kind": "reference", "tensor_bytes": _tensor_bytes(src), "types": _types(src), **score(src)})
+    imat = _imatrix(model, calib, os.path.join(args.out, "imatrix.safetensors"))
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    for preset in presets:
+        for with_imatrix in (False, True):
+            name = f"{preset}{'+imatrix' if with_imatrix else ''}"
+            if name in rows:
+                continue
+            path = os.path.join(args.out, f"{name}.gguf")
+            t0 = time.perf_counter()
+            llamacpp.quantize_file(f32, path, preset, imatrix=imat if with_imatrix else None)
+            keep(name, {"kind": "llama.cpp", "preset": preset, "imatrix": with_imatrix, "tensor_bytes": _tensor_bytes(path),
+                        "quantize_seconds": time.perf_counter() - t0, "types": _types(path), **score(path)})
+            os.remove(path)  # the sizes and types are recorded; the files are remade in seconds
+
+    del model
+    for preset in presets:
+        name = f"search@{preset}"
+        if name in rows:
+            continue
+        budget = rows[preset]["tensor_bytes"]
+        model, _ = gs.load_model("smollm2-135m")
+        G.round_embeddings(model, "Q8_0")  # the embedding as the file stores it
+        t0 = time.perf_counter()
+        try:
+            res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=METHODS, bits=(4, 5, 8),
+                              granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf",
+                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", study_name=f"gguf-{budget}",
+                              bank_dir=os.path.join(args.out, "bank"), device=args.device)
+        except BudgetError as exc:
+            keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "infeasible": str(exc)})
+            continue
+        search_s = time.perf_counter() - t0
+        res.plan.save(os.path.join(args.out, f"plan-{preset}.json"))
+        gs.quantize(model, res.plan, calib, device=args.device, objective=False)
+        path = os.path.join(args.out, f"search-{preset}.gguf")
+        saved = G.save_gguf(model, path, source="smollm2-135m")
+        torch_ppl = gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
+        by_kind = collections.defaultdict(collections.Counter)
+        for n, lp in res.plan.layers.items():
+            by_kind[n.rsplit(".", 1)[-1]][f"{lp.method}:{G.TYPE_OF_SPEC[str(lp.spec)]}"] += 1
+        keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes,
+                    "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
+                    "search_seconds": search_s, "types": _types(path), "by_kind": {k: dict(v.most_common()) for k, v in by_kind.items()},
+                    **score(path)})
+        os.remove(path)
+        del model
+    print(report_text(rows))
+
+
+def report_text(rows: dict) -> str:
+    ref = rows.get("f32", {})
+    out = [f"F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
+           f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
+           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search's bytes |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    lin_weights = 134_515_008 - 49_152 * 576 - 61 * 576  # SmolLM2's linear weights (all parameters less embedding and norms)
+    for name, r in rows.items():
+        if r.get("kind") != "llama.cpp" or r.get("imatrix"):
+            continue
+        p = r["preset"]
+        im = rows.get(f"{p}+imatrix", {})
+        s = rows.get(f"search@{p}", {})
+        embd = 49_152 * 576 // 32 * 34
+        bpw = 8 * (r["tensor_bytes"] - embd - 61 * 576 * 4) / lin_weights
+        flat = " (4-bit: flattered, see below)" if bpw >= 4.0 else ""
+        sp = f"{s['ppl']:.3f}" if "ppl" in s else ("infeasible" if "infeasible" in s else "-")
+        out.append(f"| {p}{flat} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | {sp} | "
+                   f"{s.get('tensor_bytes', 0):,} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/gguf")
+    ap.add_argument("--presets", default="Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: the whole test split)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--report", default=None, metavar="FOLDER", help="print the tables of a finished run")
+    args = ap.parse_args()
+    if args.report:
+        print(report_text(json.load(open(os.path.join(args.report, "results.json")))))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
