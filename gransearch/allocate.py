@@ -26,10 +26,11 @@ __all__ = ["solve_knapsack", "candidate_specs", "check_candidates", "candidate_k
            "uniform_keys", "layer_kind", "depth_quarter", "solve_tied"]
 
 
-def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence, profile=None) -> list[QuantSpec]:
+def candidate_specs(shape: tuple[int, int], bits: Sequence[int], granularities: Sequence, profile=None, methods=None) -> list:
     """The specs a layer can take: every bit width x every granularity that divides its input, as
-    ``profile`` allows (default ``research``: all of them, asymmetric)."""
-    return get_profile(profile or "research").specs(shape, bits, granularities)
+    ``profile`` allows (default ``research``: all of them, asymmetric), and the profile's own types
+    (the ``gguf`` profile's K-quants) when ``methods`` holds the method that makes them."""
+    return get_profile(profile or "research").specs(shape, bits, granularities, methods)
 
 
 def check_candidates(methods, bits, granularities) -> None:
@@ -48,12 +49,12 @@ def check_candidates(methods, bits, granularities) -> None:
 
 def candidate_keys(shapes, methods, bits, granularities, profile=None) -> list[str]:
     """Every ``method:spec`` some layer of these ``[out, in]`` shapes can take (before any bank is built)."""
-    specs = {str(sp) for shape in shapes for sp in candidate_specs(shape, bits, granularities, profile)}
-    return sorted(f"{m}:{sp}" for m in set(methods) for sp in specs)
+    specs = {sp for shape in shapes for sp in candidate_specs(shape, bits, granularities, profile, methods)}
+    return sorted({f"{m}:{sp}" for m in set(methods) for sp in specs if Method.parse(m).accepts(sp)})
 
 
 def check_budget(model: nn.Module, names: list[str], bits, granularities, budget: int, profile=None,
-                 float_dtype=None) -> tuple[int, list]:
+                 float_dtype=None, methods=None) -> tuple[int, list]:
     """``(float bytes outside the linears, linear shapes)``; :class:`BudgetError` naming the feasible
     range when no plan fits or no search is needed. Needs only the candidate specs, so it runs
     before any bank work. ``float_dtype``: the dtype floating-point tensors are counted at (default:
@@ -62,7 +63,8 @@ def check_budget(model: nn.Module, names: list[str], bits, granularities, budget
     fixed = float_nbytes(model, exclude=set(names), dtype=float_dtype, format=prof.format)
     full = float_nbytes(model, dtype=float_dtype, format=prof.format)
     shapes = [linear_shape(get_module(model, n)) for n in names]
-    per_layer = [[prof.nbytes(s, sp) for sp in prof.specs(s, bits, granularities)] for s in shapes]
+    per_layer = [[prof.nbytes(s, sp) for sp in prof.specs(s, bits, granularities, methods)
+                  if methods is None or any(Method.parse(m).accepts(sp) for m in methods)] for s in shapes]
     if any(not c for c in per_layer):
         bad = names[[i for i, c in enumerate(per_layer) if not c][0]]
         raise ValueError(f"no candidate spec fits layer {bad} {shapes[names.index(bad)]} in the {prof.name} profile: "

@@ -45,7 +45,7 @@ from .profiles import get_profile
 from .quantizer import QuantizedWeight
 from .sensitivity import output_fisher
 from .methods import GPTQOptions, Method
-from .spec import QuantSpec, as_granularity
+from .spec import QuantSpec, as_granularity, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Bank:
             with safe_open(file, framework="pt") as fh:
                 names = set(fh.keys())
                 for j, key in enumerate(keys[i]):
-                    spec = QuantSpec.parse(key.split(":", 1)[1])
+                    spec = parse_spec(key.split(":", 1)[1])
                     in_scale = fh.get_tensor(f"{j}.in_scale") if f"{j}.in_scale" in names else None
                     shape = tuple(int(v) for v in fh.get_tensor(f"{j}.shape").tolist())
                     row.append(BankEntry(None, in_scale, int(doc["nbytes"][i][j]), float(doc["objectives"][i][j]), fh.get_tensor(f"{j}.rows"),
@@ -286,7 +286,8 @@ def build_bank(
     refs = model_linears(model, info)
     names = [r.name for r in refs]
     prof = get_profile(profile)
-    specs = {r.name: candidate_specs(r.shape, bits, granularities, prof) for r in refs}
+    specs = {r.name: candidate_specs(r.shape, bits, granularities, prof, methods) for r in refs}
+    code_specs = {n: [sp for sp in v if not getattr(sp, "is_ggml", False)] for n, v in specs.items()}  # what GPTQ and AWQ make
     keys: dict[str, list[str]] = {n: [] for n in names}
     entries: dict[str, list[BankEntry]] = {n: [] for n in names}
     energy = {}
@@ -303,7 +304,7 @@ def build_bank(
             raise NonFiniteError(f"the layer objective of {name} with {method}:{spec} is not finite: its weights, Hessian or "
                                  "quantized weights hold NaN or infinity")
         if dev.type != "cpu":
-            entry.qweight = QuantizedWeight(qw.codes.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), qw.spec)
+            entry.qweight = qw.to("cpu")
             entry.in_scale = None if in_scale is None else in_scale.cpu()
         keys[name].append(f"{method}:{spec}")
         entries[name].append(entry)
@@ -331,7 +332,7 @@ def build_bank(
                     continue
                 ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
                 H = stats[gnames[0]].hessian.to(dev)
-                for spec in specs[gnames[0]]:
+                for spec in code_specs[gnames[0]]:
                     res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
                     for n in gnames:
                         awq_scales[(n, str(spec))] = res.scales
@@ -352,9 +353,13 @@ def build_bank(
         plain_gptq = {}
         if any(m.uses_gptq for m in methods):  # one factorisation, one stacked solve for every spec
             prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
-            results = gptq_many(W, H, specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
-            plain_gptq = {str(sp): r.qweight for sp, r in zip(specs[ref.name], results)}
+            results = gptq_many(W, H, code_specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
+            plain_gptq = {str(sp): r.qweight for sp, r in zip(code_specs[ref.name], results)}
         for spec in specs[ref.name]:
+            if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):  # llama.cpp's quantizer, weighted by diag(H)
+                add(ref.name, Method.LLAMACPP, spec, quantize_layer(W, H, Method.LLAMACPP, spec, name=ref.name).qweight, None, W, H)
+            if getattr(spec, "is_ggml", False):
+                continue  # only llama.cpp makes its K-quants
             if Method.RTN in methods:
                 add(ref.name, Method.RTN, spec, quantize_layer(W, H, Method.RTN, spec).qweight, None, W, H)
             if Method.GPTQ in methods:

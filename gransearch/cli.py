@@ -119,7 +119,7 @@ def cmd_quantize(args) -> int:
     gs.data.check_text_name(args.data)
     plan = gs.QuantPlan.load(args.plan) if args.plan else None
     if plan is None:
-        gs.QuantSpec.parse(args.spec)
+        gs.spec.parse_spec(args.spec)
     dev = _device(args.device)
     model, tok = gs.load_model(args.model, dtype=args.dtype, device=dev, trust_remote_code=args.trust_remote_code)
     if plan is not None:
@@ -352,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model (uniform spec) and report perplexity before and after")
     _add_model_args(p)
     _add_eval_args(p)
-    p.add_argument("--spec", default="w4g64", help="w<bits>(t|c|g<size>)[s], e.g. w4g64, w3c, w8t (default: w4g64)")
-    p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "awq", "awq+gptq"))
+    p.add_argument("--spec", default="w4g64", help="w<bits>(t|c|g<size>)[s], e.g. w4g64, w3c, w8t, or a K-quant Q2_K..Q6_K "
+                   "(--method llamacpp) (default: w4g64)")
+    p.add_argument("--method", default="gptq", choices=("rtn", "gptq", "awq", "awq+gptq", "llamacpp"),
+                   help="llamacpp: llama.cpp's quantizer with the calibration's importance matrix (ggml types: w4g32s, Q4_K...)")
     p.add_argument("--n-calib", type=_int_at_least(1), default=128, help="calibration windows (default: 128)")
     p.add_argument("--calib-seqlen", type=_int_at_least(2), default=512, help="tokens per calibration window (default: 512)")
     p.add_argument("--seed", type=int, default=0)

@@ -42,6 +42,10 @@ def layer_n_blocks(shape: tuple[int, int], spec: QuantSpec) -> int:
 
 def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransearch") -> int:
     """Bytes that a ``[out, in]`` weight quantized with ``spec`` occupies as stored in ``format`` (no bias)."""
+    if getattr(spec, "is_ggml", False):  # a llama.cpp block type is its blocks, whatever holds them
+        if format == "compressed-tensors":
+            raise ValueError(f"{spec} is a llama.cpp type: it has no compressed-tensors layout")
+        return spec.nbytes(tuple(shape))
     out_f, in_f = shape
     n = layer_n_blocks(shape, spec)
     if format == "compressed-tensors":
@@ -53,7 +57,7 @@ def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransea
     if format == "gguf":
         from .export.gguf import TYPE_OF_SPEC, ggml_nbytes
 
-        if str(spec) not in TYPE_OF_SPEC:
+        if str(spec) not in TYPE_OF_SPEC:  # K-quants were counted above
             raise ValueError(f"{spec} has no GGUF type: GGUF layers take {', '.join(f'{s} ({t})' for s, t in TYPE_OF_SPEC.items())}")
         return ggml_nbytes(shape, TYPE_OF_SPEC[str(spec)])
     if format != "gransearch":

@@ -8,6 +8,9 @@ and files come out.
 * :func:`perplexity` scores token windows with llama.cpp on the CPU, with the same protocol as
   :func:`gransearch.perplexity` (non-overlapping windows, each scored alone, ``seqlen - 1``
   predicted tokens per window), so the two numbers compare directly.
+* :func:`quantize_weight` rounds one weight with llama.cpp's quantizer (``ggml_quantize_chunk``,
+  what ``llama_model_quantize`` runs for every tensor), optionally weighted by an importance
+  matrix: the ``llamacpp`` method, and the only maker of K-quant candidates.
 * :func:`quantize_file` runs ``llama_model_quantize``: a preset (``Q4_K_M``, ``Q3_K_S`` ...),
   per-tensor type overrides and an importance matrix (:func:`imatrix_from_stats`), from an F32
   GGUF that :func:`gransearch.export.gguf.save_gguf` writes.
@@ -32,7 +35,7 @@ from .evaluate import Perplexity, windows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "perplexity", "quantize_file", "PRESETS", "imatrix_from_stats", "LlamaCppError"]
+__all__ = ["available", "perplexity", "quantize_file", "quantize_weight", "PRESETS", "imatrix_from_stats", "LlamaCppError"]
 
 # llama.cpp's presets (llama_ftype) by the name its quantize tool takes
 PRESETS = {
@@ -167,6 +170,73 @@ def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Opt
     n_tok = n_win * (seqlen - 1)
     nll = total / n_tok
     return Perplexity(math.exp(nll), nll, n_tok, n_win, seqlen, time.time() - t0)
+
+
+_GGML = None
+
+
+def _ggml():
+    """ggml's own library from the binding's folder, with the quantizer's signatures declared."""
+    global _GGML
+    if _GGML is None:
+        _lib()
+        import llama_cpp
+
+        folder = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        names = sorted(f for f in os.listdir(folder) if f.startswith("libggml-base.") or f.startswith("ggml-base."))
+        if not names:
+            raise ImportError(f"ggml's library is not in {folder}: reinstall llama-cpp-python")
+        lib = ctypes.CDLL(os.path.join(folder, names[0]))
+        f32p = ctypes.POINTER(ctypes.c_float)
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, f32p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, f32p]
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_init.restype = None
+        _GGML = lib
+    return _GGML
+
+
+def quantize_weight(W: torch.Tensor, spec, imatrix: Optional[torch.Tensor] = None, name: Optional[str] = None):
+    """``W`` ``[out, in]`` rounded by llama.cpp's quantizer to ``spec``'s ggml type.
+
+    ``imatrix`` ``[in]``: the importance of each input column (llama.cpp's ``imatrix``, the mean of
+    ``x_j^2``); ``None`` rounds unweighted, as ``llama-quantize`` without ``--imatrix``. Returns a
+    :class:`~gransearch.quantizer.QuantizedWeight` for the types that are gransearch codes (Q4_0,
+    Q5_0, Q8_0: bit-exact codes and scales) and a :class:`~gransearch.export.gguf.GGMLWeight` for
+    the K-quants.
+    """
+    from gguf import GGML_QUANT_SIZES
+
+    from .export.gguf import GGMLWeight, decode, ggml_type, ggml_type_of
+
+    t = ggml_type_of(spec)
+    if t is None:
+        raise ValueError(f"{spec} is not a ggml type: llama.cpp's quantizer makes w4g32s (Q4_0), w5g32s (Q5_0), w8g32s (Q8_0) and Q2_K..Q6_K")
+    spec.check_shape(tuple(W.shape))
+    qt = ggml_type(t)
+    block, nb = GGML_QUANT_SIZES[qt]
+    rows, n = (int(s) for s in W.shape)
+    src = np.ascontiguousarray(W.detach().to("cpu", torch.float32).numpy())
+    if not np.isfinite(src).all():
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"{name or 'the weight'} holds NaN or infinity: llama.cpp cannot quantize it")
+    dst = np.empty((rows, n // block * nb), dtype=np.uint8)
+    im = None
+    if imatrix is not None:
+        im = np.ascontiguousarray(imatrix.detach().to("cpu", torch.float32).numpy().reshape(-1))
+        if im.shape != (n,):
+            raise ValueError(f"{name or 'the weight'}: the importance matrix has {im.size} entries, the rows {n}")
+    lib = _ggml()
+    lib.ggml_quantize_init(int(qt))
+    f32p = ctypes.POINTER(ctypes.c_float)
+    size = lib.ggml_quantize_chunk(int(qt), src.ctypes.data_as(f32p), dst.ctypes.data_as(ctypes.c_void_p), 0, rows, n,
+                                   None if im is None else im.ctypes.data_as(f32p))
+    if size != dst.nbytes:
+        raise LlamaCppError(f"ggml_quantize_chunk wrote {size} bytes for {name or 'the weight'}, expected {dst.nbytes}")
+    if getattr(spec, "is_ggml", False):
+        return GGMLWeight(torch.from_numpy(dst), spec)
+    return decode(dst, t, (rows, n))
 
 
 def imatrix_from_stats(stats: dict, gguf_names: dict) -> dict:

@@ -17,12 +17,29 @@ __all__ = ["Method", "METHODS", "GPTQOptions"]
 class Method(StrEnum):
     """``rtn`` (round to nearest), ``gptq`` (error-compensating rounding with the layer's Hessian),
     ``awq`` (activation-aware input scaling and clipping, then RTN), ``awq+gptq`` (AWQ's scaling
-    and clipping, then GPTQ)."""
+    and clipping, then GPTQ), ``llamacpp`` (llama.cpp's own quantizer, ``ggml_quantize_chunk``,
+    weighted by an importance matrix from the layer's inputs: only for specs that are ggml types,
+    see :mod:`gransearch.export.gguf`)."""
 
     RTN = "rtn"
     GPTQ = "gptq"
     AWQ = "awq"
     AWQ_GPTQ = "awq+gptq"
+    LLAMACPP = "llamacpp"
+
+    @property
+    def uses_hessian(self) -> bool:
+        """Needs statistics of the layer's inputs (GPTQ's Hessian, llama.cpp's importance matrix)."""
+        return self.uses_gptq or self is Method.LLAMACPP
+
+    def accepts(self, spec) -> bool:
+        """Whether this method can produce ``spec``: llama.cpp makes ggml types only, and only
+        llama.cpp makes the types that are not gransearch codes (K-quants)."""
+        from .export.gguf import ggml_type_of
+
+        if self is Method.LLAMACPP:
+            return ggml_type_of(spec) is not None
+        return not getattr(spec, "is_ggml", False)
 
     @property
     def uses_awq(self) -> bool:
@@ -43,7 +60,8 @@ class Method(StrEnum):
             raise ValueError(f"unknown method {text!r}: use one of {', '.join(m.value for m in cls)}") from None
 
 
-METHODS = tuple(m.value for m in Method)
+# the general methods (any spec); ``llamacpp`` is for ggml types only
+METHODS = tuple(m.value for m in Method if m is not Method.LLAMACPP)
 
 
 @dataclass(frozen=True)

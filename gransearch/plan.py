@@ -36,7 +36,7 @@ from .arch import arch_of, get_module, linear_shape, model_linears
 from .cost import layer_nbytes
 from .errors import PlanFormatError
 from .methods import GPTQOptions, Method
-from .spec import QuantSpec
+from .spec import QuantSpec, parse_spec
 
 __all__ = ["LayerPlan", "QuantPlan", "PLAN_FORMAT", "PLAN_VERSION", "model_fingerprint", "weights_fingerprint", "float_nbytes",
            "plan_nbytes", "GB"]
@@ -58,7 +58,11 @@ class LayerPlan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method.parse(self.method))
         if isinstance(self.spec, str):
-            object.__setattr__(self, "spec", QuantSpec.parse(self.spec))
+            object.__setattr__(self, "spec", parse_spec(self.spec))
+        if not self.method.accepts(self.spec):
+            raise ValueError(f"method {self.method} cannot make {self.spec}: " + (
+                "llamacpp makes ggml types only (w4g32s, w5g32s, w8g32s, Q2_K..Q6_K)" if self.method == Method.LLAMACPP
+                else f"{self.spec} is a llama.cpp type only its own quantizer makes: use method llamacpp"))
         if self.gptq is not None and not self.method.uses_gptq:
             object.__setattr__(self, "gptq", None)  # options of a rounding this layer does not use
 
@@ -69,7 +73,7 @@ class LayerPlan:
     @classmethod
     def from_key(cls, key: str, gptq: Optional[GPTQOptions] = None) -> "LayerPlan":
         method, spec = key.split(":")
-        return cls(method, QuantSpec.parse(spec), gptq)
+        return cls(method, parse_spec(spec), gptq)
 
     def to_dict(self) -> dict:
         out = {"method": str(self.method), "spec": str(self.spec)}
@@ -151,7 +155,7 @@ class QuantPlan:
 
     @classmethod
     def uniform(cls, model: nn.Module, spec: Union[QuantSpec, str], method: str = "gptq", gptq: Optional[GPTQOptions] = None) -> "QuantPlan":
-        sp = QuantSpec.parse(spec) if isinstance(spec, str) else spec
+        sp = parse_spec(spec) if isinstance(spec, str) else spec
         return cls({n: LayerPlan(method, sp, gptq) for n in _planned_names(model)}, model_fingerprint(model), {"uniform": f"{method}:{sp}"})
 
     def check(self, model: nn.Module) -> None:
@@ -212,7 +216,7 @@ class QuantPlan:
             if opts is not None and not isinstance(opts, dict):
                 raise PlanFormatError(f"{source}: layer {name!r}: 'gptq' must be a JSON object of GPTQ options, got {opts!r}")
             try:
-                layers[name] = LayerPlan(e["method"], QuantSpec.parse(e["spec"]), None if opts is None else GPTQOptions.from_dict(opts))
+                layers[name] = LayerPlan(e["method"], parse_spec(e["spec"]), None if opts is None else GPTQOptions.from_dict(opts))
             except (ValueError, TypeError) as exc:
                 raise PlanFormatError(f"{source}: layer {name!r}: {exc}") from None
         return cls(layers, d["fingerprint"], meta)

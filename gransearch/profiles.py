@@ -19,8 +19,9 @@
   ``w5g32s`` (``Q5_0``) and ``w8g32s`` (``Q8_0``), each layer on its own (GGUF has a type per tensor,
   nothing is fused). Bytes are llama.cpp's block bytes; the rest of the file is counted as
   :func:`gransearch.export.gguf.save_gguf` writes it (norms F32, token embedding Q8_0), so the budget
-  is the file's tensor bytes. RTN, GPTQ, AWQ and AWQ+GPTQ all apply. The K-quants (256-weight
-  super-blocks, scales of their own) are not candidates yet: llama.cpp's presets use them.
+  is the file's tensor bytes. RTN, GPTQ, AWQ and AWQ+GPTQ all apply, and so does ``llamacpp``
+  (llama.cpp's own quantizer weighted by the calibration's importance matrix), which also makes
+  the K-quants ``Q2_K`` ... ``Q6_K`` for the layers whose rows are multiples of 256 weights.
 
 Kernel shapes: vLLM's Marlin kernels tile the output in multiples of 64 and the input in multiples
 of 128 (per tensor-parallel shard); a layer outside that falls back to other kernels or is refused
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from .cost import layer_nbytes
-from .spec import PerChannel, PerGroup, QuantSpec, as_granularity
+from .spec import GGMLSpec, PerChannel, PerGroup, QuantSpec, as_granularity
 
 __all__ = ["Profile", "PROFILES", "get_profile"]
 
@@ -47,11 +48,14 @@ class Profile:
     symmetric: dict = field(default_factory=dict)  # bits -> the symmetric variants proposed; missing: asymmetric only
     fused: bool = False  # fused serving sets share one spec
     float_dtype_of_model: bool = False  # floats counted at the dtype they are written in (not as loaded)
+    ggml_types: tuple = ()  # llama.cpp types only its quantizer makes (method llamacpp), where a layer's rows fit them
 
-    def specs(self, shape: tuple[int, int], bits: Sequence[int], granularities: Sequence) -> list[QuantSpec]:
+    def specs(self, shape: tuple[int, int], bits: Sequence[int], granularities: Sequence, methods=None) -> list:
         """The candidate specs of a ``[out, in]`` layer: ``bits`` x ``granularities`` that this
-        profile allows and that divide the layer's input, with the profile's symmetric variants."""
-        out = []
+        profile allows and that divide the layer's input, with the profile's symmetric variants,
+        then the profile's ggml types whose blocks fit the rows, when ``methods`` (``None``: any)
+        holds ``llamacpp``."""
+        out: list = []
         for b in bits:
             if self.bits is not None and int(b) not in self.bits:
                 continue
@@ -61,12 +65,16 @@ class Profile:
                     continue
                 for sym in self.symmetric.get(int(b), (False,)):
                     out.append(QuantSpec(int(b), gran, symmetric=sym))
+        if self.ggml_types and (methods is None or "llamacpp" in [str(m) for m in methods]):
+            out += [GGMLSpec(t) for t in self.ggml_types if shape[1] % GGMLSpec(t).block == 0]
         return out
 
     def nbytes(self, shape: tuple[int, int], spec: QuantSpec) -> int:
         return layer_nbytes(shape, spec, self.format)
 
-    def allows(self, spec: QuantSpec) -> bool:
+    def allows(self, spec) -> bool:
+        if getattr(spec, "is_ggml", False):
+            return spec.type in self.ggml_types
         if self.bits is not None and spec.bits not in self.bits:
             return False
         if self.granularities is not None and spec.granularity not in self.granularities:
@@ -115,7 +123,8 @@ PROFILES = {
     "research": Profile("research", "gransearch"),
     "vllm": Profile("vllm", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (True,), 8: (True,)},
                     fused=True, float_dtype_of_model=True),
-    "gguf": Profile("gguf", "gguf", bits=(4, 5, 8), granularities=(PerGroup(32),), symmetric={4: (True,), 5: (True,), 8: (True,)}),
+    "gguf": Profile("gguf", "gguf", bits=(4, 5, 8), granularities=(PerGroup(32),), symmetric={4: (True,), 5: (True,), 8: (True,)},
+                    ggml_types=("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")),
     "vllm-asym": Profile("vllm-asym", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (False, True), 8: (True,)},
                          fused=True, float_dtype_of_model=True),
 }

@@ -38,7 +38,7 @@ from .qlinear import QuantLinear
 from .quantizer import ClipArg, QuantizedWeight
 from .methods import METHODS, GPTQOptions, Method
 from .plan import LayerPlan
-from .spec import ActSpec, QuantSpec
+from .spec import ActSpec, GGMLSpec, QuantSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, Lay
     info = arch_of(model)
     names = [r.name for r in model_linears(model, info)]
     if isinstance(plan, str):
-        plan = QuantSpec.parse(plan)
-    if isinstance(plan, QuantSpec):
+        plan = parse_spec(plan)
+    if isinstance(plan, (QuantSpec, GGMLSpec)):
         lp = LayerPlan(method, plan)
         return {n: lp for n in names}
     if hasattr(plan, "layers"):  # QuantPlan
@@ -96,7 +96,7 @@ def resolve_plan(model: nn.Module, plan: PlanLike, method: str) -> dict[str, Lay
         try:
             if isinstance(entry, LayerPlan):
                 out[name] = entry
-            elif isinstance(entry, (QuantSpec, str)):
+            elif isinstance(entry, (QuantSpec, GGMLSpec, str)):
                 out[name] = LayerPlan(method, entry)
             else:
                 out[name] = LayerPlan(*entry)
@@ -250,7 +250,7 @@ def quantize(
     ``spec_or_plan``: a :class:`QuantSpec` (or its text form) applied to every block linear with
     ``method``, or a mapping ``{linear name: (method, spec)}`` / a ``QuantPlan`` (layers not named
     stay in floating point). ``calib``: token windows ``[n, seqlen]``. ``method``: ``"rtn"``,
-    ``"gptq"``, ``"awq"`` or ``"awq+gptq"``. GPTQ options: ``damp``, ``block_size``, ``act_order``,
+    ``"gptq"``, ``"awq"``, ``"awq+gptq"`` or, for ggml types (``w4g32s``, ``Q4_K``...), ``"llamacpp"``. GPTQ options: ``damp``, ``block_size``, ``act_order``,
     ``static_groups``; each one left ``None`` takes the value a plan's layer carries (a plan made
     by :func:`gransearch.optimize` records the bank's options on every GPTQ layer), else
     :class:`~gransearch.methods.GPTQOptions`' default (0.01, 128, ``False``, ``False``); ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
@@ -287,7 +287,7 @@ def quantize(
     methods = {lp.method for lp in plan.values()}
     gptq_used = any(m.uses_gptq for m in methods)
     objective = gptq_used if objective is None else objective
-    needs_hessian = objective or gptq_used
+    needs_hessian = objective or any(m.uses_hessian for m in methods)
     result = QuantizeResult(model)
     if not needs_hessian and methods == {"rtn"}:
         return _rtn_only(model, plan, clip, act_spec, result, t_start)

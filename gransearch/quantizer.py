@@ -304,6 +304,12 @@ class QuantizedWeight:
     def from_packed(
         cls, buffers: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int]
     ) -> "QuantizedWeight":
+        """The weight stored in ``buffers``; a ggml type's blocks come back as a
+        :class:`~gransearch.export.gguf.GGMLWeight`."""
+        if getattr(spec, "is_ggml", False):
+            from .export.gguf import GGMLWeight
+
+            return GGMLWeight.from_packed(buffers, spec, shape)
         out_f, in_f = shape
         codes = unpack_codes(buffers["qweight"], spec.bits, out_f * in_f).view(out_f, in_f)
         scale = buffers["scales"].to(torch.float16)

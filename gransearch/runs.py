@@ -86,10 +86,10 @@ def check_gran_item(t: str) -> None:
 
 
 def check_method_item(t: str) -> None:
-    from .methods import METHODS
+    from .methods import Method
 
-    if t not in METHODS:
-        raise ValueError(f"use one of {', '.join(METHODS)}")
+    if t not in {m.value for m in Method}:
+        raise ValueError(f"use one of {', '.join(m.value for m in Method)}")
 
 
 # the checks of the list options, by run-configuration key

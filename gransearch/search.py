@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from .evaluate import perplexity
 from .evaluate import windows as eval_windows_of
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .study import SEARCH_RECORD_VERSION, bind_study, enqueue_missing, fail_dead_trials, open_study, storage_lock, worker_id
+
+log = logging.getLogger(__name__)
 
 __all__ = ["optimize", "OptimizeResult", "ParetoPoint", "BudgetError", "BankError",
            # where they lived before the bank and the allocation got their own modules
@@ -278,7 +281,13 @@ def optimize(
         float_dtype = float_dtype_of(model, float_dtype)
     fingerprint = model_fingerprint(model)
     names = [r.name for r in model_linears(model)]
-    fixed, shapes = check_budget(model, names, bits, granularities, budget, prof, float_dtype)
+    fixed, shapes = check_budget(model, names, bits, granularities, budget, prof, float_dtype, methods)
+    if prof.format == "gguf":
+        from .export.gguf import embeddings_rounded
+
+        if not embeddings_rounded(model, "Q8_0"):
+            log.warning("the gguf profile counts the token embedding as Q8_0, but this model computes with the float one: call "
+                        "gransearch.export.gguf.round_embeddings(model) first so that the search scores what the GGUF stores")
 
     # ---- the study: bound to everything its values depend on, checked before any bank work
     if objective_fn is None and eval_ids is None:

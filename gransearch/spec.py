@@ -33,6 +33,9 @@ __all__ = [
     "Granularity",
     "as_granularity",
     "QuantSpec",
+    "GGMLSpec",
+    "GGML_TYPES",
+    "parse_spec",
     "ActSpec",
     "MIN_BITS",
     "MAX_BITS",
@@ -232,6 +235,66 @@ class QuantSpec:
                 f"of the weight of shape {tuple(shape)}; choose a group size that divides {in_f} "
                 "or use PerChannel()"
             )
+
+
+# llama.cpp block types whose layout is not a gransearch code grid: (weights per block, bytes per block)
+GGML_TYPES = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+
+
+@dataclass(frozen=True)
+class GGMLSpec:
+    """A llama.cpp block type that is not a gransearch code grid: the K-quants (``Q2_K`` ... ``Q6_K``:
+    super-blocks of 256 weights whose sub-block scales are themselves quantized). Only llama.cpp's
+    quantizer makes them (method ``llamacpp``); their text form is the type's name.
+
+        >>> GGMLSpec("Q3_K").bits, str(GGMLSpec("Q3_K"))
+        (3.4375, 'Q3_K')
+    """
+
+    type: str
+    is_ggml = True
+    symmetric = True  # no zero-point buffer of its own: everything is in the blocks
+
+    def __post_init__(self) -> None:
+        if self.type not in GGML_TYPES:
+            raise ValueError(f"unknown ggml type {self.type!r}: the K-quants are {', '.join(GGML_TYPES)}")
+
+    @property
+    def block(self) -> int:
+        """Weights per block (along a row)."""
+        return GGML_TYPES[self.type][0]
+
+    @property
+    def bits(self) -> float:
+        """Stored bits per weight, scales included."""
+        n, nb = GGML_TYPES[self.type]
+        return 8 * nb / n
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        self.check_shape(shape)
+        n, nb = GGML_TYPES[self.type]
+        return shape[0] * (shape[1] // n) * nb
+
+    def __str__(self) -> str:
+        return self.type
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """``ValueError`` unless ``shape`` is ``[out, in]`` with ``in`` a multiple of the block."""
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"weight of shape {tuple(shape)} is not a non-empty 2-D [out, in]")
+        if shape[1] % self.block:
+            raise ValueError(f"{self.type} stores rows in blocks of {self.block} weights; the input dimension {shape[1]} "
+                             f"of the weight of shape {tuple(shape)} is not a multiple (llama.cpp falls back to another type there)")
+
+
+def parse_spec(text):
+    """A :class:`QuantSpec` (``w4g32s``) or a :class:`GGMLSpec` (``Q3_K``) from its text form."""
+    if isinstance(text, (QuantSpec, GGMLSpec)):
+        return text
+    t = str(text).strip()
+    if t.upper() in GGML_TYPES:
+        return GGMLSpec(t.upper())
+    return QuantSpec.parse(t)
 
 
 _ACT_GRANS = ("tensor", "token", "channel")

@@ -36,7 +36,8 @@ class LayerResult:
 
 def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
                    clip: ClipArg = None, name: Optional[str] = None) -> LayerResult:
-    """Round ``W`` ``[out, in]`` with ``method``'s rounding; ``H`` ``[in, in]`` is needed by GPTQ.
+    """Round ``W`` ``[out, in]`` with ``method``'s rounding; ``H`` ``[in, in]`` is needed by GPTQ
+    (``llamacpp`` takes its diagonal as llama.cpp's importance matrix, and runs unweighted without it).
 
     ``clip`` (a ratio or ``"search"``) applies to plain ``rtn`` and ``gptq`` only: the AWQ methods
     have clipped ``W`` already, in output space.
@@ -49,6 +50,11 @@ def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec
         True
     """
     method = Method.parse(method)
+    if method is Method.LLAMACPP:
+        from ..llamacpp import quantize_weight
+
+        imatrix = None if H is None else torch.diagonal(H) / 2  # mean x_j^2: llama.cpp's importance matrix
+        return LayerResult(quantize_weight(W, spec, imatrix, name=name))
     if method.uses_gptq:
         if H is None:
             raise ValueError(f"{name or 'this layer'}: {method} needs the layer's Hessian")

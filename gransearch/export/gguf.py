@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..quantizer import QuantizedWeight
-from ..spec import PerGroup, QuantSpec
+from ..spec import GGML_TYPES, GGMLSpec, PerGroup, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ __all__ = [
     "unpermute_qk",
     "save_gguf",
     "SavedGGUF",
+    "GGMLWeight",
     "gguf_float_nbytes",
     "GGUF_ARCHS",
     "gguf_names",
@@ -93,9 +94,47 @@ def ggml_type(name: str):
         raise ValueError(f"unknown ggml type {name!r}: use one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
 
 
-def ggml_type_of(spec: QuantSpec) -> Optional[str]:
-    """The ggml type that stores ``spec``'s codes unchanged (``w4g32s`` -> ``Q4_0``), else ``None``."""
+def ggml_type_of(spec) -> Optional[str]:
+    """The ggml type of ``spec``: the one that stores its codes unchanged (``w4g32s`` -> ``Q4_0``), a
+    :class:`~gransearch.spec.GGMLSpec`'s own (``Q3_K``), else ``None``."""
+    if getattr(spec, "is_ggml", False):
+        return spec.type
     return TYPE_OF_SPEC.get(str(spec))
+
+
+@dataclass
+class GGMLWeight:
+    """A weight in a ggml block type gransearch has no code grid for (K-quants): the raw blocks,
+    ``uint8 [out, bytes per row]``, as llama.cpp's quantizer wrote them. Dequantized by the ``gguf``
+    package (its reference dequantizers mirror ggml's)."""
+
+    raw: torch.Tensor
+    spec: GGMLSpec
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.raw.shape[0]), int(self.raw.shape[1]) * self.spec.block // GGML_TYPES[self.spec.type][1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = _gguf().quants.dequantize(self.raw.cpu().numpy(), ggml_type(self.spec.type))
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(self.shape).to(self.raw.device, dtype)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.raw.contiguous()}
+
+    @classmethod
+    def from_packed(cls, buffers: dict, spec: GGMLSpec, shape: tuple[int, int]) -> "GGMLWeight":
+        w = cls(buffers["qweight"].to(torch.uint8), spec)
+        if w.shape != tuple(shape):
+            raise ValueError(f"{spec} blocks of shape {tuple(buffers['qweight'].shape)} do not hold a [{shape[0]}, {shape[1]}] weight")
+        return w
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def to(self, device) -> "GGMLWeight":
+        return GGMLWeight(self.raw.to(device), self.spec)
 
 
 def ggml_nbytes(shape: tuple[int, ...], type_name: str) -> int:
@@ -189,7 +228,9 @@ def unpermute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(h, half, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def _permute_rows_q(q: QuantizedWeight, n_head: int) -> QuantizedWeight:
+def _permute_rows_q(q, n_head: int):
+    if isinstance(q, GGMLWeight):  # each row is its own blocks: rows move whole
+        return GGMLWeight(permute_qk(q.raw, n_head), q.spec)
     zero = None if q.zero is None else permute_qk(q.zero, n_head)
     return QuantizedWeight(permute_qk(q.codes, n_head), permute_qk(q.scale, n_head), zero, q.spec)
 
@@ -392,7 +433,8 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
             if t is None:
                 raise ValueError(f"{mname} is quantized as {q.spec}, which GGUF cannot store: quantize GGUF layers with "
                                  f"{', '.join(TYPE_OF_SPEC)} (search with profile='gguf')")
-            tensors[gname] = (encode(_permute_rows_q(q, qk_heads) if qk_heads else q), ggml_type(t), t)
+            q = _permute_rows_q(q, qk_heads) if qk_heads else q
+            tensors[gname] = (q.raw.cpu().numpy() if isinstance(q, GGMLWeight) else encode(q), ggml_type(t), t)
             continue
         w = obj.detach()
         if qk_heads:
@@ -441,6 +483,17 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
 
 
 @torch.no_grad()
+def embeddings_rounded(model: nn.Module, embd_type: str = "Q8_0") -> bool:
+    """Whether the token embedding already holds what a GGUF stores as ``embd_type``."""
+    if embd_type.upper() == "F32":
+        return True
+    w = model.get_input_embeddings().weight
+    data, raw = _float_tensor(w, embd_type)
+    back = data.astype(np.float32) if raw is None else _gguf().quants.dequantize(data, raw)
+    return bool(np.array_equal(back.reshape(tuple(w.shape)), w.detach().float().cpu().numpy()))
+
+
+@torch.no_grad()
 def round_embeddings(model: nn.Module, embd_type: str = "Q8_0") -> None:
     """Replace the token embedding (and an untied output head) by what a GGUF stores as ``embd_type``
     (quantized and dequantized by the ``gguf`` package), so that torch and llama.cpp compute with
@@ -458,29 +511,38 @@ def round_embeddings(model: nn.Module, embd_type: str = "Q8_0") -> None:
         m.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)).reshape(m.weight.shape).to(m.weight.dtype))
 
 
-def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
+def _q8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """``x`` rounded as llama.cpp's CPU matmuls round activations for quantized weights: blocks of
-    32 along the last dimension, ``d = max|x| / 127`` stored in float16, ``q = round(x / d)``."""
+    ``block`` along the last dimension, ``d = max|x| / 127``, ``q = round(x / d)``. Legacy types
+    (blocks of 32) pair with ``Q8_0``, whose ``d`` is stored in float16; K-quants (256) with ``Q8_K``,
+    whose ``d`` stays float32."""
     shape = x.shape
-    xb = x.float().reshape(-1, shape[-1] // 32, 32)
+    xb = x.float().reshape(-1, shape[-1] // block, block)
     d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(xb * inv)
-    return (q * d.to(torch.float16).float()).reshape(shape).to(x.dtype)
+    q = torch.round(xb * inv).clamp(-127, 127)
+    if block == 32:
+        d = d.to(torch.float16).float()
+    return (q * d).reshape(shape).to(x.dtype)
 
 
 @contextlib.contextmanager
 def llamacpp_activations(model: nn.Module, embd_type: str = "Q8_0"):
     """Within this block, ``model`` rounds the inputs of the matmuls whose weights a GGUF stores in
     a block type (every quantized linear, and the tied or untied output head when ``embd_type`` is
-    one) as llama.cpp's CPU dot products do (:func:`_q8_blocks`). This isolates what llama.cpp's
-    arithmetic adds to the perplexity of the same weights."""
+    one) as llama.cpp's CPU dot products do (:func:`_q8_blocks`: ``Q8_0`` for the legacy types,
+    ``Q8_K`` for the K-quants). This isolates what llama.cpp's arithmetic adds to the perplexity of
+    the same weights."""
     from ..qlinear import QuantLinear
 
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if embd_type.upper() not in ("F32", "F16", "BF16") and model.get_output_embeddings() is not None:
         mods.append(model.get_output_embeddings())
-    hooks = [m.register_forward_pre_hook(lambda mod, args: (_q8_blocks(args[0]),) + tuple(args[1:])) for m in mods]
+    def hook(mod, args):
+        block = 256 if getattr(getattr(mod, "spec", None), "is_ggml", False) else 32
+        return (_q8_blocks(args[0], block),) + tuple(args[1:])
+
+    hooks = [m.register_forward_pre_hook(hook) for m in mods]
     try:
         yield model
     finally:
