@@ -25,7 +25,6 @@ import json
 import os
 import time
 
-import torch
 
 import gransearch as gs
 from gransearch import llamacpp

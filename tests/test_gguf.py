@@ -246,3 +246,104 @@ def test_cli_quantize_and_eval_with_llamacpp(cli_assets, tmp_path, capsys):
     assert ev["engine"] == "llama.cpp" and ev["perplexity"] == g["ppl_llamacpp"]
     assert main(["eval", "--model", model_dir, "--data", text, "--llamacpp", "--quiet"]) == 2
     assert "not one" in capsys.readouterr().err
+
+
+# ---- K-quants: llama.cpp's own quantizer as a candidate maker ------------------------------------
+
+
+def test_ggml_spec_text_bytes_and_plan_rules():
+    from gransearch.spec import GGML_TYPES, GGMLSpec, parse_spec
+
+    for t, (block, nb) in GGML_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[G.ggml_type(t)] == (block, nb)
+        assert parse_spec(t.lower()) == GGMLSpec(t) and str(GGMLSpec(t)) == t
+        assert gs.layer_nbytes((8, 512), GGMLSpec(t), "gguf") == G.ggml_nbytes((8, 512), t) == gs.layer_nbytes((8, 512), GGMLSpec(t))
+    assert GGMLSpec("Q6_K").bits == 6.5625
+    with pytest.raises(ValueError, match="not a multiple"):
+        GGMLSpec("Q4_K").check_shape((8, 576))
+    with pytest.raises(ValueError, match="only its own quantizer makes: use method llamacpp"):
+        gs.LayerPlan("rtn", "Q3_K")
+    with pytest.raises(ValueError, match="llamacpp makes ggml types only"):
+        gs.LayerPlan("llamacpp", "w4g64")
+    model = tiny_model("llama-wide")
+    plan = gs.QuantPlan({"model.layers.0.mlp.down_proj": gs.LayerPlan("llamacpp", "Q3_K")}, gs.plan.model_fingerprint(model))
+    back = gs.QuantPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back.layers["model.layers.0.mlp.down_proj"].spec == GGMLSpec("Q3_K")
+    if gs.llamacpp.available():
+        gs.quantize(model, plan, calib_windows(), verbose=False)
+        with pytest.raises(ValueError, match="K-quants .* write them with save_gguf"):
+            gs.save_quantized(model, "/nonexistent/never-written")
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("type_name", ["Q3_K", "Q4_0"])
+def test_quantize_weight_is_what_llama_quantize_writes(tmp_path, type_name):
+    """Our per-weight call of llama.cpp's quantizer writes the bytes llama_model_quantize writes for
+    that tensor, with and without an importance matrix."""
+    from gransearch.spec import parse_spec
+
+    model = tiny_model("llama-wide")
+    src = G.save_gguf(model, str(tmp_path / "f32.gguf"), embd_type="F32").path
+    W = model.model.layers[0].mlp.down_proj.weight.detach()
+    imat = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(1)) + 0.05
+    spec = parse_spec(type_name if type_name.endswith("K") else "w4g32s")
+    for im in (None, imat):
+        out = gs.llamacpp.quantize_file(src, str(tmp_path / "q.gguf"), "Q8_0", types={"blk.0.ffn_down.weight": type_name},
+                                        imatrix=None if im is None else {"blk.0.ffn_down.weight": im.numpy()})
+        t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_down.weight")
+        assert t.tensor_type.name == type_name
+        ours = gs.llamacpp.quantize_weight(W, spec, im)
+        raw = ours.raw.numpy() if type_name.endswith("K") else G.encode(ours)
+        assert np.array_equal(np.asarray(t.data).reshape(raw.shape), raw)
+
+
+@needs_llamacpp
+def test_importance_matrix_lowers_the_weighted_error():
+    """llama.cpp weights its rounding by the importance matrix: the error it weights goes down."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 512, generator=g)
+    imat = torch.rand(512, generator=g) ** 4 + 1e-3  # a few columns matter most
+    for sp in ("w4g32s", "Q3_K", "Q2_K"):
+        spec = gs.spec.parse_spec(sp)
+        plain = ((gs.llamacpp.quantize_weight(W, spec).dequantize() - W) ** 2 * imat).sum()
+        weighted = ((gs.llamacpp.quantize_weight(W, spec, imat).dequantize() - W) ** 2 * imat).sum()
+        assert weighted < plain, sp
+
+
+@needs_llamacpp
+def test_kquant_search_is_written_and_scored_by_llamacpp(tmp_path):
+    """The gguf profile with llamacpp offers K-quants where rows fit 256; a search at a budget only
+    K-quants reach uses them; the stored bank reloads them bit for bit; the plan is written, counted
+    exactly and scored by llama.cpp as torch scores it."""
+    from gransearch.spec import GGMLSpec
+
+    model = tiny_model("llama-wide")
+    G.round_embeddings(model, "Q8_0")
+    calib = calib_windows()
+    specs = gs.allocate.candidate_specs((256, 512), (4, 5, 8), (32,), "gguf", ("rtn", "llamacpp"))
+    assert GGMLSpec("Q2_K") in specs and GGMLSpec("Q6_K") in specs
+    assert not any(getattr(s, "is_ggml", False) for s in gs.allocate.candidate_specs((256, 512), (4,), (32,), "gguf", ("rtn",)))
+    q4 = plan_nbytes(model, gs.QuantPlan.uniform(model, "w4g32s", "rtn").layers, "gguf")
+    res = gs.optimize(model, budget_bytes=q4 - 40_000, calib=calib, eval_ids=_ids(), final_ids=None, profile="gguf",
+                      methods=("rtn", "llamacpp"), bits=(4, 5, 8), granularities=(32,), n_trials=6, seqlen=SEQ, eval_windows=4,
+                      bank_dir=str(tmp_path / "bank"), verbose=False)
+    assert res.nbytes <= q4 - 40_000
+    assert any(getattr(lp.spec, "is_ggml", False) for lp in res.plan.layers.values())
+    bank = gs.bank.Bank.load(str(tmp_path / "bank"))
+    i = bank.layers.index("model.layers.0.mlp.down_proj")
+    j = bank.keys[i].index("llamacpp:Q3_K")
+    H = gs.calibrate(model, calib, verbose=False)["model.layers.0.mlp.down_proj"].hessian
+    again = gs.llamacpp.quantize_weight(model.model.layers[0].mlp.down_proj.weight.detach(), GGMLSpec("Q3_K"), torch.diagonal(H) / 2)
+    assert torch.equal(bank.entries[i][j].quantized().raw, again.raw)
+    fresh = tiny_model("llama-wide")
+    G.round_embeddings(fresh, "Q8_0")
+    gs.quantize(fresh, res.plan, calib, verbose=False)
+    ids = _ids()
+    ours = gs.perplexity(fresh, ids, seqlen=SEQ, verbose=False).ppl
+    with G.llamacpp_activations(fresh):
+        emulated = gs.perplexity(fresh, ids, seqlen=SEQ, verbose=False).ppl
+    saved = G.save_gguf(fresh, str(tmp_path / "k.gguf"))
+    assert saved.tensor_nbytes == res.nbytes
+    assert any(t.endswith("_K") for t in saved.types.values())
+    cpp = gs.llamacpp.perplexity(saved.path, ids, seqlen=SEQ, verbose=False).ppl
+    assert abs(cpp / ours - 1) < 0.01 and abs(cpp / emulated - 1) < 1e-3

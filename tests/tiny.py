@@ -16,6 +16,9 @@ def tiny_config(kind: str, vocab: int = VOCAB):
     if kind == "llama":
         return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if kind == "llama-wide":  # rows of 256 and 512 weights: llama.cpp's K-quants fit
+        return LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if kind == "opt":
         return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          word_embed_proj_dim=64, max_position_embeddings=512)

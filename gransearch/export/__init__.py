@@ -87,6 +87,10 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
     acts = sorted(n for n, m in qlayers.items() if m.act_spec is not None)
     if acts:
         raise ValueError(f"activation quantization is not exported (layers {acts[:3]}...): set_act_quant(model, None) first")
+    ggml = sorted(n for n, m in qlayers.items() if getattr(m.spec, "is_ggml", False))
+    if ggml:
+        raise ValueError(f"{len(ggml)} layers are llama.cpp K-quants ({ggml[0]}: {qlayers[ggml[0]].spec}), which compressed-tensors cannot "
+                         "store: write them with save_gguf")
     bad = sorted(n for n, m in qlayers.items() if m.spec.granularity.spans_rows)
     if bad:
         raise ValueError(f"per-tensor layers cannot be written as compressed-tensors: {', '.join(bad[:5])}"
