@@ -9,8 +9,8 @@ GGUF (its metadata and tokenizer copied). llama.cpp's presets are made from that
 computed from gransearch's calibration statistics (128 x 512 tokens of wiki-sample train, seed 0:
 the mean of x^2 per input column of every linear). The search (``profile="gguf"``: Q4_0, Q5_0 and
 Q8_0 per linear from RTN, GPTQ with act-order, AWQ and llama.cpp's own quantizer with that
-importance matrix, plus Q2_K..Q6_K from llama.cpp's quantizer where a layer's rows are multiples
-of 256 weights; the token embedding in Q8_0, as every one of these presets keeps it for this model) runs at each preset's exact tensor bytes, on
+importance matrix, IQ4_NL from llama.cpp's quantizer, plus Q2_K..Q6_K and IQ4_XS where a layer's
+rows are multiples of 256 weights; the token embedding in Q8_0, as every one of these presets keeps it for this model) runs at each preset's exact tensor bytes, on
 the same calibration, with a proxy of 16 x 512 validation tokens; its best plan is re-quantized,
 written as GGUF and scored. Every perplexity in the table is llama.cpp's (CPU, default context:
 F16 KV cache) on the same test windows (seqlen 512). Killed, the same command resumes: finished
@@ -24,7 +24,6 @@ import collections
 import json
 import os
 import time
-
 
 import gransearch as gs
 from gransearch import llamacpp

@@ -238,14 +238,17 @@ class QuantSpec:
 
 
 # llama.cpp block types whose layout is not a gransearch code grid: (weights per block, bytes per block)
-GGML_TYPES = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+GGML_TYPES = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+              "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "Q4_1": (32, 20), "Q5_1": (32, 24)}
 
 
 @dataclass(frozen=True)
 class GGMLSpec:
     """A llama.cpp block type that is not a gransearch code grid: the K-quants (``Q2_K`` ... ``Q6_K``:
-    super-blocks of 256 weights whose sub-block scales are themselves quantized). Only llama.cpp's
-    quantizer makes them (method ``llamacpp``); their text form is the type's name.
+    super-blocks of 256 weights whose sub-block scales are themselves quantized), the non-linear
+    4-bit grids ``IQ4_NL`` (blocks of 32) and ``IQ4_XS`` (256), and ``Q4_1``/``Q5_1`` (blocks of 32
+    with a float16 scale and minimum). Only llama.cpp's quantizer makes them (method ``llamacpp``);
+    their text form is the type's name.
 
         >>> GGMLSpec("Q3_K").bits, str(GGMLSpec("Q3_K"))
         (3.4375, 'Q3_K')
@@ -257,7 +260,8 @@ class GGMLSpec:
 
     def __post_init__(self) -> None:
         if self.type not in GGML_TYPES:
-            raise ValueError(f"unknown ggml type {self.type!r}: the K-quants are {', '.join(GGML_TYPES)}")
+            raise ValueError(f"unknown ggml type {self.type!r}: llama.cpp types gransearch takes are {', '.join(GGML_TYPES)} "
+                             "(and Q4_0/Q5_0/Q8_0, written w4g32s/w5g32s/w8g32s)")
 
     @property
     def block(self) -> int:

@@ -530,8 +530,8 @@ def _q8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 def llamacpp_activations(model: nn.Module, embd_type: str = "Q8_0"):
     """Within this block, ``model`` rounds the inputs of the matmuls whose weights a GGUF stores in
     a block type (every quantized linear, and the tied or untied output head when ``embd_type`` is
-    one) as llama.cpp's CPU dot products do (:func:`_q8_blocks`: ``Q8_0`` for the legacy types,
-    ``Q8_K`` for the K-quants). This isolates what llama.cpp's arithmetic adds to the perplexity of
+    one) as llama.cpp's CPU dot products do (:func:`_q8_blocks`: ``Q8_0``/``Q8_1`` for the types
+    in blocks of 32, ``Q8_K`` for those in blocks of 256). This isolates what llama.cpp's arithmetic adds to the perplexity of
     the same weights."""
     from ..qlinear import QuantLinear
 
@@ -539,7 +539,7 @@ def llamacpp_activations(model: nn.Module, embd_type: str = "Q8_0"):
     if embd_type.upper() not in ("F32", "F16", "BF16") and model.get_output_embeddings() is not None:
         mods.append(model.get_output_embeddings())
     def hook(mod, args):
-        block = 256 if getattr(getattr(mod, "spec", None), "is_ggml", False) else 32
+        block = 256 if getattr(getattr(mod, "spec", None), "block", 32) >= 256 else 32  # Q8_K for 256-blocks, else Q8_0/Q8_1
         return (_q8_blocks(args[0], block),) + tuple(args[1:])
 
     hooks = [m.register_forward_pre_hook(hook) for m in mods]
