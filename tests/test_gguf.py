@@ -347,3 +347,25 @@ def test_kquant_search_is_written_and_scored_by_llamacpp(tmp_path):
     assert any(t.endswith("_K") for t in saved.types.values())
     cpp = gs.llamacpp.perplexity(saved.path, ids, seqlen=SEQ, verbose=False).ppl
     assert abs(cpp / ours - 1) < 0.01 and abs(cpp / emulated - 1) < 1e-3
+
+
+@needs_llamacpp
+def test_cli_optimize_gguf_profile_saves_a_searched_gguf(cli_assets, tmp_path):
+    """`gransearch optimize --profile gguf --save-gguf FILE --llamacpp-eval`: one command from model to
+    a searched GGUF whose tensors weigh the plan's bytes, within the budget, scored by llama.cpp."""
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    out, path = tmp_path / "run", tmp_path / "searched.gguf"
+    argv = ["optimize", "--model", model_dir, "--data", text, "--out", str(out), "--device", "cpu", "--quiet", "--profile", "gguf",
+            "--budget-like", "w5g32s", "--bits", "4,5,8", "--grans", "32", "--methods", "rtn,gptq,llamacpp", "--trials", "6",
+            "--n-calib", "4", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "2", "--batch-size", "2", "--n-final", "0",
+            "--save-gguf", str(path), "--llamacpp-eval", "--max-windows", "4"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accounting"]["format"] == "gguf"
+    g = summary["saved_gguf"]
+    assert g["tensor_bytes"] == summary["plan_bytes"] <= summary["budget_bytes"]
+    assert g["ppl_llamacpp"] > 1 and path.exists()
+    plan = gs.QuantPlan.load(str(out / "plan.json"))
+    assert {G.ggml_type_of(lp.spec) for lp in plan.layers.values()} <= {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL"}
