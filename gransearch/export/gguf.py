@@ -73,8 +73,11 @@ SPEC_OF_TYPE = {
 }
 TYPE_OF_SPEC = {str(s): t for t, s in SPEC_OF_TYPE.items()}
 
-# HF model_type -> GGUF architecture written for it (and whether q/k rows are permuted)
+# HF model_type -> GGUF architecture written for it without a source GGUF (llama-family only)
 GGUF_ARCHS = {"llama": ("llama", True)}
+# how llama.cpp's converter changes HF tensors, per GGUF architecture: q/k rows permuted head by head
+# (llama's rotary layout), and a constant added to norm weights (Gemma stores 1 + w)
+GGUF_LAYOUT = {"llama": {"permute_qk": True, "norm_offset": 0.0}, "gemma3": {"permute_qk": False, "norm_offset": 1.0}}
 
 
 def _gguf():
@@ -373,7 +376,8 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
     models get their hyperparameters from the HF config and the vocabulary of ``tokenizer`` when it
     is byte-level BPE (GPT-2 style, as llama.cpp's ``gpt2`` model; other tokenizers, and no
     tokenizer, give a placeholder vocabulary: llama.cpp then scores token ids but cannot tokenize
-    text). Other architectures raise ``ValueError``.
+    text). With a source, ``gemma3`` is written too (its norms as ``1 + w``, as llama.cpp stores
+    them). Other architectures raise ``ValueError``.
 
     Quantized linears are written in the ggml type of their spec (:data:`TYPE_OF_SPEC`); linears
     left in float as ``float_type``; the token embedding (and an untied ``output``) as ``embd_type``,
@@ -398,10 +402,11 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
     else:
         raise ValueError(f"writing GGUF for model_type {mtype!r} needs its source GGUF (source=...); "
                          f"without one only {', '.join(GGUF_ARCHS)} models are written")
-    if arch not in ("llama",):
+    if arch not in GGUF_LAYOUT:
         raise ValueError(f"GGUF architecture {arch!r} is not written yet (its tensor layout differs from HF's): "
-                         "only llama-family models are supported")
-    permute = arch == "llama"
+                         f"supported: {', '.join(GGUF_LAYOUT)}")
+    permute = GGUF_LAYOUT[arch]["permute_qk"]
+    norm_offset = GGUF_LAYOUT[arch]["norm_offset"]
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     n_layers = model.config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch_enum, n_layers)
@@ -439,6 +444,8 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
         w = obj.detach()
         if qk_heads:
             w = permute_qk(w, qk_heads)
+        if norm_offset and w.dim() == 1 and "norm" in mname.rsplit(".", 1)[-1]:
+            w = w.float() + norm_offset
         tname = "F32" if w.dim() < 2 else (embd_type if id(obj) in embed_ids else float_type)
         data, raw = _float_tensor(w, tname)
         tensors[gname] = (data, raw, tname)
