@@ -302,7 +302,6 @@ def _arch_metadata(writer, model: nn.Module, arch: str) -> None:
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(0)
 
 
 def _ids_only_vocab(writer, vocab_size: int) -> None:
@@ -366,6 +365,74 @@ def _float_tensor(t: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
         raise ValueError(f"the gguf package cannot write {type_name} from float weights: use F32, F16, Q8_0, Q4_0 or Q5_0") from None
 
 
+def _gguf_tensors(model: nn.Module, arch: str, embd_type: str, float_type: str, verbose: bool) -> dict:
+    """``{gguf name: (data, raw ggml type or None, type name)}`` for every tensor of ``model``, in the
+    layout llama.cpp's converter gives ``arch`` (:data:`GGUF_LAYOUT`)."""
+    from tqdm.auto import tqdm
+
+    from ..qlinear import QuantLinear
+
+    gguf = _gguf()
+    permute, norm_offset = GGUF_LAYOUT[arch]["permute_qk"], GGUF_LAYOUT[arch]["norm_offset"]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
+    n_head = model.config.num_attention_heads
+    n_kv = getattr(model.config, "num_key_value_heads", None) or n_head
+    head = model.get_output_embeddings()
+    embed_ids = {id(model.get_input_embeddings().weight)} | ({id(head.weight)} if head is not None else set())
+    entries: list[tuple[str, str, object]] = []  # (HF name, module name, QuantLinear or parameter)
+    seen: set = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            entries.append((f"{mname}.weight", mname, mod))
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:  # a tied tensor is written once, under its first name
+                seen.add(id(p))
+                entries.append((f"{mname}.{pname}", mname, p))
+    tensors: dict[str, tuple[np.ndarray, object, str]] = {}
+    for hf, mname, obj in tqdm(entries, desc="gguf", disable=not verbose, leave=False):
+        gname = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"no GGUF name for {hf!r} in llama.cpp's {arch} tensor map")
+        leaf = mname.rsplit(".", 1)[-1]
+        qk_heads = (n_head if leaf == "q_proj" else n_kv if leaf == "k_proj" else None) if permute and hf.endswith(".weight") else None
+        if isinstance(obj, QuantLinear):
+            q = obj.quantized_weight()
+            t = ggml_type_of(q.spec)
+            if t is None:
+                raise ValueError(f"{mname} is quantized as {q.spec}, which GGUF cannot store: quantize GGUF layers with "
+                                 f"{', '.join(TYPE_OF_SPEC)} (search with profile='gguf')")
+            q = _permute_rows_q(q, qk_heads) if qk_heads else q
+            tensors[gname] = (q.raw.cpu().numpy() if isinstance(q, GGMLWeight) else encode(q), ggml_type(t), t)
+            continue
+        w = obj.detach()
+        if qk_heads:
+            w = permute_qk(w, qk_heads)
+        if norm_offset and w.dim() == 1 and "norm" in leaf:
+            w = w.float() + norm_offset
+        tname = "F32" if w.dim() < 2 else (embd_type if id(obj) in embed_ids else float_type)
+        data, raw = _float_tensor(w, tname)
+        tensors[gname] = (data, raw, tname)
+    return tensors
+
+
+def _source_order(reader, tensors: dict) -> list:
+    """The source GGUF's tensor order; ``ValueError`` unless the model has exactly its tensors and shapes."""
+    gguf = _gguf()
+    src_names = [t.name for t in reader.tensors]
+    missing = sorted(set(src_names) - set(tensors))
+    extra = sorted(set(tensors) - set(src_names))
+    if missing or extra:
+        raise ValueError(f"the model does not match its source GGUF: missing {missing[:5]}, not in the source {extra[:5]}")
+    for t in reader.tensors:  # GGUF lists shapes innermost first
+        want = tuple(int(s) for s in t.shape)
+        data, raw, _ = tensors[t.name]
+        have = tuple(reversed(data.shape)) if raw is None else tuple(gguf.quant_shape_from_byte_shape(tuple(data.shape), raw)[::-1])
+        if have != want:
+            raise ValueError(f"{t.name}: the model's shape {tuple(reversed(have))} differs from the source's {tuple(reversed(want))}")
+    return src_names
+
+
 def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, tokenizer=None, embd_type: str = "Q8_0",
               float_type: str = "F32", verbose: bool = True) -> SavedGGUF:
     """Write ``model`` (quantized by :func:`gransearch.quantize` with GGUF specs, or partly/not at all)
@@ -387,7 +454,6 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
     """
     gguf = _gguf()
     from ..models import PACKAGED_MODELS, packaged_gguf
-    from ..qlinear import QuantLinear
 
     mtype = getattr(model.config, "model_type", None)
     reader = None
@@ -405,70 +471,14 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
     if arch not in GGUF_LAYOUT:
         raise ValueError(f"GGUF architecture {arch!r} is not written yet (its tensor layout differs from HF's): "
                          f"supported: {', '.join(GGUF_LAYOUT)}")
-    permute = GGUF_LAYOUT[arch]["permute_qk"]
-    norm_offset = GGUF_LAYOUT[arch]["norm_offset"]
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    n_layers = model.config.num_hidden_layers
-    names = gguf.get_tensor_name_map(arch_enum, n_layers)
-    n_head = model.config.num_attention_heads
-    n_kv = getattr(model.config, "num_key_value_heads", None) or n_head
-
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    embed_ids = {id(emb)} | ({id(head.weight)} if head is not None else set())
-    entries: list[tuple[str, str, object]] = []  # (HF name, module name, QuantLinear or parameter)
-    seen: set = set()
-    for mname, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            entries.append((f"{mname}.weight", mname, mod))
-        for pname, p in mod.named_parameters(recurse=False):
-            if id(p) not in seen:  # a tied tensor is written once, under its first name
-                seen.add(id(p))
-                entries.append((f"{mname}.{pname}", mname, p))
-    tensors: dict[str, tuple[np.ndarray, object, str]] = {}  # gguf name -> (data, raw ggml type or None, type name)
-    for hf, mname, obj in entries:
-        gname = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise ValueError(f"no GGUF name for {hf!r} in llama.cpp's {arch} tensor map")
-        leaf = mname.rsplit(".", 1)[-1]
-        qk_heads = (n_head if leaf == "q_proj" else n_kv if leaf == "k_proj" else None) if permute and hf.endswith(".weight") else None
-        if isinstance(obj, QuantLinear):
-            q = obj.quantized_weight()
-            t = ggml_type_of(q.spec)
-            if t is None:
-                raise ValueError(f"{mname} is quantized as {q.spec}, which GGUF cannot store: quantize GGUF layers with "
-                                 f"{', '.join(TYPE_OF_SPEC)} (search with profile='gguf')")
-            q = _permute_rows_q(q, qk_heads) if qk_heads else q
-            tensors[gname] = (q.raw.cpu().numpy() if isinstance(q, GGMLWeight) else encode(q), ggml_type(t), t)
-            continue
-        w = obj.detach()
-        if qk_heads:
-            w = permute_qk(w, qk_heads)
-        if norm_offset and w.dim() == 1 and "norm" in mname.rsplit(".", 1)[-1]:
-            w = w.float() + norm_offset
-        tname = "F32" if w.dim() < 2 else (embd_type if id(obj) in embed_ids else float_type)
-        data, raw = _float_tensor(w, tname)
-        tensors[gname] = (data, raw, tname)
-    order = list(tensors)
-    if reader is not None:
-        src_names = [t.name for t in reader.tensors]
-        missing = sorted(set(src_names) - set(tensors))
-        extra = sorted(set(tensors) - set(src_names))
-        if missing or extra:
-            raise ValueError(f"the model does not match its source GGUF: missing {missing[:5]}, not in the source {extra[:5]}")
-        order = src_names
-        for t in reader.tensors:  # shapes must agree (GGUF lists them innermost first)
-            want = tuple(int(s) for s in t.shape)
-            data, raw, tname = tensors[t.name]
-            have = tuple(reversed(data.shape)) if raw is None else (gguf.quant_shape_from_byte_shape(tuple(data.shape), raw)[::-1])
-            if tuple(have) != want:
-                raise ValueError(f"{t.name}: the model's shape {tuple(reversed(have))} differs from the source's {tuple(reversed(want))}")
+    tensors = _gguf_tensors(model, arch, embd_type, float_type, verbose)
+    order = list(tensors) if reader is None else _source_order(reader, tensors)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     writer = gguf.GGUFWriter(tmp, arch)
     if reader is not None:
+        # general.file_type is left out: llama.cpp guesses it from the tensors (a mix has no one type)
         _copy_metadata(writer, reader, skip={"general.architecture", "general.file_type"})
-        writer.add_file_type(0)
     else:
         _arch_metadata(writer, model, arch)
         if tokenizer is None or not _hf_bpe_vocab(writer, tokenizer, model.config.vocab_size):
