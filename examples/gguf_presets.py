@@ -151,7 +151,7 @@ def report_text(rows: dict) -> str:
             continue
         p = r["preset"]
         im = rows.get(f"{p}+imatrix", {})
-        s = rows.get(f"search@{p}", {})
+        s = rows.get(f"search@{p}") or next((v for k, v in rows.items() if k.startswith("search@") and v.get("budget_bytes") == r["tensor_bytes"]), {})
         embd = 49_152 * 576 // 32 * 34
         bpw = 8 * (r["tensor_bytes"] - embd - 61 * 576 * 4) / lin_weights
         flat = " (4-bit: flattered, see below)" if bpw >= 4.0 else ""
