@@ -105,38 +105,55 @@ def run(args) -> None:
             os.remove(path)  # the sizes and types are recorded; the files are remade in seconds
 
     del model
-    for preset in presets:
-        name = f"search@{preset}"
+    seeded = [p.strip() for p in args.seeded.split(",") if p.strip()]
+    for preset, seed in [(p, False) for p in presets] + [(p, True) for p in seeded]:
+        name = f"search{'+seed' if seed else ''}@{preset}"
         if name in rows:
             continue
         budget = rows[preset]["tensor_bytes"]
         model, _ = gs.load_model("smollm2-135m")
         G.round_embeddings(model, "Q8_0")  # the embedding as the file stores it
+        seeds = {f"llama.cpp {preset}+imatrix": _preset_plan(f32, args.out, preset, imat, model)} if seed else None
         t0 = time.perf_counter()
         try:
             res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=METHODS, bits=(4, 5, 8),
-                              granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf",
-                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", study_name=f"gguf-{budget}",
+                              granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf", seed_plans=seeds,
+                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", study_name=f"gguf-{budget}{'-seeded' if seed else ''}",
                               bank_dir=os.path.join(args.out, "bank"), device=args.device)
         except BudgetError as exc:
             keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "infeasible": str(exc)})
             continue
         search_s = time.perf_counter() - t0
-        res.plan.save(os.path.join(args.out, f"plan-{preset}.json"))
+        res.plan.save(os.path.join(args.out, f"plan-{preset}{'-seeded' if seed else ''}.json"))
         gs.quantize(model, res.plan, calib, device=args.device, objective=False)
         path = os.path.join(args.out, f"search-{preset}.gguf")
         saved = G.save_gguf(model, path, source="smollm2-135m")
         torch_ppl = gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
         by_kind = collections.defaultdict(collections.Counter)
         for n, lp in res.plan.layers.items():
-            by_kind[n.rsplit(".", 1)[-1]][f"{lp.method}:{G.TYPE_OF_SPEC[str(lp.spec)]}"] += 1
-        keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes,
+            by_kind[n.rsplit(".", 1)[-1]][f"{lp.method}:{G.ggml_type_of(lp.spec)}"] += 1
+        won = [t.user_attrs.get("kind") for t in res.study.trials if t.number == res.plan.meta.get("trial")]
+        keep(name, {"kind": "search", "preset": preset, "seeded": seed, "best_kind": won[0] if won else None,
+                    "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes,
                     "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
                     "search_seconds": search_s, "types": _types(path), "by_kind": {k: dict(v.most_common()) for k, v in by_kind.items()},
                     **score(path)})
         os.remove(path)
         del model
     print(report_text(rows))
+
+
+def _preset_plan(f32: str, out: str, preset: str, imat: dict, model) -> dict:
+    """llama.cpp's preset (with the importance matrix) as a plan of bank candidates: each tensor's
+    type made by the llamacpp method (Q4_1/Q5_1, outside the gguf profile, become Q4_0/Q5_0)."""
+    import gguf
+
+    path = os.path.join(out, f"seed-{preset}.gguf")
+    llamacpp.quantize_file(f32, path, preset, imatrix=imat)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    os.remove(path)
+    spec = {"Q4_0": "w4g32s", "Q4_1": "w4g32s", "Q5_0": "w5g32s", "Q5_1": "w5g32s", "Q8_0": "w8g32s"}
+    return {hf: f"llamacpp:{spec.get(types[g], types[g])}" for hf, g in G.gguf_names(model).items()}
 
 
 def report_text(rows: dict) -> str:
@@ -166,6 +183,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/gguf")
     ap.add_argument("--presets", default="Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seeded", default="", help="presets whose size is searched again with llama.cpp's own mix as a warm start")
     ap.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: the whole test split)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--report", default=None, metavar="FOLDER", help="print the tables of a finished run")

@@ -170,6 +170,29 @@ def _pareto(complete, plan_of) -> list[ParetoPoint]:
     return pareto
 
 
+def _seed_choices(seed_plans: dict, bank, costs, fixed: int, budget: int) -> dict[str, list[int]]:
+    """``{name: bank index per layer}`` of the seed plans; ``ValueError`` naming a layer or key the
+    bank lacks, or a plan over the budget."""
+    out = {}
+    for name, plan in seed_plans.items():
+        layers = plan.layers if hasattr(plan, "layers") else plan
+        keys = {n: (lp.key() if hasattr(lp, "key") else str(lp)) for n, lp in layers.items()}
+        missing = [n for n in bank.layers if n not in keys]
+        if missing:
+            raise ValueError(f"seed plan {name!r} names no candidate for {len(missing)} layers, e.g. {missing[0]}")
+        choice = []
+        for i, n in enumerate(bank.layers):
+            if keys[n] not in bank.keys[i]:
+                raise ValueError(f"seed plan {name!r}: {n} takes {keys[n]}, which is not in the bank (its candidates: "
+                                 f"{', '.join(bank.keys[i][:8])}...)")
+            choice.append(bank.index(i, keys[n]))
+        nbytes = fixed + int(sum(costs[i, c] for i, c in enumerate(choice)))
+        if nbytes > budget:
+            raise ValueError(f"seed plan {name!r} takes {nbytes:,} bytes, over the budget of {budget:,}")
+        out[name] = choice
+    return out
+
+
 def _ranked(complete) -> list:
     """Complete trials by proxy perplexity, one per distinct plan."""
     ranked, seen = [], set()
@@ -229,6 +252,7 @@ def optimize(
     warm_start: bool = True,
     study_attrs: Optional[dict] = None,
     profile: str = "research",
+    seed_plans: Optional[dict] = None,
     float_dtype=None,
     verbose: bool = True,
 ) -> OptimizeResult:
@@ -247,7 +271,10 @@ def optimize(
     enqueues no baselines (extra workers joining a study). ``n_trials`` counts the study's complete
     and pruned trials, whichever process ran them (failed ones are retried, not counted).
     ``study_attrs``: user attributes stored on the study once it is checked (the CLI keeps its run
-    configuration there for workers). ``profile``: ``"research"`` (every candidate, gransearch's
+    configuration there for workers). ``seed_plans``: ``{name: plan}`` (a :class:`QuantPlan` or
+    ``{linear name: "method:spec"}`` naming bank candidates for every linear) run as warm starts
+    too, e.g. llama.cpp's own mix of a preset; one over the budget or outside the bank is refused by
+    name. ``profile``: ``"research"`` (every candidate, gransearch's
     byte layout), ``"vllm"`` or ``"vllm-asym"`` (only what vLLM serves, fused layers sharing a spec, bytes of the
     compressed-tensors checkpoint; :mod:`gransearch.profiles`). ``float_dtype``: the dtype the
     budget counts floating-point tensors at (default: as loaded for ``research``, the model's
@@ -327,11 +354,17 @@ def optimize(
                           verbose=False, on_window=report).ppl
 
     uniform = uniform_keys(bank, costs, fixed, budget)
+    seeds = _seed_choices(seed_plans or {}, bank, costs, fixed, budget)
 
     def choice_for(trial) -> tuple[list[int], dict]:
         key = trial.user_attrs.get("uniform")
         if key is not None:
             return [bank.index(i, key) for i in range(L)], {"kind": "uniform", "uniform": key}
+        seed = trial.user_attrs.get("seed")
+        if seed is not None:
+            if seed not in seeds:
+                raise optuna.TrialPruned(f"seed plan {seed!r} was not given to this run")
+            return seeds[seed], {"kind": "seed", "seed": seed}
         mode = trial.suggest_categorical("objective", list(bases))  # the knapsack's loss table (name kept: stored studies resume)
         w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
         w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
@@ -365,7 +398,7 @@ def optimize(
 
         def report(step, running_nll):
             trial.report(math.exp(running_nll) if objective_fn is None else running_nll, step)
-            if meta["kind"] != "uniform" and trial.should_prune():
+            if meta["kind"] not in ("uniform", "seed") and trial.should_prune():  # baselines and seeds are measured whole
                 raise optuna.TrialPruned()
 
         return evaluate(mdl, report)
@@ -374,7 +407,7 @@ def optimize(
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         with storage_lock(storage):
-            enqueue_missing(study, uniform, {mode: {"objective": mode, **neutral} for mode in bases})
+            enqueue_missing(study, uniform, {mode: {"objective": mode, **neutral} for mode in bases}, seeds=list(seeds))
     t_search = time.perf_counter()
     # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials
     remaining = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from ._files import atomic_write
 from .errors import StudyMismatchError
@@ -239,11 +239,12 @@ def fail_dead_trials(study) -> list[int]:
     return marked
 
 
-def enqueue_missing(study, uniform_keys: list[str], warm_params: dict[str, dict]) -> int:
+def enqueue_missing(study, uniform_keys: list[str], warm_params: dict[str, dict], seeds: Sequence[str] = ()) -> int:
     """Enqueue each warm start that has no complete, pruned, waiting or running trial yet.
 
     ``uniform_keys``: ``method:spec`` of the uniform baselines, in the order they should run;
-    ``warm_params``: ``{name: fixed parameters}`` of the other warm starts. Returns how many were
+    ``warm_params``: ``{name: fixed parameters}`` of the other warm starts; ``seeds``: names of
+    given plans (the trial reads the plan by its name). Returns how many were
     enqueued (all of them for a new study; the lost ones on resume).
     """
     import optuna
@@ -261,5 +262,10 @@ def enqueue_missing(study, uniform_keys: list[str], warm_params: dict[str, dict]
     for name, params in warm_params.items():
         if name not in have_warm:
             study.enqueue_trial(params, user_attrs={"warm": name})
+            n += 1
+    have_seed = {t.user_attrs.get("seed") for t in trials}
+    for name in seeds:
+        if name not in have_seed:
+            study.enqueue_trial({}, user_attrs={"seed": name})
             n += 1
     return n

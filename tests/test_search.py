@@ -350,3 +350,23 @@ def test_seeded_tiny_search_is_pinned():
     assert [t.value for t in res.study.trials] == pytest.approx(pinned, rel=1e-5)
     assert res.nbytes == 115200 and res.plan.summary() == {"rtn:w4g16": 14}
     assert res.proxy_ppl == pytest.approx(1.2902473025023937, rel=1e-6)
+
+
+def test_seed_plans_run_as_warm_starts_and_bad_ones_are_refused():
+    """A given plan (e.g. llama.cpp's own mix) runs as a measured warm start, is never pruned, and can
+    win; one over the budget or naming a candidate the bank lacks is refused by name."""
+    model = tiny_model("llama")
+    names = [r.name for r in model_linears(model)]
+    budget = budget_between(model, 0.45)
+    seed = {n: ("rtn:w8c" if i == 0 else "rtn:w2c") for i, n in enumerate(names)}
+    res = gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn", "gptq"), bits=BITS, granularities=GRANS,
+                      n_trials=12, seed=0, objective_fn=fake_objective(model), seed_plans={"mine": seed}, verbose=False)
+    seeded = [t for t in res.study.trials if t.user_attrs.get("seed") == "mine"]
+    assert len(seeded) == 1 and seeded[0].state.name == "COMPLETE" and seeded[0].user_attrs["keys"] == [seed[n] for n in names]
+    assert res.proxy_ppl <= seeded[0].value
+    with pytest.raises(ValueError, match="not in the bank"):
+        gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn",), bits=BITS, granularities=GRANS, n_trials=2,
+                    objective_fn=fake_objective(model), seed_plans={"bad": {n: "awq:w4c" for n in names}}, verbose=False)
+    with pytest.raises(ValueError, match="over the budget"):
+        gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn",), bits=BITS, granularities=GRANS, n_trials=2,
+                    objective_fn=fake_objective(model), seed_plans={"big": {n: "rtn:w8c" for n in names}}, verbose=False)
