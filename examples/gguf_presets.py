@@ -160,21 +160,23 @@ def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
     out = [f"F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
            f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
-           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search's bytes |",
+           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-    lin_weights = 134_515_008 - 49_152 * 576 - 61 * 576  # SmolLM2's linear weights (all parameters less embedding and norms)
+    lin_weights = 106_168_320  # SmolLM2's linear weights: 30 blocks x (576 x 1536 + 3 x 576 x 1536)
+    fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # the Q8_0 token embedding and the F32 norms
+
+    def search(kind: str, p: str, nbytes: int) -> str:
+        s = rows.get(f"{kind}@{p}") or next((v for k, v in rows.items() if k.startswith(f"{kind}@") and v.get("budget_bytes") == nbytes), {})
+        return f"{s['ppl']:.3f}" if "ppl" in s else ("infeasible" if "infeasible" in s else "-")
+
     for name, r in rows.items():
         if r.get("kind") != "llama.cpp" or r.get("imatrix"):
             continue
         p = r["preset"]
         im = rows.get(f"{p}+imatrix", {})
-        s = rows.get(f"search@{p}") or next((v for k, v in rows.items() if k.startswith("search@") and v.get("budget_bytes") == r["tensor_bytes"]), {})
-        embd = 49_152 * 576 // 32 * 34
-        bpw = 8 * (r["tensor_bytes"] - embd - 61 * 576 * 4) / lin_weights
-        flat = " (4-bit: flattered, see below)" if bpw >= 4.0 else ""
-        sp = f"{s['ppl']:.3f}" if "ppl" in s else ("infeasible" if "infeasible" in s else "-")
-        out.append(f"| {p}{flat} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | {sp} | "
-                   f"{s.get('tensor_bytes', 0):,} |")
+        bpw = 8 * (r["tensor_bytes"] - fixed) / lin_weights
+        out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | "
+                   f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |")
     return "\n".join(out)
 
 
