@@ -97,11 +97,18 @@ def test_smollm_quantize_methods(smollm):
     assert rtn3 > 1.2 * fp  # 3 bits costs something measurable
     assert got["gptq:w3g64"] < rtn3
     assert got["awq:w3g64"] < rtn3
-    # pinned: a refactor must not move these. Measured at commit 0d29cd0 (before the reliability work
-    # and the redesign) with the same calls; a change needs a reason in the commit that makes it
-    pinned = {"fp:None": 22.049809297353296, "gptq:w8c": 22.08556353375094, "rtn:w3g64": 69.32036381130682,
-              "gptq:w3g64": 65.72044077631709, "awq:w3g64": 47.56996489114064}
-    assert got == pytest.approx(pinned, rel=1e-5)
+    # pinned: a refactor must not move these; a change needs a reason in the commit that makes it. The
+    # calibrated methods' values depend on the CPU's float arithmetic (GPTQ's Cholesky and AWQ's grid at
+    # 3 bits amplify it), so each machine kind the project has run on has its own set, measured on
+    # unchanged code: the first at commit 0d29cd0; the second at commit a9fbd33 on an x86_64 machine
+    # with AVX-512 (the stop that added GGUF; fp and RTN were identical to the first set there)
+    pinned_sets = [
+        {"fp:None": 22.049809297353296, "gptq:w8c": 22.08556353375094, "rtn:w3g64": 69.32036381130682,
+         "gptq:w3g64": 65.72044077631709, "awq:w3g64": 47.56996489114064},
+        {"fp:None": 22.049809297353296, "gptq:w8c": 22.08895060426687, "rtn:w3g64": 69.32036381130682,
+         "gptq:w3g64": 62.77844449778757, "awq:w3g64": 45.796307600994616},
+    ]
+    assert any(got == pytest.approx(p, rel=1e-5) for p in pinned_sets), got
 
 
 @needs_smollm
