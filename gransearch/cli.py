@@ -164,13 +164,15 @@ def cmd_quantize(args) -> int:
 
 def _save_gguf(model, args, test, tok=None) -> dict:
     """Write ``args.save_gguf`` and, with ``--llamacpp-eval``, score it with llama.cpp on the same windows."""
+    from collections import Counter
+
     import gransearch as gs
     from gransearch.export import gguf as gg
 
     src = gs.models.gguf_source(args.model)
     saved = gg.save_gguf(model, args.save_gguf, source=src, tokenizer=None if src else tok, verbose=not args.quiet)
     out = {"path": saved.path, "tensor_bytes": saved.tensor_nbytes, "file_bytes": saved.file_nbytes,
-           "types": dict(sorted(__import__("collections").Counter(saved.types.values()).items()))}
+           "types": dict(sorted(Counter(saved.types.values()).items()))}
     if getattr(args, "llamacpp_eval", False):
         from gransearch import llamacpp
 
@@ -208,17 +210,15 @@ def cmd_optimize(args) -> int:
                       study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **runs.search_kwargs(cfg))
     summary = runs.write_run_folder(args.out, res, budget, storage, study_name)
     shown = ["budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan"]
-    if args.save:  # the best plan, re-quantized as a user applies it, written as a checkpoint
+    if args.save or args.save_gguf:  # the best plan, re-quantized once as a user applies it, written as asked
         tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
         gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
+    if args.save:
         saved = gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
                                   profile=None if args.profile == "research" else args.profile)
         summary["saved"] = _saved_summary(saved)
         shown.append("saved")
     if args.save_gguf:
-        if not args.save:
-            gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
-        tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
         summary["saved_gguf"] = _save_gguf(model, args, test, tok)
         shown.append("saved_gguf")
     if args.save or args.save_gguf:

@@ -19,8 +19,9 @@ value is ``c - 128``. Our scale is ggml's ``d`` (both float16). Only the scale e
 clip ratio a method picked); llama.cpp reads any ``d``.
 
 Other types (``Q4_1``/``Q5_1``, whose offset is a float16 minimum; the K-quants with 256-weight
-super-blocks; the IQ types) are costed by :func:`ggml_nbytes` and dequantized with the ``gguf``
-package, but gransearch's quantizers do not produce them.
+super-blocks; ``IQ4_NL``/``IQ4_XS``) are :class:`~gransearch.spec.GGMLSpec`: only llama.cpp's own
+quantizer makes them (method ``llamacpp``), they are kept as raw blocks (:class:`GGMLWeight`) and
+dequantized with the ``gguf`` package.
 
 Tensor names and layouts follow llama.cpp's converter: for ``llama``-family models the rows of
 ``q_proj``/``k_proj`` are permuted head by head (``permute_qk``); the row permutation moves whole
@@ -74,7 +75,7 @@ SPEC_OF_TYPE = {
 TYPE_OF_SPEC = {str(s): t for t, s in SPEC_OF_TYPE.items()}
 
 # HF model_type -> GGUF architecture written for it without a source GGUF (llama-family only)
-GGUF_ARCHS = {"llama": ("llama", True)}
+GGUF_ARCHS = {"llama": "llama"}
 # how llama.cpp's converter changes HF tensors, per GGUF architecture: q/k rows permuted head by head
 # (llama's rotary layout), and a constant added to norm weights (Gemma stores 1 + w)
 GGUF_LAYOUT = {"llama": {"permute_qk": True, "norm_offset": 0.0}, "gemma3": {"permute_qk": False, "norm_offset": 1.0}}
@@ -464,7 +465,7 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
         reader = gguf.GGUFReader(src)
         arch = str(reader.fields["general.architecture"].contents())
     elif mtype in GGUF_ARCHS:
-        arch = GGUF_ARCHS[mtype][0]
+        arch = GGUF_ARCHS[mtype]
     else:
         raise ValueError(f"writing GGUF for model_type {mtype!r} needs its source GGUF (source=...); "
                          f"without one only {', '.join(GGUF_ARCHS)} models are written")
@@ -500,14 +501,19 @@ def save_gguf(model: nn.Module, path: str, *, source: Optional[str] = None, toke
 
 
 @torch.no_grad()
+def _as_stored(w: torch.Tensor, type_name: str) -> np.ndarray:
+    """float32 ``w`` as a GGUF stores it in ``type_name``: quantized and dequantized by the ``gguf`` package."""
+    data, raw = _float_tensor(w, type_name)
+    back = data.astype(np.float32) if raw is None else _gguf().quants.dequantize(data, raw)
+    return np.ascontiguousarray(back).reshape(tuple(w.shape))
+
+
 def embeddings_rounded(model: nn.Module, embd_type: str = "Q8_0") -> bool:
     """Whether the token embedding already holds what a GGUF stores as ``embd_type``."""
     if embd_type.upper() == "F32":
         return True
     w = model.get_input_embeddings().weight
-    data, raw = _float_tensor(w, embd_type)
-    back = data.astype(np.float32) if raw is None else _gguf().quants.dequantize(data, raw)
-    return bool(np.array_equal(back.reshape(tuple(w.shape)), w.detach().float().cpu().numpy()))
+    return bool(np.array_equal(_as_stored(w, embd_type), w.detach().float().cpu().numpy()))
 
 
 @torch.no_grad()
@@ -515,7 +521,6 @@ def round_embeddings(model: nn.Module, embd_type: str = "Q8_0") -> None:
     """Replace the token embedding (and an untied output head) by what a GGUF stores as ``embd_type``
     (quantized and dequantized by the ``gguf`` package), so that torch and llama.cpp compute with
     the same values. F32 changes nothing."""
-    gguf = _gguf()
     if embd_type.upper() == "F32":
         return
     mods = [model.get_input_embeddings()]
@@ -523,9 +528,7 @@ def round_embeddings(model: nn.Module, embd_type: str = "Q8_0") -> None:
     if head is not None and head.weight is not mods[0].weight:
         mods.append(head)
     for m in mods:
-        data, raw = _float_tensor(m.weight, embd_type)
-        back = data.astype(np.float32) if raw is None else gguf.quants.dequantize(data, raw)
-        m.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)).reshape(m.weight.shape).to(m.weight.dtype))
+        m.weight.copy_(torch.from_numpy(_as_stored(m.weight, embd_type)).to(m.weight.dtype))
 
 
 def _q8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
