@@ -156,14 +156,16 @@ def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Opt
                     raise LlamaCppError(f"llama_decode failed with code {rc} on window {w} of {path}")
                 ptr = lib.llama_get_logits(ctx)
                 logits = np.ctypeslib.as_array(ptr, shape=(seqlen, n_vocab))
-                lg = torch.from_numpy(logits[:-1].astype(np.float64, copy=True))
                 tgt = win[w, 1:].long()
-                nll = torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt.unsqueeze(1)).squeeze(1)
-                if not bool(torch.isfinite(nll).all()):
-                    from .errors import NonFiniteError
+                rows = max(1, (1 << 24) // n_vocab)  # float64 rows at a time: 128 MiB, not seqlen x vocab (1 GiB for Gemma)
+                for i in range(0, seqlen - 1, rows):
+                    lg = torch.from_numpy(logits[i : min(i + rows, seqlen - 1)].astype(np.float64))
+                    nll = torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt[i : i + rows].unsqueeze(1)).squeeze(1)
+                    if not bool(torch.isfinite(nll).all()):
+                        from .errors import NonFiniteError
 
-                    raise NonFiniteError(f"llama.cpp gave non-finite logits on window {w} of {path}")
-                total += float(nll.sum())
+                        raise NonFiniteError(f"llama.cpp gave non-finite logits on window {w} of {path}")
+                    total += float(nll.sum())
         finally:
             lib.llama_batch_free(batch)
             lib.llama_free(ctx)
