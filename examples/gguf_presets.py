@@ -1,17 +1,18 @@
 """llama.cpp's own presets against the gguf-profile search at each preset's file size, all scored by llama.cpp.
 
     python examples/gguf_presets.py --out runs/gguf [--presets Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M] [--trials 20]
+    python examples/gguf_presets.py --model gemma3-270m --out runs/gguf-gemma --max-windows 16 --eval-windows 4
     python examples/gguf_presets.py --report runs/gguf      # the tables of docs/gguf.md
 
-Protocol: SmolLM2-135M-Instruct from the packaged GGUF, computed in float32 and written as an F32
+Protocol: SmolLM2-135M-Instruct (or ``--model gemma3-270m``) from the packaged GGUF, computed in float32 and written as an F32
 GGUF (its metadata and tokenizer copied). llama.cpp's presets are made from that file by
 ``llama_model_quantize`` (llama-cpp-python 0.3.36), once without and once with an importance matrix
 computed from gransearch's calibration statistics (128 x 512 tokens of wiki-sample train, seed 0:
 the mean of x^2 per input column of every linear). The search (``profile="gguf"``: Q4_0, Q5_0 and
 Q8_0 per linear from RTN, GPTQ with act-order, AWQ and llama.cpp's own quantizer with that
 importance matrix, IQ4_NL from llama.cpp's quantizer, plus Q2_K..Q6_K and IQ4_XS where a layer's
-rows are multiples of 256 weights; the token embedding in Q8_0, as every one of these presets keeps it for this model) runs at each preset's exact tensor bytes, on
-the same calibration, with a proxy of 16 x 512 validation tokens; its best plan is re-quantized,
+rows are multiples of 256 weights; the token embedding in the type the preset gave it) runs at each preset's exact tensor bytes, on
+the same calibration, with a proxy of ``--eval-windows`` x 512 validation tokens (16); its best plan is re-quantized,
 written as GGUF and scored. Every perplexity in the table is llama.cpp's (CPU, default context:
 F16 KV cache) on the same test windows (seqlen 512). Killed, the same command resumes: finished
 rows are kept in results.json, the bank and the studies in --out.
@@ -50,6 +51,20 @@ def _tensor_bytes(path: str) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
+_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _linear_bytes(path: str) -> int:
+    """Bytes of the block linears' tensors (what bits per weight are counted over)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and t.name.split(".")[-2] in _LINEARS)
+
+
+def _embd_type(types: dict) -> str:
+    return next(k.split(":")[1] for k in types if k.startswith("token_embd:"))
+
+
 def _imatrix(model, calib, path: str) -> dict:
     from safetensors.numpy import load_file, save_file
 
@@ -72,7 +87,7 @@ def run(args) -> None:
         os.replace(res_path + ".tmp", res_path)
         print(name, json.dumps(row))
 
-    model, tok = gs.load_model("smollm2-135m")
+    model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
     val = gs.load_tokens("wiki-sample", tok, "validation")
     test = gs.load_tokens("wiki-sample", tok, "test")
@@ -83,11 +98,12 @@ def run(args) -> None:
 
     f32 = os.path.join(args.out, "f32.gguf")
     if not os.path.exists(f32):
-        G.save_gguf(model, f32, source="smollm2-135m", embd_type="F32")
+        G.save_gguf(model, f32, source=args.model, embd_type="F32")
     if "f32" not in rows:
-        keep("f32", {"kind": "reference", "tensor_bytes": _tensor_bytes(f32), **score(f32)})
+        lin_weights = sum(r.module.weight.numel() for i in range(len(gs.arch.get_blocks(model))) for r in gs.arch.block_linears(model, i))
+        keep("f32", {"kind": "reference", "model": args.model, "tensor_bytes": _tensor_bytes(f32), "linear_weights": lin_weights, **score(f32)})
     if "source" not in rows:
-        src = gs.models.packaged_gguf("smollm2-135m")
+        src = gs.models.packaged_gguf(args.model)
         keep("source", {"kind": "reference", "tensor_bytes": _tensor_bytes(src), "types": _types(src), **score(src)})
     imat = _imatrix(model, calib, os.path.join(args.out, "imatrix.safetensors"))
 
@@ -101,6 +117,7 @@ def run(args) -> None:
             t0 = time.perf_counter()
             llamacpp.quantize_file(f32, path, preset, imatrix=imat if with_imatrix else None)
             keep(name, {"kind": "llama.cpp", "preset": preset, "imatrix": with_imatrix, "tensor_bytes": _tensor_bytes(path),
+                        "linear_bytes": _linear_bytes(path),
                         "quantize_seconds": time.perf_counter() - t0, "types": _types(path), **score(path)})
             os.remove(path)  # the sizes and types are recorded; the files are remade in seconds
 
@@ -111,13 +128,16 @@ def run(args) -> None:
         if name in rows:
             continue
         budget = rows[preset]["tensor_bytes"]
-        model, _ = gs.load_model("smollm2-135m")
-        G.round_embeddings(model, "Q8_0")  # the embedding as the file stores it
+        model, _ = gs.load_model(args.model)
+        embd = _embd_type(rows[preset]["types"])
+        if embd != "Q8_0":
+            raise SystemExit(f"{preset} stores the token embedding as {embd}; the gguf profile counts it as Q8_0")
+        G.round_embeddings(model, embd)  # the embedding as the preset's file stores it
         seeds = {f"llama.cpp {preset}+imatrix": _preset_plan(f32, args.out, preset, imat, model)} if seed else None
         t0 = time.perf_counter()
         try:
             res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=METHODS, bits=(4, 5, 8),
-                              granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf", seed_plans=seeds,
+                              granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf", seed_plans=seeds, eval_windows=args.eval_windows,
                               storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", study_name=f"gguf-{budget}{'-seeded' if seed else ''}",
                               bank_dir=os.path.join(args.out, "bank"), device=args.device)
         except BudgetError as exc:
@@ -127,14 +147,14 @@ def run(args) -> None:
         res.plan.save(os.path.join(args.out, f"plan-{preset}{'-seeded' if seed else ''}.json"))
         gs.quantize(model, res.plan, calib, device=args.device, objective=False)
         path = os.path.join(args.out, f"search-{preset}.gguf")
-        saved = G.save_gguf(model, path, source="smollm2-135m")
+        saved = G.save_gguf(model, path, source=args.model, embd_type=embd)
         torch_ppl = gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
         by_kind = collections.defaultdict(collections.Counter)
         for n, lp in res.plan.layers.items():
             by_kind[n.rsplit(".", 1)[-1]][f"{lp.method}:{G.ggml_type_of(lp.spec)}"] += 1
         won = [t.user_attrs.get("kind") for t in res.study.trials if t.number == res.plan.meta.get("trial")]
         keep(name, {"kind": "search", "preset": preset, "seeded": seed, "best_kind": won[0] if won else None,
-                    "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes,
+                    "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes, "linear_bytes": _linear_bytes(path),
                     "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
                     "search_seconds": search_s, "types": _types(path), "by_kind": {k: dict(v.most_common()) for k, v in by_kind.items()},
                     **score(path)})
@@ -158,12 +178,12 @@ def _preset_plan(f32: str, out: str, preset: str, imat: dict, model) -> dict:
 
 def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
-    out = [f"F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
+    out = [f"{ref.get('model', 'smollm2-135m')}: F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
            f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
            "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-    lin_weights = 106_168_320  # SmolLM2's linear weights: 30 blocks x (576 x 1536 + 3 x 576 x 1536)
-    fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # the Q8_0 token embedding and the F32 norms
+    lin_weights = ref.get("linear_weights", 106_168_320)  # (rows made before it was recorded: SmolLM2's linear weights)
+    fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # (likewise: SmolLM2's Q8_0 token embedding and F32 norms)
 
     def search(kind: str, p: str, nbytes: int) -> str:
         s = rows.get(f"{kind}@{p}") or next((v for k, v in rows.items() if k.startswith(f"{kind}@") and v.get("budget_bytes") == nbytes), {})
@@ -174,7 +194,7 @@ def report_text(rows: dict) -> str:
             continue
         p = r["preset"]
         im = rows.get(f"{p}+imatrix", {})
-        bpw = 8 * (r["tensor_bytes"] - fixed) / lin_weights
+        bpw = 8 * r.get("linear_bytes", r["tensor_bytes"] - fixed) / lin_weights
         out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | "
                    f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |")
     return "\n".join(out)
@@ -182,7 +202,9 @@ def report_text(rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a packaged model: smollm2-135m or gemma3-270m")
     ap.add_argument("--out", default="runs/gguf")
+    ap.add_argument("--eval-windows", type=int, default=16, help="validation windows of the search's proxy")
     ap.add_argument("--presets", default="Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seeded", default="", help="presets whose size is searched again with llama.cpp's own mix as a warm start")

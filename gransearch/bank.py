@@ -11,11 +11,15 @@ estimated loss increases for the knapsack).
 A stored bank (``build_bank(store=DIR)``, :func:`bank_for`) writes each layer's entries as
 safetensors with their sha256 in ``bank.json`` (written last: its presence marks a complete bank);
 loading checks every file, and :func:`bank_for` reuses a bank only for the same model weights,
-calibration tokens and options.
+calibration tokens and options. It is built one decoder block at a time, each block claimed with
+an atomic file in the folder (:mod:`gransearch.claims`): several workers sharing the folder build
+one bank together, byte for byte the bank one process builds, a killed worker's block is taken
+over, and a killed build resumes from its finished blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,8 +39,9 @@ from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian,
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
 from .allocate import candidate_specs, check_candidates
-from .arch import arch_of, clips_after_awq, foldable, get_module, linear_weight, model_linears
+from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .calibrate import calibrate
+from .claims import held, try_claim
 from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device
 from .evaluate import layer_objective
@@ -46,6 +51,7 @@ from .quantizer import QuantizedWeight
 from .sensitivity import output_fisher
 from .methods import GPTQOptions, Method
 from .spec import QuantSpec, as_granularity, parse_spec
+from .study import POLL_SECONDS, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +135,11 @@ class Bank:
             fisher_sha = _write_safetensors({k: v.contiguous() for k, v in self.fisher.items()}, os.path.join(folder, "fisher.safetensors"))
         doc = {"format": BANK_FORMAT, "version": BANK_VERSION, "config": config, "layers": self.layers, "keys": self.keys,
                "nbytes": [[e.nbytes for e in row] for row in self.entries], "objectives": [[e.objective for e in row] for row in self.entries],
-               "out_energy": self.out_energy, "seconds": self.seconds, "gptq_options": self.gptq.to_dict(), "fisher": self.fisher is not None,
+               "out_energy": self.out_energy, "gptq_options": self.gptq.to_dict(), "fisher": self.fisher is not None,
                "sha256": self.sha256, "fisher_sha256": fisher_sha}
+        # the build time is kept beside it: bank.json holds only what the entries are, so a bank built by
+        # several workers is byte for byte the one a single process builds
+        atomic_write(os.path.join(folder, "timing.json"), json.dumps({"seconds": self.seconds}))
         atomic_write(os.path.join(folder, "bank.json"), json.dumps(doc))  # written last: its presence marks a complete bank
 
     @classmethod
@@ -188,7 +197,14 @@ class Bank:
             file = os.path.join(folder, "fisher.safetensors")
             _verify(file, doc["fisher_sha256"], folder)
             fisher = load_file(file)
-        return cls(layers, keys, entries, doc["out_energy"], doc["seconds"], GPTQOptions.from_dict(doc["gptq_options"]), fisher, doc["config"], sums)
+        seconds = doc.get("seconds")  # banks stored before timing.json kept it in the manifest
+        if seconds is None:
+            try:
+                with open(os.path.join(folder, "timing.json"), encoding="utf-8") as fh:
+                    seconds = float(json.load(fh)["seconds"])
+            except (OSError, ValueError, KeyError, TypeError):
+                seconds = 0.0
+        return cls(layers, keys, entries, doc["out_energy"], seconds, GPTQOptions.from_dict(doc["gptq_options"]), fisher, doc["config"], sums)
 
 
 def _verify(file: str, expected, folder: str) -> None:
@@ -227,6 +243,81 @@ def _store_layer(folder: str, i: int, row: list[BankEntry]) -> str:
     return digest
 
 
+class _BuildFolder:
+    """A stored bank while it is built: ``build.json`` (the bank's config), ``block{b}.claim`` (held by
+    the worker building block ``b``) and ``block{b}.json`` (its layers' keys, bytes, objectives and file
+    sha256: the block is done). A folder holding parts of another config is cleared first."""
+
+    def __init__(self, folder: str, config: dict):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        config = json.loads(json.dumps(config))
+        stale = os.path.join(folder, "bank.json")
+        if os.path.exists(stale):
+            os.remove(stale)  # rebuilt in place: no longer complete until the end
+        path = os.path.join(folder, "build.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                same = json.load(fh) == config
+        except (OSError, ValueError):
+            same = False
+        if not same:  # parts of another bank (or none): start clean
+            for f in os.listdir(folder):
+                if f.startswith(("block", "layer", "fisher", "timing")):
+                    os.remove(os.path.join(folder, f))
+            atomic_write(path, json.dumps(config, sort_keys=True))
+
+    def _path(self, b: int, ext: str) -> str:
+        return os.path.join(self.folder, f"block{b:04d}.{ext}")
+
+    def done(self, b: int) -> bool:
+        return os.path.exists(self._path(b, "json"))
+
+    def claim(self, b: int) -> bool:
+        return try_claim(self._path(b, "claim"))
+
+    def held(self, b: int):
+        return held(self._path(b, "claim"))
+
+    def finish(self, b: int, part: dict, seconds: float) -> None:
+        atomic_write(self._path(b, "json"), json.dumps({"layers": part, "seconds": seconds, "worker": worker_id()}))
+
+    def _read(self, b: int) -> dict:
+        path = self._path(b, "json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise BankError(f"bank part {path} is unreadable ({exc}); remove the folder {self.folder} to rebuild the bank") from None
+
+    def parts(self, blocks: list[int]) -> dict:
+        out = {}
+        for b in blocks:
+            out.update(self._read(b)["layers"])
+        return out
+
+    def forget(self, b: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._path(b, "json"))
+
+    def damaged(self, layers_of: dict) -> list[int]:
+        """The done blocks whose layer files (``layers_of[b]``: layer indices) are missing or differ
+        from the sha256 their part recorded."""
+        bad = []
+        for b, idx in layers_of.items():
+            sums = {v["index"]: v["sha256"] for v in self._read(b)["layers"].values()}
+            for i in idx:
+                file = os.path.join(self.folder, f"layer{i:04d}.safetensors")
+                if not os.path.isfile(file) or sha256_file(file) != sums.get(i):
+                    bad.append(b)
+                    break
+        return bad
+
+    def seconds(self, blocks: list[int]) -> float:
+        """The bank's build time: every block's, whoever built it."""
+        return float(sum(self._read(b).get("seconds", 0.0) for b in blocks))
+
+
 @torch.no_grad()
 def build_bank(
     model: nn.Module,
@@ -259,9 +350,10 @@ def build_bank(
     which turns per-row layer objectives into estimated loss increases for the knapsack.
 
     ``store``: a folder; each layer's entries are written there packed (safetensors) as soon as
-    they are made and read back only when a trial assembles them, so that memory holds one layer's
-    candidates at a time (a bank is ``K`` quantized copies of the model). Use :func:`bank_for` to
-    reuse a stored bank.
+    they are made and read back only when a trial assembles them, so that memory holds one block's
+    candidates at a time (a bank is ``K`` quantized copies of the model). Blocks are claimed in the
+    folder, so processes given the same folder (and the same model, calibration and options)
+    build the bank together. Use :func:`bank_for` to reuse a stored bank.
 
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
@@ -320,31 +412,25 @@ def build_bank(
             factors[id(st)] = hessian_factor(st.hessian.to(dev), awq_rank)
         return factors[id(st)]
 
-    # AWQ scales are searched once per scaling group and spec (the group shares one fold)
+    # AWQ scales are searched once per scaling group and spec (the group shares one fold), block by block
     awq_scales: dict[tuple[str, str], torch.Tensor] = {}
-    if use_awq:
-        n_blocks = len(refs) // max(1, len(info.linears))
-        for b in range(n_blocks):
-            block_prefix = f"{info.blocks}.{b}."
-            for grp in info.groups:
-                gnames = [block_prefix + l for l in grp.linears]
-                if not foldable(get_module(model, f"{info.blocks}.{b}"), grp):
-                    continue
-                ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
-                H = stats[gnames[0]].hessian.to(dev)
-                for spec in code_specs[gnames[0]]:
-                    res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
-                    for n in gnames:
-                        awq_scales[(n, str(spec))] = res.scales
-    if store:
-        os.makedirs(store, exist_ok=True)
-        stale = os.path.join(store, "bank.json")
-        if os.path.exists(stale):
-            os.remove(stale)  # rebuilt in place: no longer complete until the end
+
+    def awq_block(b: int) -> None:
+        block_prefix = f"{info.blocks}.{b}."
+        for grp in info.groups:
+            gnames = [block_prefix + l for l in grp.linears]
+            if not foldable(get_module(model, f"{info.blocks}.{b}"), grp):
+                continue
+            ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
+            H = stats[gnames[0]].hessian.to(dev)
+            for spec in code_specs[gnames[0]]:
+                res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
+                for n in gnames:
+                    awq_scales[(n, str(spec))] = res.scales
+
     opts = GPTQOptions(damp=damp, act_order=act_order)
-    sums: list[str] = []  # sha256 of each stored layer file
-    bar = tqdm(refs, desc="bank", disable=not verbose)
-    for ref in bar:
+
+    def build_layer(ref) -> None:
         W = linear_weight(ref.module).detach().float().to(dev)
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
@@ -383,16 +469,67 @@ def build_bank(
                     add(ref.name, Method.AWQ, spec, quantize_layer(W, H, Method.AWQ, spec).qweight, None, W, H)
                 if Method.AWQ_GPTQ in methods:
                     add(ref.name, Method.AWQ_GPTQ, spec, plain_gptq[str(spec)], None, W, H)
-        if store:
-            sums.append(_store_layer(store, names.index(ref.name), entries[ref.name]))
+
+    blocks: dict[int, list] = {}
+    for ref in refs:  # the unit of work (and of claims between workers): one decoder block's linears
+        blocks.setdefault(block_index(ref.name) or 0, []).append(ref)
+
+    def build_block(b: int) -> None:
+        if use_awq and not info.generic:
+            awq_block(b)
+        for ref in blocks[b]:
+            build_layer(ref)
+        for k in [k for k in awq_scales if k[0] in {r.name for r in blocks[b]}]:
+            del awq_scales[k]
+
     config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile)
-    bank = Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                opts, fisher, config, sums)
-    if store:
-        bank.save_manifest(store, config)
-    return bank
+    if not store:
+        for b in tqdm(list(blocks), desc="bank", disable=not verbose):
+            build_block(b)
+        return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
+                    opts, fisher, config, [])
 
+    # stored: blocks are claimed in the folder, so that workers sharing it build the bank together (and a
+    # killed build resumes from its finished blocks); each block's layer files, then its part record, then release
+    folder = _BuildFolder(store, config)
+    bar = tqdm(total=len(blocks), desc="bank", disable=not verbose)
+    while True:
+        todo = [b for b in blocks if not folder.done(b)]
+        bar.n = len(blocks) - len(todo)
+        bar.refresh()
+        if not todo:  # every block done: check the files they recorded (a resumed or corrupted folder)
+            bad = folder.damaged({b: [names.index(r.name) for r in blocks[b]] for b in blocks})
+            if not bad:
+                break
+            log.warning("bank blocks %s have missing or corrupted files: building them again", bad)
+            for b in bad:
+                folder.forget(b)
+            continue
+        b = next((b for b in todo if folder.claim(b)), None)
+        if b is None:  # every unfinished block is being built by another worker: wait for it (or its death)
+            time.sleep(POLL_SECONDS)
+            continue
+        t_block = time.perf_counter()
+        with folder.held(b):
+            if folder.done(b):  # finished by a worker we took for dead
+                continue
+            build_block(b)
+            part = {}
+            for ref in blocks[b]:
+                i = names.index(ref.name)
+                part[ref.name] = {"index": i, "sha256": _store_layer(store, i, entries[ref.name]), "keys": keys[ref.name],
+                                  "nbytes": [e.nbytes for e in entries[ref.name]], "objectives": [e.objective for e in entries[ref.name]],
+                                  "out_energy": energy[ref.name]}
+                entries[ref.name] = []  # on disk now: memory holds one block's candidates at a time
+            folder.finish(b, part, time.perf_counter() - t_block)
+    bar.close()
+    parts = folder.parts(list(blocks))
+    table = [[BankEntry(None, None, int(nb), float(ob)) for nb, ob in zip(parts[n]["nbytes"], parts[n]["objectives"])] for n in names]
+    bank = Bank(names, [parts[n]["keys"] for n in names], table, [parts[n]["out_energy"] for n in names],
+                folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
+    bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
+    return Bank.load(store, config)
 
 def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: str = "research", **options) -> dict:
     """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
@@ -407,7 +544,8 @@ def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"
              granularities=("tensor", "channel", 32, 64, 128), *, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
              awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, profile: str = "research", verbose: bool = True) -> Bank:
     """The bank stored in ``folder`` if it was built for this model, calibration and options; else
-    build it there (entries on disk, see :func:`build_bank`). A killed build starts over; a
+    build it there (entries on disk, see :func:`build_bank`), together with any other worker building
+    the same bank in the same folder. A killed build resumes from its finished blocks; a
     corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
     holds the bank of *another model* (other weights) is refused, never overwritten."""
     opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)

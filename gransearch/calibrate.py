@@ -43,6 +43,7 @@ class LayerStats:
     n: int = 0
     acc: Optional[torch.Tensor] = None  # sum x x^T, float32 [in, in]: blocks on and above the diagonal only
     abs_sum: Optional[torch.Tensor] = None  # [in]
+    sq_sum: Optional[torch.Tensor] = None  # float64 [in]: sum x_j^2, kept without the Hessian too
     abs_max: Optional[torch.Tensor] = None  # [in]
     token_max: list = field(default_factory=list)  # per-token max |x| chunks
     with_moments: bool = False
@@ -54,10 +55,12 @@ class LayerStats:
         a = x.abs()
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
+            self.sq_sum = torch.zeros(self.in_features, dtype=torch.float64, device=x.device)
             self.abs_max = torch.zeros(self.in_features, device=x.device)
             if self.with_hessian:
                 self.acc = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.abs_sum += a.sum(0, dtype=torch.float64)
+        self.sq_sum += (a * a).sum(0, dtype=torch.float64)
         torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
         self.token_max.append(a.amax(1).cpu())
         if self.with_hessian:
@@ -89,6 +92,13 @@ class LayerStats:
         return self.xtx * (2.0 / self.n)
 
     @property
+    def mean_sq(self) -> torch.Tensor:
+        """``mean x_j^2`` per input column (float32): llama.cpp's importance matrix, ``diag(H) / 2``."""
+        if self.n == 0 or self.sq_sum is None:
+            raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
+        return (self.sq_sum / self.n).float()
+
+    @property
     def abs_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.n, 1)).float()
 
@@ -108,7 +118,7 @@ class LayerStats:
         return torch.cat(self.token_max) if self.token_max else torch.zeros(0)
 
     def to(self, device) -> "LayerStats":
-        for k in ("acc", "abs_sum", "abs_max"):
+        for k in ("acc", "abs_sum", "sq_sum", "abs_max"):
             v = getattr(self, k)
             if v is not None:
                 setattr(self, k, v.to(device))

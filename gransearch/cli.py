@@ -200,7 +200,8 @@ def cmd_optimize(args) -> int:
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
                                          "profile", "float_dtype")}
     cfg["device"] = _device(args.device)
-    cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it
+    cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it; workers build it together
+    os.makedirs(cfg["bank_dir"], exist_ok=True)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
     model, calib, val, test, budget = runs.setup_search(cfg, args.trust_remote_code)
     study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
@@ -229,7 +230,8 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    res = runs.join_study(args.storage, args.study, args.trials, trust_remote_code=args.trust_remote_code, verbose=not args.quiet)
+    res = runs.join_study(args.storage, args.study, args.trials, device=_device(args.device) if args.device else None, bank_dir=args.bank_dir,
+                          trust_remote_code=args.trust_remote_code, verbose=not args.quiet)
     print(json.dumps({"trials": res.n_trials, "best_proxy_ppl": res.proxy_ppl}))
     return 0
 
@@ -438,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a running search (same storage and study)")
     p.add_argument("--storage", required=True)
     p.add_argument("--study", required=True)
-    p.add_argument("--trials", type=_int_at_least(1), default=None, help="total trials of the study to stop at")
+    p.add_argument("--trials", type=_int_at_least(1), default=None,
+                   help="complete or pruned trials of the study to stop at, whoever runs them (default: 20 more than now)")
+    p.add_argument("--device", default=None, help="where this worker computes, e.g. cuda:1 (default: the run's device)")
+    p.add_argument("--bank-dir", default=None,
+                   help="a bank folder of this machine's own (default: the run's, built together with the other workers)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own code (never taken from the stored run configuration)")
     p.add_argument("--quiet", action="store_true")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.layer import quantize_layer
 from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_module, linear_weight, model_linears, set_module
-from .calibrate import BlockRunner, LayerStats, collect_block_stats, hooks
+from .calibrate import BlockRunner, LayerStats, calibrate, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
 from .evaluate import layer_objective
 from .fold import fold_scales
@@ -256,7 +256,9 @@ def quantize(
     :class:`~gransearch.methods.GPTQOptions`' default (0.01, 128, ``False``, ``False``); ``clip`` is the weight-space clip of RTN and GPTQ (``None``, a ratio or
     ``"search"``). AWQ: ``awq_tokens`` calibration tokens for the scale search, ``awq_grid`` grid
     points, ``awq_clip_tokens`` tokens for the clip search. ``act_spec`` adds activation
-    fake-quantization to every quantized linear. Blocks run on ``device`` if given.
+    fake-quantization to every quantized linear. Blocks run on ``device`` if given. ``llamacpp``
+    layers are weighted by the float model's mean ``x_j^2`` per input column (llama.cpp's importance
+    matrix, as ``llama-imatrix`` computes it), from one statistics-only pass before the first block.
 
     ``objective``: whether records carry the layer objective ``tr((W - Q) H (W - Q)^T)``. The
     default (``None``) computes it only where GPTQ needs the Hessians anyway; then RTN needs no
@@ -295,6 +297,13 @@ def quantize(
         # AWQ alone reads only the first whole batches that hold awq_tokens tokens
         n_batches = max(1, -(-awq_tokens // (batch_size * calib.shape[1])))
         calib = calib[: n_batches * batch_size]
+    importance = {}
+    if Method.LLAMACPP in methods:
+        # llama.cpp's importance matrix comes from the float model (as llama-imatrix and the bank
+        # make it), not from the inputs of the model quantized so far: one statistics-only pass
+        float_stats = calibrate(model, calib, batch_size=batch_size, device=device, hessian=False, verbose=verbose)
+        importance = {n: float_stats[n].mean_sq for n, lp in plan.items() if lp.method is Method.LLAMACPP and n in float_stats}
+        del float_stats
     runner = BlockRunner(model, calib, batch_size, device, info)
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="quantize", disable=not verbose)
@@ -321,7 +330,7 @@ def quantize(
                     if st is None:
                         raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
                     H = st.hessian
-                r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name)  # W is folded and clipped for AWQ methods
+                r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
                 qw, used_damp = r.qweight, r.damp
                 obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
                 set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))

@@ -159,9 +159,10 @@ def check_run_config(cfg) -> dict:
     if bank_dir is not None:
         if not isinstance(bank_dir, str) or not os.path.isabs(bank_dir):
             raise ValueError(f"stored run configuration: bank_dir {bank_dir!r} must be an absolute path")
-        if not os.path.isfile(os.path.join(bank_dir, "bank.json")):
-            raise ValueError(f"the bank at {bank_dir} is not complete (no bank.json): start workers once `gransearch optimize` "
-                             "has built it (its first trials are running), on a machine that sees that folder")
+        if not os.path.isdir(bank_dir):
+            raise ValueError(f"the run's bank folder {bank_dir} does not exist on this machine: start workers on a machine that "
+                             "sees the run folder (they build the bank together there), or give this worker a folder of its own "
+                             "(worker --bank-dir DIR, join_study(bank_dir=DIR))")
     return cfg
 
 
@@ -207,14 +208,18 @@ def search_kwargs(cfg: dict) -> dict:
                 float_dtype=cfg.get("float_dtype"))
 
 
-def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, trust_remote_code: bool = False, verbose: bool = True):
+def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, device=None, bank_dir: Optional[str] = None,
+               trust_remote_code: bool = False, verbose: bool = True):
     """Add this process to a running search (what ``gransearch worker`` does), from Python.
 
     Reads and checks the run configuration that ``gransearch optimize`` stored in the study, loads
-    the same model and data, and runs trials until the study holds ``n_trials`` (default: 20 more
-    than now). A missing study raises ``ValueError`` and creates nothing; remote model code runs
-    only when this call allows it, never because the stored configuration says so. Returns the
-    :class:`~gransearch.search.OptimizeResult` (no final stage: that is the first process's job).
+    the same model and data, helps build the candidate bank in the run's bank folder (or in
+    ``bank_dir``, one of this machine's own), and runs trials until the study holds ``n_trials``
+    complete or pruned trials (default: 20 more than now), whichever worker ran them. ``device``:
+    where this worker computes (``"cuda:1"``; default: the run's device); each trial records its
+    worker and device. A missing study raises ``ValueError`` and creates nothing; remote model code
+    runs only when this call allows it, never because the stored configuration says so. Returns
+    the :class:`~gransearch.search.OptimizeResult` (no final stage: that is the first process's job).
     """
     from .search import optimize
     from .study import open_study
@@ -227,9 +232,17 @@ def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *,
         cfg = json.loads(raw)
     except (TypeError, ValueError):
         raise ValueError(f"study {study_name!r}: its stored run configuration is not valid JSON") from None
-    cfg = check_run_config(cfg)
+    if bank_dir is not None:
+        bank_dir = os.path.abspath(bank_dir)
+        os.makedirs(bank_dir, exist_ok=True)
+    if device is not None:
+        from .errors import check_device
+
+        check_device(device)
+    cfg = check_run_config({**cfg, **({"bank_dir": bank_dir} if bank_dir else {}), **({"device": str(device)} if device is not None else {})})
     model, calib, val, _, budget = setup_search(cfg, trust_remote_code)
-    return optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=n_trials or len(study.trials) + 20, storage=storage,
+    counted = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    return optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=n_trials or counted + 20, storage=storage,
                     study_name=study_name, n_final=0, warm_start=False, verbose=verbose, **search_kwargs(cfg))
 
 

@@ -51,7 +51,8 @@ from .errors import BankError, BudgetError, SearchError, check_device, check_int
 from .evaluate import perplexity
 from .evaluate import windows as eval_windows_of
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
-from .study import SEARCH_RECORD_VERSION, bind_study, enqueue_missing, fail_dead_trials, open_study, storage_lock, worker_id
+from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
+                    worker_id)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class _Assembler:
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
+        self.device = next(self.model.parameters()).device
         self.bank = bank
         self.mods = [get_module(self.model, n) for n in bank.layers]
         self.current = [-1] * len(bank.layers)
@@ -327,7 +329,7 @@ def optimize(
     study = open_study(storage, study_name, sampler=sampler, pruner=pruner)
     with storage_lock(storage):
         bind_study(study, record, storage=storage, extra_attrs=study_attrs)
-    fail_dead_trials(study)
+    check_workers(study)
 
     if bank is None and bank_dir:
         bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
@@ -378,8 +380,31 @@ def optimize(
             raise optuna.TrialPruned("knapsack infeasible")
         return choice, {"kind": "knapsack"}
 
+    def claim(trial):  # under the storage lock, as the trial is taken: a dead worker's trial is recognised on resume
+        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("device", str(assembler.device))
+
+    def measured_elsewhere(trial, cid):
+        """The value of this plan if another trial measured it, or waits for the one measuring it now
+        (claims are made under the storage lock, so two workers never measure one plan); ``None``
+        when this trial must measure it."""
+        S = optuna.trial.TrialState
+        with storage_lock(storage):
+            trial.set_user_attr("plan_id", cid)
+            others = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING))
+                      if t.user_attrs.get("plan_id") == cid and t.number != trial.number]
+        while others:
+            done = [t for t in others if t.state == S.COMPLETE]
+            if done:
+                trial.set_user_attr("duplicate_of", done[0].number)
+                return done[0].value
+            time.sleep(POLL_SECONDS)
+            check_workers(study)
+            ids = {t.number for t in others}
+            others = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING)) if t.number in ids]
+        return None
+
     def run_trial(trial):
-        trial.set_user_attr("worker", worker_id())  # first: a dead worker's trial is recognised on resume
         choice, meta = choice_for(trial)
         nbytes = fixed + int(sum(costs[i, c] for i, c in enumerate(choice)))
         if nbytes > budget:  # cannot happen by construction; never evaluate such a plan
@@ -388,12 +413,11 @@ def optimize(
         cid = _plan_id(keys)
         trial.set_user_attr("nbytes", nbytes)
         trial.set_user_attr("keys", keys)
-        trial.set_user_attr("plan_id", cid)
         for k, v in meta.items():
             trial.set_user_attr(k, v)
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("plan_id") == cid:  # the same plan was measured already
-                return t.value
+        value = measured_elsewhere(trial, cid)
+        if value is not None:  # the same plan was measured already: never twice
+            return value
         mdl = assembler.load(choice)
 
         def report(step, running_nll):
@@ -403,18 +427,15 @@ def optimize(
 
         return evaluate(mdl, report)
 
-    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         with storage_lock(storage):
             enqueue_missing(study, uniform, {mode: {"objective": mode, **neutral} for mode in bases}, seeds=list(seeds))
     t_search = time.perf_counter()
-    # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials
-    remaining = max(0, n_trials - len(study.get_trials(deepcopy=False, states=counted)))
-    if remaining:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        stop = optuna.study.MaxTrialsCallback(n_trials, states=counted)
-        study.optimize(run_trial, n_trials=remaining, timeout=timeout, show_progress_bar=verbose, catch=(), callbacks=[stop])
+    # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials;
+    # every worker stops when the study holds n_trials counted trials, whoever ran them
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_trials(study, storage, run_trial, n_trials, timeout=timeout, verbose=verbose, on_start=claim)
     search_seconds = time.perf_counter() - t_search
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

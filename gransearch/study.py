@@ -7,21 +7,30 @@ naming what changed. Trials store their plan by content (``method:spec`` per lay
 positions in a bank, so a bank rebuilt in another order cannot change what a stored trial means.
 
 Resuming: :func:`fail_dead_trials` marks the RUNNING trials of workers that died on this host
-FAILED (and Optuna's heartbeat does the same for other hosts after a grace period), and
-:func:`enqueue_missing` re-enqueues every warm start (uniform baselines, neutral knapsacks) that
-has no finished or pending trial, so that "never worse than the best uniform plan" survives a kill.
+FAILED (and Optuna's heartbeat does the same for other hosts after a grace period); either way the
+failed trial is enqueued again once (:func:`retry_failed`), and :func:`enqueue_missing` re-enqueues
+every warm start (uniform baselines, neutral knapsacks) that has no finished or pending trial, so
+that "never worse than the best uniform plan" survives a kill.
+
+Several workers: :func:`run_trials` takes each trial under :func:`storage_lock` (a file lock beside
+SQLite, an advisory lock on PostgreSQL), and only while fewer than ``n_trials`` are complete,
+pruned or running, so a study of ``n_trials`` ends with exactly that many counted trials whatever
+the number of workers; a running trial records a heartbeat, and one whose worker died is failed
+and re-run by another.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from ._files import atomic_write
 from .errors import StudyMismatchError
@@ -29,16 +38,35 @@ from .errors import StudyMismatchError
 log = logging.getLogger(__name__)
 
 __all__ = ["open_study", "bind_study", "bind_file", "fail_dead_trials", "enqueue_missing", "worker_id", "describe_changes",
-           "SEARCH_RECORD_VERSION", "HEARTBEAT_SECONDS", "GRACE_SECONDS"]
+           "retry_failed", "run_trials", "storage_lock", "SEARCH_RECORD_VERSION", "HEARTBEAT_SECONDS", "GRACE_SECONDS"]
 
 SEARCH_RECORD_VERSION = 1
-HEARTBEAT_SECONDS = 60  # a running trial writes a heartbeat this often (RDB storages)
-GRACE_SECONDS = 180  # ... and is taken for dead (FAILED) when none came for this long
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r} must be > 0 seconds")
+    return value
+
+
+# a running trial writes a heartbeat this often (RDB storages), and is taken for dead (FAILED) when
+# none came for GRACE_SECONDS; both can be set for every process of a search through the environment
+HEARTBEAT_SECONDS = _env_seconds("GRANSEARCH_HEARTBEAT_SECONDS", 60)
+GRACE_SECONDS = _env_seconds("GRANSEARCH_GRACE_SECONDS", 180)
+POLL_SECONDS = 1.0  # how often a worker with nothing to take looks again
 
 
 def worker_id() -> str:
-    """``host:pid`` of this process, stored on each trial it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid`` of this process (``GRANSEARCH_WORKER_HOST`` replaces the host name), stored on
+    each trial it runs."""
+    return f"{os.environ.get('GRANSEARCH_WORKER_HOST') or socket.gethostname()}:{os.getpid()}"
 
 
 def _sqlite_path(storage) -> Optional[str]:
@@ -47,11 +75,41 @@ def _sqlite_path(storage) -> Optional[str]:
     return None
 
 
+def _is_postgres(storage) -> bool:
+    return isinstance(storage, str) and storage.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+_ENGINES: dict = {}
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str) -> Iterator[None]:
+    """PostgreSQL's session advisory lock (one key per database): released by the server when the
+    holder's connection ends, so a killed worker never leaves it held."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    if url not in _ENGINES:
+        _ENGINES[url] = sqlalchemy.create_engine(url, poolclass=NullPool)
+    key = int.from_bytes(hashlib.sha256(b"gransearch.study").digest()[:8], "big", signed=True)
+    with _ENGINES[url].connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+
 @contextlib.contextmanager
 def storage_lock(storage) -> Iterator[None]:
-    """An exclusive file lock beside a SQLite study database (nothing for other storages), held
-    while a study is created, checked and given its warm starts: processes starting together on a
-    fresh folder then see one another's work instead of racing to create the same rows."""
+    """An exclusive lock over a study storage: a file lock beside a SQLite database, an advisory
+    lock on PostgreSQL (nothing for in-memory studies). Held while a study is created, checked and
+    given its warm starts, and while a worker takes a trial: processes starting together see one
+    another's work instead of racing to create the same rows or to run one trial too many."""
+    if _is_postgres(storage):
+        with _advisory_lock(storage):
+            yield
+        return
     path = _sqlite_path(storage)
     if path is None:
         yield
@@ -76,7 +134,12 @@ def _storage(storage):
         return storage
     with warnings.catch_warnings():  # the heartbeat is marked experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        import inspect
+
+        params = inspect.signature(optuna.storages.RDBStorage).parameters  # the callback was renamed in Optuna 4.9
+        callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=int(max(1, HEARTBEAT_SECONDS)), grace_period=int(max(1, GRACE_SECONDS)),
+                                          **{callback: retry_failed})
 
 
 def open_study(storage, study_name: str, *, sampler=None, pruner=None, create: bool = True):
@@ -230,10 +293,12 @@ def fail_dead_trials(study) -> list[int]:
         if h != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
         try:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-            marked.append(t.number)
-        except (RuntimeError, ValueError):  # finished meanwhile by its own worker
+            if not study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):  # finished meanwhile (its own worker, another's check)
             continue
+        marked.append(t.number)
+        retry_failed(study, study._storage.get_trial(t._trial_id))
     if marked:
         log.warning("marked %d trial(s) of dead workers as failed: %s", len(marked), marked)
     return marked
@@ -269,3 +334,104 @@ def enqueue_missing(study, uniform_keys: list[str], warm_params: dict[str, dict]
             study.enqueue_trial({}, user_attrs={"seed": name})
             n += 1
     return n
+
+
+def retry_failed(study, trial) -> None:
+    """Enqueue a failed trial once more with its parameters and user attributes (its warm-start or
+    seed name included), so that the plan a dead worker was measuring is measured by another.
+    A trial that was itself a retry is not retried again. Optuna's heartbeat calls this for trials
+    of other hosts; :func:`fail_dead_trials` for this host's."""
+    import optuna
+
+    if "retry_of" in trial.system_attrs:
+        return
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                              distributions=trial.distributions, user_attrs=trial.user_attrs,
+                                              system_attrs={"retry_of": trial.number}))
+    log.warning("trial %d failed (worker %s gone); enqueued to run again", trial.number, trial.user_attrs.get("worker", "?"))
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every ``HEARTBEAT_SECONDS`` from a thread (RDB storages)."""
+
+    def __init__(self, study, trial):
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.stop = threading.Event()
+        self.thread = None
+        if hasattr(self.storage, "get_heartbeat_interval") and self.storage.get_heartbeat_interval() is not None:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_SECONDS):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def check_workers(study) -> None:
+    """Fail the trials of dead workers: this host's by process id, others' by Optuna's heartbeat."""
+    import optuna
+
+    fail_dead_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_trials(study, storage, objective: Callable, n_trials: int, *, timeout: Optional[float] = None,
+               verbose: bool = True, on_start: Optional[Callable] = None) -> int:
+    """Run ``objective(trial)`` until the study holds ``n_trials`` complete or pruned trials, whichever
+    worker ran them; returns how many this process ran.
+
+    A trial is taken (``study.ask()``, which pops enqueued ones first) under :func:`storage_lock` and
+    only while complete + pruned + running trials number fewer than ``n_trials``; with none to take
+    and some running elsewhere, the worker waits for them (one may fail and need running again).
+    ``objective`` raising :class:`optuna.TrialPruned` prunes the trial; any other exception fails
+    it and propagates. ``on_start(trial)`` runs first in each trial (the worker's name).
+    """
+    import optuna
+    from tqdm.auto import tqdm
+
+    S = optuna.trial.TrialState
+    end = None if timeout is None else time.monotonic() + timeout
+    ran = 0
+    bar = tqdm(total=n_trials, desc="search", disable=not verbose)
+    try:
+        while end is None or time.monotonic() < end:
+            check_workers(study)
+            with storage_lock(storage):
+                states = [t.state for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING))]
+                done = sum(s != S.RUNNING for s in states)
+                with warnings.catch_warnings():  # Optuna expects its heartbeat under Study.optimize: _Heartbeat records it here
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask() if len(states) < n_trials else None
+                if trial is not None and on_start is not None:
+                    on_start(trial)
+            bar.n = min(done, n_trials)
+            bar.refresh()
+            if done >= n_trials:
+                break
+            if trial is None:
+                time.sleep(POLL_SECONDS)
+                continue
+            beat = _Heartbeat(study, trial)
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=S.PRUNED)
+            except BaseException:
+                study.tell(trial, state=S.FAIL)
+                raise
+            else:
+                study.tell(trial, value)
+            finally:
+                beat.close()
+            ran += 1
+    finally:
+        bar.close()
+    return ran

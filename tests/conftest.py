@@ -56,3 +56,16 @@ def cli_assets(tmp_path_factory):
     b = save_tiny_model(root / "model_b", seed=1)
     text = write_text(root / "corpus.txt")
     return a, b, text
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for this test session (tests/pgserver.py); skipped only where the
+    package is missing (scripts/setup.sh, which CI runs, installs it)."""
+    from .pgserver import PostgresServer, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL is not installed: run scripts/setup.sh (apt-get install postgresql)")
+    pytest.importorskip("psycopg2", reason="needs psycopg2-binary (the dev extra)")
+    with PostgresServer() as url:
+        yield url

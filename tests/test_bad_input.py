@@ -224,7 +224,7 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
 
 @pytest.mark.parametrize("tamper, says", [
     (lambda c: {**c, "bank_dir": "relative/bank"}, "must be an absolute path"),
-    (lambda c: {**c, "bank_dir": "/nonexistent/bank"}, "is not complete"),
+    (lambda c: {**c, "bank_dir": "/nonexistent/bank"}, "does not exist on this machine"),
     (lambda c: {**c, "model": "/nonexistent/model.gguf"}, "does not exist on this machine"),
     (lambda c: {**c, "n_calib": -1}, "n_calib: expected an integer >= 1"),
     (lambda c: {**c, "bits": ""}, "bits: give at least one"),

@@ -350,6 +350,23 @@ def test_kquant_search_is_written_and_scored_by_llamacpp(tmp_path):
 
 
 @needs_llamacpp
+def test_quantize_weights_llamacpp_by_the_float_models_importance():
+    """gs.quantize gives llama.cpp's quantizer the float model's mean x^2 (as llama-imatrix and the bank
+    do), not the inputs of the model quantized so far: a block-1 layer gets the bank's codes."""
+    from gransearch.spec import GGMLSpec
+
+    model, calib = tiny_model("llama-wide"), calib_windows()
+    stats = gs.calibrate(model, calib, verbose=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.allclose(stats[name].mean_sq, torch.diagonal(stats[name].hessian) / 2, rtol=1e-5)
+    W = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    want = gs.llamacpp.quantize_weight(W, GGMLSpec("Q3_K"), stats[name].mean_sq)
+    gs.quantize(model, "Q3_K", calib, method="llamacpp", verbose=False)
+    got = model.model.layers[1].mlp.down_proj.quantized_weight()
+    assert torch.equal(got.raw, want.raw)
+
+
+@needs_llamacpp
 def test_cli_optimize_gguf_profile_saves_a_searched_gguf(cli_assets, tmp_path):
     """`gransearch optimize --profile gguf --save-gguf FILE --llamacpp-eval`: one command from model to
     a searched GGUF whose tensors weigh the plan's bytes, within the budget, scored by llama.cpp."""

@@ -220,7 +220,8 @@ def test_two_workers_share_one_study(tmp_path):
         assert p.returncode == 0, err
     trials = _finished(storage, "shared")
     workers = {t.user_attrs.get("worker") for t in trials if "worker" in t.user_attrs}
-    assert len(trials) >= 24 and len(workers) == 2
+    counted = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(counted) == 24 and len(workers) == 2  # exactly the study's n_trials, though two workers ran it
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])

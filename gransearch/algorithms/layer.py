@@ -35,9 +35,11 @@ class LayerResult:
 
 
 def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
-                   clip: ClipArg = None, name: Optional[str] = None) -> LayerResult:
-    """Round ``W`` ``[out, in]`` with ``method``'s rounding; ``H`` ``[in, in]`` is needed by GPTQ
-    (``llamacpp`` takes its diagonal as llama.cpp's importance matrix, and runs unweighted without it).
+                   clip: ClipArg = None, name: Optional[str] = None, imatrix: Optional[torch.Tensor] = None) -> LayerResult:
+    """Round ``W`` ``[out, in]`` with ``method``'s rounding; ``H`` ``[in, in]`` is needed by GPTQ.
+
+    ``llamacpp`` weights llama.cpp's quantizer by ``imatrix`` (the mean ``x_j^2`` per input column)
+    when given, else by ``diag(H) / 2`` (the same quantity), and runs unweighted without either.
 
     ``clip`` (a ratio or ``"search"``) applies to plain ``rtn`` and ``gptq`` only: the AWQ methods
     have clipped ``W`` already, in output space.
@@ -53,7 +55,8 @@ def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec
     if method is Method.LLAMACPP:
         from ..llamacpp import quantize_weight
 
-        imatrix = None if H is None else torch.diagonal(H) / 2  # mean x_j^2: llama.cpp's importance matrix
+        if imatrix is None and H is not None:
+            imatrix = torch.diagonal(H) / 2  # mean x_j^2: llama.cpp's importance matrix
         return LayerResult(quantize_weight(W, spec, imatrix, name=name))
     if method.uses_gptq:
         if H is None:
