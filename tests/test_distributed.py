@@ -6,6 +6,7 @@ local port) and stops it afterwards.
 """
 
 import filecmp
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,11 @@ def _three_workers_one_killed(storage, study, tmp_path, killed_host=None):
     assert all(t.user_attrs["device"] == "cpu" for t in counted)
     warm = [t.user_attrs.get("uniform") for t in trials if t.user_attrs.get("uniform") and t.state != S.FAIL]
     assert len(warm) == len(set(warm))  # each warm start enqueued once, though three workers started together
+    # Optuna's own CLI reads the study (docs/distributed.md shows the line)
+    cli = os.path.join(os.path.dirname(sys.executable), "optuna")
+    r = subprocess.run([cli, "trials", "--storage", storage, "--study-name", study, "-f", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == len(trials)
     return bank
 
 
@@ -122,8 +128,6 @@ def test_bank_built_by_three_workers_is_the_bank_one_process_builds(tmp_path):
     assert "bank.json" in files and len(files) > 3
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert not mismatch and not errors
-    import json
-
     builders = set()
     for f in os.listdir(b):
         assert not f.endswith((".claim", ".tmp"))  # every claim released, no temporary left
