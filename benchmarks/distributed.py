@@ -13,7 +13,7 @@ compute seconds, the trial phase's wall time per trial (the throughput, the figu
 get worse), the median single-trial duration, which worker built which blocks and ran which
 trials, and the invariants (exactly ``--trials`` counted trials, no plan measured twice, every
 plan within the budget). Results go to ``OUT/results.json``. The candidate set is small (RTN and
-GPTQ, 4 and 8 bits, groups of 32 and 128) to keep the run to minutes on 2 cores; pass
+GPTQ, 3, 4 and 8 bits, groups of 64 and 128: 12 per layer) to keep the run to minutes on 2 cores; pass
 ``--methods/--bits/--grans`` for more.
 """
 
@@ -110,8 +110,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--methods", default="rtn,gptq")
-    ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--grans", default="32,128")
+    ap.add_argument("--bits", default="3,4,8")
+    ap.add_argument("--grans", default="64,128")
     ap.add_argument("--budget-like", default="w4g64")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--storage", default=None, help="a database URL shared by the workers (default: SQLite in each run folder)")

@@ -123,8 +123,10 @@ def run(args) -> None:
 
     del model
     seeded = [p.strip() for p in args.seeded.split(",") if p.strip()]
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    tag = "" if methods == METHODS else f"[{'+'.join(methods)}]"  # another candidate set: its own rows, study and bank
     for preset, seed in [(p, False) for p in presets] + [(p, True) for p in seeded]:
-        name = f"search{'+seed' if seed else ''}@{preset}"
+        name = f"search{tag}{'+seed' if seed else ''}@{preset}"
         if name in rows:
             continue
         budget = rows[preset]["tensor_bytes"]
@@ -136,15 +138,16 @@ def run(args) -> None:
         seeds = {f"llama.cpp {preset}+imatrix": _preset_plan(f32, args.out, preset, imat, model)} if seed else None
         t0 = time.perf_counter()
         try:
-            res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=METHODS, bits=(4, 5, 8),
+            res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=methods, bits=(4, 5, 8),
                               granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf", seed_plans=seeds, eval_windows=args.eval_windows,
-                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", study_name=f"gguf-{budget}{'-seeded' if seed else ''}",
-                              bank_dir=os.path.join(args.out, "bank"), device=args.device)
+                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db",
+                              study_name=f"gguf-{budget}{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}",
+                              bank_dir=os.path.join(args.out, "bank" + ("-" + "-".join(methods) if tag else "")), device=args.device)
         except BudgetError as exc:
             keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "infeasible": str(exc)})
             continue
         search_s = time.perf_counter() - t0
-        res.plan.save(os.path.join(args.out, f"plan-{preset}{'-seeded' if seed else ''}.json"))
+        res.plan.save(os.path.join(args.out, f"plan-{preset}{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}.json"))
         gs.quantize(model, res.plan, calib, device=args.device, objective=False)
         path = os.path.join(args.out, f"search-{preset}.gguf")
         saved = G.save_gguf(model, path, source=args.model, embd_type=embd)
@@ -153,7 +156,7 @@ def run(args) -> None:
         for n, lp in res.plan.layers.items():
             by_kind[n.rsplit(".", 1)[-1]][f"{lp.method}:{G.ggml_type_of(lp.spec)}"] += 1
         won = [t.user_attrs.get("kind") for t in res.study.trials if t.number == res.plan.meta.get("trial")]
-        keep(name, {"kind": "search", "preset": preset, "seeded": seed, "best_kind": won[0] if won else None,
+        keep(name, {"kind": "search", "preset": preset, "seeded": seed, "methods": list(methods), "best_kind": won[0] if won else None,
                     "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes, "linear_bytes": _linear_bytes(path),
                     "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
                     "search_seconds": search_s, "types": _types(path), "by_kind": {k: dict(v.most_common()) for k, v in by_kind.items()},
@@ -178,10 +181,12 @@ def _preset_plan(f32: str, out: str, preset: str, imat: dict, model) -> dict:
 
 def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
+    tags = sorted({k.split("@")[0] for k in rows if k.startswith("search[")})  # searches over another candidate set
     out = [f"{ref.get('model', 'smollm2-135m')}: F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
            f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
-           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |"
+           + "".join(f" search, {t[7:-1].replace('+', ', ')} |" for t in tags),
+           "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tags)]
     lin_weights = ref.get("linear_weights", 106_168_320)  # (rows made before it was recorded: SmolLM2's linear weights)
     fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # (likewise: SmolLM2's Q8_0 token embedding and F32 norms)
 
@@ -196,7 +201,8 @@ def report_text(rows: dict) -> str:
         im = rows.get(f"{p}+imatrix", {})
         bpw = 8 * r.get("linear_bytes", r["tensor_bytes"] - fixed) / lin_weights
         out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | "
-                   f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |")
+                   f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |"
+                   + "".join(f" {search(t, p, r['tensor_bytes'])} |" for t in tags))
     return "\n".join(out)
 
 
@@ -207,6 +213,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="validation windows of the search's proxy")
     ap.add_argument("--presets", default="Q2_K,Q3_K_S,Q3_K_M,Q4_0,Q4_K_M")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--methods", default=",".join(METHODS), help="the search's methods (another set gets rows, a study and a bank of its own)")
     ap.add_argument("--seeded", default="", help="presets whose size is searched again with llama.cpp's own mix as a warm start")
     ap.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: the whole test split)")
     ap.add_argument("--device", default=None)
