@@ -239,7 +239,9 @@ def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *,
         from .errors import check_device
 
         check_device(device)
-    cfg = check_run_config({**cfg, **({"bank_dir": bank_dir} if bank_dir else {}), **({"device": str(device)} if device is not None else {})})
+    if isinstance(cfg, dict):  # this worker's own folder and device replace the stored ones (anything else is refused below)
+        cfg = {**cfg, **({"bank_dir": bank_dir} if bank_dir else {}), **({"device": str(device)} if device is not None else {})}
+    cfg = check_run_config(cfg)
     model, calib, val, _, budget = setup_search(cfg, trust_remote_code)
     counted = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
     return optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, n_trials=n_trials or counted + 20, storage=storage,

@@ -216,8 +216,16 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
     capsys.readouterr()
     assert main(["worker", "--storage", f"sqlite:///{out}/study.db", "--study", "gransearch-run", "--trials", "4", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 4
-    # and the same from Python
+    # and the same from Python; a worker with a device and a bank folder of its own
     assert gs.join_study(f"sqlite:///{out}/study.db", "gransearch-run", 5, verbose=False).n_trials == 5
+    local = tmp_path / "local-bank"
+    assert main(["worker", "--storage", f"sqlite:///{out}/study.db", "--study", "gransearch-run", "--trials", "6", "--device", "cpu",
+                 "--bank-dir", str(local), "--quiet"]) == 0
+    assert (local / "bank.json").exists()
+    import optuna
+
+    last = max(optuna.load_study(study_name="gransearch-run", storage=f"sqlite:///{out}/study.db").trials, key=lambda t: t.number)
+    assert last.user_attrs["device"] == "cpu" and last.user_attrs["worker"].endswith(f":{os.getpid()}")
     with pytest.raises(ValueError, match="no study named"):
         gs.join_study(f"sqlite:///{out}/study.db", "nope")
 
