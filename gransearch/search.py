@@ -329,7 +329,7 @@ def optimize(
     study = open_study(storage, study_name, sampler=sampler, pruner=pruner)
     with storage_lock(storage):
         bind_study(study, record, storage=storage, extra_attrs=study_attrs)
-    check_workers(study)
+    check_workers(study, storage)
 
     if bank is None and bank_dir:
         bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
@@ -399,7 +399,7 @@ def optimize(
                 trial.set_user_attr("duplicate_of", done[0].number)
                 return done[0].value
             time.sleep(POLL_SECONDS)
-            check_workers(study)
+            check_workers(study, storage)
             ids = {t.number for t in others}
             others = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING)) if t.number in ids]
         return None

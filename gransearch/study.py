@@ -345,6 +345,8 @@ def retry_failed(study, trial) -> None:
 
     if "retry_of" in trial.system_attrs:
         return
+    if any(t.system_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        return  # already enqueued (two workers found the same dead trial)
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
                                               distributions=trial.distributions, user_attrs=trial.user_attrs,
                                               system_attrs={"retry_of": trial.number}))
@@ -373,14 +375,18 @@ class _Heartbeat:
             self.thread.join()
 
 
-def check_workers(study) -> None:
-    """Fail the trials of dead workers: this host's by process id, others' by Optuna's heartbeat."""
+def check_workers(study, storage=None) -> None:
+    """Fail the trials of dead workers: this host's by process id, others' by Optuna's heartbeat.
+
+    Runs under :func:`storage_lock`, so two workers finding the same dead trial fail it and enqueue
+    its retry once (SQLite has no row locks to make the read-then-write of a trial's state atomic)."""
     import optuna
 
-    fail_dead_trials(study)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    with storage_lock(storage):
+        fail_dead_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
 
 
 def run_trials(study, storage, objective: Callable, n_trials: int, *, timeout: Optional[float] = None,
@@ -403,7 +409,7 @@ def run_trials(study, storage, objective: Callable, n_trials: int, *, timeout: O
     bar = tqdm(total=n_trials, desc="search", disable=not verbose)
     try:
         while end is None or time.monotonic() < end:
-            check_workers(study)
+            check_workers(study, storage)
             with storage_lock(storage):
                 states = [t.state for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.RUNNING))]
                 done = sum(s != S.RUNNING for s in states)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 import gransearch as gs
 from gransearch.claims import claim_is_dead, try_claim
@@ -167,3 +168,29 @@ def test_killed_bank_builder_is_taken_over(tmp_path, monkeypatch):
     old = time.time() - gs.study.GRACE_SECONDS - 5
     os.utime(path, (old, old))
     assert claim_is_dead(path) and try_claim(path)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_dead_trial_found_twice_is_retried_once(tmp_path):
+    """Two workers that find the same dead trial (here: the check run twice, and the retry asked
+    twice, as when a check and Optuna's heartbeat both see it) fail it and enqueue its retry once."""
+    import optuna
+
+    from gransearch.study import check_workers, open_study, retry_failed
+
+    S = optuna.trial.TrialState
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = open_study(storage, "dead-twice")
+    trial = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists, on this host
+    import socket
+
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    check_workers(study, storage)
+    check_workers(study, storage)
+    failed = study._storage.get_trial(trial._trial_id)
+    assert failed.state == S.FAIL
+    retry_failed(study, failed)  # a second finder
+    retries = [t for t in study.get_trials() if t.system_attrs.get("retry_of") == trial.number]
+    assert len(retries) == 1 and retries[0].state == S.WAITING
