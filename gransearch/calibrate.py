@@ -89,7 +89,7 @@ class LayerStats:
         """``2/n * sum x x^T`` (float32)."""
         if self.n == 0 or self.acc is None:
             raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
-        return self.xtx * (2.0 / self.n)
+        return self.xtx.mul_(2.0 / self.n)  # in place on xtx's own copy: one [in, in] matrix, not two
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -199,6 +199,10 @@ class BlockRunner:
     """
 
     def __init__(self, model: nn.Module, calib, batch_size: int = 8, device=None, info: Optional[ArchInfo] = None):
+        from .offload import DiskModel
+
+        self.source = model if isinstance(model, DiskModel) else None  # blocks read from disk when they run
+        model = model.model if self.source is not None else model
         self.model = model
         self.info = info or arch_of(model)
         self.blocks = get_blocks(model, self.info)
@@ -229,6 +233,18 @@ class BlockRunner:
                     pass
         if len(self.inputs) != len(self.batches):
             raise RuntimeError("could not capture the inputs of the first block")
+
+    def enter(self, index: int) -> nn.Module:
+        """Block ``index``, read from disk if needed and moved to the runner's device."""
+        if self.source is not None:
+            self.source.load_block(index)
+        return self.blocks[index].to(self.device)
+
+    def leave(self, index: int, release: bool = True) -> None:
+        """Move block ``index`` back home; a block read from disk is dropped unless ``release=False``."""
+        self.blocks[index].to(self.home)
+        if self.source is not None and release:
+            self.source.release_block(index)
 
     def call_block(self, block: nn.Module, j: int, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         args, kwargs = self.extra[j]
@@ -318,7 +334,8 @@ def calibrate(
 
     ``calib``: token windows ``[n, seqlen]`` (e.g. from :func:`gransearch.sample_windows`) or a list
     of ``[b, seqlen]`` batches. Blocks run one at a time (on ``device`` if given) on the outputs of
-    the previous block; the model is not modified. Returns ``{linear name: LayerStats}``.
+    the previous block; the model is not modified (a :class:`~gransearch.offload.DiskModel` is read
+    one block at a time). Returns ``{linear name: LayerStats}``.
     ``hessian=False`` skips the Hessians (activation statistics only); ``moments=True`` also keeps
     the first four moments of the inputs (:attr:`LayerStats.kurtosis`). Raises
     :class:`~gransearch.errors.NonFiniteError` naming the first layer whose inputs hold NaN or
@@ -331,11 +348,10 @@ def calibrate(
     runner = BlockRunner(model, calib, batch_size, device)
     out: dict[str, LayerStats] = {}
     for i in tqdm(range(len(runner.blocks)), desc="calibrate", disable=not verbose):
-        block = runner.blocks[i]
-        block.to(runner.device)
+        runner.enter(i)
         try:
             stats = collect_block_stats(runner, i, hessian=hessian, advance=True, moments=moments)
         finally:
-            block.to(runner.home)
+            runner.leave(i)
         out.update({k: v.to("cpu") for k, v in stats.items()})
     return out

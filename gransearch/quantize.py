@@ -19,6 +19,7 @@ float weight after any fold, ``H`` the Hessian of its inputs), seconds and the G
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Optional, Union
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.layer import quantize_layer
-from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_module, linear_weight, model_linears, set_module
+from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_blocks, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, calibrate, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
 from .evaluate import layer_objective
@@ -66,9 +67,15 @@ class LayerRecord:
 
 @dataclass
 class QuantizeResult:
-    model: nn.Module
+    """``model``: the quantized model (``None`` when it was read from disk block by block: it was
+    never whole in memory; load ``saved.folder`` with :func:`gransearch.load_quantized`);
+    ``records``: one per quantized linear; ``saved``: what ``save=`` wrote."""
+
+    model: Optional[nn.Module]
     records: list[LayerRecord] = field(default_factory=list)
     seconds: float = 0.0
+    saved: Optional[object] = None
+    mode: str = "in memory"
 
     @property
     def nbytes(self) -> int:
@@ -211,22 +218,34 @@ def _awq_block(
     return ratios, unclipped
 
 
-def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: float) -> QuantizeResult:
-    """RTN needs no calibration: quantize every planned linear directly."""
-    for name, lp in plan.items():
-        t0 = time.perf_counter()
-        mod = get_module(model, name)
-        sp = lp.spec
-        qw = quantize_layer(linear_weight(mod).detach().float(), None, Method.RTN, sp, clip=clip, name=name).qweight
-        set_module(model, name, to_quant_linear(mod, qw, act_spec))
-        result.records.append(LayerRecord(name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
+def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: float, source=None, writer=None,
+              verbose: bool = True) -> QuantizeResult:
+    """RTN needs no calibration: quantize every planned linear directly, block by block (a model
+    read from disk is read, written and dropped one block at a time)."""
+    info = arch_of(model)
+    n_blocks = len(get_blocks(model, info))
+    for i in tqdm(range(n_blocks), desc="quantize (from disk)" if source is not None else "quantize", disable=not verbose):
+        refs = [r for r in block_linears(model, i, info) if r.name in plan]
+        if source is not None:
+            source.load_block(i)
+            refs = [r for r in block_linears(model, i, info) if r.name in plan]  # the modules now hold weights
+        for ref in refs:
+            t0 = time.perf_counter()
+            sp = plan[ref.name].spec
+            qw = quantize_layer(linear_weight(ref.module).detach().float(), None, Method.RTN, sp, clip=clip, name=ref.name).qweight
+            set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec))
+            result.records.append(LayerRecord(ref.name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
+        if writer is not None:
+            writer.write_block(i, source.block_prefix(i))
+        if source is not None:
+            source.release_block(i)
     result.seconds = time.perf_counter() - t_start
     return result
 
 
 @torch.no_grad()
 def quantize(
-    model: nn.Module,
+    model,
     spec_or_plan: PlanLike,
     calib,
     method: str = "gptq",
@@ -243,6 +262,8 @@ def quantize(
     awq_clip_tokens: int = 512,
     act_spec: Optional[ActSpec] = None,
     objective: Optional[bool] = None,
+    save: Optional[str] = None,
+    save_dtype=None,
     verbose: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` in place and return it with per-layer records.
@@ -264,10 +285,33 @@ def quantize(
     default (``None``) computes it only where GPTQ needs the Hessians anyway; then RTN needs no
     calibration pass at all (a second for SmolLM2 instead of minutes) and AWQ runs only over its
     ``awq_tokens`` search tokens (records get ``objective=None``). ``True`` always computes it.
+
+    Models larger than memory: ``model`` may be a model folder (``config.json`` + safetensors) or a
+    :class:`~gransearch.offload.DiskModel`. Then each block is read from disk when it runs,
+    quantized, written to ``save`` as one shard of a compressed-tensors checkpoint and dropped, so
+    memory holds the embeddings, one block and its calibration inputs, never the whole model; the
+    codes are those an in-memory run gets. ``save`` (a folder) is required then; for a model in memory
+    it writes :func:`gransearch.save_quantized`'s checkpoint after quantizing. ``save_dtype``: of the
+    checkpoint's float tensors (default: the model's published dtype). ``result.mode`` says which
+    mode ran (``"in memory"`` or ``"from disk, block by block"``), and the log says it too.
     """
     # long on purpose: the block loop keeps the GPTQ reference order (AWQ fold, statistics, per-layer step,
     # advance) visible in one place; the per-layer step itself is algorithms.layer.quantize_layer
     t_start = time.perf_counter()
+    from .offload import DiskModel
+
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = DiskModel(os.fspath(model))
+    elif isinstance(model, DiskModel):
+        source = model
+    if source is not None and save is None:
+        raise ValueError("a model read from disk block by block is never whole in memory, so its quantized blocks must be "
+                         "written as they are made: pass save=DIR (CLI: --save DIR)")
+    mode = "from disk, block by block" if source is not None else "in memory"
+    log.info("quantize: %s%s", mode, f" ({source.folder}, {source.n_blocks} blocks)" if source is not None else "")
+    if source is not None:
+        model = source.model
     batch_size = check_int("batch_size", batch_size, 1)
     block_size = None if block_size is None else check_int("block_size", block_size, 1)
     awq_tokens = check_int("awq_tokens", awq_tokens, 1)
@@ -290,9 +334,37 @@ def quantize(
     gptq_used = any(m.uses_gptq for m in methods)
     objective = gptq_used if objective is None else objective
     needs_hessian = objective or any(m.uses_hessian for m in methods)
-    result = QuantizeResult(model)
-    if not needs_hessian and methods == {"rtn"}:
-        return _rtn_only(model, plan, clip, act_spec, result, t_start)
+    result = QuantizeResult(None if source is not None else model, mode=mode)
+    writer = None
+    if source is not None:
+        from .export import ShardedWriter
+
+        writer = ShardedWriter(save, model, source.n_blocks, dtype=save_dtype)
+    try:
+        if not needs_hessian and methods == {"rtn"}:
+            _rtn_only(model, plan, clip, act_spec, result, t_start, source, writer, verbose)
+        else:
+            _sequential(model, source, writer, plan, calib, methods, given, needs_hessian, objective, result, info, batch_size=batch_size,
+                        device=device, clip=clip, awq_tokens=awq_tokens, awq_grid=awq_grid, awq_clip_tokens=awq_clip_tokens,
+                        act_spec=act_spec, verbose=verbose)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        result.saved = writer.finish(source.info.blocks, source.tokenizer_files())
+    elif save is not None:
+        from .export import save_quantized
+
+        result.saved = save_quantized(model, save, dtype=save_dtype)
+    result.seconds = time.perf_counter() - t_start
+    log.info("quantized %d layers in %.1f s (%s)", len(result.records), result.seconds, mode)
+    return result
+
+
+def _sequential(model, source, writer, plan, calib, methods, given, needs_hessian, objective, result, info, *, batch_size, device, clip,
+                awq_tokens, awq_grid, awq_clip_tokens, act_spec, verbose) -> None:
+    """The block loop of :func:`quantize` for methods that calibrate (GPTQ, AWQ, llama.cpp)."""
     if not needs_hessian and isinstance(calib, torch.Tensor) and calib.dim() == 2:
         # AWQ alone reads only the first whole batches that hold awq_tokens tokens
         n_batches = max(1, -(-awq_tokens // (batch_size * calib.shape[1])))
@@ -301,50 +373,49 @@ def quantize(
     if Method.LLAMACPP in methods:
         # llama.cpp's importance matrix comes from the float model (as llama-imatrix and the bank
         # make it), not from the inputs of the model quantized so far: one statistics-only pass
-        float_stats = calibrate(model, calib, batch_size=batch_size, device=device, hessian=False, verbose=verbose)
+        float_stats = calibrate(source or model, calib, batch_size=batch_size, device=device, hessian=False, verbose=verbose)
         importance = {n: float_stats[n].mean_sq for n, lp in plan.items() if lp.method is Method.LLAMACPP and n in float_stats}
         del float_stats
-    runner = BlockRunner(model, calib, batch_size, device, info)
+    runner = BlockRunner(source or model, calib, batch_size, device, info)
     n_blocks = len(runner.blocks)
-    bar = tqdm(range(n_blocks), desc="quantize", disable=not verbose)
+    bar = tqdm(range(n_blocks), desc="quantize (from disk)" if source is not None else "quantize", disable=not verbose)
     for i in bar:
-        block = runner.blocks[i]
-        block.to(runner.device)
+        runner.enter(i)
         try:
             refs = [r for r in block_linears(model, i, info) if r.name in plan]
-            if not refs:
-                runner.run(i, advance=True)
-                continue
-            ratios, unclipped = {}, {}
-            if any(plan[r.name].method.uses_awq for r in refs):
-                ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
-            stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
-            for ref in refs:
-                t0 = time.perf_counter()
-                lp = plan[ref.name]
-                m, sp = lp.method, lp.spec
-                W = linear_weight(ref.module).detach().float()
-                H = None
-                if needs_hessian:
-                    st = stats.get(ref.name)
-                    if st is None:
-                        raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
-                    H = st.hessian
-                r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
-                qw, used_damp = r.qweight, r.damp
-                obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
-                set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
-                result.records.append(LayerRecord(ref.name, str(m), str(sp), ref.shape, qw.nbytes, obj,
-                                                  time.perf_counter() - t0, used_damp, ratios.get(ref.name)))
+            stats: dict = {}
+            if refs:
+                ratios, unclipped = {}, {}
+                if any(plan[r.name].method.uses_awq for r in refs):
+                    ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
+                stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
+                for ref in refs:
+                    t0 = time.perf_counter()
+                    lp = plan[ref.name]
+                    m, sp = lp.method, lp.spec
+                    W = linear_weight(ref.module).detach().float()
+                    H = None
+                    if needs_hessian:
+                        st = stats.get(ref.name)
+                        if st is None:
+                            raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
+                        H = st.hessian
+                    r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
+                    qw, used_damp = r.qweight, r.damp
+                    obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
+                    set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
+                    result.records.append(LayerRecord(ref.name, str(m), str(sp), ref.shape, qw.nbytes, obj,
+                                                      time.perf_counter() - t0, used_damp, ratios.get(ref.name)))
             del stats
-            runner.run(i, advance=True)
+            runner.run(i, advance=True)  # the quantized block's outputs: the next block's inputs
         finally:
-            block.to(runner.home)
+            runner.leave(i, release=False)
+        if writer is not None:
+            writer.write_block(i, source.block_prefix(i))
+        if source is not None:
+            source.release_block(i)
         if verbose:
             bar.set_postfix(block=i, layers=len(result.records))
-    result.seconds = time.perf_counter() - t_start
-    log.info("quantized %d layers in %.1f s", len(result.records), result.seconds)
-    return result
 
 
 def set_act_quant(

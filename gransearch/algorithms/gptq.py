@@ -66,9 +66,12 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, name: Option
         Hd = H.clone()
         Hd[idx, idx] += rel * diag_mean
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # each [in, in] intermediate is dropped once used: three alive at most, H included
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 if attempt:
                     msg = f"GPTQ{' ' + name if name else ''}: Cholesky failed at dampening {damp:g}; succeeded at {rel:g}"

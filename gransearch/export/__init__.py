@@ -28,7 +28,7 @@ from . import compressed_tensors as ct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_quantized", "load_quantized", "SavedModel", "FORMATS", "float_dtype_of"]
+__all__ = ["save_quantized", "load_quantized", "SavedModel", "ShardedWriter", "FORMATS", "float_dtype_of"]
 
 FORMATS = ("compressed-tensors",)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,23 +67,8 @@ def _quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tensors", *, dtype=None, tokenizer=None,
-                   profile: Optional[str] = None) -> SavedModel:
-    """Write ``model`` (quantized by :func:`gransearch.quantize`) to ``folder`` in ``format``.
-
-    ``dtype``: of the floating-point tensors (embeddings, norms, an untied head, biases); default
-    the model's published dtype (:func:`float_dtype_of`). ``tokenizer``: saved beside it.
-    ``profile``: ``"vllm"`` or ``"vllm-asym"`` refuses (naming the layers) a model vLLM cannot serve; see
-    :func:`gransearch.profiles.check_plan`. Layers quantized per tensor or with activation
-    quantization are refused: the format has no place for them.
-    """
-    from safetensors.torch import save_file
-
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
-    qlayers = _quantized_layers(model)
-    if not qlayers:
-        raise ValueError("the model has no quantized layer: quantize it first (gs.quantize(model, plan, calib))")
+def _check_layers(qlayers: dict[str, QuantLinear], profile: Optional[str]) -> None:
+    """Refuse (naming them) layers the format cannot store or, with ``profile``, vLLM cannot serve."""
     acts = sorted(n for n, m in qlayers.items() if m.act_spec is not None)
     if acts:
         raise ValueError(f"activation quantization is not exported (layers {acts[:3]}...): set_act_quant(model, None) first")
@@ -104,7 +89,14 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
         if untiled:
             log.warning("%d layers have shapes vLLM's Marlin kernels do not tile (out %% 64, in %% 128), e.g. %s: vLLM picks "
                         "another kernel for them or refuses to load (docs/export.md)", len(untiled), untiled[0])
-    fdt = float_dtype_of(model, dtype)
+
+
+def _tensors(model: nn.Module, fdt: torch.dtype, keep=None) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The checkpoint tensors of ``model`` whose names ``keep`` accepts (all by default): packed
+    quantized layers, floating-point parameters in ``fdt`` (a tied tensor once, under its first
+    name), persistent buffers. Returns ``(tensors, quantized bytes, float bytes)``."""
+    keep = keep or (lambda name: True)
+    qlayers = {n: m for n, m in _quantized_layers(model).items() if keep(n)}
     tensors: dict[str, torch.Tensor] = {}
     qbytes = 0
     for name, m in qlayers.items():
@@ -118,7 +110,7 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for pname, p in model.named_parameters(remove_duplicate=False):
         owner = pname.rsplit(".", 1)[0]
-        if owner in qlayers:
+        if isinstance(get_module(model, owner) if owner else model, QuantLinear) or not keep(pname):
             continue
         if id(p) in seen or (tied and pname == "lm_head.weight"):
             continue  # a tied tensor is stored once, under its first name
@@ -128,25 +120,137 @@ def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tens
         fbytes += v.numel() * v.element_size()
     for bname, b in model.named_buffers():
         owner = bname.rsplit(".", 1)[0]
-        if owner in qlayers or not _persistent(model, bname):
+        if isinstance(get_module(model, owner) if owner else model, QuantLinear) or not _persistent(model, bname) or not keep(bname):
             continue
         tensors[bname] = b.detach().cpu().contiguous()
         fbytes += tensors[bname].numel() * tensors[bname].element_size()
-    os.makedirs(folder, exist_ok=True)
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qlayers)
+    return tensors, qbytes, fbytes
+
+
+def _write_config(model: nn.Module, folder: str, specs: dict, fdt: torch.dtype, tokenizer=None) -> None:
+    """``config.json`` with the ``quantization_config`` of ``specs`` (``{layer: spec}``; every other
+    linear in ``ignore``), the generation config and the tokenizer."""
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in specs)
     cfg = copy.deepcopy(model.config)
-    cfg.quantization_config = ct.quantization_config({n: m.spec for n, m in qlayers.items()}, ignore)
+    cfg.quantization_config = ct.quantization_config(specs, ignore)
     cfg.dtype = str(fdt).removeprefix("torch.")
-    path = os.path.join(folder, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
     atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def save_quantized(model: nn.Module, folder: str, format: str = "compressed-tensors", *, dtype=None, tokenizer=None,
+                   profile: Optional[str] = None) -> SavedModel:
+    """Write ``model`` (quantized by :func:`gransearch.quantize`) to ``folder`` in ``format``.
+
+    ``dtype``: of the floating-point tensors (embeddings, norms, an untied head, biases); default
+    the model's published dtype (:func:`float_dtype_of`). ``tokenizer``: saved beside it.
+    ``profile``: ``"vllm"`` or ``"vllm-asym"`` refuses (naming the layers) a model vLLM cannot serve; see
+    :func:`gransearch.profiles.check_plan`. Layers quantized per tensor or with activation
+    quantization are refused: the format has no place for them.
+    """
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    qlayers = _quantized_layers(model)
+    if not qlayers:
+        raise ValueError("the model has no quantized layer: quantize it first (gs.quantize(model, plan, calib))")
+    _check_layers(qlayers, profile)
+    fdt = float_dtype_of(model, dtype)
+    tensors, qbytes, fbytes = _tensors(model, fdt)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):  # left by an earlier sharded save: it would name files this save does not hold
+        os.remove(index)
+    _write_config(model, folder, {n: m.spec for n, m in qlayers.items()}, fdt, tokenizer)
     return SavedModel(folder, qbytes, fbytes, os.path.getsize(path), str(fdt).removeprefix("torch."), len(qlayers))
+
+
+class ShardedWriter:
+    """Writes a compressed-tensors checkpoint while the model is quantized block by block (a model
+    read from disk, :class:`gransearch.offload.DiskModel`): one safetensors shard per decoder block
+    as soon as the block is done, then the tensors outside the blocks, the index
+    (``model.safetensors.index.json``), the config and the tokenizer files.
+
+    Everything goes to a hidden folder beside ``folder`` that replaces it only when complete, so a
+    killed run never leaves a folder that looks like a checkpoint; an existing ``folder`` that is
+    not a compressed-tensors checkpoint (and not empty) is refused up front.
+    """
+
+    def __init__(self, folder: str, model: nn.Module, n_blocks: int, *, dtype=None, profile: Optional[str] = None):
+        import shutil
+        import tempfile
+
+        if os.path.isdir(folder) and os.listdir(folder):
+            try:
+                ct.read_config(folder)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{folder} exists and is not a quantized checkpoint ({exc}): choose another save folder") from None
+        self.folder = os.path.abspath(folder)
+        parent = os.path.dirname(self.folder)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.folder)}.partial-", dir=parent)
+        self._rmtree = shutil.rmtree
+        self.model, self.n_shards, self.profile = model, n_blocks + 1, profile
+        self.fdt = float_dtype_of(model, dtype)
+        self.weight_map: dict[str, str] = {}
+        self.specs: dict = {}
+        self.qbytes = self.fbytes = 0
+
+    def _shard(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(tensors, os.path.join(self.tmp, name), metadata={"format": "pt"})
+        self.weight_map.update({t: name for t in tensors})
+
+    def write_block(self, index: int, prefix: str) -> None:
+        """Write the tensors whose names start with ``prefix`` (block ``index``) as its shard."""
+        qlayers = {n: m for n, m in _quantized_layers(self.model).items() if n.startswith(prefix)}
+        _check_layers(qlayers, self.profile)
+        tensors, qb, fb = _tensors(self.model, self.fdt, keep=lambda n: n.startswith(prefix))
+        self._shard(index + 1, tensors)
+        self.specs.update({n: m.spec for n, m in qlayers.items()})
+        self.qbytes, self.fbytes = self.qbytes + qb, self.fbytes + fb
+
+    def finish(self, blocks_prefix: str, extra_files=(), tokenizer=None) -> SavedModel:
+        """Write the tensors outside the blocks, the index and the config; move the folder in place."""
+        import shutil
+
+        if not self.specs:
+            raise ValueError("no quantized layer was written: nothing to save")
+        tensors, qb, fb = _tensors(self.model, self.fdt, keep=lambda n: not n.startswith(blocks_prefix + "."))
+        self._shard(0, tensors)
+        self.qbytes, self.fbytes = self.qbytes + qb, self.fbytes + fb
+        total = sum(os.path.getsize(os.path.join(self.tmp, f)) for f in set(self.weight_map.values()))
+        atomic_write(os.path.join(self.tmp, "model.safetensors.index.json"),
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=1))
+        for path in extra_files:
+            if os.path.basename(path) != "config.json":
+                shutil.copy2(path, os.path.join(self.tmp, os.path.basename(path)))
+        _write_config(self.model, self.tmp, self.specs, self.fdt, tokenizer)
+        if os.path.isdir(self.folder):
+            self._rmtree(self.folder)
+        os.chmod(self.tmp, 0o755)
+        os.replace(self.tmp, self.folder)
+        return SavedModel(self.folder, self.qbytes, self.fbytes, total, str(self.fdt).removeprefix("torch."), len(self.specs))
+
+    def abort(self) -> None:
+        """Remove what was written (the run failed)."""
+        self._rmtree(self.tmp, ignore_errors=True)
+
+
+def _checkpoint_files(folder: str) -> dict[str, str]:
+    from ..offload import checkpoint_files
+
+    return checkpoint_files(folder)
 
 
 def _persistent(model: nn.Module, bname: str) -> bool:
@@ -168,7 +272,9 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
         del config.quantization_config
     fdt = float_dtype_of(nn.Module(), dtype) if dtype is not None else _DTYPES.get(str(cfg_doc.get("dtype", "float32")), torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=fdt, trust_remote_code=trust_remote_code)
-    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    tensors = {}
+    for path in sorted(set(_checkpoint_files(folder).values())):
+        tensors.update(load_file(path))
     for name, spec in layers.items():
         lin = get_module(model, name)
         qw = ct.layer_from_tensors(tensors, name, spec)

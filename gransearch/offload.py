@@ -1,0 +1,230 @@
+"""Models larger than memory: the weights stay in their safetensors files until a block needs them.
+
+:class:`DiskModel` opens a model folder (``config.json`` and ``model.safetensors``, or shards listed
+by ``model.safetensors.index.json``) without reading its weights: the model is built with every
+parameter on the ``meta`` device (buffers, such as rotary frequencies, are computed as usual), then
+the parameters outside the decoder blocks (embeddings, final norm, an untied head) are read. A block
+is read with :meth:`DiskModel.load_block` when it runs and dropped with :meth:`DiskModel.release_block`
+after, so the memory held is the embeddings, one block, its calibration inputs and statistics.
+
+Reading goes through ``safetensors.safe_open`` (memory-mapped), opened per block and closed again so
+the pages of finished blocks leave the process. Tensors are converted to ``dtype`` (float32 by
+default: the same arithmetic as a model loaded whole with :func:`gransearch.load_model`, so a model
+quantized block by block from disk gets the codes it gets in memory, bit for bit).
+
+    >>> dm = DiskModel("path/to/model")                     # doctest: +SKIP
+    >>> gs.quantize(dm, "w4g64", calib, "gptq", save="out")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .arch import arch_of, get_blocks, get_module
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block is moved to the ``meta`` device (no storage);
+    buffers stay real. A module's ``__init__`` still creates each parameter once before it moves,
+    so the transient peak is the largest single parameter."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_model(config, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM of ``config`` whose parameters are on ``meta`` (no memory) and whose buffers are real."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def checkpoint_files(folder: str) -> dict[str, str]:
+    """``{tensor name: safetensors file}`` of a model folder: the index of a sharded checkpoint, or
+    the one ``model.safetensors``. Other formats are refused with what to do."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map: not a safetensors index")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as fh:
+            return {k: single for k in fh.keys()}
+    found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json (found: {found[:8]}): "
+                            "reading a model block by block needs safetensors weights; convert .bin/.pt checkpoints "
+                            "once with transformers (save_pretrained writes safetensors)")
+
+
+def float32_nbytes(folder: str) -> int:
+    """Bytes the model's floating-point weights take in float32 (from the safetensors headers only)."""
+    from safetensors import safe_open
+
+    total = 0
+    by_file: dict[str, list[str]] = {}
+    for name, path in checkpoint_files(folder).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as fh:
+            for n in names:
+                sl = fh.get_slice(n)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= int(d)
+                total += numel * 4 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else 0
+    return total
+
+
+class DiskModel:
+    """A model folder read one decoder block at a time (see the module docstring).
+
+    ``model``: the model, parameters on ``meta`` except those outside the blocks; ``dtype``: what
+    parameters are converted to when read; ``folder``: where they are read from. Used by
+    :func:`gransearch.quantize` (``save=DIR`` writes the quantized checkpoint block by block).
+    """
+
+    def __init__(self, folder: str, dtype: Union[str, torch.dtype] = torch.float32, trust_remote_code: bool = False):
+        from transformers import AutoConfig
+
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+            dtype = _DTYPES[dtype]
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder!r} is not a model folder (config.json and safetensors weights)")
+        self.folder = os.path.abspath(folder)
+        self.dtype = dtype
+        self.files = checkpoint_files(folder)
+        self.config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if getattr(self.config, "quantization_config", None) is not None:
+            raise ValueError(f"{folder} is already quantized ({self.config.quantization_config.get('quant_method', '?')}): "
+                             "quantize the float model")
+        published = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        self.model = empty_model(self.config, dtype, trust_remote_code)
+        if published is not None:  # what a checkpoint written from it stores floats in (save_quantized's default)
+            self.model.config.dtype = published
+        self.info = arch_of(self.model)
+        self.n_blocks = len(get_blocks(self.model, self.info))
+        self._loaded: set[int] = set()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = [n for n in params if n not in self.files and not self._tied(n)]
+        if missing:
+            raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                             "(written for another architecture or config?)")
+        self._read([n for n in params if self._block_of(n) is None and n in self.files])
+        if self._tied("lm_head.weight") and hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+        still = [n for n, p in self.model.named_parameters() if p.is_meta and self._block_of(n) is None]
+        if still:
+            raise ValueError(f"{folder}: parameters outside the blocks were not read: {still[:5]}")
+
+    def _tied(self, name: str) -> bool:
+        return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def _block_of(self, name: str) -> Optional[int]:
+        prefix = self.info.blocks + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.info.blocks}.{index}."
+
+    def _read(self, names: list[str]) -> int:
+        """Read ``names`` from the checkpoint into the model (converted to ``dtype``); returns bytes read."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        nbytes = 0
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt") as fh:  # closed per call: the mapped pages leave with it
+                for n in group:
+                    t = fh.get_tensor(n)
+                    nbytes += t.numel() * t.element_size()
+                    owner, _, leaf = n.rpartition(".")
+                    mod = get_module(self.model, owner) if owner else self.model
+                    if leaf in mod._parameters:
+                        old = mod._parameters[leaf]
+                        if tuple(old.shape) != tuple(t.shape):
+                            raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model expects {tuple(old.shape)}")
+                        value = t
+                        if t.is_floating_point() and t.dtype != self.dtype:
+                            if isinstance(mod, nn.Embedding) and t.element_size() < torch.tensor([], dtype=self.dtype).element_size():
+                                # the table stays as stored (half the memory of a float32 copy); its rows are
+                                # upcast when looked up, exactly, so blocks see what a float32 table gives
+                                if not getattr(mod, "_gs_upcast", False):
+                                    mod.register_forward_hook(lambda m, a, o, dt=self.dtype: o.to(dt))
+                                    mod._gs_upcast = True
+                            else:
+                                value = t.to(self.dtype)
+                        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                    elif leaf in mod._buffers:
+                        mod._buffers[leaf] = t.to(self.dtype) if t.is_floating_point() else t
+        return nbytes
+
+    def load_block(self, index: int) -> None:
+        """Read block ``index``'s parameters from disk (a no-op when they are in memory)."""
+        if index in self._loaded:
+            return
+        prefix = self.block_prefix(index)
+        self._read([n for n in self.files if n.startswith(prefix)])
+        block = get_blocks(self.model, self.info)[index]
+        left = [n for n, p in block.named_parameters() if p.is_meta]
+        if left:
+            raise ValueError(f"{self.folder}: block {index} lacks {[prefix + n for n in left[:5]]}")
+        self._loaded.add(index)
+
+    def release_block(self, index: int) -> None:
+        """Drop block ``index``'s parameters (back to ``meta``), whatever replaced its linears."""
+        block = get_blocks(self.model, self.info)[index]
+        for mod in block.modules():
+            for leaf, p in list(mod._parameters.items()):
+                if p is not None and not p.is_meta:
+                    mod._parameters[leaf] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+            for leaf, b in list(mod._buffers.items()):
+                if b is not None and leaf not in getattr(mod, "_non_persistent_buffers_set", set()) and b.numel() > 0:
+                    mod._buffers[leaf] = b.to("meta")
+            if getattr(mod, "_w_cache", None) is not None:  # a QuantLinear's dequantized weight
+                mod._w_cache = None
+        self._loaded.discard(index)
+
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer and generation files of the folder, copied beside a checkpoint written from it."""
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                 "merges.txt", "generation_config.json", "chat_template.jinja")
+        return [os.path.join(self.folder, n) for n in names if os.path.isfile(os.path.join(self.folder, n))]
+
+    def __repr__(self) -> str:
+        return f"DiskModel({self.folder!r}, {self.n_blocks} blocks, dtype={self.dtype})"

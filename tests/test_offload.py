@@ -1,0 +1,180 @@
+"""Models larger than memory: quantized block by block from their safetensors files.
+
+The from-disk run must give the codes the in-memory run gives, bit for bit, write a checkpoint that
+transformers and gransearch load with the in-memory model's logits, and never hold more than one
+block's weights at a time.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import gransearch as gs
+from gransearch.arch import get_blocks, get_module
+from gransearch.offload import DiskModel, checkpoint_files, float32_nbytes
+
+from .tiny import tiny_model, token_stream
+
+
+def _save_float(model, folder, dtype=torch.bfloat16, shards: int = 1):
+    """A hub-style float checkpoint of ``model`` (bf16 by default), optionally sharded."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    model.config.dtype = str(dtype).removeprefix("torch.")
+    model.config.save_pretrained(folder)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+             or not model.config.tie_word_embeddings}
+    names = sorted(state)
+    if shards == 1:
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+
+
+def _in_memory_copy(folder):
+    """The float checkpoint loaded whole, in float32 (as load_model would)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _floats(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            out.update({k: v for k, v in load_file(os.path.join(folder, f)).items() if v.is_floating_point() and "weight_scale" not in k})
+    return out
+
+
+def _codes(model):
+    return {n: m.quantized_weight() for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+
+
+@pytest.mark.parametrize("kind, spec, method, shards", [("llama", "w4g32", "gptq", 1), ("llama", "w4g32s", "awq+gptq", 3),
+                                                         ("gemma3", "w3c", "rtn", 2), ("opt", "w4g32", "gptq", 1)])
+def test_from_disk_gives_the_in_memory_codes_and_logits(tmp_path, kind, spec, method, shards):
+    src = str(tmp_path / "float")
+    _save_float(tiny_model(kind, seed=3), src, shards=shards)
+    calib = token_stream(2048, seed=1)[:1024].reshape(16, 64)
+    mem = _in_memory_copy(src)
+    gs.quantize(mem, spec, calib, method, batch_size=4, verbose=False)
+    # AWQ folds its scales into the norms, which bf16 would round: those are written in float32
+    save_dtype = "float32" if "awq" in method else None
+    res = gs.quantize(src, spec, calib, method, batch_size=4, save=str(tmp_path / "q"), save_dtype=save_dtype, verbose=False)
+    assert res.model is None and res.mode == "from disk, block by block" and res.saved.n_quantized == len(res.records)
+    back = gs.load_quantized(str(tmp_path / "q"), dtype=torch.float32)
+    ours, theirs = _codes(mem), _codes(back)
+    assert set(ours) == set(theirs) and len(ours) == len(res.records)
+    for n, a in ours.items():
+        b = theirs[n]
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale), n
+        assert (a.zero is None and b.zero is None) or torch.equal(a.zero, b.zero), n
+    x = token_stream(512, seed=9)[:256].reshape(2, 128)
+    with torch.no_grad():
+        want = mem(x).logits
+        got = back(x).logits
+    assert torch.equal(want, got)  # float tensors were bf16 to begin with: written exactly
+    # the sharded checkpoint: one shard per block plus the rest, an index naming each tensor once
+    with open(tmp_path / "q" / "model.safetensors.index.json") as fh:
+        index = json.load(fh)
+    n_blocks = len(get_blocks(mem))
+    want_dtype = torch.float32 if save_dtype else torch.bfloat16  # default: the published dtype
+    assert {v.dtype for k, v in _floats(tmp_path / "q").items()} == {want_dtype}
+    assert len(set(index["weight_map"].values())) == n_blocks + 1
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]  # the temporary folder became q
+
+
+def test_transformers_loads_the_sharded_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=4), src)
+    calib = token_stream(2048, seed=1)[:512].reshape(8, 64)
+    gs.quantize(src, "w4g32s", calib, "gptq", save=str(tmp_path / "q"), verbose=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32)
+    back = gs.load_quantized(str(tmp_path / "q"), dtype=torch.float32)
+    x = token_stream(512, seed=2)[:128].reshape(2, 64)
+    with torch.no_grad():
+        assert float((hf(x).logits - back(x).logits).abs().max()) < 1e-4
+    name = "model.layers.0.self_attn.q_proj"  # transformers decompressed the stored codes, not some float copy
+    ours = get_module(back, name).dequantized_weight().float()
+    assert torch.allclose(get_module(hf, name).weight.float(), ours, atol=1e-6)
+    assert len(torch.unique(ours[0, :32])) <= 16  # a 4-bit group holds at most 16 values
+
+
+def test_at_most_one_block_is_in_memory(tmp_path, monkeypatch):
+    """Reading block i+1 happens only after block i was dropped; the float weights never coexist."""
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=5), src)
+    held, peak = set(), [0]
+    load, release = DiskModel.load_block, DiskModel.release_block
+
+    def on_load(self, i):
+        load(self, i)
+        held.add(i)
+        peak[0] = max(peak[0], len(held))
+
+    def on_release(self, i):
+        release(self, i)
+        held.discard(i)
+        assert all(p.is_meta for p in get_blocks(self.model)[i].parameters())
+
+    monkeypatch.setattr(DiskModel, "load_block", on_load)
+    monkeypatch.setattr(DiskModel, "release_block", on_release)
+    calib = token_stream(1024, seed=1)[:512].reshape(8, 64)
+    dm = DiskModel(src)
+    assert all(p.is_meta for p in get_blocks(dm.model).parameters())  # nothing of the blocks read yet
+    gs.quantize(dm, "w4g32", calib, "gptq", save=str(tmp_path / "q"), verbose=False)
+    assert peak[0] == 1 and not held
+    stats = gs.calibrate(DiskModel(src), calib, verbose=False)  # calibration reads blocks the same way
+    assert set(stats) == {r.name for r in gs.arch.model_linears(dm.model)}
+
+
+def test_from_disk_refusals(tmp_path):
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama"), src)
+    calib = token_stream(1024, seed=1)[:256].reshape(4, 64)
+    with pytest.raises(ValueError, match="save=DIR"):
+        gs.quantize(src, "w4g32", calib, "rtn", verbose=False)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+        gs.quantize(src, "w4g32", calib, "rtn", save=str(other), verbose=False)
+    assert (other / "a.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        DiskModel(str(empty))
+    torch.save({}, str(empty / "pytorch_model.bin"))
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        checkpoint_files(str(empty))
+    # a failed run leaves neither a checkpoint nor its temporary folder
+    with pytest.raises(ValueError):
+        gs.quantize(src, "w4g48", calib, "rtn", save=str(tmp_path / "bad"), verbose=False)
+    assert not (tmp_path / "bad").exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    # a quantized checkpoint is replaced by a new one
+    gs.quantize(src, "w4g32", calib, "rtn", save=str(tmp_path / "q"), verbose=False)
+    gs.quantize(src, "w8c", calib, "rtn", save=str(tmp_path / "q"), verbose=False)
+    assert {str(m.spec) for m in _codes(gs.load_quantized(str(tmp_path / "q"))).values()} == {"w8c"}
+
+
+def test_float32_size_from_headers(tmp_path):
+    model = tiny_model("llama")
+    src = str(tmp_path / "float")
+    _save_float(model, src, shards=2)
+    tied = model.config.tie_word_embeddings
+    expect = sum(p.numel() * 4 for n, p in model.state_dict().items() if n != "lm_head.weight" or not tied)
+    assert float32_nbytes(src) == expect
