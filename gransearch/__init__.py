@@ -18,7 +18,7 @@ from .quantize import QuantizeResult, outlier_share, quantize, set_act_quant
 from .search import OptimizeResult, optimize
 from .ablate import ablate_activations, ablate_weights
 from .diagnostics import Diagnosis, diagnose
-from . import allocate, bank, diagnostics, errors, export, llamacpp, methods, models, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
+from . import allocate, bank, diagnostics, errors, export, llamacpp, methods, models, offload, plan, runs, search, study  # noqa: E402, F401  (submodules as attributes)
 from .runs import join_study
 from .export import load_quantized, save_quantized
 from .export.gguf import save_gguf

@@ -55,7 +55,75 @@ from .study import POLL_SECONDS, worker_id
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "BankEntry", "StoredEntry", "bank_config", "bank_for", "build_bank"]
+__all__ = ["Bank", "BankEntry", "BankSize", "StoredEntry", "bank_config", "bank_for", "bank_size", "build_bank", "pareto_front"]
+
+
+@dataclass
+class BankSize:
+    """What a stored bank will take on disk, before it is built: bytes per candidate key (summed
+    over the layers that have it) and in all (packed codes, scales, zeros, AWQ input scales and
+    per-row objectives; the files' small headers aside). Dominated-candidate pruning
+    (``build_bank(prune="dominated")``) stores less; this is the bound."""
+
+    per_candidate: dict
+    total: int
+    entries: int
+    model_bytes: int  # the linears' float32 bytes, for scale
+
+    def table(self, top: Optional[int] = None) -> str:
+        rows = sorted(self.per_candidate.items(), key=lambda kv: -kv[1])[:top]
+        lines = [f"bank on disk: {_fmt(self.total)} for {self.entries} entries "
+                 f"({self.total / max(self.model_bytes, 1):.2f}x the linears in float32)"]
+        lines += [f"  {k:24s} {_fmt(v):>10s}" for k, v in rows]
+        return "\n".join(lines)
+
+
+def _entry_keys(shape, methods, specs) -> list[tuple[Method, object]]:
+    """The (method, spec) entries build_bank makes for one layer, in its order (see build_layer)."""
+    out = []
+    for spec in specs:
+        if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):
+            out.append((Method.LLAMACPP, spec))
+        if getattr(spec, "is_ggml", False):
+            continue
+        out += [(m, spec) for m in (Method.RTN, Method.GPTQ, Method.AWQ, Method.AWQ_GPTQ) if m in methods]
+    return out
+
+
+def bank_size(model: nn.Module, methods, bits, granularities, profile: str = "research") -> BankSize:
+    """The disk size of the bank :func:`build_bank` would store for these candidates (no work done:
+    shapes only), per candidate key and in all; see :class:`BankSize`."""
+    from .cost import layer_nbytes
+
+    check_candidates(methods, bits, granularities)
+    methods = [Method.parse(m) for m in methods]
+    prof = get_profile(profile)
+    per: dict[str, int] = {}
+    n = model_bytes = 0
+    for ref in model_linears(model, arch_of(model)):
+        out_f, in_f = ref.shape
+        model_bytes += out_f * in_f * 4
+        for m, spec in _entry_keys(ref.shape, methods, candidate_specs(ref.shape, bits, granularities, prof, methods)):
+            b = layer_nbytes(ref.shape, spec) + 4 * out_f + 16 + (4 * in_f if m.uses_awq else 0)  # codes+params, rows, shape, AWQ scale
+            per[f"{m}:{spec}"] = per.get(f"{m}:{spec}", 0) + b
+            n += 1
+    return BankSize(per, sum(per.values()), n, model_bytes)
+
+
+def pareto_front(nbytes: Sequence[int], objectives: Sequence[float]) -> list[int]:
+    """Indices of the candidates no other candidate dominates: one dominates another when it takes
+    no more bytes and has no larger layer objective, and is strictly better in one of the two
+    (so of two methods at one spec the worse goes, and so does a larger spec that is not better).
+    Exact ties are all kept; the order of the input is kept.
+
+        >>> pareto_front([10, 10, 20, 30], [5.0, 4.0, 4.5, 1.0])
+        [1, 3]
+    """
+    keep = []
+    for j, (b, o) in enumerate(zip(nbytes, objectives)):
+        if not any((b2 <= b and o2 <= o) and (b2 < b or o2 < o) for b2, o2 in zip(nbytes, objectives)):
+            keep.append(j)
+    return keep
 
 
 BANK_FORMAT, BANK_VERSION = "gransearch.bank", 2  # 2: sha256 of every file, weights in the config
@@ -335,6 +403,8 @@ def build_bank(
     fisher_windows: int = 16,
     store: Optional[str] = None,
     profile: str = "research",
+    prune: Optional[str] = None,
+    max_bytes: Optional[int] = None,
     verbose: bool = True,
 ) -> Bank:
     """Calibrate once and quantize every (layer, candidate) once. See the module docstring.
@@ -358,6 +428,13 @@ def build_bank(
     AWQ's choices (scale ratio on ``awq_grid`` points, per-channel clip) measure the output error
     with the top-``awq_rank`` eigen-factor of each Hessian (``None``: the exact Hessian); the
     recorded layer objectives are always exact.
+
+    Size: the bank's disk size per candidate (:func:`bank_size`) is logged before any work.
+    ``prune="dominated"`` keeps only each layer's :func:`pareto_front` of (bytes, layer objective):
+    of two methods at one spec the worse is dropped, and so is a larger candidate that is not
+    better. ``max_bytes`` (stored banks): a bank whose size bound exceeds it is refused before any
+    work unless pruning is on; with pruning, the build stops with :class:`BankError` as soon as the
+    finished blocks project past it.
     """
     # long on purpose: one pass over the layers computes every candidate from one Hessian, one GPTQ
     # factorisation and the group's AWQ scales while they are in memory; splitting it would hold them longer
@@ -365,6 +442,14 @@ def build_bank(
     info = arch_of(model)
     check_candidates(methods, bits, granularities)
     check_device(device)
+    if prune not in (None, "dominated"):
+        raise ValueError(f"prune={prune!r}: use None (keep every candidate) or 'dominated'")
+    size = bank_size(model, methods, bits, granularities, profile)
+    log.info("%s", size.table(top=8))
+    if store and max_bytes is not None and size.total > max_bytes and prune is None:
+        raise BankError(f"the bank would take {_fmt(size.total)} on disk, more than the {_fmt(max_bytes)} allowed. "
+                        f"Largest candidates: {_largest(size)}. Drop some (fewer bits or group sizes, e.g. no 8-bit or "
+                        "g32), or let dominated candidates go (prune='dominated', CLI --prune-bank)")
     methods = [Method.parse(m) for m in methods]
     use_awq = any(m.uses_awq for m in methods)
     if use_awq and info.generic:
@@ -479,11 +564,15 @@ def build_bank(
             awq_block(b)
         for ref in blocks[b]:
             build_layer(ref)
+            if prune == "dominated":
+                keep = pareto_front([e.nbytes for e in entries[ref.name]], [e.objective for e in entries[ref.name]])
+                keys[ref.name] = [keys[ref.name][j] for j in keep]
+                entries[ref.name] = [entries[ref.name][j] for j in keep]
         for k in [k for k in awq_scales if k[0] in {r.name for r in blocks[b]}]:
             del awq_scales[k]
 
     config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
-                         awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile)
+                         awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, **({"prune": prune} if prune else {}))
     if not store:
         for b in tqdm(list(blocks), desc="bank", disable=not verbose):
             build_block(b)
@@ -523,6 +612,8 @@ def build_bank(
                                   "out_energy": energy[ref.name]}
                 entries[ref.name] = []  # on disk now: memory holds one block's candidates at a time
             folder.finish(b, part, time.perf_counter() - t_block)
+        if max_bytes is not None and prune is not None:  # unpruned, the size bound was checked before any work
+            _check_projection(store, folder, blocks, names, size, max_bytes)
     bar.close()
     parts = folder.parts(list(blocks))
     table = [[BankEntry(None, None, int(nb), float(ob)) for nb, ob in zip(parts[n]["nbytes"], parts[n]["objectives"])] for n in names]
@@ -530,6 +621,30 @@ def build_bank(
                 folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
     return Bank.load(store, config)
+
+def _largest(size: BankSize, n: int = 4) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(size.per_candidate.items(), key=lambda kv: -kv[1])[:n])
+
+
+def _fmt(n: float) -> str:
+    """Bytes as GB (MB below 0.1 GB)."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _check_projection(store: str, folder: "_BuildFolder", blocks: dict, names: list[str], size: BankSize, max_bytes: int) -> None:
+    """Refuse to go on when the blocks finished so far, scaled to the whole model, exceed ``max_bytes``."""
+    done = [b for b in blocks if folder.done(b)]
+    if not done:
+        return
+    layers = [names.index(r.name) for b in done for r in blocks[b]]
+    stored = sum(os.path.getsize(os.path.join(store, f"layer{i:04d}.safetensors")) for i in layers
+                 if os.path.exists(os.path.join(store, f"layer{i:04d}.safetensors")))
+    share = sum(1 for _ in layers) / max(1, len(names))
+    projected = stored / share
+    if projected > max_bytes:
+        raise BankError(f"the pruned bank projects to {_fmt(projected)} on disk after {len(done)} of {len(blocks)} blocks, more "
+                        f"than the {_fmt(max_bytes)} allowed. Largest candidates: {_largest(size)}: drop some")
+
 
 def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: str = "research", **options) -> dict:
     """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
@@ -542,14 +657,15 @@ def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: 
 
 def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"), bits=(2, 3, 4, 8),
              granularities=("tensor", "channel", 32, 64, 128), *, damp: float = 0.01, act_order: bool = True, awq_grid: int = 20,
-             awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, profile: str = "research", verbose: bool = True) -> Bank:
+             awq_rank: Optional[int] = 64, fisher_windows: int = 16, device=None, profile: str = "research", prune: Optional[str] = None,
+             max_bytes: Optional[int] = None, verbose: bool = True) -> Bank:
     """The bank stored in ``folder`` if it was built for this model, calibration and options; else
     build it there (entries on disk, see :func:`build_bank`), together with any other worker building
     the same bank in the same folder. A killed build resumes from its finished blocks; a
     corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
     holds the bank of *another model* (other weights) is refused, never overwritten."""
     opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
-    config = bank_config(model, calib, methods, bits, granularities, profile=profile, **opts)
+    config = bank_config(model, calib, methods, bits, granularities, profile=profile, **opts, **({"prune": prune} if prune else {}))
     manifest = os.path.join(folder, "bank.json")
     try:
         with open(manifest, encoding="utf-8") as fh:
@@ -567,5 +683,6 @@ def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"
     if bank is not None:
         log.info("reusing the bank stored in %s", folder)
         return bank
-    return build_bank(model, calib, methods, bits, granularities, device=device, store=folder, profile=profile, verbose=verbose, **opts)
+    return build_bank(model, calib, methods, bits, granularities, device=device, store=folder, profile=profile, prune=prune,
+                      max_bytes=max_bytes, verbose=verbose, **opts)
 

@@ -121,6 +121,10 @@ def cmd_quantize(args) -> int:
     if plan is None:
         gs.spec.parse_spec(args.spec)
     dev = _device(args.device)
+    mode = _quantize_mode(args)
+    print(f"gransearch quantize: {mode}", file=sys.stderr)
+    if mode != "in memory":
+        return _quantize_from_disk(args, plan, dev, t0)
     model, tok = gs.load_model(args.model, dtype=args.dtype, device=dev, trust_remote_code=args.trust_remote_code)
     if plan is not None:
         plan.check(model)
@@ -152,6 +156,80 @@ def cmd_quantize(args) -> int:
         summary["saved"] = _saved_summary(saved)
     if args.save_gguf:
         summary["saved_gguf"] = _save_gguf(model, args, test, tok)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        with open(os.path.join(args.out, "layers.json"), "w") as fh:
+            json.dump([r.to_dict() for r in res.records], fh, indent=1)
+    _emit(summary, args.json)
+    return 0
+
+
+def _quantize_mode(args) -> str:
+    """``from disk, block by block`` when asked (``--from-disk``) or when a local model folder's
+    float32 weights would take more than half the memory available now; else ``in memory``."""
+    import os
+
+    if args.from_disk:
+        if not os.path.isdir(args.model):
+            raise ValueError(f"--from-disk reads a local model folder (config.json + safetensors); {args.model!r} is not one")
+        return "from disk, block by block (--from-disk)"
+    if not os.path.isdir(args.model):
+        return "in memory"
+    from gransearch.offload import float32_nbytes
+
+    try:
+        need = float32_nbytes(args.model)
+    except (FileNotFoundError, ValueError):
+        return "in memory"
+    avail = _available_memory()
+    if avail is not None and need > avail / 2:
+        return f"from disk, block by block (its float32 weights, {need / 1e9:.1f} GB, exceed half the {avail / 1e9:.1f} GB available)"
+    return "in memory"
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _quantize_from_disk(args, plan, dev, t0) -> int:
+    """The model folder quantized block by block and written to ``--save`` as it goes (never whole in memory)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    import gransearch as gs
+
+    if not args.save:
+        raise ValueError("quantizing from disk writes the model as it goes: give --save DIR")
+    if args.save_gguf:
+        raise ValueError("--save-gguf needs the model in memory; quantize from disk writes compressed-tensors (--save)")
+    if args.dtype != "float32":
+        raise ValueError("quantizing from disk computes in float32 (--dtype float32)")
+    dm = gs.offload.DiskModel(args.model, trust_remote_code=args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if plan is not None:
+        plan.check(dm.model)
+    calib = gs.sample_windows(gs.load_tokens(args.data, tok, "train"), args.n_calib, args.calib_seqlen, seed=args.seed)
+    clip = args.clip if args.clip in (None, "search") else float(args.clip)
+    res = gs.quantize(dm, args.spec if plan is None else plan, calib, method=args.method, damp=args.damp, act_order=args.act_order,
+                      static_groups=args.static_groups, clip=clip, awq_tokens=args.awq_tokens, device=dev, save=args.save,
+                      save_dtype=args.save_dtype, verbose=not args.quiet)
+    n_w = sum(r.shape[0] * r.shape[1] for r in res.records)
+    summary = {"model": args.model, "mode": res.mode, "spec": args.spec if plan is None else f"plan {args.plan}",
+               "method": args.method if plan is None else "plan",
+               "calibration": f"{args.n_calib} x {args.calib_seqlen} tokens of {args.data}:train, seed {args.seed}",
+               "linear_bytes": res.nbytes, "bits_per_weight": round(8 * res.nbytes / n_w, 4), "quantize_seconds": round(res.seconds, 1),
+               "total_seconds": round(time.perf_counter() - t0, 1), "saved": _saved_summary(res.saved),
+               "perplexity": f"not measured from disk: gransearch eval --model {args.save}"}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
@@ -198,13 +276,17 @@ def cmd_optimize(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
-                                         "profile", "float_dtype")}
+                                         "profile", "float_dtype", "max_bank_gb")}
+    cfg["bank_prune"] = "dominated" if args.prune_bank else None
     cfg["device"] = _device(args.device)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it; workers build it together
     os.makedirs(cfg["bank_dir"], exist_ok=True)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
     model, calib, val, test, budget = runs.setup_search(cfg, args.trust_remote_code)
     study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
+    if not args.quiet:  # what the bank will take on disk, before any of it is built
+        kw = runs.search_kwargs(cfg)
+        print(gs.bank.bank_size(model, kw["methods"], kw["bits"], kw["granularities"], kw["profile"]).table(top=8), file=sys.stderr)
     # workers read the run configuration from the study: stored once the study is checked, before the first trial
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None if args.n_final == 0 else test,
                       n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
@@ -374,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="write the quantized model here as a compressed-tensors checkpoint")
     p.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype of the saved floating-point tensors (default: the model's published dtype)")
+    p.add_argument("--from-disk", action="store_true",
+                   help="read the model folder one block at a time and write --save as blocks finish (models larger than memory; "
+                        "chosen by itself when the float32 weights exceed half the available memory)")
     _add_gguf_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -409,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the budget counts (and --save writes) floating-point tensors at (default: as loaded; "
                         "vllm: the model's published dtype)")
     p.add_argument("--save", default=None, help="write the best plan's model here as a compressed-tensors checkpoint")
+    p.add_argument("--prune-bank", action="store_true",
+                   help="keep only each layer's Pareto front of (bytes, layer objective) in the candidate bank")
+    p.add_argument("--max-bank-gb", type=_positive_float, default=None,
+                   help="refuse a candidate bank larger than this on disk (its size per candidate is estimated before building)")
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--quiet", action="store_true")

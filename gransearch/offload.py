@@ -31,9 +31,29 @@ from .arch import arch_of, get_blocks, get_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes"]
+__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "release_freed_memory"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_LIBC = []
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Block after block of same-sized tensors leaves glibc's heap fragmented: without this the
+    resident size of a from-disk run grows by about a block's quantized size per block (measured on
+    the 1.7B-shaped benchmark: 0.66 GB flat with it, 2.0 GB after 24 blocks without)."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 @contextlib.contextmanager
@@ -219,6 +239,7 @@ class DiskModel:
             if getattr(mod, "_w_cache", None) is not None:  # a QuantLinear's dequantized weight
                 mod._w_cache = None
         self._loaded.discard(index)
+        release_freed_memory()
 
     def tokenizer_files(self) -> list[str]:
         """The tokenizer and generation files of the folder, copied beside a checkpoint written from it."""

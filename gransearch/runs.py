@@ -23,7 +23,8 @@ __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup
 
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
-            "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype")
+            "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype", "bank_prune",
+            "max_bank_gb")
 
 
 # ---- option checks on text -----------------------------------------------------------------
@@ -146,6 +147,11 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not one of {', '.join(PROFILES)}")
     if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
+    if cfg.get("bank_prune") not in (None, "dominated"):
+        raise ValueError(f"stored run configuration: bank_prune {cfg.get('bank_prune')!r} is not null or 'dominated'")
+    mb = cfg.get("max_bank_gb")
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb <= 0):
+        raise ValueError("stored run configuration: max_bank_gb must be a number > 0")
     model = cfg["model"]
     if not isinstance(model, str) or not model:
         raise ValueError("stored run configuration: model must be a non-empty string")
@@ -205,7 +211,7 @@ def search_kwargs(cfg: dict) -> dict:
     return dict(methods=csv_list(cfg["methods"]), bits=csv_list(cfg["bits"], int), granularities=csv_list(cfg["grans"], gran_token),
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
                 act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"), profile=cfg.get("profile", "research"),
-                float_dtype=cfg.get("float_dtype"))
+                float_dtype=cfg.get("float_dtype"), bank_prune=cfg.get("bank_prune"), max_bank_gb=cfg.get("max_bank_gb"))
 
 
 def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, device=None, bank_dir: Optional[str] = None,

@@ -47,7 +47,7 @@ from .export import float_dtype_of
 from .profiles import get_profile
 from .bank import Bank, bank_config, bank_for, build_bank
 from .data import tokens_sha256
-from .errors import BankError, BudgetError, SearchError, check_device, check_int
+from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
 from .evaluate import perplexity
 from .evaluate import windows as eval_windows_of
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
@@ -139,7 +139,7 @@ def _plan_id(keys: Sequence[str]) -> str:
 
 
 def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows,
-                   profile="research", float_dtype=None) -> dict:
+                   profile="research", float_dtype=None, bank_prune=None) -> dict:
     """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
     methods, bits, granularities = candidates
     if objective_fn is None and eval_ids is None:
@@ -150,7 +150,8 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         bconf = dict(bank.config)
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
-        bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, act_order=act_order, **_BANK_DEFAULTS)
+        bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, act_order=act_order, **_BANK_DEFAULTS,
+                            **({"prune": bank_prune} if bank_prune else {}))
         cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
         proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
@@ -256,6 +257,8 @@ def optimize(
     profile: str = "research",
     seed_plans: Optional[dict] = None,
     float_dtype=None,
+    bank_prune: Optional[str] = None,
+    max_bank_gb: Optional[float] = None,
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -280,8 +283,10 @@ def optimize(
     byte layout), ``"vllm"`` or ``"vllm-asym"`` (only what vLLM serves, fused layers sharing a spec, bytes of the
     compressed-tensors checkpoint; :mod:`gransearch.profiles`). ``float_dtype``: the dtype the
     budget counts floating-point tensors at (default: as loaded for ``research``, the model's
-    published dtype for ``vllm``, as :func:`gransearch.save_quantized` writes them). Returns an :class:`OptimizeResult`; ``model`` itself is not
-    modified.
+    published dtype for ``vllm``, as :func:`gransearch.save_quantized` writes them). ``bank_prune="dominated"``
+    keeps only each layer's Pareto front of (bytes, layer objective) in the bank; ``max_bank_gb``
+    refuses a stored bank (``bank_dir``) larger than that (see :func:`build_bank`). Returns an
+    :class:`OptimizeResult`; ``model`` itself is not modified.
 
     Resuming is safe: the study records everything its trial values depend on (weights, candidates,
     budget, calibration, proxy windows) and a study made for another search raises
@@ -306,6 +311,7 @@ def optimize(
     prof = get_profile(profile)
     prof.check_candidates(bits, granularities)
     check_device(device)
+    max_bank = None if max_bank_gb is None else int(check_positive("max_bank_gb", max_bank_gb) * GB)
     if float_dtype is not None or prof.float_dtype_of_model:
         float_dtype = float_dtype_of(model, float_dtype)
     fingerprint = model_fingerprint(model)
@@ -322,7 +328,7 @@ def optimize(
     if objective_fn is None and eval_ids is None:
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
-                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype)
+                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
@@ -333,10 +339,10 @@ def optimize(
 
     if bank is None and bank_dir:
         bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                        profile=prof.name, **_BANK_DEFAULTS)
+                        profile=prof.name, prune=bank_prune, max_bytes=max_bank, **_BANK_DEFAULTS)
     elif bank is None:
         bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                          profile=prof.name, **_BANK_DEFAULTS)
+                          profile=prof.name, prune=bank_prune, **_BANK_DEFAULTS)
     if bank.layers != names:
         raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)

@@ -178,3 +178,25 @@ def test_float32_size_from_headers(tmp_path):
     tied = model.config.tie_word_embeddings
     expect = sum(p.numel() * 4 for n, p in model.state_dict().items() if n != "lm_head.weight" or not tied)
     assert float32_nbytes(src) == expect
+
+
+def test_cli_quantize_from_disk_says_so_and_matches_in_memory(cli_assets, tmp_path, capsys):
+    """`gransearch quantize --from-disk --save DIR` writes the checkpoint `quantize --save` writes in
+    memory (the same codes), and names its mode; without --save it is refused."""
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    common = ["quantize", "--model", model_dir, "--data", text, "--spec", "w4g16", "--method", "gptq", "--n-calib", "4",
+              "--calib-seqlen", "32", "--seqlen", "32", "--quiet", "--json"]
+    assert main(common + ["--skip-fp-eval", "--save", str(tmp_path / "mem")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--from-disk", "--save", str(tmp_path / "disk"), "--out", str(tmp_path / "run")]) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert summary["mode"] == "from disk, block by block" and "from disk" in cap.err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["saved"]["quantized_bytes"] == summary["saved"]["quantized_bytes"]
+    a, b = _codes(gs.load_quantized(str(tmp_path / "mem"))), _codes(gs.load_quantized(str(tmp_path / "disk")))
+    assert a.keys() == b.keys() and all(torch.equal(a[n].codes, b[n].codes) for n in a)
+    assert os.path.exists(tmp_path / "disk" / "tokenizer.json")
+    assert main(common + ["--from-disk"]) != 0
+    assert "give --save DIR" in capsys.readouterr().err
