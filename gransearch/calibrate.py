@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -31,7 +32,7 @@ from .errors import NonFiniteError, check_int, check_token_ids, nonfinite_cause
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerStats", "BlockRunner", "calibrate", "as_batches"]
+__all__ = ["LayerStats", "BlockRunner", "SpilledStates", "calibrate", "as_batches"]
 
 
 @dataclass
@@ -190,15 +191,59 @@ def hooks(handles: list) -> Iterator[list]:
         handles.clear()
 
 
+class SpilledStates:
+    """The hidden states of the calibration batches kept in files (safetensors, one per batch), so
+    that memory holds one batch's states at a time however many windows calibrate: a list that
+    :class:`BlockRunner` appends to and indexes. The files are removed when replaced or closed."""
+
+    def __init__(self, folder: str, device):
+        import tempfile
+
+        os.makedirs(folder, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="states-", dir=folder)
+        self.device = device
+        self.shapes: list[tuple] = []
+
+    def _path(self, j: int) -> str:
+        return os.path.join(self.dir, f"{j}.safetensors")
+
+    def append(self, x: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"x": x.detach().contiguous().cpu()}, self._path(len(self.shapes)))
+        self.shapes.append(tuple(x.shape))
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if j < 0 or j >= len(self.shapes):
+            raise IndexError(j)
+        return load_file(self._path(j))["x"].to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class BlockRunner:
     """Runs a model block by block over calibration batches.
 
     ``runner.inputs[j]`` holds the hidden states entering the current block for batch ``j``
     (``[b, T, H]``); ``runner.extra[j]`` the other positional and keyword arguments the model
-    passed to its blocks (masks, positions, rotary embeddings).
+    passed to its blocks (masks, positions, rotary embeddings). With ``spill=DIR`` the states live
+    in files there (:class:`SpilledStates`): memory then does not grow with the number of
+    calibration windows (long windows, many of them, large models); the arithmetic is the same.
     """
 
-    def __init__(self, model: nn.Module, calib, batch_size: int = 8, device=None, info: Optional[ArchInfo] = None):
+    def __init__(self, model: nn.Module, calib, batch_size: int = 8, device=None, info: Optional[ArchInfo] = None,
+                 spill: Optional[str] = None):
         from .offload import DiskModel
 
         self.source = model if isinstance(model, DiskModel) else None  # blocks read from disk when they run
@@ -212,9 +257,18 @@ class BlockRunner:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         for b in self.batches:
             check_token_ids(b, getattr(emb, "num_embeddings", None), "the calibration ids")
-        self.inputs: list[torch.Tensor] = []
+        self.spill = spill
+        self.inputs = self._store()
         self.extra: list[tuple[tuple, dict]] = []
         self._capture()
+
+    def _store(self):
+        return SpilledStates(self.spill, self.device) if self.spill else []
+
+    def close(self) -> None:
+        """Remove spilled states (a no-op in memory)."""
+        if isinstance(self.inputs, SpilledStates):
+            self.inputs.close()
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -255,7 +309,7 @@ class BlockRunner:
     def run(self, index: int, advance: bool = False, on_batch: Optional[Callable[[int], None]] = None) -> None:
         """Run block ``index`` over every batch; with ``advance`` its outputs become the inputs."""
         block = self.blocks[index]
-        outs = []
+        outs = self._store() if advance else None
         for j in range(len(self.inputs)):
             y = self.call_block(block, j)
             if advance:
@@ -263,9 +317,12 @@ class BlockRunner:
             if on_batch is not None:
                 on_batch(j)
         if advance:
+            self.close()
             self.inputs = outs
 
     def n_tokens(self) -> int:
+        if isinstance(self.inputs, SpilledStates):
+            return sum(s[0] * s[1] for s in self.inputs.shapes)
         return sum(x.shape[0] * x.shape[1] for x in self.inputs)
 
 
@@ -328,6 +385,7 @@ def calibrate(
     device=None,
     hessian: bool = True,
     moments: bool = False,
+    spill: Optional[str] = None,
     verbose: bool = True,
 ) -> dict[str, LayerStats]:
     """Statistics of every quantizable linear's input over the calibration windows.
@@ -337,7 +395,8 @@ def calibrate(
     the previous block; the model is not modified (a :class:`~gransearch.offload.DiskModel` is read
     one block at a time). Returns ``{linear name: LayerStats}``.
     ``hessian=False`` skips the Hessians (activation statistics only); ``moments=True`` also keeps
-    the first four moments of the inputs (:attr:`LayerStats.kurtosis`). Raises
+    the first four moments of the inputs (:attr:`LayerStats.kurtosis`); ``spill``: a folder for the
+    blocks' hidden states (:class:`SpilledStates`), memory then independent of the window count. Raises
     :class:`~gransearch.errors.NonFiniteError` naming the first layer whose inputs hold NaN or
     infinity, and ``ValueError`` on token ids outside the vocabulary.
 
@@ -345,13 +404,16 @@ def calibrate(
         >>> stats["model.layers.0.self_attn.q_proj"].hessian.shape              # doctest: +SKIP
         torch.Size([576, 576])
     """
-    runner = BlockRunner(model, calib, batch_size, device)
+    runner = BlockRunner(model, calib, batch_size, device, spill=spill)
     out: dict[str, LayerStats] = {}
-    for i in tqdm(range(len(runner.blocks)), desc="calibrate", disable=not verbose):
-        runner.enter(i)
-        try:
-            stats = collect_block_stats(runner, i, hessian=hessian, advance=True, moments=moments)
-        finally:
-            runner.leave(i)
-        out.update({k: v.to("cpu") for k, v in stats.items()})
+    try:
+        for i in tqdm(range(len(runner.blocks)), desc="calibrate", disable=not verbose):
+            runner.enter(i)
+            try:
+                stats = collect_block_stats(runner, i, hessian=hessian, advance=True, moments=moments)
+            finally:
+                runner.leave(i)
+            out.update({k: v.to("cpu") for k, v in stats.items()})
+    finally:
+        runner.close()
     return out

@@ -156,7 +156,7 @@ def _awq_block(
     # batches used by the search: the first ones, up to awq_tokens tokens
     n_b, tok = 0, 0
     while n_b < len(runner.inputs) and tok < awq_tokens:
-        tok += runner.inputs[n_b].shape[0] * runner.inputs[n_b].shape[1]
+        tok += runner.batches[n_b].numel()  # [b, T] token ids: the states' leading shape
         n_b += 1
     ratios: dict[str, float] = {}
     unclipped: dict[str, torch.Tensor] = {}
@@ -264,6 +264,7 @@ def quantize(
     objective: Optional[bool] = None,
     save: Optional[str] = None,
     save_dtype=None,
+    spill=None,
     verbose: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` in place and return it with per-layer records.
@@ -294,6 +295,11 @@ def quantize(
     it writes :func:`gransearch.save_quantized`'s checkpoint after quantizing. ``save_dtype``: of the
     checkpoint's float tensors (default: the model's published dtype). ``result.mode`` says which
     mode ran (``"in memory"`` or ``"from disk, block by block"``), and the log says it too.
+
+    ``spill``: where the calibration batches' hidden states are kept between blocks. ``None``
+    (default): in memory for a model in memory, in a temporary folder beside ``save`` for a model
+    read from disk, so that memory does not grow with the number (or length) of calibration
+    windows; a folder path puts them there; ``False`` keeps them in memory. The results are the same.
     """
     # long on purpose: the block loop keeps the GPTQ reference order (AWQ fold, statistics, per-layer step,
     # advance) visible in one place; the per-layer step itself is algorithms.layer.quantize_layer
@@ -340,17 +346,29 @@ def quantize(
         from .export import ShardedWriter
 
         writer = ShardedWriter(save, model, source.n_blocks, dtype=save_dtype)
+    spill_dir = None
+    if spill is None and source is not None:
+        import tempfile
+
+        parent = os.path.dirname(os.path.abspath(save))
+        os.makedirs(parent, exist_ok=True)
+        spill = spill_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.states-", dir=parent)
     try:
         if not needs_hessian and methods == {"rtn"}:
             _rtn_only(model, plan, clip, act_spec, result, t_start, source, writer, verbose)
         else:
             _sequential(model, source, writer, plan, calib, methods, given, needs_hessian, objective, result, info, batch_size=batch_size,
                         device=device, clip=clip, awq_tokens=awq_tokens, awq_grid=awq_grid, awq_clip_tokens=awq_clip_tokens,
-                        act_spec=act_spec, verbose=verbose)
+                        act_spec=act_spec, spill=spill or None, verbose=verbose)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if spill_dir is not None:
+            import shutil
+
+            shutil.rmtree(spill_dir, ignore_errors=True)
     if writer is not None:
         result.saved = writer.finish(source.info.blocks, source.tokenizer_files())
     elif save is not None:
@@ -363,7 +381,7 @@ def quantize(
 
 
 def _sequential(model, source, writer, plan, calib, methods, given, needs_hessian, objective, result, info, *, batch_size, device, clip,
-                awq_tokens, awq_grid, awq_clip_tokens, act_spec, verbose) -> None:
+                awq_tokens, awq_grid, awq_clip_tokens, act_spec, spill, verbose) -> None:
     """The block loop of :func:`quantize` for methods that calibrate (GPTQ, AWQ, llama.cpp)."""
     if not needs_hessian and isinstance(calib, torch.Tensor) and calib.dim() == 2:
         # AWQ alone reads only the first whole batches that hold awq_tokens tokens
@@ -373,10 +391,19 @@ def _sequential(model, source, writer, plan, calib, methods, given, needs_hessia
     if Method.LLAMACPP in methods:
         # llama.cpp's importance matrix comes from the float model (as llama-imatrix and the bank
         # make it), not from the inputs of the model quantized so far: one statistics-only pass
-        float_stats = calibrate(source or model, calib, batch_size=batch_size, device=device, hessian=False, verbose=verbose)
+        float_stats = calibrate(source or model, calib, batch_size=batch_size, device=device, hessian=False, spill=spill, verbose=verbose)
         importance = {n: float_stats[n].mean_sq for n, lp in plan.items() if lp.method is Method.LLAMACPP and n in float_stats}
         del float_stats
-    runner = BlockRunner(source or model, calib, batch_size, device, info)
+    runner = BlockRunner(source or model, calib, batch_size, device, info, spill=spill)
+    try:
+        _block_loop(runner, model, source, writer, plan, methods, given, needs_hessian, objective, result, info, importance, clip=clip,
+                    awq_tokens=awq_tokens, awq_grid=awq_grid, awq_clip_tokens=awq_clip_tokens, act_spec=act_spec, verbose=verbose)
+    finally:
+        runner.close()
+
+
+def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessian, objective, result, info, importance, *, clip,
+                awq_tokens, awq_grid, awq_clip_tokens, act_spec, verbose) -> None:
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="quantize (from disk)" if source is not None else "quantize", disable=not verbose)
     for i in bar:

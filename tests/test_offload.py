@@ -200,3 +200,30 @@ def test_cli_quantize_from_disk_says_so_and_matches_in_memory(cli_assets, tmp_pa
     assert os.path.exists(tmp_path / "disk" / "tokenizer.json")
     assert main(common + ["--from-disk"]) != 0
     assert "give --save DIR" in capsys.readouterr().err
+
+
+def test_spilled_calibration_states_give_the_same_codes(tmp_path):
+    """Hidden states kept in files between blocks (memory independent of the window count) change
+    nothing; from disk they spill beside the checkpoint by default and are removed afterwards."""
+    from gransearch.calibrate import BlockRunner, SpilledStates
+
+    model = tiny_model("llama", seed=6)
+    calib = token_stream(2048, seed=1)[:1024].reshape(16, 64)
+    runner = BlockRunner(model, calib, batch_size=4, spill=str(tmp_path / "s"))
+    assert isinstance(runner.inputs, SpilledStates) and len(runner.inputs) == 4 and runner.n_tokens() == 1024
+    files = os.listdir(runner.inputs.dir)
+    assert len(files) == 4
+    runner.run(0, advance=True)
+    assert len(os.listdir(runner.inputs.dir)) == 4 and not os.path.exists(os.path.join(tmp_path, "s", files[0]))
+    runner.close()
+    assert os.listdir(tmp_path / "s") == []
+    a, b = tiny_model("llama", seed=6), tiny_model("llama", seed=6)
+    gs.quantize(a, "w4g32", calib, "awq+gptq", batch_size=4, verbose=False)
+    gs.quantize(b, "w4g32", calib, "awq+gptq", batch_size=4, spill=str(tmp_path / "s"), verbose=False)
+    ca, cb = _codes(a), _codes(b)
+    assert all(torch.equal(ca[n].codes, cb[n].codes) and torch.equal(ca[n].scale, cb[n].scale) for n in ca)
+    assert os.listdir(tmp_path / "s") == []
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=6), src)
+    gs.quantize(src, "w4g32", calib, "gptq", batch_size=4, save=str(tmp_path / "q"), verbose=False)
+    assert sorted(os.listdir(tmp_path)) == ["float", "q", "s"]  # the states folder beside q is gone
