@@ -40,7 +40,6 @@ from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
 from .allocate import candidate_specs, check_candidates
 from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, linear_weight, model_linears
-from .calibrate import calibrate
 from .claims import held, try_claim
 from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device
@@ -439,6 +438,15 @@ def build_bank(
     # long on purpose: one pass over the layers computes every candidate from one Hessian, one GPTQ
     # factorisation and the group's AWQ scales while they are in memory; splitting it would hold them longer
     t0 = time.perf_counter()
+    from .offload import DiskModel
+
+    source = model if isinstance(model, DiskModel) else None
+    if source is not None:
+        model = source.model
+        if fisher_windows:
+            log.warning("a bank built from disk has no output Fisher (it needs a backward pass through the whole model): "
+                        "fisher_windows=0, the knapsack weighs layer objectives as they are")
+            fisher_windows = 0
     info = arch_of(model)
     check_candidates(methods, bits, granularities)
     check_device(device)
@@ -454,8 +462,9 @@ def build_bank(
     use_awq = any(m.uses_awq for m in methods)
     if use_awq and info.generic:
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
-    if stats is None:
-        stats = calibrate(model, calib, device=device, verbose=verbose)
+    # the float model's statistics: given (shared between banks), or block by block as the blocks are built
+    per_block = _BlockStats(source or model, calib, device) if stats is None else None
+    stats = {} if stats is None else stats
     fisher = None
     if fisher_windows and calib is not None:
         windows = calib if isinstance(calib, torch.Tensor) else torch.cat(list(calib))
@@ -560,6 +569,8 @@ def build_bank(
         blocks.setdefault(block_index(ref.name) or 0, []).append(ref)
 
     def build_block(b: int) -> None:
+        if per_block is not None:
+            stats.update(per_block.of(b))
         if use_awq and not info.generic:
             awq_block(b)
         for ref in blocks[b]:
@@ -570,12 +581,19 @@ def build_bank(
                 entries[ref.name] = [entries[ref.name][j] for j in keep]
         for k in [k for k in awq_scales if k[0] in {r.name for r in blocks[b]}]:
             del awq_scales[k]
+        if per_block is not None:  # this block's statistics and weights are done with
+            for r in blocks[b]:
+                stats.pop(r.name, None)
+            factors.clear()  # keyed by id(): a freed statistic's id may come back
+            per_block.done(b)
 
-    config = bank_config(model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
+    config = bank_config(source or model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, **({"prune": prune} if prune else {}))
     if not store:
         for b in tqdm(list(blocks), desc="bank", disable=not verbose):
             build_block(b)
+        if per_block is not None:
+            per_block.close()
         return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
                     opts, fisher, config, [])
 
@@ -615,12 +633,56 @@ def build_bank(
         if max_bytes is not None and prune is not None:  # unpruned, the size bound was checked before any work
             _check_projection(store, folder, blocks, names, size, max_bytes)
     bar.close()
+    if per_block is not None:
+        per_block.close()
     parts = folder.parts(list(blocks))
     table = [[BankEntry(None, None, int(nb), float(ob)) for nb, ob in zip(parts[n]["nbytes"], parts[n]["objectives"])] for n in names]
     bank = Bank(names, [parts[n]["keys"] for n in names], table, [parts[n]["out_energy"] for n in names],
                 folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
     return Bank.load(store, config)
+
+class _BlockStats:
+    """The float model's calibration statistics one decoder block at a time (what
+    :func:`gransearch.calibrate` computes for every layer at once, the same numbers): a runner
+    advanced through the float blocks, so memory holds one block's Hessians. A worker asked for an
+    earlier block than its runner has reached (a block taken over from a dead worker) starts again
+    from the embeddings. A model read from disk has each block read while it is needed."""
+
+    def __init__(self, model, calib, device, batch_size: int = 8):
+        self.model, self.calib, self.device, self.batch_size = model, calib, device, batch_size
+        self.runner, self.pos = None, 0
+
+    def of(self, b: int) -> dict:
+        from .calibrate import BlockRunner, collect_block_stats
+
+        if self.runner is None or b < self.pos:
+            self.close()
+            self.runner, self.pos = BlockRunner(self.model, self.calib, self.batch_size, self.device), 0
+        while self.pos < b:  # float forward only: the inputs of block b
+            self.runner.enter(self.pos)
+            try:
+                self.runner.run(self.pos, advance=True)
+            finally:
+                self.runner.leave(self.pos)
+            self.pos += 1
+        self.runner.enter(b)
+        try:
+            out = collect_block_stats(self.runner, b, advance=True)
+        finally:
+            self.runner.leave(b, release=False)  # its weights are quantized next; done() drops them
+        self.pos = b + 1
+        return out
+
+    def done(self, b: int) -> None:
+        if self.runner is not None and self.runner.source is not None:
+            self.runner.source.release_block(b)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None
+
 
 def _largest(size: BankSize, n: int = 4) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(size.per_candidate.items(), key=lambda kv: -kv[1])[:n])

@@ -241,6 +241,37 @@ class DiskModel:
         self._loaded.discard(index)
         release_freed_memory()
 
+    def weights_fingerprint(self, samples: int = 4096) -> str:
+        """:func:`gransearch.plan.weights_fingerprint` of the model this folder loads in ``dtype``
+        (the same value as for the model loaded whole), each tensor read from disk in turn."""
+        import hashlib
+
+        from safetensors import safe_open
+
+        from .plan import model_fingerprint
+
+        h = hashlib.sha256(model_fingerprint(self.model).encode())
+        handles: dict = {}
+        try:
+            for name, p in self.model.named_parameters():
+                dtype = self.dtype if p.is_floating_point() else p.dtype
+                if p.is_meta or p.dtype != dtype:
+                    path = self.files[name]
+                    if path not in handles:
+                        handles.clear()  # one file open at a time
+                        handles[path] = safe_open(path, framework="pt")
+                    t = handles[path].get_tensor(name)
+                else:
+                    t = p.detach()
+                flat = t.reshape(-1)
+                step = max(1, flat.numel() // samples)
+                sample = flat[::step][:samples].to("cpu", torch.float32).contiguous()
+                h.update(f"{name}:{tuple(p.shape)}:{dtype};".encode())
+                h.update(sample.numpy().tobytes())
+        finally:
+            handles.clear()
+        return h.hexdigest()[:16]
+
     def tokenizer_files(self) -> list[str]:
         """The tokenizer and generation files of the folder, copied beside a checkpoint written from it."""
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",

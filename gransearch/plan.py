@@ -82,8 +82,15 @@ class LayerPlan:
         return out
 
 
+def _is_disk(model) -> bool:
+    from .offload import DiskModel
+
+    return isinstance(model, DiskModel)
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the model type and every quantizable linear's name and ``[out, in]`` shape."""
+    model = getattr(model, "model", model) if _is_disk(model) else model
     h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for ref in model_linears(model, arch_of(model)):
         h.update(f"{ref.name}:{ref.shape[0]}x{ref.shape[1]};".encode())
@@ -98,6 +105,8 @@ def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     its flattened elements, read in float32 (exact for float16/bfloat16); about a millisecond per
     hundred tensors, whatever their size.
     """
+    if _is_disk(model):  # a model read from disk: the same numbers, each tensor read from its file
+        return model.weights_fingerprint(samples)
     h = hashlib.sha256(model_fingerprint(model).encode())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)

@@ -227,3 +227,26 @@ def test_spilled_calibration_states_give_the_same_codes(tmp_path):
     _save_float(tiny_model("llama", seed=6), src)
     gs.quantize(src, "w4g32", calib, "gptq", batch_size=4, save=str(tmp_path / "q"), verbose=False)
     assert sorted(os.listdir(tmp_path)) == ["float", "q", "s"]  # the states folder beside q is gone
+
+
+def test_bank_from_disk_is_the_bank_in_memory(tmp_path):
+    """`bank_for(DiskModel)`: the same fingerprint, keys, bytes, objectives and codes as the bank of
+    the model loaded whole (no output Fisher from disk: both built without it), a block at a time."""
+    from gransearch.bank import bank_for, build_bank
+    from gransearch.plan import model_fingerprint, weights_fingerprint
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=7), src)
+    calib = token_stream(2048, seed=1)[:512].reshape(8, 64)
+    mem = _in_memory_copy(src)
+    dm = DiskModel(src)
+    assert weights_fingerprint(dm) == weights_fingerprint(mem) and model_fingerprint(dm) == model_fingerprint(mem)
+    cands = (("rtn", "gptq", "awq"), (3, 4), ("channel", 32))
+    a = build_bank(mem, calib, *cands, fisher_windows=0, verbose=False)
+    b = bank_for(dm, calib, str(tmp_path / "bank"), *cands, fisher_windows=16, verbose=False)  # from disk: no Fisher, with a warning
+    assert b.fisher is None and b.keys == a.keys and b.config["weights"] == a.config["weights"]
+    for ra, rb in zip(a.entries, b.entries):
+        for x, y in zip(ra, rb):
+            assert x.nbytes == y.nbytes and x.objective == y.objective
+            assert torch.equal(x.effective_weight(), y.effective_weight())
+    assert all(p.is_meta for p in get_blocks(dm.model).parameters())  # every block dropped again
