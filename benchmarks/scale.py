@@ -128,7 +128,8 @@ def run_from_disk(args) -> dict:
     seconds = time.perf_counter() - t0
     out = {"method": args.method, "spec": args.spec, "mode": res.mode, "seconds": round(seconds, 1), "peak_rss": peak_rss(),
            "rss_before_quantize": base, "checkpoint_bytes": folder_bytes(args.save), "quantized_bytes": res.saved.quantized_nbytes,
-           "layers": len(res.records)}
+           "layers": len(res.records), "layer_seconds": round(sum(r.seconds for r in res.records), 1),
+           "calib_tokens": int(calib.numel())}
     if args.device and str(args.device).startswith("cuda"):
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return out

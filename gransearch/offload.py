@@ -161,10 +161,16 @@ class DiskModel:
         if missing:
             raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              "(written for another architecture or config?)")
-        self._read([n for n in params if self._block_of(n) is None and n in self.files])
+        # an untied output head is not read: nothing quantized from disk runs it, and a checkpoint
+        # written from here copies it from its file (read_tensor)
+        self.unread = set()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None and not getattr(self.config, "tie_word_embeddings", False):
+            self.unread = {n for n, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
+        self._read([n for n in params if self._block_of(n) is None and n in self.files and n not in self.unread])
         if self._tied("lm_head.weight") and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
-        still = [n for n, p in self.model.named_parameters() if p.is_meta and self._block_of(n) is None]
+        still = [n for n, p in self.model.named_parameters() if p.is_meta and self._block_of(n) is None and n not in self.unread]
         if still:
             raise ValueError(f"{folder}: parameters outside the blocks were not read: {still[:5]}")
 
@@ -213,6 +219,13 @@ class DiskModel:
                     elif leaf in mod._buffers:
                         mod._buffers[leaf] = t.to(self.dtype) if t.is_floating_point() else t
         return nbytes
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored in the checkpoint (its own dtype)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as fh:
+            return fh.get_tensor(name)
 
     def load_block(self, index: int) -> None:
         """Read block ``index``'s parameters from disk (a no-op when they are in memory)."""

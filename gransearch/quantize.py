@@ -370,7 +370,7 @@ def quantize(
 
             shutil.rmtree(spill_dir, ignore_errors=True)
     if writer is not None:
-        result.saved = writer.finish(source.info.blocks, source.tokenizer_files())
+        result.saved = writer.finish(source.info.blocks, source.tokenizer_files(), read=source.read_tensor)
     elif save is not None:
         from .export import save_quantized
 

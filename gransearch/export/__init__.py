@@ -91,10 +91,11 @@ def _check_layers(qlayers: dict[str, QuantLinear], profile: Optional[str]) -> No
                         "another kernel for them or refuses to load (docs/export.md)", len(untiled), untiled[0])
 
 
-def _tensors(model: nn.Module, fdt: torch.dtype, keep=None) -> tuple[dict[str, torch.Tensor], int, int]:
+def _tensors(model: nn.Module, fdt: torch.dtype, keep=None, read=None) -> tuple[dict[str, torch.Tensor], int, int]:
     """The checkpoint tensors of ``model`` whose names ``keep`` accepts (all by default): packed
     quantized layers, floating-point parameters in ``fdt`` (a tied tensor once, under its first
-    name), persistent buffers. Returns ``(tensors, quantized bytes, float bytes)``."""
+    name), persistent buffers. A parameter not in memory (``meta``) is taken from ``read(name)``
+    (a model read from disk). Returns ``(tensors, quantized bytes, float bytes)``."""
     keep = keep or (lambda name: True)
     qlayers = {n: m for n, m in _quantized_layers(model).items() if keep(n)}
     tensors: dict[str, torch.Tensor] = {}
@@ -115,6 +116,10 @@ def _tensors(model: nn.Module, fdt: torch.dtype, keep=None) -> tuple[dict[str, t
         if id(p) in seen or (tied and pname == "lm_head.weight"):
             continue  # a tied tensor is stored once, under its first name
         seen[id(p)] = pname
+        if p.is_meta:
+            if read is None:
+                raise ValueError(f"{pname} is not in memory: nothing to write")
+            p = read(pname)
         v = p.detach().to("cpu", fdt if p.is_floating_point() else p.dtype).contiguous()
         tensors[pname] = v
         fbytes += v.numel() * v.element_size()
@@ -220,13 +225,14 @@ class ShardedWriter:
         self.specs.update({n: m.spec for n, m in qlayers.items()})
         self.qbytes, self.fbytes = self.qbytes + qb, self.fbytes + fb
 
-    def finish(self, blocks_prefix: str, extra_files=(), tokenizer=None) -> SavedModel:
-        """Write the tensors outside the blocks, the index and the config; move the folder in place."""
+    def finish(self, blocks_prefix: str, extra_files=(), tokenizer=None, read=None) -> SavedModel:
+        """Write the tensors outside the blocks (those not in memory from ``read(name)``), the index
+        and the config; move the folder in place."""
         import shutil
 
         if not self.specs:
             raise ValueError("no quantized layer was written: nothing to save")
-        tensors, qb, fb = _tensors(self.model, self.fdt, keep=lambda n: not n.startswith(blocks_prefix + "."))
+        tensors, qb, fb = _tensors(self.model, self.fdt, keep=lambda n: not n.startswith(blocks_prefix + "."), read=read)
         self._shard(0, tensors)
         self.qbytes, self.fbytes = self.qbytes + qb, self.fbytes + fb
         total = sum(os.path.getsize(os.path.join(self.tmp, f)) for f in set(self.weight_map.values()))

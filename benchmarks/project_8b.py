@@ -1,0 +1,125 @@
+"""A projection (not a measurement) of an 8B model's cost, from the rates measured on the 1.7B shape.
+
+    python benchmarks/project_8b.py [--cpu docs/data/scale/cpu-smollm2-1.7b-shape.json]
+                                    [--gpu docs/data/scale/gpu-h100-search.json] [--out docs/data/scale/projection-8b.json]
+
+Target: Llama-3-8B's shapes (hidden 4096, 32 blocks, MLP 14336, 8 KV heads, vocabulary 128256,
+untied head). Exact, from shapes alone: the w4g64 checkpoint's bytes (compressed-tensors, floats
+in bf16) and the K = 12 bank's size on disk (:func:`gransearch.bank.bank_size`). Projected from the
+measured run (``benchmarks/scale.py``):
+
+* RTN time scales with the linear parameters;
+* GPTQ time is split as measured into the per-layer solves, scaled by ``sum(out * in^2)`` over the
+  linears (the column loop's lazy-batch updates), and the rest (calibration passes through the
+  blocks), scaled by the linear parameters at the same token count;
+* peak memory = the measured peak's unexplained part + the embeddings as stored + one block in
+  float32 + four ``[in, in]`` float32 matrices of the widest input (the Hessian, its factorisation)
+  + the calibration states, each of these terms for the target.
+
+With a GPU record (``benchmarks/scale_search.py --device cuda``) the search's bank and trial
+times are scaled the same way (bank: by ``sum(out * in^2)``; trials: by all parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+TARGET = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+              num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def shapes_of(config: dict):
+    from transformers import LlamaConfig
+
+    import gransearch as gs
+    from gransearch.offload import empty_model
+
+    model = empty_model(LlamaConfig(**config), torch.float32)
+    lin = [r.shape for r in gs.arch.model_linears(model)]
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, lin, n_params
+
+
+def block_params(lin, blocks: int) -> int:
+    return sum(o * i for o, i in lin) // blocks
+
+
+def memory_terms(config: dict, lin, calib_tokens: int, calibrated: bool) -> float:
+    """Bytes of the peak's known terms (see the module docstring); RTN has no Hessian and no states."""
+    emb = config["vocab_size"] * config["hidden_size"] * 2  # kept as stored (bf16)
+    block = 4 * block_params(lin, config["num_hidden_layers"])
+    if not calibrated:
+        return emb + block
+    widest = max(i for _, i in lin)
+    states = 2 * 4 * calib_tokens * config["hidden_size"]  # inputs and outputs of a block (in memory or spilled: the bound)
+    return emb + block + 4 * 4 * widest * widest + states
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", default="docs/data/scale/cpu-smollm2-1.7b-shape.json")
+    ap.add_argument("--gpu", default="docs/data/scale/gpu-h100-search.json")
+    ap.add_argument("--out", default="docs/data/scale/projection-8b.json")
+    args = ap.parse_args()
+
+    import gransearch as gs
+    from gransearch.bank import bank_size
+
+    import scale  # noqa: E402  (same folder)
+
+    with open(args.cpu) as fh:
+        cpu = json.load(fh)
+    src_cfg = {**scale.SHAPES[cpu["shape"]], "num_hidden_layers": cpu["blocks"]}
+    _, src_lin, src_params = shapes_of(src_cfg)
+    model, lin, params = shapes_of(TARGET)
+    src_linear, linear = sum(o * i for o, i in src_lin), sum(o * i for o, i in lin)
+    src_cube, cube = sum(o * i * i for o, i in src_lin), sum(o * i * i for o, i in lin)
+    spec = gs.QuantSpec.parse("w4g64")
+    ckpt = sum(gs.layer_nbytes(s, spec, format="compressed-tensors") for s in lin) + 2 * (params - linear)
+    bank = bank_size(model, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64))
+    out = {"label": "projection from the measured 1.7B-shape rates, not a measurement", "target": TARGET, "params": params,
+           "linear_params": linear, "checkpoint_w4g64_bytes": ckpt, "bank_k12_bytes": bank.total, "from": {"cpu": args.cpu}}
+    rows = [("parameters", f"{src_params / 1e9:.2f} B", f"{params / 1e9:.2f} B", "exact"),
+            ("w4g64 checkpoint (compressed-tensors, bf16 floats)", "", f"{ckpt / 1e9:.2f} GB", "exact, from shapes"),
+            ("bank, K = 12 (rtn/gptq/awq x 3,4 bits x channel,g64) on disk", "", f"{bank.total / 1e9:.1f} GB", "exact bound, from shapes")]
+    for r in cpu["runs"]:
+        if r["method"] == "rtn":
+            t = r["seconds"] * linear / src_linear
+        else:
+            solve = r.get("layer_seconds", r["seconds"])
+            t = solve * cube / src_cube + (r["seconds"] - solve) * linear / src_linear
+        tokens = r.get("calib_tokens", cpu["n_calib"] * cpu["seqlen"])
+        calibrated = r["method"] != "rtn"
+        mem = max(0.0, r["peak_rss"] - memory_terms(src_cfg, src_lin, tokens, calibrated)) + memory_terms(TARGET, lin, tokens, calibrated)
+        out[f"{r['method']}_from_disk_seconds"] = round(t)
+        out[f"{r['method']}_from_disk_peak_rss"] = int(mem)
+        rows.append((f"{r['method']} w4g64 from disk on {cpu['device']} ({cpu['machine'].split(',')[1].strip()}): time",
+                     f"{r['seconds']:.0f} s", f"{t / 60:.0f} min", "projected"))
+        rows.append((f"{r['method']} w4g64 from disk: peak RSS", f"{r['peak_rss'] / 1e9:.2f} GB", f"{mem / 1e9:.1f} GB", "projected"))
+    if args.gpu and os.path.exists(args.gpu):
+        with open(args.gpu) as fh:
+            gpu = json.load(fh)
+        out["from"]["gpu"] = args.gpu
+        b = gpu["bank_seconds"] * cube / src_cube
+        tr = gpu["trial_seconds"] * params / gpu["params"]
+        out.update(gpu_bank_seconds=round(b), gpu_trial_seconds=round(tr, 1))
+        rows.append((f"bank K = 12 on {gpu['device']}", f"{gpu['bank_seconds']:.0f} s", f"{b / 60:.0f} min", "projected"))
+        rows.append((f"one trial on {gpu['device']}", f"{gpu['trial_seconds']:.1f} s", f"{tr:.1f} s", "projected"))
+        if "peak_gpu_bytes" in gpu:
+            rows.append(("search peak GPU memory", f"{gpu['peak_gpu_bytes'] / 1e9:.1f} GB", "", "measured only"))
+    else:
+        rows.append(("GPU search", "not measured (no GPU lent)", "", ""))
+    print("| | 1.7B shape (measured) | 8B shape | how |\n|---|---:|---:|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
