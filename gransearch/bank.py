@@ -469,10 +469,15 @@ def build_bank(
     # the float model's statistics: given (shared between banks), or block by block as the blocks are built
     per_block = _BlockStats(source or model, calib, device) if stats is None else None
     stats = {} if stats is None else stats
-    fisher = None
-    if fisher_windows and calib is not None:
+
+    def fisher_of() -> Optional[dict]:
+        """The output Fisher, after the blocks: a NaN in the model is then named by the first layer whose
+        inputs it reaches (the calibration check), not by the backward pass, which spreads it everywhere."""
+        if not (fisher_windows and calib is not None):
+            return None
         windows = calib if isinstance(calib, torch.Tensor) else torch.cat(list(calib))
-        fisher = output_fisher(model, windows, n_windows=fisher_windows, device=device, verbose=verbose)
+        return output_fisher(model, windows, n_windows=fisher_windows, device=device, verbose=verbose)
+
     refs = model_linears(model, info)
     names = [r.name for r in refs]
     prof = get_profile(profile)
@@ -599,7 +604,7 @@ def build_bank(
         if per_block is not None:
             per_block.close()
         return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                    opts, fisher, config, [])
+                    opts, fisher_of(), config, [])
 
     # stored: blocks are claimed in the folder, so that workers sharing it build the bank together (and a
     # killed build resumes from its finished blocks); each block's layer files, then its part record, then release
@@ -642,7 +647,7 @@ def build_bank(
     parts = folder.parts(list(blocks))
     table = [[BankEntry(None, None, int(nb), float(ob)) for nb, ob in zip(parts[n]["nbytes"], parts[n]["objectives"])] for n in names]
     bank = Bank(names, [parts[n]["keys"] for n in names], table, [parts[n]["out_energy"] for n in names],
-                folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
+                folder.seconds(list(blocks)), opts, fisher_of(), config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
     return Bank.load(store, config, verify=False)  # damaged() has just hashed every layer file
 

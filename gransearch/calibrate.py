@@ -92,6 +92,18 @@ class LayerStats:
             raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
         return self.xtx.mul_(2.0 / self.n)  # in place on xtx's own copy: one [in, in] matrix, not two
 
+    def take_hessian(self) -> torch.Tensor:
+        """:attr:`hessian` made in place from the accumulator, which this statistic gives up (the
+        last layer to read it: no ``[in, in]`` copy). The same numbers as :attr:`hessian`."""
+        if self.n == 0 or self.acc is None:
+            raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
+        full, self.acc = self.acc, None
+        d = self.in_features
+        b = _gram_block(d)
+        for i in range(0, d, b):  # the blocks below the diagonal from those above, as xtx does
+            full[i + b :, i : i + b] = full[i : i + b, i + b :].t()
+        return full.mul_(2.0 / self.n)
+
     @property
     def mean_sq(self) -> torch.Tensor:
         """``mean x_j^2`` per input column (float32): llama.cpp's importance matrix, ``diag(H) / 2``."""

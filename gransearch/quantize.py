@@ -416,6 +416,10 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
                 if any(plan[r.name].method.uses_awq for r in refs):
                     ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
                 stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
+                readers = {}  # how many layers still read each statistic (q/k/v share one): the last takes its memory
+                for r in refs:
+                    if r.name in stats:
+                        readers[id(stats[r.name])] = readers.get(id(stats[r.name]), 0) + 1
                 for ref in refs:
                     t0 = time.perf_counter()
                     lp = plan[ref.name]
@@ -426,7 +430,8 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
                         st = stats.get(ref.name)
                         if st is None:
                             raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
-                        H = st.hessian
+                        readers[id(st)] -= 1
+                        H = st.hessian if readers[id(st)] else st.take_hessian()
                     r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
                     qw, used_damp = r.qweight, r.damp
                     obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None

@@ -225,3 +225,23 @@ def test_gptq_many_equals_gptq_spec_by_spec(act_order):
         assert torch.equal(m.qweight.codes, one.qweight.codes), spec
         assert torch.equal(m.qweight.scale, one.qweight.scale), spec
         assert m.loss == pytest.approx(one.loss, rel=1e-6) and m.n_dead == 1
+
+
+def test_hessian_and_factor_in_place_are_the_out_of_place_numbers():
+    """Memory savings that must change no number: the Hessian made in place from the accumulator
+    (the last layer to read it), and the inverse-Hessian factor computed in one matrix's storage."""
+    from gransearch.algorithms.gptq import _inverse_cholesky
+    from gransearch.calibrate import LayerStats
+
+    torch.manual_seed(4)
+    st = LayerStats(1000)
+    for _ in range(3):
+        st.update(torch.randn(257, 1000) * torch.linspace(0.1, 4.0, 1000))
+    H = st.hessian
+    assert torch.equal(st.take_hessian(), H) and st.acc is None
+    U, rel, raised = _inverse_cholesky(H, 0.01, 6, None)
+    Hd = H.clone()
+    Hd[torch.arange(1000), torch.arange(1000)] += 0.01 * float(torch.mean(torch.diag(H)))
+    L, _ = torch.linalg.cholesky_ex(Hd)
+    want, _ = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    assert torch.equal(U, want) and rel == 0.01 and not raised

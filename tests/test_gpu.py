@@ -75,3 +75,19 @@ def test_optimize_on_gpu_stays_in_budget_and_agrees_with_cpu():
     for key in common:
         assert res["cuda"].baselines[key] == pytest.approx(res["cpu"].baselines[key], rel=1e-2)
     assert next(model.parameters()).device.type == "cpu"  # the caller's model is not moved
+
+
+def test_quantize_from_disk_on_gpu_matches_in_memory_on_gpu(tmp_path):
+    """A model read from disk block by block, its blocks run on the GPU: the codes of the same run
+    in memory on the GPU, and a checkpoint that loads."""
+    from transformers import AutoModelForCausalLM
+
+    from .test_offload import _codes, _save_float
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=3), src)
+    mem = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    gs.quantize(mem, "w4g16", calib(), "gptq", device="cuda", verbose=False)
+    gs.quantize(src, "w4g16", calib(), "gptq", device="cuda", save=str(tmp_path / "q"), verbose=False)
+    a, b = _codes(mem), _codes(gs.load_quantized(str(tmp_path / "q")))
+    assert a.keys() == b.keys() and all(torch.equal(a[n].codes.cpu(), b[n].codes) for n in a)

@@ -58,6 +58,27 @@ class GPTQResult:
     loss: float  # the reference code's error estimate, sum((w - q)^2 / d^2) / 2
 
 
+def _factor_in_place(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of ``Hd^-1`` written over ``Hd`` (cholesky, cholesky_inverse,
+    cholesky again, each into the same storage: the same numbers as out of place, one matrix of
+    memory instead of three); ``info`` is non-zero when a factorisation failed. Falls back to
+    out-of-place calls where a backend refuses the aliasing."""
+    info = torch.zeros((), dtype=torch.int32, device=Hd.device)
+    try:
+        torch.linalg.cholesky_ex(Hd, out=(Hd, info))
+        if int(info) != 0:
+            return Hd, info
+        torch.cholesky_inverse(Hd, out=Hd)
+        torch.linalg.cholesky_ex(Hd, upper=True, out=(Hd, info))
+        return Hd, info
+    except RuntimeError:
+        pass
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        return L, info
+    return torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, name: Optional[str]) -> tuple[torch.Tensor, float, bool]:
     diag_mean = float(torch.mean(torch.diag(H)))
     idx = torch.arange(H.shape[0], device=H.device)
@@ -65,19 +86,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int, name: Option
     for attempt in range(max_tries + 1):
         Hd = H.clone()
         Hd[idx, idx] += rel * diag_mean
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # each [in, in] intermediate is dropped once used: three alive at most, H included
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                if attempt:
-                    msg = f"GPTQ{' ' + name if name else ''}: Cholesky failed at dampening {damp:g}; succeeded at {rel:g}"
-                    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                    log.warning(msg)
-                return U, rel, attempt > 0
+        U, info = _factor_in_place(Hd)  # H and one [in, in] matrix: a large layer's Hessian is 0.8 GB at 14336 inputs
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            if attempt:
+                msg = f"GPTQ{' ' + name if name else ''}: Cholesky failed at dampening {damp:g}; succeeded at {rel:g}"
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                log.warning(msg)
+            return U, rel, attempt > 0
+        del U, Hd
         rel *= 10.0
     where = f" for {name}" if name else ""
     raise CholeskyError(
