@@ -31,9 +31,33 @@ from .arch import arch_of, get_blocks, get_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "release_freed_memory"]
+__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "release_freed_memory", "scratch_dir"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def scratch_dir(target: str, kind: str) -> str:
+    """A new hidden folder beside ``target`` for a run writing it (``kind``: ``partial``, ``states``),
+    named with this host and pid; folders of the same kind left by dead runs on this host (killed:
+    nothing removed them) are removed first."""
+    import re
+    import shutil
+    import socket
+    import tempfile
+
+    from .study import _pid_alive
+
+    target = os.path.abspath(target)
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
+    host = socket.gethostname()
+    pattern = re.compile(rf"^\.{re.escape(base)}\.{kind}-{re.escape(host)}-(\d+)-")
+    for name in os.listdir(parent):
+        m = pattern.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            log.warning("removing %s, left by a run that was killed", os.path.join(parent, name))
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f".{base}.{kind}-{host}-{os.getpid()}-", dir=parent)
 
 
 _LIBC = []

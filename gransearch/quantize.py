@@ -348,11 +348,9 @@ def quantize(
         writer = ShardedWriter(save, model, source.n_blocks, dtype=save_dtype)
     spill_dir = None
     if spill is None and source is not None:
-        import tempfile
+        from .offload import scratch_dir
 
-        parent = os.path.dirname(os.path.abspath(save))
-        os.makedirs(parent, exist_ok=True)
-        spill = spill_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.states-", dir=parent)
+        spill = spill_dir = scratch_dir(save, "states")
     try:
         if not needs_hessian and methods == {"rtn"}:
             _rtn_only(model, plan, clip, act_spec, result, t_start, source, writer, verbose)

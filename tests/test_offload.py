@@ -250,3 +250,26 @@ def test_bank_from_disk_is_the_bank_in_memory(tmp_path):
             assert x.nbytes == y.nbytes and x.objective == y.objective
             assert torch.equal(x.effective_weight(), y.effective_weight())
     assert all(p.is_meta for p in get_blocks(dm.model).parameters())  # every block dropped again
+
+
+def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """A from-disk run killed with SIGKILL leaves its hidden partial and states folders; the next run
+    writing the same checkpoint removes those of dead processes and leaves a live one's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=8), src)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [tmp_path / f".q.partial-{host}-{dead.pid}-abc", tmp_path / f".q.states-{host}-{dead.pid}-def"]
+    live = tmp_path / f".q.partial-{host}-{os.getpid()}-ghi"
+    for d in stale + [live]:
+        d.mkdir()
+        (d / "0.safetensors").write_bytes(b"x")
+    calib = token_stream(1024, seed=1)[:256].reshape(4, 64)
+    gs.quantize(src, "w4g32", calib, "gptq", save=str(tmp_path / "q"), verbose=False)
+    assert not any(d.exists() for d in stale) and live.exists()
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [live.name]

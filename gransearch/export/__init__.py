@@ -191,7 +191,6 @@ class ShardedWriter:
 
     def __init__(self, folder: str, model: nn.Module, n_blocks: int, *, dtype=None, profile: Optional[str] = None):
         import shutil
-        import tempfile
 
         if os.path.isdir(folder) and os.listdir(folder):
             try:
@@ -201,7 +200,9 @@ class ShardedWriter:
         self.folder = os.path.abspath(folder)
         parent = os.path.dirname(self.folder)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.folder)}.partial-", dir=parent)
+        from ..offload import scratch_dir
+
+        self.tmp = scratch_dir(self.folder, "partial")
         self._rmtree = shutil.rmtree
         self.model, self.n_shards, self.profile = model, n_blocks + 1, profile
         self.fdt = float_dtype_of(model, dtype)
