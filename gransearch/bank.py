@@ -597,7 +597,7 @@ def build_bank(
             per_block.done(b)
 
     config = bank_config(source or model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
-                         awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, **({"prune": prune} if prune else {}))
+                         awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, prune=prune)
     if not store:
         for b in tqdm(list(blocks), desc="bank", disable=not verbose):
             build_block(b)
@@ -650,6 +650,7 @@ def build_bank(
                 folder.seconds(list(blocks)), opts, fisher_of(), config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
     return Bank.load(store, config, verify=False)  # damaged() has just hashed every layer file
+
 
 class _BlockStats:
     """The float model's calibration statistics one decoder block at a time (what
@@ -710,17 +711,20 @@ def _check_projection(store: str, folder: "_BuildFolder", blocks: dict, names: l
     layers = [names.index(r.name) for b in done for r in blocks[b]]
     stored = sum(os.path.getsize(os.path.join(store, f"layer{i:04d}.safetensors")) for i in layers
                  if os.path.exists(os.path.join(store, f"layer{i:04d}.safetensors")))
-    share = sum(1 for _ in layers) / max(1, len(names))
+    share = len(layers) / max(1, len(names))
     projected = stored / share
     if projected > max_bytes:
         raise BankError(f"the pruned bank projects to {_fmt(projected)} on disk after {len(done)} of {len(blocks)} blocks, more "
                         f"than the {_fmt(max_bytes)} allowed. Largest candidates: {_largest(size)}: drop some")
 
 
-def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: str = "research", **options) -> dict:
+def bank_config(model: nn.Module, calib, methods, bits, granularities, profile: str = "research", prune: Optional[str] = None,
+                **options) -> dict:
     """What a stored bank depends on: the model (layer shapes and a sample of every weight), the
-    calibration tokens, the profile and every option. Candidate lists are sets: their order changes nothing."""
+    calibration tokens, the profile, the pruning and every option. Candidate lists are sets: their order changes nothing."""
     prof = {} if get_profile(profile).name == "research" else {"profile": get_profile(profile).name}  # research banks keep their old key
+    if prune:  # unpruned banks keep their old key
+        options = {**options, "prune": prune}
     return {"fingerprint": model_fingerprint(model), "weights": weights_fingerprint(model), "calib_sha256": tokens_sha256(calib),
             "methods": sorted(set(methods)), "bits": sorted({int(b) for b in bits}),
             "granularities": sorted({as_granularity(g).tag() for g in granularities}), **prof, **options}
@@ -736,7 +740,7 @@ def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"
     corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
     holds the bank of *another model* (other weights) is refused, never overwritten."""
     opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
-    config = bank_config(model, calib, methods, bits, granularities, profile=profile, **opts, **({"prune": prune} if prune else {}))
+    config = bank_config(model, calib, methods, bits, granularities, profile=profile, prune=prune, **opts)
     manifest = os.path.join(folder, "bank.json")
     try:
         with open(manifest, encoding="utf-8") as fh:

@@ -78,12 +78,7 @@ class LayerStats:
         """``sum x x^T`` (float32, symmetric)."""
         if self.acc is None:
             return None
-        d = self.in_features
-        b = _gram_block(d)
-        full = self.acc.clone()
-        for i in range(0, d, b):  # mirror the blocks above the diagonal into those below
-            full[i + b :, i : i + b] = self.acc[i : i + b, i + b :].t()
-        return full
+        return _mirror_upper(self.acc.clone())
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -98,11 +93,7 @@ class LayerStats:
         if self.n == 0 or self.acc is None:
             raise ValueError("no calibration tokens reached this layer (empty calibration set?)")
         full, self.acc = self.acc, None
-        d = self.in_features
-        b = _gram_block(d)
-        for i in range(0, d, b):  # the blocks below the diagonal from those above, as xtx does
-            full[i + b :, i : i + b] = full[i : i + b, i + b :].t()
-        return full.mul_(2.0 / self.n)
+        return _mirror_upper(full).mul_(2.0 / self.n)
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -136,6 +127,16 @@ class LayerStats:
             if v is not None:
                 setattr(self, k, v.to(device))
         return self
+
+
+def _mirror_upper(full: torch.Tensor) -> torch.Tensor:
+    """``full`` (an accumulator of :func:`_add_gram_upper`) made symmetric in place: the column
+    blocks below the diagonal copied from those above it."""
+    d = full.shape[0]
+    b = _gram_block(d)
+    for i in range(0, d, b):
+        full[i + b :, i : i + b] = full[i : i + b, i + b :].t()
+    return full
 
 
 def _gram_block(d: int) -> int:

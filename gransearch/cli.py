@@ -111,7 +111,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    import os
 
     import gransearch as gs
 
@@ -156,12 +155,19 @@ def cmd_quantize(args) -> int:
         summary["saved"] = _saved_summary(saved)
     if args.save_gguf:
         summary["saved_gguf"] = _save_gguf(model, args, test, tok)
+    return _quantize_outputs(args, summary, res.records)
+
+
+def _quantize_outputs(args, summary: dict, records) -> int:
+    """``--out``'s summary.json and layers.json, then the summary printed."""
+    import os
+
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         with open(os.path.join(args.out, "layers.json"), "w") as fh:
-            json.dump([r.to_dict() for r in res.records], fh, indent=1)
+            json.dump([r.to_dict() for r in records], fh, indent=1)
     _emit(summary, args.json)
     return 0
 
@@ -202,7 +208,6 @@ def _available_memory():
 
 def _quantize_from_disk(args, plan, dev, t0) -> int:
     """The model folder quantized block by block and written to ``--save`` as it goes (never whole in memory)."""
-    import os
 
     from transformers import AutoTokenizer
 
@@ -230,14 +235,7 @@ def _quantize_from_disk(args, plan, dev, t0) -> int:
                "linear_bytes": res.nbytes, "bits_per_weight": round(8 * res.nbytes / n_w, 4), "quantize_seconds": round(res.seconds, 1),
                "total_seconds": round(time.perf_counter() - t0, 1), "saved": _saved_summary(res.saved),
                "perplexity": f"not measured from disk: gransearch eval --model {args.save}"}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        with open(os.path.join(args.out, "layers.json"), "w") as fh:
-            json.dump([r.to_dict() for r in res.records], fh, indent=1)
-    _emit(summary, args.json)
-    return 0
+    return _quantize_outputs(args, summary, res.records)
 
 
 def _save_gguf(model, args, test, tok=None) -> dict:

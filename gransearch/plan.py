@@ -90,7 +90,7 @@ def _is_disk(model) -> bool:
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the model type and every quantizable linear's name and ``[out, in]`` shape."""
-    model = getattr(model, "model", model) if _is_disk(model) else model
+    model = model.model if _is_disk(model) else model  # a DiskModel: its skeleton has the shapes
     h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
     for ref in model_linears(model, arch_of(model)):
         h.update(f"{ref.name}:{ref.shape[0]}x{ref.shape[1]};".encode())

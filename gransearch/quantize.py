@@ -218,29 +218,29 @@ def _awq_block(
     return ratios, unclipped
 
 
-def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, t_start: float, source=None, writer=None,
-              verbose: bool = True) -> QuantizeResult:
+def _rtn_only(model, plan, clip, act_spec, result: QuantizeResult, source=None, writer=None, verbose: bool = True) -> None:
     """RTN needs no calibration: quantize every planned linear directly, block by block (a model
     read from disk is read, written and dropped one block at a time)."""
     info = arch_of(model)
     n_blocks = len(get_blocks(model, info))
     for i in tqdm(range(n_blocks), desc="quantize (from disk)" if source is not None else "quantize", disable=not verbose):
-        refs = [r for r in block_linears(model, i, info) if r.name in plan]
         if source is not None:
             source.load_block(i)
-            refs = [r for r in block_linears(model, i, info) if r.name in plan]  # the modules now hold weights
-        for ref in refs:
+        for ref in [r for r in block_linears(model, i, info) if r.name in plan]:
             t0 = time.perf_counter()
             sp = plan[ref.name].spec
             qw = quantize_layer(linear_weight(ref.module).detach().float(), None, Method.RTN, sp, clip=clip, name=ref.name).qweight
             set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec))
             result.records.append(LayerRecord(ref.name, "rtn", str(sp), tuple(qw.shape), qw.nbytes, None, time.perf_counter() - t0))
-        if writer is not None:
-            writer.write_block(i, source.block_prefix(i))
-        if source is not None:
-            source.release_block(i)
-    result.seconds = time.perf_counter() - t_start
-    return result
+        _block_done(i, source, writer)
+
+
+def _block_done(i: int, source, writer) -> None:
+    """A block read from disk, once quantized: written as its checkpoint shard, then dropped."""
+    if writer is not None:
+        writer.write_block(i, source.block_prefix(i))
+    if source is not None:
+        source.release_block(i)
 
 
 @torch.no_grad()
@@ -298,8 +298,7 @@ def quantize(
 
     ``spill``: where the calibration batches' hidden states are kept between blocks. ``None``
     (default): in memory for a model in memory, in a temporary folder beside ``save`` for a model
-    read from disk, so that memory does not grow with the number (or length) of calibration
-    windows; a folder path puts them there; ``False`` keeps them in memory. The results are the same.
+    read from disk, so that memory does not grow with the number of calibration windows; a folder path puts them there; ``False`` keeps them in memory. The results are the same.
     """
     # long on purpose: the block loop keeps the GPTQ reference order (AWQ fold, statistics, per-layer step,
     # advance) visible in one place; the per-layer step itself is algorithms.layer.quantize_layer
@@ -353,7 +352,7 @@ def quantize(
         spill = spill_dir = scratch_dir(save, "states")
     try:
         if not needs_hessian and methods == {"rtn"}:
-            _rtn_only(model, plan, clip, act_spec, result, t_start, source, writer, verbose)
+            _rtn_only(model, plan, clip, act_spec, result, source, writer, verbose)
         else:
             _sequential(model, source, writer, plan, calib, methods, given, needs_hessian, objective, result, info, batch_size=batch_size,
                         device=device, clip=clip, awq_tokens=awq_tokens, awq_grid=awq_grid, awq_clip_tokens=awq_clip_tokens,
@@ -440,10 +439,7 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
             runner.run(i, advance=True)  # the quantized block's outputs: the next block's inputs
         finally:
             runner.leave(i, release=False)
-        if writer is not None:
-            writer.write_block(i, source.block_prefix(i))
-        if source is not None:
-            source.release_block(i)
+        _block_done(i, source, writer)
         if verbose:
             bar.set_postfix(block=i, layers=len(result.records))
 

@@ -150,8 +150,8 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         bconf = dict(bank.config)
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
-        bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, act_order=act_order, **_BANK_DEFAULTS,
-                            **({"prune": bank_prune} if bank_prune else {}))
+        bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, prune=bank_prune, act_order=act_order,
+                            **_BANK_DEFAULTS)
         cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
         proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,

@@ -190,7 +190,7 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: str, model: nn.Module, n_blocks: int, *, dtype=None, profile: Optional[str] = None):
-        import shutil
+        from ..offload import scratch_dir
 
         if os.path.isdir(folder) and os.listdir(folder):
             try:
@@ -198,12 +198,7 @@ class ShardedWriter:
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{folder} exists and is not a quantized checkpoint ({exc}): choose another save folder") from None
         self.folder = os.path.abspath(folder)
-        parent = os.path.dirname(self.folder)
-        os.makedirs(parent, exist_ok=True)
-        from ..offload import scratch_dir
-
         self.tmp = scratch_dir(self.folder, "partial")
-        self._rmtree = shutil.rmtree
         self.model, self.n_shards, self.profile = model, n_blocks + 1, profile
         self.fdt = float_dtype_of(model, dtype)
         self.weight_map: dict[str, str] = {}
@@ -244,20 +239,16 @@ class ShardedWriter:
                 shutil.copy2(path, os.path.join(self.tmp, os.path.basename(path)))
         _write_config(self.model, self.tmp, self.specs, self.fdt, tokenizer)
         if os.path.isdir(self.folder):
-            self._rmtree(self.folder)
+            shutil.rmtree(self.folder)
         os.chmod(self.tmp, 0o755)
         os.replace(self.tmp, self.folder)
         return SavedModel(self.folder, self.qbytes, self.fbytes, total, str(self.fdt).removeprefix("torch."), len(self.specs))
 
     def abort(self) -> None:
         """Remove what was written (the run failed)."""
-        self._rmtree(self.tmp, ignore_errors=True)
+        import shutil
 
-
-def _checkpoint_files(folder: str) -> dict[str, str]:
-    from ..offload import checkpoint_files
-
-    return checkpoint_files(folder)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _persistent(model: nn.Module, bname: str) -> bool:
@@ -279,8 +270,10 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
         del config.quantization_config
     fdt = float_dtype_of(nn.Module(), dtype) if dtype is not None else _DTYPES.get(str(cfg_doc.get("dtype", "float32")), torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=fdt, trust_remote_code=trust_remote_code)
+    from ..offload import checkpoint_files
+
     tensors = {}
-    for path in sorted(set(_checkpoint_files(folder).values())):
+    for path in sorted(set(checkpoint_files(folder).values())):
         tensors.update(load_file(path))
     for name, spec in layers.items():
         lin = get_module(model, name)
