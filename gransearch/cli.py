@@ -274,7 +274,7 @@ def cmd_optimize(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
-                                         "profile", "float_dtype", "max_bank_gb")}
+                                         "profile", "float_dtype", "max_bank_gb", "proxy")}
     cfg["bank_prune"] = "dominated" if args.prune_bank else None
     cfg["device"] = _device(args.device)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it; workers build it together
@@ -484,10 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
-    p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym", "gguf"),
+    p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym", "gguf", "gguf-asym"),
                    help="research: every candidate; vllm: only what vLLM serves and transformers reloads (symmetric 4/8 bits), "
                         "bytes of the compressed-tensors checkpoint; vllm-asym: vllm plus asymmetric 4 bits; gguf: llama.cpp's "
-                        "Q4_0/Q5_0/Q8_0 (--bits 4,5,8 --grans 32), bytes of the GGUF's tensors")
+                        "Q4_0/Q5_0/Q8_0 (--bits 4,5,8 --grans 32), bytes of the GGUF's tensors; gguf-asym: gguf plus Q4_1/Q5_1")
+    p.add_argument("--proxy", default="ppl", choices=("ppl", "kl"),
+                   help="what each trial measures on the validation windows: perplexity, or the KL divergence from the "
+                        "unquantized model (steadier on few windows; the final stage still reports test perplexity)")
     p.add_argument("--float-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype the budget counts (and --save writes) floating-point tensors at (default: as loaded; "
                         "vllm: the model's published dtype)")

@@ -6,6 +6,7 @@ with blocks of ``g`` weights (``n = out*in/g`` blocks) costs exactly::
     ceil(out*in*b/8)          bytes of packed codes
   + n * 2                     bytes of float16 scales
   + ceil(n*b/8)               bytes of packed zeros (asymmetric specs only)
+  + n * 2                     bytes of float16 offsets instead (``float_zero`` specs)
 
 Per-channel is ``g = in`` (``n = out``); per-tensor is one block (``n = 1``).
 
@@ -15,7 +16,8 @@ Per-channel is ``g = in`` (``n = out``); per-tensor is one block (``n = 1``).
 dimension (``ceil(out*b/32) * groups * 4``, asymmetric only) and the int64 ``weight_shape`` (16).
 
 ``format="gguf"`` counts llama.cpp's block bytes (:mod:`gransearch.export.gguf`): ``w4g32s`` is
-``Q4_0`` (18 bytes per 32 weights), ``w5g32s`` ``Q5_0`` (22), ``w8g32s`` ``Q8_0`` (34).
+``Q4_0`` (18 bytes per 32 weights), ``w5g32s`` ``Q5_0`` (22), ``w8g32s`` ``Q8_0`` (34), ``w4g32f``
+``Q4_1`` (20) and ``w5g32f`` ``Q5_1`` (24).
 
     >>> from gransearch import QuantSpec, layer_nbytes
     >>> layer_nbytes((4096, 4096), QuantSpec.parse("w4g128"))
@@ -49,6 +51,8 @@ def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransea
     out_f, in_f = shape
     n = layer_n_blocks(shape, spec)
     if format == "compressed-tensors":
+        if spec.float_zero:
+            raise ValueError(f"{spec} has a float offset: compressed-tensors stores integer zero points")
         if spec.granularity.spans_rows:
             raise ValueError(f"per-tensor {spec} has no compressed-tensors layout: use per-channel or groups")
         cols = spec.granularity.params_shape(out_f, in_f)[1]
@@ -64,7 +68,7 @@ def layer_nbytes(shape: tuple[int, int], spec: QuantSpec, format: str = "gransea
         raise ValueError(f"unknown storage format {format!r}: use one of {', '.join(FORMATS)}")
     codes = math.ceil(out_f * in_f * spec.bits / 8)
     scales = 2 * n
-    zeros = 0 if spec.symmetric else math.ceil(n * spec.bits / 8)
+    zeros = 0 if spec.symmetric else 2 * n if spec.float_zero else math.ceil(n * spec.bits / 8)
     return codes + scales + zeros
 
 

@@ -27,7 +27,8 @@ from .errors import NonFiniteError, check_int, check_token_ids, nonfinite_cause
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Perplexity", "perplexity", "windows", "layer_objective", "chunked_nll", "LOGITS_BUDGET"]
+__all__ = ["Perplexity", "perplexity", "windows", "layer_objective", "chunked_nll", "LOGITS_BUDGET", "KLDivergence",
+           "reference_logprobs", "kl_divergence", "kl_rows"]
 
 # float32 logits elements per loss chunk (64M elements = 256 MiB)
 LOGITS_BUDGET = 1 << 26
@@ -166,6 +167,132 @@ def perplexity(
         where = nonfinite_cause(model, "no parameter is non-finite, so an activation overflowed (try float32)")
         raise NonFiniteError(f"perplexity is not finite (mean NLL {mean}): the model's outputs are NaN or infinite; {where}")
     return Perplexity(math.exp(mean), mean, count, int(w.shape[0]), seqlen, seconds)
+
+
+@dataclass(frozen=True)
+class KLDivergence:
+    """The result of :func:`kl_divergence` (and :func:`gransearch.llamacpp.kl_divergence`).
+
+    ``kl``: the mean over predicted tokens of ``KL(reference || model)`` in nats; ``kl_se``: its
+    standard error over windows; ``top1``: the share of tokens whose most likely next token is the
+    reference's; ``ppl`` / ``ref_ppl``: the two models' perplexities on the same tokens.
+    """
+
+    kl: float
+    kl_se: float
+    top1: float
+    ppl: float
+    ref_ppl: float
+    n_tokens: int
+    n_windows: int
+    seqlen: int
+    seconds: float
+
+    def __float__(self) -> float:
+        return self.kl
+
+    def __str__(self) -> str:
+        return (f"KL divergence {self.kl:.5f} +- {self.kl_se:.5f} nats/token, same top token {100 * self.top1:.2f}%, perplexity "
+                f"{self.ppl:.4f} (reference {self.ref_ppl:.4f}) over {self.n_windows} windows x {self.seqlen} tokens")
+
+
+def kl_rows(ref_logp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: ``KL(ref || model)``, whether the top tokens agree, and both models' NLL of ``targets``.
+
+    ``ref_logp``: the reference's log-probabilities ``[T, V]`` (any float dtype); ``logits``: the
+    model's ``[T, V]``. float64 sums, float32 elementwise."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    logp = ref_logp.float()
+    kl = (logp.exp() * (logp - logq)).sum(-1, dtype=torch.float64)
+    same = logp.argmax(-1) == logq.argmax(-1)
+    t = targets.view(-1, 1)
+    return kl, same, -logq.gather(1, t).squeeze(1).double(), -logp.gather(1, t).squeeze(1).double()
+
+
+def _logit_chunks(model: nn.Module, x: torch.Tensor, chunk_tokens: Optional[int] = None):
+    """The model's logits of every predicted position of windows ``x`` ``[b, T]`` (positions
+    ``0..T-2``, flattened to ``b * (T - 1)`` rows), as ``(row offset, float32 [c, V])`` chunks."""
+    parts = None if model._forward_pre_hooks or model._forward_hooks else _head_parts(model)
+    if parts is None:
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        yield 0, logits.reshape(-1, logits.shape[-1])
+        return
+    base, head, cap = parts
+    hs = base(input_ids=x, use_cache=False)[0]  # [b, T, H]
+    h = hs[:, :-1].reshape(-1, hs.shape[-1])
+    vocab = getattr(model.config, "vocab_size", None) or 65536
+    chunk = chunk_tokens or max(1, LOGITS_BUDGET // vocab)
+    for i in range(0, h.shape[0], chunk):
+        lg = head(h[i : i + chunk]).float()
+        if cap:
+            lg = lg.div_(cap).tanh_().mul_(cap)
+        yield i, lg
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 1, max_windows: Optional[int] = None,
+                       dtype: torch.dtype = torch.float16, verbose: bool = True) -> torch.Tensor:
+    """The log-probabilities ``[n_windows, seqlen - 1, vocab]`` (``dtype``, on the CPU) of ``model``
+    on the windows :func:`perplexity` scores: the reference of :func:`kl_divergence`. It takes
+    ``n_windows * (seqlen - 1) * vocab * 2`` bytes in float16 (16 windows of 512 at SmolLM2's 49,152: 0.8 GB)."""
+    w = windows(ids, check_int("seqlen", seqlen, 2), check_int("max_windows", max_windows, 1, allow_none=True))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_token_ids(ids, getattr(emb, "num_embeddings", None), "the evaluation ids")
+    dev = next(model.parameters()).device
+    out = None
+    for i in tqdm(range(0, w.shape[0], batch_size), desc="reference", disable=not verbose, leave=False):
+        x = w[i : i + batch_size].to(dev)
+        for r, lg in _logit_chunks(model, x):
+            lp = torch.log_softmax(lg, dim=-1).to("cpu", dtype)
+            if out is None:
+                out = torch.empty(w.shape[0] * (seqlen - 1), lp.shape[-1], dtype=dtype)
+            out[i * (seqlen - 1) + r : i * (seqlen - 1) + r + lp.shape[0]] = lp
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError("the reference model's log-probabilities are not finite: its outputs are NaN or infinite")
+    return out.view(w.shape[0], seqlen - 1, -1)
+
+
+@torch.no_grad()
+def kl_divergence(model: nn.Module, ids: torch.Tensor, reference: torch.Tensor, seqlen: int = 2048, batch_size: int = 1,
+                  max_windows: Optional[int] = None, verbose: bool = True,
+                  on_window: Optional[Callable[[int, float], None]] = None) -> KLDivergence:
+    """``KL(reference || model)`` per predicted token, averaged, on :func:`perplexity`'s windows.
+
+    ``reference``: :func:`reference_logprobs` of the reference model (the float one) on the same
+    ``ids``, ``seqlen`` and windows. Unlike perplexity, the divergence from the float model measures
+    only what quantization changed, so two plans are told apart on fewer tokens (llama.cpp's
+    ``llama-perplexity --kl-divergence`` reports the same). ``on_window(i, running mean KL)`` is
+    called after each batch."""
+    w = windows(ids, check_int("seqlen", seqlen, 2), check_int("max_windows", max_windows, 1, allow_none=True))
+    if tuple(reference.shape[:2]) != (w.shape[0], seqlen - 1):
+        raise ValueError(f"the reference holds {tuple(reference.shape[:2])} windows x positions, these ids give {(w.shape[0], seqlen - 1)}: "
+                         "compute it with reference_logprobs on the same ids, seqlen and max_windows")
+    dev = next(model.parameters()).device
+    per_window = torch.zeros(w.shape[0], dtype=torch.float64)
+    same = nll = ref_nll = 0.0
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, w.shape[0], batch_size), desc="kl", disable=not verbose, leave=False):
+        x = w[i : i + batch_size].to(dev)
+        tg = x[:, 1:].reshape(-1)
+        ref = reference[i : i + x.shape[0]].reshape(-1, reference.shape[-1])
+        for r, lg in _logit_chunks(model, x):
+            kl, top, q, p = kl_rows(ref[r : r + lg.shape[0]].to(lg.device), lg, tg[r : r + lg.shape[0]])
+            rows = torch.arange(r, r + lg.shape[0]) // (seqlen - 1)
+            per_window.index_add_(0, i + rows, kl.cpu())
+            same += float(top.sum())
+            nll += float(q.sum())
+            ref_nll += float(p.sum())
+        if on_window is not None:
+            on_window(i + x.shape[0], float(per_window[: i + x.shape[0]].sum()) / ((i + x.shape[0]) * (seqlen - 1)))
+    n_tok = w.shape[0] * (seqlen - 1)
+    means = per_window / (seqlen - 1)
+    mean = float(means.mean())
+    if not math.isfinite(mean):
+        where = nonfinite_cause(model, "no parameter is non-finite, so an activation overflowed (try float32)")
+        raise NonFiniteError(f"the KL divergence is not finite: the model's outputs are NaN or infinite; {where}")
+    se = float(means.std() / math.sqrt(w.shape[0])) if w.shape[0] > 1 else float("nan")
+    return KLDivergence(mean, se, same / n_tok, math.exp(nll / n_tok), math.exp(ref_nll / n_tok), n_tok, int(w.shape[0]), seqlen,
+                        time.perf_counter() - t0)
 
 
 def layer_objective(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:

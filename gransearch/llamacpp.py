@@ -35,7 +35,7 @@ from .evaluate import Perplexity, windows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "perplexity", "quantize_file", "quantize_weight", "PRESETS", "imatrix_from_stats", "LlamaCppError"]
+__all__ = ["available", "perplexity", "kl_divergence", "quantize_file", "quantize_weight", "PRESETS", "imatrix_from_stats", "LlamaCppError"]
 
 # llama.cpp's presets (llama_ftype) by the name its quantize tool takes
 PRESETS = {
@@ -108,22 +108,12 @@ def _model(path: str):
         lib.llama_model_free(model)
 
 
-def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Optional[int] = None,
-               n_threads: Optional[int] = None, verbose: bool = True) -> Perplexity:
-    """Perplexity of the GGUF at ``path`` on ``ids`` computed by llama.cpp (CPU).
-
-    The protocol is :func:`gransearch.perplexity`'s: the windows of :func:`gransearch.evaluate.windows`,
-    each decoded alone from an empty cache with the logits of every position, ``seqlen - 1``
-    predicted tokens each, in llama.cpp's default context (F16 KV cache, as its perplexity tool
-    runs). llama.cpp rounds the activations that meet a quantized weight
-    to 8 bits in blocks of 32 (its CPU dot products): that is part of what it scores.
-    """
-    from tqdm.auto import tqdm
-
+@contextlib.contextmanager
+def _window_logits(path: str, win: torch.Tensor, seqlen: int, n_threads: Optional[int]):
+    """A context giving an iterator of ``(window index, float32 logits [seqlen, vocab])``: each
+    window of ``win`` decoded alone from an empty cache by llama.cpp, every position's logits (a view
+    valid until the next window)."""
     lib = _lib()
-    win = windows(ids, seqlen, max_windows).to(torch.int32)
-    n_win = win.shape[0]
-    t0 = time.time()
     with _model(path) as model:
         vocab = lib.llama_model_get_vocab(model)
         n_vocab = lib.llama_vocab_n_tokens(vocab)
@@ -139,13 +129,12 @@ def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Opt
         if not ctx:
             raise LlamaCppError(f"llama.cpp could not create a context of {seqlen} tokens for {path}")
         batch = lib.llama_batch_init(seqlen, 0, 1)
-        total = 0.0
-        try:
-            for w in tqdm(range(n_win), desc="llama.cpp perplexity", disable=not verbose, leave=False):
+
+        def gen():
+            for w in range(win.shape[0]):
                 lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-                toks = win[w].tolist()
                 batch.n_tokens = seqlen
-                for i, t in enumerate(toks):
+                for i, t in enumerate(win[w].tolist()):
                     batch.token[i] = t
                     batch.pos[i] = i
                     batch.n_seq_id[i] = 1
@@ -154,24 +143,88 @@ def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Opt
                 rc = lib.llama_decode(ctx, batch)
                 if rc != 0:
                     raise LlamaCppError(f"llama_decode failed with code {rc} on window {w} of {path}")
-                ptr = lib.llama_get_logits(ctx)
-                logits = np.ctypeslib.as_array(ptr, shape=(seqlen, n_vocab))
-                tgt = win[w, 1:].long()
-                rows = max(1, (1 << 24) // n_vocab)  # float64 rows at a time: 128 MiB, not seqlen x vocab (1 GiB for Gemma)
-                for i in range(0, seqlen - 1, rows):
-                    lg = torch.from_numpy(logits[i : min(i + rows, seqlen - 1)].astype(np.float64))
-                    nll = torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt[i : i + rows].unsqueeze(1)).squeeze(1)
-                    if not bool(torch.isfinite(nll).all()):
-                        from .errors import NonFiniteError
+                yield w, np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(seqlen, n_vocab))
 
-                        raise NonFiniteError(f"llama.cpp gave non-finite logits on window {w} of {path}")
-                    total += float(nll.sum())
+        try:
+            yield gen()
         finally:
             lib.llama_batch_free(batch)
             lib.llama_free(ctx)
-    n_tok = n_win * (seqlen - 1)
+
+
+def _row_chunks(n_vocab: int, seqlen: int):
+    """Row slices of ``seqlen - 1`` predicted positions, 128 MiB of float64 logits each (not
+    ``seqlen x vocab`` at once: 1 GiB at Gemma's vocabulary)."""
+    rows = max(1, (1 << 24) // n_vocab)
+    return [slice(i, min(i + rows, seqlen - 1)) for i in range(0, seqlen - 1, rows)]
+
+
+def _finite(x: torch.Tensor, w: int, path: str) -> torch.Tensor:
+    if not bool(torch.isfinite(x).all()):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"llama.cpp gave non-finite logits on window {w} of {path}")
+    return x
+
+
+def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Optional[int] = None,
+               n_threads: Optional[int] = None, verbose: bool = True) -> Perplexity:
+    """Perplexity of the GGUF at ``path`` on ``ids`` computed by llama.cpp (CPU).
+
+    The protocol is :func:`gransearch.perplexity`'s: the windows of :func:`gransearch.evaluate.windows`,
+    each decoded alone from an empty cache with the logits of every position, ``seqlen - 1``
+    predicted tokens each, in llama.cpp's default context (F16 KV cache, as its perplexity tool
+    runs). llama.cpp rounds the activations that meet a quantized weight
+    to 8 bits in blocks of 32 (its CPU dot products): that is part of what it scores.
+    """
+    from tqdm.auto import tqdm
+
+    win = windows(ids, seqlen, max_windows).to(torch.int32)
+    t0 = time.time()
+    total = 0.0
+    with _window_logits(path, win, seqlen, n_threads) as decoded:
+        for w, logits in tqdm(decoded, total=win.shape[0], desc="llama.cpp perplexity", disable=not verbose, leave=False):
+            tgt = win[w, 1:].long()
+            for sl in _row_chunks(logits.shape[1], seqlen):
+                lg = torch.from_numpy(logits[sl].astype(np.float64))
+                total += float(_finite(torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt[sl].unsqueeze(1)).squeeze(1), w, path).sum())
+    n_tok = win.shape[0] * (seqlen - 1)
     nll = total / n_tok
-    return Perplexity(math.exp(nll), nll, n_tok, n_win, seqlen, time.time() - t0)
+    return Perplexity(math.exp(nll), nll, n_tok, int(win.shape[0]), seqlen, time.time() - t0)
+
+
+def kl_divergence(path: str, reference: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Optional[int] = None,
+                  n_threads: Optional[int] = None, verbose: bool = True):
+    """``KL(reference || model)`` per predicted token of the GGUF at ``path`` against the GGUF
+    ``reference`` (the float model), both decoded by llama.cpp window by window on
+    :func:`perplexity`'s windows (what ``llama-perplexity --kl-divergence`` measures). Returns a
+    :class:`gransearch.evaluate.KLDivergence` with both perplexities and the share of tokens whose
+    most likely next token agrees."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import KLDivergence, kl_rows
+
+    win = windows(ids, seqlen, max_windows).to(torch.int32)
+    t0 = time.time()
+    per_window = np.zeros(win.shape[0])
+    same = nll = ref_nll = 0.0
+    with _window_logits(reference, win, seqlen, n_threads) as ref_dec, _window_logits(path, win, seqlen, n_threads) as dec:
+        for (w, ref_logits), (_, logits) in tqdm(zip(ref_dec, dec), total=win.shape[0], desc="llama.cpp KL", disable=not verbose, leave=False):
+            if ref_logits.shape != logits.shape:
+                raise ValueError(f"{path} and {reference} have other vocabularies ({logits.shape[1]} and {ref_logits.shape[1]})")
+            tgt = win[w, 1:].long()
+            for sl in _row_chunks(logits.shape[1], seqlen):
+                ref_lp = torch.log_softmax(_finite(torch.from_numpy(ref_logits[sl].astype(np.float64)), w, reference), dim=-1)
+                kl, top, q, p = kl_rows(ref_lp, _finite(torch.from_numpy(logits[sl].astype(np.float64)), w, path), tgt[sl])
+                per_window[w] += float(kl.sum())
+                same += float(top.sum())
+                nll += float(q.sum())
+                ref_nll += float(p.sum())
+    n_tok = win.shape[0] * (seqlen - 1)
+    means = per_window / (seqlen - 1)
+    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+    return KLDivergence(float(means.mean()), se, same / n_tok, math.exp(nll / n_tok), math.exp(ref_nll / n_tok), n_tok,
+                        int(win.shape[0]), seqlen, time.time() - t0)
 
 
 _GGML = None
@@ -204,7 +257,7 @@ def quantize_weight(W: torch.Tensor, spec, imatrix: Optional[torch.Tensor] = Non
     ``imatrix`` ``[in]``: the importance of each input column (llama.cpp's ``imatrix``, the mean of
     ``x_j^2``); ``None`` rounds unweighted, as ``llama-quantize`` without ``--imatrix``. Returns a
     :class:`~gransearch.quantizer.QuantizedWeight` for the types that are gransearch codes (Q4_0,
-    Q5_0, Q8_0: bit-exact codes and scales) and a :class:`~gransearch.export.gguf.GGMLWeight` for
+    Q5_0, Q8_0, Q4_1, Q5_1: bit-exact codes, scales and offsets) and a :class:`~gransearch.export.gguf.GGMLWeight` for
     the K-quants.
     """
     from gguf import GGML_QUANT_SIZES
@@ -213,7 +266,8 @@ def quantize_weight(W: torch.Tensor, spec, imatrix: Optional[torch.Tensor] = Non
 
     t = ggml_type_of(spec)
     if t is None:
-        raise ValueError(f"{spec} is not a ggml type: llama.cpp's quantizer makes w4g32s (Q4_0), w5g32s (Q5_0), w8g32s (Q8_0) and Q2_K..Q6_K")
+        raise ValueError(f"{spec} is not a ggml type: llama.cpp's quantizer makes w4g32s (Q4_0), w5g32s (Q5_0), w8g32s (Q8_0), "
+                         "w4g32f (Q4_1), w5g32f (Q5_1), Q2_K..Q6_K, IQ4_NL and IQ4_XS")
     spec.check_shape(tuple(W.shape))
     qt = ggml_type(t)
     block, nb = GGML_QUANT_SIZES[qt]

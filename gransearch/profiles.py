@@ -22,10 +22,10 @@
   is the file's tensor bytes. RTN, GPTQ, AWQ and AWQ+GPTQ all apply, and so does ``llamacpp``
   (llama.cpp's own quantizer weighted by the calibration's importance matrix), which also makes
   ``IQ4_NL`` (a non-linear 4-bit grid in blocks of 32) for every layer and the K-quants ``Q2_K`` ...
-  ``Q6_K`` and ``IQ4_XS`` for the layers whose rows are multiples of 256 weights. ``Q4_1``/``Q5_1``
-  (a float minimum per block) are not searched: the issue asks for them from gransearch's own
-  codes (an asymmetric quantizer with a float offset), which is not built yet; ``quantize`` makes
-  them with ``method="llamacpp"``.
+  ``Q6_K`` and ``IQ4_XS`` for the layers whose rows are multiples of 256 weights.
+* ``gguf-asym``: ``gguf`` plus ``Q4_1`` and ``Q5_1`` (``w4g32f``, ``w5g32f``: a float16 scale and
+  minimum per block of 32), from every method too. Kept apart because a model that was stored as
+  Q4_1 (the packaged SmolLM2) is reproduced by it exactly: compare with ``gguf`` there.
 
 Kernel shapes: vLLM's Marlin kernels tile the output in multiples of 64 and the input in multiples
 of 128 (per tensor-parallel shard); a layer outside that falls back to other kernels or is refused
@@ -53,6 +53,7 @@ class Profile:
     fused: bool = False  # fused serving sets share one spec
     float_dtype_of_model: bool = False  # floats counted at the dtype they are written in (not as loaded)
     ggml_types: tuple = ()  # llama.cpp types only its quantizer makes (method llamacpp), where a layer's rows fit them
+    float_zero: tuple = ()  # bit widths whose float-offset variant (w4g32f: Q4_1) is proposed too
 
     def specs(self, shape: tuple[int, int], bits: Sequence[int], granularities: Sequence, methods=None) -> list:
         """The candidate specs of a ``[out, in]`` layer: ``bits`` x ``granularities`` that this
@@ -69,6 +70,8 @@ class Profile:
                     continue
                 for sym in self.symmetric.get(int(b), (False,)):
                     out.append(QuantSpec(int(b), gran, symmetric=sym))
+                if int(b) in self.float_zero:
+                    out.append(QuantSpec(int(b), gran, float_zero=True))
         if self.ggml_types and (methods is None or "llamacpp" in [str(m) for m in methods]):
             out += [GGMLSpec(t) for t in self.ggml_types if shape[1] % GGMLSpec(t).block == 0]
         return out
@@ -83,6 +86,8 @@ class Profile:
             return False
         if self.granularities is not None and spec.granularity not in self.granularities:
             return False
+        if spec.float_zero:
+            return self.name == "research" or spec.bits in self.float_zero
         return spec.symmetric in self.symmetric.get(spec.bits, (False, True) if self.name == "research" else (False,))
 
     def check_candidates(self, bits: Sequence[int], granularities: Sequence) -> None:
@@ -129,13 +134,15 @@ PROFILES = {
                     fused=True, float_dtype_of_model=True),
     "gguf": Profile("gguf", "gguf", bits=(4, 5, 8), granularities=(PerGroup(32),), symmetric={4: (True,), 5: (True,), 8: (True,)},
                     ggml_types=("IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")),
+    "gguf-asym": Profile("gguf-asym", "gguf", bits=(4, 5, 8), granularities=(PerGroup(32),), symmetric={4: (True,), 5: (True,), 8: (True,)},
+                         ggml_types=("IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"), float_zero=(4, 5)),
     "vllm-asym": Profile("vllm-asym", "compressed-tensors", bits=(4, 8), granularities=_VLLM_GRANS, symmetric={4: (False, True), 8: (True,)},
                          fused=True, float_dtype_of_model=True),
 }
 
 
 def get_profile(profile) -> Profile:
-    """A :class:`Profile` by name (``research``, ``vllm``, ``vllm-asym``, ``gguf``) or itself."""
+    """A :class:`Profile` by name (``research``, ``vllm``, ``vllm-asym``, ``gguf``, ``gguf-asym``) or itself."""
     if isinstance(profile, Profile):
         return profile
     if profile not in PROFILES:

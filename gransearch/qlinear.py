@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(0, dtype=torch.float16))
         if not spec.symmetric:
-            self.register_buffer("qzeros", torch.empty(0, dtype=torch.uint8))
+            self.register_buffer("qzeros", torch.empty(0, dtype=torch.float16 if getattr(spec, "float_zero", False) else torch.uint8))
         else:
             self.qzeros = None
         self.register_buffer("act_scale", None)

@@ -6,6 +6,10 @@ Conventions (fixed, because the byte accounting in :mod:`gransearch.cost` depend
 * Asymmetric: the block range ``[min(w, 0), max(w, 0)]`` (zero always representable, as in the
   GPTQ reference quantizer) is mapped onto the codes; ``zero`` is an integer code stored packed at
   ``bits`` bits.
+* Float offset (``float_zero`` specs, llama.cpp's ``Q4_1``/``Q5_1``): the block range ``[min(w),
+  max(w)]`` (zero need not be in it) is mapped onto the codes and ``min`` is stored in float16:
+  ``w ~= code * scale + min``. Internally ``zero = -min / scale`` (a float), so the formula above
+  holds and every algorithm runs unchanged; the stored weight dequantizes as ``code * scale + min``.
 * Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and the implied ``zero = 2**(bits-1)``; no
   zeros are stored. Because there is one more negative level than positive ones, ``+max|w|``
   lands half a step above the top level (error exactly ``scale / 2``), as in GPTQ.
@@ -107,15 +111,18 @@ def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
 
 
 def qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0, float_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of ``x`` ``[R, C]`` (reduction over the last dimension).
 
     ``ratio`` (scalar or ``[R, 1]``) shrinks the range before the scale is taken (clipping).
-    Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers.
+    Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers
+    (``float_zero``: ``-min / scale`` with ``min`` float16-exact; see the module docstring).
     """
     maxq = (1 << bits) - 1
     x = x.float()
+    if float_zero:
+        return _float_offset_params(x, maxq, ratio)
     zeros_r = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zeros_r)
     xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zeros_r)
@@ -141,9 +148,37 @@ def qparams(
     return scale, zero
 
 
+def _float_offset_params(x: torch.Tensor, maxq: int, ratio) -> tuple[torch.Tensor, torch.Tensor]:
+    """``float_zero`` parameters: the range ``[min, max]`` shrunk by ``ratio``, ``min`` rounded to
+    float16 (as stored), the scale rounded up so that ``min + maxq * scale`` still reaches ``max``."""
+    xmin = x.amin(dim=-1, keepdim=True) * ratio
+    xmax = x.amax(dim=-1, keepdim=True) * ratio
+    m = xmin.to(torch.float16).float()
+    scale = (xmax - m) / maxq
+    scale = _round_up_fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    if not bool(torch.isfinite(scale).all() and torch.isfinite(m).all()):
+        raise ValueError(f"a quantization scale or offset exceeds the float16 range ({_FP16_MAX:g}): "
+                         "the weight has values too large to store with float16 parameters")
+    return scale, -m / scale
+
+
+def stored_zero(zero: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:
+    """What a :class:`QuantizedWeight` stores for the internal ``zero`` of ``spec`` (same shape as
+    ``scale``): nothing (symmetric), uint8 codes, or the float16 offset ``min = -zero * scale``."""
+    if spec.symmetric:
+        return None
+    if getattr(spec, "float_zero", False):
+        return (-zero.float() * scale.float()).to(torch.float16)
+    return zero.to(torch.uint8)
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as float32) of ``x`` with broadcastable ``scale`` and ``zero``."""
-    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+    """Integer codes (as float32) of ``x`` with broadcastable ``scale`` and ``zero``:
+    ``round(x / scale + zero)``. The zero's integer part is added after rounding, so an integer zero
+    gives ``round(x / scale) + zero`` bit for bit (ties included) and a float one (``float_zero``)
+    rounds with its fraction."""
+    zr = torch.round(zero)
+    return torch.clamp(torch.round(x.float() / scale + (zero - zr)) + zr, 0, maxq)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -162,6 +197,7 @@ def search_clip_ratio(
     symmetric: bool,
     grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
     norm: float = 2.4,
+    float_zero: bool = False,
 ) -> torch.Tensor:
     """Per-row shrink ratio ``[R, 1]`` minimising ``sum |x - fake_quant(x)|**norm`` over ``grid``.
 
@@ -173,7 +209,7 @@ def search_clip_ratio(
     best_err = torch.full((x.shape[0], 1), float("inf"), device=x.device)
     best_ratio = torch.ones(x.shape[0], 1, device=x.device)
     for r in grid:
-        scale, zero = qparams(x, bits, symmetric, r)
+        scale, zero = qparams(x, bits, symmetric, r, float_zero)
         err = (fake_quant(x, scale, zero, maxq) - x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -192,7 +228,7 @@ def block_clip_ratios(blocks: torch.Tensor, spec: QuantSpec, clip: ClipArg) -> U
     if isinstance(clip, str):
         if clip != "search":
             raise ValueError(f"clip must be None, a ratio in (0, 1] or 'search', got {clip!r}")
-        return search_clip_ratio(blocks, spec.bits, spec.symmetric)
+        return search_clip_ratio(blocks, spec.bits, spec.symmetric, float_zero=spec.float_zero)
     ratio = float(clip)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"clip ratio must be in (0, 1], got {clip!r}")
@@ -258,7 +294,8 @@ class QuantizedWeight:
     """An integer-quantized ``[out, in]`` weight.
 
     ``codes``: uint8 ``[out, in]``; ``scale``: float16 ``[out, n_groups_per_row]`` (``[1, 1]``
-    per-tensor); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs.
+    per-tensor); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs, or the float16
+    offsets ``min`` for ``float_zero`` specs (``w = code * scale + min``).
 
     Example::
 
@@ -277,27 +314,41 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
+    @property
+    def float_zero(self) -> bool:
+        return bool(getattr(self.spec, "float_zero", False))
+
     def zero_float(self) -> torch.Tensor:
+        """The zero point in code units (``float_zero``: ``-min / scale``)."""
         if self.zero is None:
             return torch.full(self.scale.shape, float(1 << (self.spec.bits - 1)), device=self.scale.device)
+        if self.float_zero:
+            return -self.zero.float() / self.scale.float()
         return self.zero.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the codes represent, ``[out, in]``."""
+        """The weight the codes represent, ``[out, in]``: ``(code - zero) * scale``, or ``code * scale
+        + min`` for ``float_zero`` specs (ggml's arithmetic, so a GGUF reader gets these exact values)."""
         out_f, in_f = self.shape
         s = self.scale.float()
-        z = self.zero_float()
+        g = self.spec.granularity.width(in_f) if self.spec.granularity.grouped else in_f
+        view = (out_f, in_f // g, g) if self.spec.granularity.grouped else self.codes.shape
+        c = self.codes.view(view).float()
         if self.spec.granularity.grouped:
-            g = self.spec.granularity.width(in_f)
-            w = (self.codes.view(out_f, in_f // g, g).float() - z.unsqueeze(-1)) * s.unsqueeze(-1)
-            return w.reshape(out_f, in_f).to(dtype)
-        return ((self.codes.float() - z) * s).to(dtype)
+            s = s.unsqueeze(-1)
+        if self.float_zero:
+            m = self.zero.float().unsqueeze(-1) if self.spec.granularity.grouped else self.zero.float()
+            w = c * s + m
+        else:
+            z = self.zero_float()
+            w = (c - (z.unsqueeze(-1) if self.spec.granularity.grouped else z)) * s
+        return w.reshape(out_f, in_f).to(dtype)
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The stored buffers: ``qweight`` (packed codes), ``scales`` and, if asymmetric, ``qzeros``."""
         out = {"qweight": pack_codes(self.codes, self.spec.bits), "scales": self.scale.contiguous()}
-        if self.zero is not None:
-            out["qzeros"] = pack_codes(self.zero, self.spec.bits)
+        if self.zero is not None:  # float offsets are kept as they are (float16)
+            out["qzeros"] = self.zero.contiguous() if self.float_zero else pack_codes(self.zero, self.spec.bits)
         return out
 
     @classmethod
@@ -314,7 +365,9 @@ class QuantizedWeight:
         codes = unpack_codes(buffers["qweight"], spec.bits, out_f * in_f).view(out_f, in_f)
         scale = buffers["scales"].to(torch.float16)
         zero = None
-        if not spec.symmetric:
+        if getattr(spec, "float_zero", False):
+            zero = buffers["qzeros"].to(torch.float16).view(scale.shape)
+        elif not spec.symmetric:
             zero = unpack_codes(buffers["qzeros"], spec.bits, scale.numel()).view(scale.shape)
         return cls(codes, scale, zero, spec)
 
@@ -342,5 +395,5 @@ def quantize_with_params(
     codes = quantize_codes(blocks, scale_blocks, zero_blocks, spec.maxq)
     pshape = _params_shape(tuple(weight.shape), spec)
     scale = scale_blocks.reshape(pshape).to(torch.float16)
-    zero = None if spec.symmetric else zero_blocks.reshape(pshape).to(torch.uint8)
+    zero = stored_zero(zero_blocks.reshape(pshape), scale_blocks.reshape(pshape), spec)
     return QuantizedWeight(codes.reshape(weight.shape).to(torch.uint8), scale, zero, spec)

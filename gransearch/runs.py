@@ -24,7 +24,7 @@ __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype", "bank_prune",
-            "max_bank_gb")
+            "max_bank_gb", "proxy")
 
 
 # ---- option checks on text -----------------------------------------------------------------
@@ -147,6 +147,8 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not one of {', '.join(PROFILES)}")
     if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
+    if cfg.get("proxy", "ppl") not in ("ppl", "kl"):
+        raise ValueError(f"stored run configuration: proxy {cfg.get('proxy')!r} is not 'ppl' or 'kl'")
     if cfg.get("bank_prune") not in (None, "dominated"):
         raise ValueError(f"stored run configuration: bank_prune {cfg.get('bank_prune')!r} is not null or 'dominated'")
     mb = cfg.get("max_bank_gb")
@@ -178,7 +180,7 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
 
     gs.data.check_text_name(cfg["data"])
     model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"), trust_remote_code=trust_remote_code)
-    if cfg.get("profile") == "gguf":  # search the model llama.cpp will run: its embedding as the GGUF stores it
+    if cfg.get("profile") in ("gguf", "gguf-asym"):  # search the model llama.cpp will run: its embedding as the GGUF stores it
         from .export.gguf import round_embeddings
 
         round_embeddings(model, "Q8_0")
@@ -211,7 +213,8 @@ def search_kwargs(cfg: dict) -> dict:
     return dict(methods=csv_list(cfg["methods"]), bits=csv_list(cfg["bits"], int), granularities=csv_list(cfg["grans"], gran_token),
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
                 act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"), profile=cfg.get("profile", "research"),
-                float_dtype=cfg.get("float_dtype"), bank_prune=cfg.get("bank_prune"), max_bank_gb=cfg.get("max_bank_gb"))
+                float_dtype=cfg.get("float_dtype"), bank_prune=cfg.get("bank_prune"), max_bank_gb=cfg.get("max_bank_gb"),
+                proxy=cfg.get("proxy", "ppl"))
 
 
 def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, device=None, bank_dir: Optional[str] = None,
@@ -268,8 +271,8 @@ def write_run_folder(out: str, res, budget: int, storage: str, study_name: str) 
         w.writerow(["trial", "nbytes", "gb", "proxy_ppl", "plan"])
         for p in res.pareto:
             w.writerow([p.trial, p.nbytes, f"{p.nbytes / GB:.6f}", f"{p.ppl:.4f}", json.dumps(p.plan.summary())])
-    summary = {"budget_bytes": budget, "budget_gb": budget / GB, "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl,
-               "final_ppl": res.ppl, "proxy_gap": res.proxy_gap, "finals": res.finals, "uniform_proxy": res.baselines,
+    summary = {"budget_bytes": budget, "budget_gb": budget / GB, "plan_bytes": res.nbytes, "proxy": res.plan.meta.get("proxy", "ppl"), "proxy_ppl": res.proxy_ppl,
+               "final_ppl": res.ppl, "proxy_gap": res.proxy_gap if "proxy" not in res.plan.meta else None, "finals": res.finals, "uniform_proxy": res.baselines,
                "trials": res.n_trials, "bank_seconds": res.bank_seconds, "search_seconds": res.search_seconds,
                "plan": res.plan.summary(), "storage": storage, "study": study_name,
                "accounting": {k: res.plan.meta[k] for k in ("profile", "format", "float_dtype") if k in res.plan.meta}}

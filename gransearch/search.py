@@ -48,11 +48,13 @@ from .profiles import get_profile
 from .bank import Bank, bank_config, bank_for, build_bank
 from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
-from .evaluate import perplexity
+from .evaluate import kl_divergence, perplexity, reference_logprobs
 from .evaluate import windows as eval_windows_of
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
                     worker_id)
+
+PROXIES = ("ppl", "kl")  # what a trial measures on the validation windows
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ def _plan_id(keys: Sequence[str]) -> str:
 
 
 def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows,
-                   profile="research", float_dtype=None, bank_prune=None) -> dict:
+                   profile="research", float_dtype=None, bank_prune=None, proxy="ppl") -> dict:
     """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
     methods, bits, granularities = candidates
     if objective_fn is None and eval_ids is None:
@@ -154,11 +156,12 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
                             **_BANK_DEFAULTS)
         cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
-        proxy = {"kind": "perplexity", "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
-                 "eval_windows": eval_windows}
+        kind = {"ppl": "perplexity", "kl": "kl-divergence"}[proxy]  # a KL study measures against these very weights (bank.weights)
+        measure = {"kind": kind, "eval_sha256": tokens_sha256(eval_windows_of(eval_ids, seqlen, eval_windows)), "seqlen": seqlen,
+                   "eval_windows": eval_windows}
     else:
-        proxy = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
-    record = {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": proxy}
+        measure = {"kind": "custom", "name": getattr(objective_fn, "__qualname__", type(objective_fn).__name__)}
+    record = {"version": SEARCH_RECORD_VERSION, "budget_bytes": budget, "bank": bconf, "candidates": cand_keys, "proxy": measure}
     if float_dtype is not None:  # the budget counts floats at this dtype (absent: as loaded, the old records)
         record["float_dtype"] = str(float_dtype).removeprefix("torch.")
     return record
@@ -259,6 +262,7 @@ def optimize(
     float_dtype=None,
     bank_prune: Optional[str] = None,
     max_bank_gb: Optional[float] = None,
+    proxy: str = "ppl",
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -285,7 +289,13 @@ def optimize(
     budget counts floating-point tensors at (default: as loaded for ``research``, the model's
     published dtype for ``vllm``, as :func:`gransearch.save_quantized` writes them). ``bank_prune="dominated"``
     keeps only each layer's Pareto front of (bytes, layer objective) in the bank; ``max_bank_gb``
-    refuses a stored bank (``bank_dir``) larger than that (see :func:`build_bank`). Returns an
+    refuses a stored bank (``bank_dir``) larger than that (see :func:`build_bank`). ``proxy``: what a
+    trial measures on the validation windows: ``"ppl"`` (perplexity) or ``"kl"`` (the mean KL
+    divergence per token from ``model`` itself, in nats: it sees only what quantization changed, so
+    it tells plans apart on fewer tokens; the float model's log-probabilities of the windows are
+    kept in memory as float16, :func:`~gransearch.evaluate.reference_logprobs`). With ``"kl"`` the
+    proxy values (``proxy_ppl``, the Pareto front, ``baselines``) are KL divergences; the final
+    stage still measures perplexity. Returns an
     :class:`OptimizeResult`; ``model`` itself is not modified.
 
     Resuming is safe: the study records everything its trial values depend on (weights, candidates,
@@ -308,6 +318,10 @@ def optimize(
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}")
     check_candidates(methods, bits, granularities)
+    if proxy not in PROXIES:
+        raise ValueError(f"proxy must be one of {', '.join(PROXIES)}, got {proxy!r}")
+    if proxy != "ppl" and objective_fn is not None:
+        raise ValueError("objective_fn replaces the proxy: leave proxy='ppl' when giving one")
     prof = get_profile(profile)
     prof.check_candidates(bits, granularities)
     check_device(device)
@@ -328,7 +342,7 @@ def optimize(
     if objective_fn is None and eval_ids is None:
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
-                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune)
+                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune, proxy)
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
@@ -355,9 +369,16 @@ def optimize(
     assembler = _Assembler(model, bank, device)
     tied = [[names.index(n) for n in g] for g in fused_sets(names)] if prof.fused else None
 
+    reference = None
+    if proxy == "kl":  # the float model's log-probabilities of the proxy windows, once
+        reference = reference_logprobs(model, eval_ids, seqlen, batch_size=batch_size, max_windows=eval_windows, verbose=verbose)
+
     def evaluate(mdl, report):
         if objective_fn is not None:
             return float(objective_fn(mdl, report))
+        if reference is not None:
+            return kl_divergence(mdl, eval_ids, reference, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
+                                 verbose=False, on_window=report).kl
         return perplexity(mdl, eval_ids, seqlen=seqlen, batch_size=batch_size, max_windows=eval_windows,
                           verbose=False, on_window=report).ppl
 
@@ -427,7 +448,7 @@ def optimize(
         mdl = assembler.load(choice)
 
         def report(step, running_nll):
-            trial.report(math.exp(running_nll) if objective_fn is None else running_nll, step)
+            trial.report(math.exp(running_nll) if objective_fn is None and reference is None else running_nll, step)
             if meta["kind"] not in ("uniform", "seed") and trial.should_prune():  # baselines and seeds are measured whole
                 raise optuna.TrialPruned()
 
@@ -450,6 +471,8 @@ def optimize(
 
     accounting = {} if prof.name == "research" and float_dtype is None else {
         "profile": prof.name, "format": prof.format, "float_dtype": None if float_dtype is None else str(float_dtype).removeprefix("torch.")}
+    if proxy != "ppl":  # the trial values (meta "proxy_ppl") are this measure
+        accounting["proxy"] = proxy
 
     def plan_of(t) -> QuantPlan:
         return _plan_from_keys(bank, t.user_attrs["keys"], fingerprint, {"trial": t.number, "proxy_ppl": t.value, "nbytes": t.user_attrs["nbytes"],

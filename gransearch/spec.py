@@ -17,7 +17,7 @@ A :class:`QuantSpec` has a short text form used by the CLI and by plan files::
     'w8cs'
 
 Grammar: ``w<bits>`` then ``t`` (per-tensor), ``c`` (per-channel) or ``g<size>`` (per-group), then
-an optional ``s`` for symmetric.
+an optional ``s`` for symmetric or ``f`` for a float offset (``w4g32f`` is llama.cpp's ``Q4_1``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "QuantSpec",
     "GGMLSpec",
     "GGML_TYPES",
+    "LEGACY_GGML",
     "parse_spec",
     "ActSpec",
     "MIN_BITS",
@@ -165,7 +166,7 @@ def as_granularity(g) -> Granularity:
     raise ValueError(f"unknown granularity {g!r}: use 'tensor', 'channel' or a group size such as 64")
 
 
-_SPEC_RE = re.compile(r"^w(\d+)(t|c|g(\d+))(s?)$")
+_SPEC_RE = re.compile(r"^w(\d+)(t|c|g(\d+))([sf]?)$")
 
 
 @dataclass(frozen=True)
@@ -173,12 +174,15 @@ class QuantSpec:
     """Integer weight quantization: ``bits`` in 2..8, a granularity, symmetric or asymmetric.
 
     Asymmetric specs store an integer zero point per block (packed at ``bits``); symmetric specs
-    use the implied zero point ``2**(bits-1)`` and store none.
+    use the implied zero point ``2**(bits-1)`` and store none. ``float_zero`` specs (text suffix
+    ``f``) are asymmetric with a float16 offset per block instead: ``w = scale * code + min``, the
+    block's range ``[min, max]`` need not hold zero (llama.cpp's ``Q4_1``/``Q5_1`` are ``w4g32f``/``w5g32f``).
     """
 
     bits: int
     granularity: Granularity = PerChannel()
     symmetric: bool = False
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
@@ -193,6 +197,8 @@ class QuantSpec:
                 "QuantSpec granularity must be PerTensor(), PerChannel() or PerGroup(size), "
                 f"got {self.granularity!r}"
             )
+        if self.float_zero and self.symmetric:
+            raise ValueError("a QuantSpec is symmetric (no offset) or has a float offset (float_zero), not both")
 
     @property
     def maxq(self) -> int:
@@ -200,16 +206,16 @@ class QuantSpec:
         return (1 << self.bits) - 1
 
     def __str__(self) -> str:
-        return f"w{self.bits}{self.granularity.tag()}{'s' if self.symmetric else ''}"
+        return f"w{self.bits}{self.granularity.tag()}{'s' if self.symmetric else 'f' if self.float_zero else ''}"
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
-        """Parse the short form (``w4g64``, ``w8c``, ``w8t``, ``w4g32s``)."""
+        """Parse the short form (``w4g64``, ``w8c``, ``w8t``, ``w4g32s``, ``w4g32f``)."""
         m = _SPEC_RE.match(text.strip().lower())
         if m is None:
             raise ValueError(
-                f"cannot parse quantization spec {text!r}: expected w<bits>(t|c|g<size>)[s], "
-                "for example w4g64, w8c, w8t or w4g64s"
+                f"cannot parse quantization spec {text!r}: expected w<bits>(t|c|g<size>)[s|f], "
+                "for example w4g64, w8c, w8t, w4g64s or w4g32f"
             )
         bits = int(m.group(1))
         if m.group(2) == "t":
@@ -218,7 +224,7 @@ class QuantSpec:
             gran = PerChannel()
         else:
             gran = PerGroup(int(m.group(3)))
-        return cls(bits, gran, symmetric=bool(m.group(4)))
+        return cls(bits, gran, symmetric=m.group(4) == "s", float_zero=m.group(4) == "f")
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` when this spec cannot quantize a weight of ``shape``."""
@@ -239,16 +245,18 @@ class QuantSpec:
 
 # llama.cpp block types whose layout is not a gransearch code grid: (weights per block, bytes per block)
 GGML_TYPES = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-              "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "Q4_1": (32, 20), "Q5_1": (32, 24)}
+              "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+# llama.cpp's legacy types by name, as the gransearch code grids they are (every method makes them)
+LEGACY_GGML = {"Q4_0": "w4g32s", "Q5_0": "w5g32s", "Q8_0": "w8g32s", "Q4_1": "w4g32f", "Q5_1": "w5g32f"}
 
 
 @dataclass(frozen=True)
 class GGMLSpec:
     """A llama.cpp block type that is not a gransearch code grid: the K-quants (``Q2_K`` ... ``Q6_K``:
     super-blocks of 256 weights whose sub-block scales are themselves quantized), the non-linear
-    4-bit grids ``IQ4_NL`` (blocks of 32) and ``IQ4_XS`` (256), and ``Q4_1``/``Q5_1`` (blocks of 32
-    with a float16 scale and minimum). Only llama.cpp's quantizer makes them (method ``llamacpp``);
-    their text form is the type's name.
+    4-bit grids ``IQ4_NL`` (blocks of 32) and ``IQ4_XS`` (256). Only llama.cpp's quantizer makes them
+    (method ``llamacpp``); their text form is the type's name. The legacy types are code grids
+    (:data:`LEGACY_GGML`: ``Q4_1`` is ``w4g32f``), which every method makes.
 
         >>> GGMLSpec("Q3_K").bits, str(GGMLSpec("Q3_K"))
         (3.4375, 'Q3_K')
@@ -257,11 +265,12 @@ class GGMLSpec:
     type: str
     is_ggml = True
     symmetric = True  # no zero-point buffer of its own: everything is in the blocks
+    float_zero = False
 
     def __post_init__(self) -> None:
         if self.type not in GGML_TYPES:
             raise ValueError(f"unknown ggml type {self.type!r}: llama.cpp types gransearch takes are {', '.join(GGML_TYPES)} "
-                             "(and Q4_0/Q5_0/Q8_0, written w4g32s/w5g32s/w8g32s)")
+                             "(and the legacy " + ", ".join(f"{k} ({v})" for k, v in LEGACY_GGML.items()) + ")")
 
     @property
     def block(self) -> int:
@@ -292,12 +301,15 @@ class GGMLSpec:
 
 
 def parse_spec(text):
-    """A :class:`QuantSpec` (``w4g32s``) or a :class:`GGMLSpec` (``Q3_K``) from its text form."""
+    """A :class:`QuantSpec` (``w4g32s``) or a :class:`GGMLSpec` (``Q3_K``) from its text form; a
+    legacy llama.cpp type's name is its code grid (``Q4_1`` -> ``w4g32f``)."""
     if isinstance(text, (QuantSpec, GGMLSpec)):
         return text
     t = str(text).strip()
     if t.upper() in GGML_TYPES:
         return GGMLSpec(t.upper())
+    if t.upper() in LEGACY_GGML:
+        return QuantSpec.parse(LEGACY_GGML[t.upper()])
     return QuantSpec.parse(t)
 
 

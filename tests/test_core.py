@@ -13,6 +13,7 @@ from gransearch.quantizer import block_view, qparams, quantize_codes
 BITS = range(2, 9)
 GRANS = [gs.PerTensor(), gs.PerChannel(), gs.PerGroup(16), gs.PerGroup(48)]
 SPECS = [gs.QuantSpec(b, g, s) for b, g, s in itertools.product(BITS, GRANS, (False, True))]
+SPECS += [gs.QuantSpec(b, g, float_zero=True) for b, g in itertools.product(BITS, GRANS)]  # float offsets (Q4_1's kind)
 
 
 def _weight(out=24, inn=96, seed=0):
@@ -45,6 +46,26 @@ def test_spec_text_round_trip_and_hash():
     assert len({gs.QuantSpec.parse("w4c"), gs.QuantSpec(4, gs.PerChannel())}) == 1
 
 
+def test_float_offset_spec_text_bytes_and_fit():
+    """``w4g32f``: a float16 scale and minimum per block (llama.cpp's Q4_1). It is not symmetric, its
+    offset costs 2 bytes a block, and a block in [1, 2] has half the step of an integer zero (whose range must hold 0)."""
+    spec = gs.QuantSpec.parse("w4g32f")
+    assert spec == gs.QuantSpec(4, gs.PerGroup(32), float_zero=True) and str(spec) == "w4g32f" and not spec.symmetric
+    assert gs.spec.parse_spec("Q4_1") == spec and gs.spec.parse_spec("Q5_1") == gs.QuantSpec.parse("w5g32f")
+    with pytest.raises(ValueError, match="not both"):
+        gs.QuantSpec(4, gs.PerGroup(32), symmetric=True, float_zero=True)
+    with pytest.raises(ValueError):
+        gs.QuantSpec.parse("w4g32sf")
+    assert gs.layer_nbytes((8, 64), spec) == 8 * 64 // 2 + 16 * 2 + 16 * 2
+    w = 1.0 + torch.rand(8, 64, generator=torch.Generator().manual_seed(0))  # every block in [1, 2]
+    qf, qi = gs.rtn(w, spec), gs.rtn(w, gs.QuantSpec.parse("w4g32"))
+    assert qf.zero.dtype == torch.float16 and torch.equal(qf.dequantize(), qf.codes.float().view(8, 2, 32).mul(qf.scale.float()[..., None])
+                                                         .add(qf.zero.float()[..., None]).view(8, 64))
+    assert float((qf.dequantize() - w).pow(2).sum()) < 0.35 * float((qi.dequantize() - w).pow(2).sum())
+    with pytest.raises(ValueError, match="float offset"):
+        gs.layer_nbytes((8, 64), spec, "compressed-tensors")
+
+
 @pytest.mark.parametrize("bad", ["w1c", "w9c", "w4", "4g64", "w4g0", "w4x", ""])
 def test_spec_parse_rejects(bad):
     with pytest.raises(ValueError):
@@ -66,7 +87,7 @@ def test_codes_in_range_and_requantize_identity(spec):
     q = gs.rtn(w, spec)
     assert q.codes.dtype == torch.uint8
     assert int(q.codes.max()) <= spec.maxq and int(q.codes.min()) >= 0
-    if q.zero is not None:
+    if q.zero is not None and not spec.float_zero:
         assert int(q.zero.max()) <= spec.maxq
     # dequantize, then quantize again with the stored parameters: identical codes
     deq = q.dequantize()
@@ -193,7 +214,7 @@ def test_layer_nbytes_documented_example():
     assert gs.layer_nbytes((10, 30), gs.QuantSpec.parse("w3c")) == 113 + 20 + math.ceil(30 / 8)
 
 
-@pytest.mark.parametrize("spec", [gs.QuantSpec.parse(s) for s in ("w4g16", "w8c", "w3t", "w5g48s")], ids=str)
+@pytest.mark.parametrize("spec", [gs.QuantSpec.parse(s) for s in ("w4g16", "w8c", "w3t", "w5g48s", "w4g16f")], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantlinear_forward_matches_dequantized(spec, bias):
     torch.manual_seed(0)

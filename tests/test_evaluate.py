@@ -65,3 +65,31 @@ def test_perplexity_changes_with_model():
     a = gs.perplexity(tiny_model("llama", seed=0), ids, seqlen=100, verbose=False).ppl
     b = gs.perplexity(tiny_model("llama", seed=1), ids, seqlen=100, verbose=False).ppl
     assert a != b and 1 < a < 10 * VOCAB
+
+
+def test_kl_divergence_against_the_reference():
+    """A model against its own reference diverges by nothing (the reference is kept in float16) and
+    predicts the same tokens; a quantized copy diverges, more at fewer bits; the perplexities it
+    reports are gs.perplexity's; a reference of other windows is refused."""
+    from gransearch.evaluate import kl_divergence, reference_logprobs
+
+    model = tiny_model("llama")
+    ids = token_stream(2000, seed=2)
+    ref = reference_logprobs(model, ids, seqlen=64, batch_size=3, verbose=False)
+    assert ref.shape == (31, 63, VOCAB) and ref.dtype == torch.float16
+    same = kl_divergence(model, ids, ref, seqlen=64, batch_size=2, verbose=False)
+    assert abs(same.kl) < 1e-4 and same.top1 > 0.99 and same.n_tokens == 31 * 63
+    assert math.isclose(same.ppl, gs.perplexity(model, ids, seqlen=64, verbose=False).ppl, rel_tol=1e-5)
+    kls = []
+    for spec in ("w8c", "w4c", "w2c"):
+        q = tiny_model("llama")
+        for mod in q.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.shape[0] != VOCAB:
+                mod.weight.data = gs.rtn(mod.weight.data, gs.QuantSpec.parse(spec)).dequantize()
+        r = kl_divergence(q, ids, ref, seqlen=64, batch_size=4, verbose=False)
+        assert math.isclose(r.ppl, gs.perplexity(q, ids, seqlen=64, verbose=False).ppl, rel_tol=1e-5)
+        assert r.kl_se > 0
+        kls.append(r.kl)
+    assert abs(same.kl) < kls[0] < kls[1] < kls[2]
+    with pytest.raises(ValueError, match="reference_logprobs on the same ids"):
+        kl_divergence(model, ids, ref, seqlen=64, max_windows=5, verbose=False)

@@ -23,7 +23,7 @@ def _ids():
     return token_stream(4096, seed=5)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"])
 def test_blocks_are_what_ggml_dequantizes(type_name):
     """Our codes written as ggml blocks dequantize (by the gguf package, which mirrors ggml) to exactly
     our weights, read back bit for bit, and take the bytes the cost model counts."""
@@ -37,6 +37,7 @@ def test_blocks_are_what_ggml_dequantizes(type_name):
     assert np.array_equal(gguf.quants.dequantize(raw, G.ggml_type(type_name)), q.dequantize().numpy())
     back = G.decode(raw, type_name, (24, 160))
     assert torch.equal(back.codes, q.codes) and torch.equal(back.scale, q.scale)
+    assert (back.zero is None and q.zero is None) or torch.equal(back.zero, q.zero)
     assert G.ggml_type_of(spec) == type_name
 
 
@@ -94,14 +95,23 @@ def test_llamacpp_scores_the_unquantized_export_as_torch_does(tmp_path):
     assert abs(theirs.ppl / ours.ppl - 1) < 1e-4
 
 
+def _float_offset_plan(model):
+    """Q4_1 and Q5_1 (float-offset specs) from gransearch's own methods, beside Q4_0 and Q8_0."""
+    names = [r.name for r in gs.arch.model_linears(model)]
+    choice = {"q_proj": ("w4g32f", "gptq"), "k_proj": ("w5g32f", "awq"), "v_proj": ("w5g32f", "rtn"), "o_proj": ("w4g32f", "awq+gptq"),
+              "gate_proj": ("w4g32s", "gptq"), "up_proj": ("w4g32f", "rtn"), "down_proj": ("w8g32s", "gptq")}
+    layers = {n: gs.LayerPlan.from_key("{1}:{0}".format(*choice[n.rsplit(".", 1)[-1]])) for n in names}
+    return gs.QuantPlan(layers, gs.plan.model_fingerprint(model))
+
+
 @needs_llamacpp
-@pytest.mark.parametrize("plan_kind", ["Q4_0", "mixed"])
+@pytest.mark.parametrize("plan_kind", ["Q4_0", "mixed", "float-offset"])
 def test_llamacpp_scores_the_quantized_export_as_torch_does(tmp_path, plan_kind):
     """llama.cpp's perplexity of the written file equals the torch model's within 1%; emulating its
     8-bit activation blocks in torch closes most of the rest. The tensor bytes are the plan's count."""
     model = tiny_model("llama")
     G.round_embeddings(model, "Q8_0")
-    plan = gs.QuantPlan.uniform(model, "w4g32s", "gptq") if plan_kind == "Q4_0" else _mixed_plan(model)
+    plan = {"Q4_0": lambda m: gs.QuantPlan.uniform(m, "w4g32s", "gptq"), "mixed": _mixed_plan, "float-offset": _float_offset_plan}[plan_kind](model)
     gs.quantize(model, plan, calib_windows(), verbose=False)
     ids = _ids()
     torch_ppl = gs.perplexity(model, ids, seqlen=SEQ, verbose=False).ppl
@@ -111,12 +121,34 @@ def test_llamacpp_scores_the_quantized_export_as_torch_does(tmp_path, plan_kind)
     assert saved.tensor_nbytes == plan_nbytes(model, plan.layers, "gguf")
     reader = gguf.GGUFReader(saved.path)
     assert sum(int(t.n_bytes) for t in reader.tensors) == saved.tensor_nbytes
-    want = {"Q4_0"} if plan_kind == "Q4_0" else {"Q4_0", "Q5_0", "Q8_0"}
+    want = {"Q4_0": {"Q4_0"}, "mixed": {"Q4_0", "Q5_0", "Q8_0"}, "float-offset": {"Q4_1", "Q5_1", "Q4_0", "Q8_0"}}[plan_kind]
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk") and t.name.endswith("weight")
             and "norm" not in t.name} == want
     cpp = gs.llamacpp.perplexity(saved.path, ids, seqlen=SEQ, verbose=False).ppl
     assert abs(cpp / torch_ppl - 1) < 0.01
     assert abs(cpp / emulated - 1) < 1e-3
+
+
+@needs_llamacpp
+def test_llamacpp_kl_divergence_is_torchs(tmp_path):
+    """llama.cpp's KL divergence of a quantized file from the F32 file equals torch's KL of the same
+    weights from the float model within 5% (its activation rounding is the rest); a file against
+    itself diverges by nothing."""
+    from gransearch.evaluate import kl_divergence, reference_logprobs
+
+    model = tiny_model("llama")
+    ids = _ids()
+    f32 = G.save_gguf(model, str(tmp_path / "f32.gguf"), embd_type="F32").path
+    self_kl = gs.llamacpp.kl_divergence(f32, f32, ids, seqlen=SEQ, verbose=False)
+    assert abs(self_kl.kl) < 1e-6 and self_kl.top1 == 1 and abs(self_kl.ppl / self_kl.ref_ppl - 1) < 1e-6
+    ref = reference_logprobs(model, ids, seqlen=SEQ, batch_size=4, verbose=False)
+    G.round_embeddings(model, "Q8_0")
+    gs.quantize(model, _float_offset_plan(model), calib_windows(), verbose=False)
+    ours = kl_divergence(model, ids, ref, seqlen=SEQ, batch_size=4, verbose=False)
+    theirs = gs.llamacpp.kl_divergence(G.save_gguf(model, str(tmp_path / "q.gguf")).path, f32, ids, seqlen=SEQ, verbose=False)
+    assert theirs.n_tokens == ours.n_tokens and ours.kl > 10 * ours.kl_se > 0
+    assert abs(theirs.kl / ours.kl - 1) < 0.05
+    assert abs(theirs.ppl / ours.ppl - 1) < 0.01
 
 
 @needs_llamacpp
@@ -205,6 +237,31 @@ def test_gguf_profile_search_returns_storable_plans_counted_exactly(tmp_path):
                     n_trials=1, verbose=False)
 
 
+def test_gguf_asym_profile_adds_q4_1_and_q5_1_from_every_method(tmp_path):
+    """gguf-asym proposes the float-offset specs (Q4_1, Q5_1) beside gguf's; gguf does not. A search
+    over it stores its bank, writes the plan as GGUF and counts its bytes exactly."""
+    from gransearch.profiles import get_profile
+
+    f = gs.QuantSpec.parse
+    assert f("w4g32f") in get_profile("gguf-asym").specs((8, 64), (4, 5, 8), (32,)) and f("w5g32f") in get_profile("gguf-asym").specs((8, 64), (5,), (32,))
+    assert not any(sp.float_zero for sp in get_profile("gguf").specs((8, 64), (4, 5, 8), (32,)))
+    assert not get_profile("gguf").allows(f("w4g32f")) and get_profile("gguf-asym").allows(f("w4g32f"))
+    assert not get_profile("vllm-asym").allows(f("w4g32f"))
+    model = tiny_model("llama")
+    G.round_embeddings(model, "Q8_0")
+    budget = plan_nbytes(model, gs.QuantPlan.uniform(model, "w4g32f", "rtn").layers, "gguf")
+    res = gs.optimize(model, budget_bytes=budget, calib=calib_windows(), eval_ids=_ids(), final_ids=None, profile="gguf-asym",
+                      methods=("rtn", "gptq", "awq"), bits=(4, 5), granularities=(32,), n_trials=4, seqlen=SEQ, eval_windows=2,
+                      bank_dir=str(tmp_path / "bank"), verbose=False)
+    keys = {k for ks in gs.bank.Bank.load(str(tmp_path / "bank")).keys for k in ks}
+    assert {"rtn:w4g32f", "gptq:w5g32f", "awq:w4g32f", "gptq:w4g32s"} <= keys
+    fresh = tiny_model("llama")
+    G.round_embeddings(fresh, "Q8_0")
+    gs.quantize(fresh, res.plan, calib_windows(), verbose=False)
+    saved = G.save_gguf(fresh, str(tmp_path / "s.gguf"))
+    assert saved.tensor_nbytes == res.nbytes <= budget
+
+
 def _bpe_tokenizer_with_merges():
     """The byte tokenizer of the CLI models plus four merges (llama.cpp wants a BPE vocabulary with merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -276,7 +333,7 @@ def test_ggml_spec_text_bytes_and_plan_rules():
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("type_name", ["Q3_K", "Q4_0"])
+@pytest.mark.parametrize("type_name", ["Q3_K", "Q4_0", "Q5_1"])
 def test_quantize_weight_is_what_llama_quantize_writes(tmp_path, type_name):
     """Our per-weight call of llama.cpp's quantizer writes the bytes llama_model_quantize writes for
     that tensor, with and without an importance matrix."""
@@ -286,7 +343,7 @@ def test_quantize_weight_is_what_llama_quantize_writes(tmp_path, type_name):
     src = G.save_gguf(model, str(tmp_path / "f32.gguf"), embd_type="F32").path
     W = model.model.layers[0].mlp.down_proj.weight.detach()
     imat = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(1)) + 0.05
-    spec = parse_spec(type_name if type_name.endswith("K") else "w4g32s")
+    spec = parse_spec(type_name)  # Q4_0 and Q5_1 are the code grids w4g32s and w5g32f
     for im in (None, imat):
         out = gs.llamacpp.quantize_file(src, str(tmp_path / "q.gguf"), "Q8_0", types={"blk.0.ffn_down.weight": type_name},
                                         imatrix=None if im is None else {"blk.0.ffn_down.weight": im.numpy()})

@@ -371,3 +371,29 @@ def test_seed_plans_run_as_warm_starts_and_bad_ones_are_refused():
     with pytest.raises(ValueError, match="over the budget"):
         gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn",), bits=BITS, granularities=GRANS, n_trials=2,
                     objective_fn=fake_objective(model), seed_plans={"big": {n: "rtn:w8c" for n in names}}, verbose=False)
+
+
+def test_kl_proxy_search_measures_divergence_and_is_bound_to_it(tmp_path):
+    """proxy='kl': every trial's value is the KL divergence from the float model (small, positive),
+    the plan says so; resuming that study with the perplexity proxy is refused; bad proxies too."""
+    from gransearch.errors import StudyMismatchError
+    from gransearch.evaluate import kl_divergence, reference_logprobs
+    from .tiny import token_stream
+
+    model = tiny_model("llama")
+    ids = token_stream(2000, seed=4)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    kw = dict(budget_bytes=budget_between(model, 0.4), calib=calib(), eval_ids=ids, methods=("rtn",), bits=BITS, granularities=GRANS,
+              seqlen=32, eval_windows=4, storage=storage, study_name="kl", n_final=0, verbose=False)
+    res = gs.optimize(model, n_trials=5, proxy="kl", **kw)
+    assert res.plan.meta["proxy"] == "kl" and 0 < res.proxy_ppl < 1
+    # the float model itself is closer to its reference than any trial
+    ref = reference_logprobs(model, ids, 32, max_windows=4, verbose=False)
+    assert all(0 < t.value < 1 for t in res.study.trials if t.state.name == "COMPLETE")
+    assert kl_divergence(model, ids, ref, 32, max_windows=4, verbose=False).kl < min(t.value for t in res.study.trials if t.value is not None)
+    with pytest.raises(StudyMismatchError, match="proxy"):
+        gs.optimize(model, n_trials=6, **kw)
+    with pytest.raises(ValueError, match="proxy must be one of"):
+        gs.optimize(model, n_trials=1, proxy="mse", **{**kw, "storage": None})
+    with pytest.raises(ValueError, match="objective_fn replaces the proxy"):
+        gs.optimize(model, n_trials=1, proxy="kl", objective_fn=fake_objective(model), **{**kw, "storage": None})

@@ -92,7 +92,7 @@ def awq_clip_ratios(
         best_err, best_r = float("inf"), 1.0
         ref = torch.einsum("ogk,ngk->ogn", wg, xg)
         for r in ratios:
-            s, z = qparams(blocks, spec.bits, spec.symmetric, r)
+            s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero)
             q = dequantize_codes(quantize_codes(w, s, z, spec.maxq), s, z).reshape(wg.shape)
             err = float(((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean())
             if err < best_err:
@@ -106,7 +106,7 @@ def awq_clip_ratios(
         best_err = torch.full(flat.shape[:1], float("inf"), device=w.device)
         best_r = torch.ones(flat.shape[:1], device=w.device)
         for r in ratios:
-            s, z = qparams(flat, spec.bits, spec.symmetric, r)
+            s, z = qparams(flat, spec.bits, spec.symmetric, r, spec.float_zero)
             q = dequantize_codes(quantize_codes(flat, s, z, spec.maxq), s, z).reshape(wc.shape)
             err = ((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean(-1).reshape(-1)
             better = err < best_err
@@ -118,14 +118,16 @@ def awq_clip_ratios(
 
 @torch.no_grad()
 def apply_clip(w: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor) -> torch.Tensor:
-    """Clamp each block of ``w`` to its shrunk range ``[r * min(w, 0), r * max(w, 0)]``.
+    """Clamp each block of ``w`` to its shrunk range ``[r * min(w, 0), r * max(w, 0)]`` (``float_zero``
+    specs: ``[r * min(w), r * max(w)]``).
 
     Quantizing the clamped weight without further clipping then uses exactly the clipped scales.
     """
     blocks = block_view(w.float(), spec)
-    zeros = torch.zeros(blocks.shape[0], 1, device=w.device)
-    lo = torch.minimum(blocks.amin(-1, keepdim=True), zeros)
-    hi = torch.maximum(blocks.amax(-1, keepdim=True), zeros)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    if not spec.float_zero:  # an integer zero point needs 0 in the range
+        zeros = torch.zeros(blocks.shape[0], 1, device=w.device)
+        lo, hi = torch.minimum(lo, zeros), torch.maximum(hi, zeros)
     if spec.symmetric:
         hi = torch.maximum(-lo, hi)
         lo = -hi
@@ -204,7 +206,7 @@ def clip_ratios_hessian(
     best_err = None
     best_r = None
     for r in ratios:
-        s, z = qparams(blocks, spec.bits, spec.symmetric, r)
+        s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero)
         q = dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape)
         e = err_of(q)
         if best_err is None:

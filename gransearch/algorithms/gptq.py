@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..quantizer import ClipArg, QuantizedWeight, block_clip_ratios, block_view, check_weight, qparams, quantize_codes
+from ..quantizer import ClipArg, QuantizedWeight, block_clip_ratios, block_view, check_weight, qparams, quantize_codes, stored_zero
 from ..spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def gptq(
         def regroup(col, W1, i):  # parameters of the group starting here, from the partially updated weights
             if col % g == 0:
                 blk = W1[:, i : i + g]
-                sc, zc = qparams(blk, spec.bits, spec.symmetric, block_clip_ratios(blk, spec, clip))
+                sc, zc = qparams(blk, spec.bits, spec.symmetric, block_clip_ratios(blk, spec, clip), spec.float_zero)
                 scale_cols[:, col // g], zero_cols[:, col // g] = sc.squeeze(1), zc.squeeze(1)
                 S[:, col : col + g], Z[:, col : col + g] = sc, zc
 
@@ -245,12 +245,12 @@ def _upfront_params(W: torch.Tensor, spec: QuantSpec, clip: ClipArg, static: boo
     zero_cols = torch.empty(out_f, n_groups, device=W.device)
     if gran.spans_rows:
         blocks = block_view(W, spec)
-        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
+        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip), spec.float_zero)
         scale_cols.fill_(float(sc)), zero_cols.fill_(float(zc))
         return scale_cols, zero_cols, True
     if not gran.grouped or static:
         blocks = block_view(W, spec)  # [out * n_groups, g]
-        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip))
+        sc, zc = qparams(blocks, spec.bits, spec.symmetric, block_clip_ratios(blocks, spec, clip), spec.float_zero)
         scale_cols.copy_(sc.view(out_f, n_groups)), zero_cols.copy_(zc.view(out_f, n_groups))
         return scale_cols, zero_cols, True
     return scale_cols, zero_cols, False
@@ -283,7 +283,7 @@ def _solve_columns(W, Hinv, S, Z, maxq, block_size, regroup=None) -> tuple[torch
             if regroup is not None:
                 regroup(col, W1, i)
             s, z, w, d = S[:, col], Z[:, col], W1[:, i], Hinv1[i, i]
-            c = torch.minimum(torch.clamp(torch.round(w / s) + z, min=0), maxq) if per_row else quantize_codes(w, s, z, maxq)
+            c = torch.minimum(quantize_codes(w, s, z, float("inf")), maxq) if per_row else quantize_codes(w, s, z, maxq)
             q = (c - z) * s
             codes[:, col] = c
             err = (w - q) / d
@@ -299,7 +299,7 @@ def _result(codes, scale_cols, zero_cols, spec: QuantSpec, prep: "GPTQPrepared",
         codes = codes[:, torch.argsort(prep.perm.to(codes.device))]
     if spec.granularity.spans_rows:
         scale_cols, zero_cols = scale_cols[:1, :1], zero_cols[:1, :1]
-    qw = QuantizedWeight(codes.to(torch.uint8), scale_cols.to(torch.float16), None if spec.symmetric else zero_cols.to(torch.uint8), spec)
+    qw = QuantizedWeight(codes.to(torch.uint8), scale_cols.to(torch.float16), stored_zero(zero_cols, scale_cols, spec), spec)
     return GPTQResult(qw, prep.damp, prep.damp_raised, prep.n_dead, float(loss.sum()))
 
 

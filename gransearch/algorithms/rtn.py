@@ -32,5 +32,5 @@ def rtn(
     check_weight(weight, spec, name)
     blocks = block_view(weight.detach().float(), spec)
     ratio = block_clip_ratios(blocks, spec, clip)
-    scale, zero = qparams(blocks, spec.bits, spec.symmetric, ratio)
+    scale, zero = qparams(blocks, spec.bits, spec.symmetric, ratio, spec.float_zero)
     return quantize_with_params(weight.detach(), spec, scale, zero)

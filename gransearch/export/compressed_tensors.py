@@ -69,6 +69,9 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = 1) -> torch
 
 
 def _check(spec: QuantSpec, name: str) -> None:
+    if getattr(spec, "float_zero", False):
+        raise ValueError(f"{name}: {spec} has a float offset (llama.cpp's Q4_1/Q5_1 layout); compressed-tensors stores integer "
+                         "zero points: use an integer-zero spec (w4g32) for compressed-tensors, or write a GGUF (save_gguf)")
     if spec.granularity.spans_rows:
         raise ValueError(f"{name}: per-tensor {spec} has no compressed-tensors pack-quantized layout (and no vLLM kernel); "
                          "use per-channel or groups (the 'vllm' search profile never proposes it)")

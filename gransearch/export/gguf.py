@@ -10,18 +10,21 @@ ggml type  spec          one block of 32 weights                                
 ``Q4_0``   ``w4g32s``    float16 ``d``; 16 bytes: ``q[j] | q[j+16] << 4``            18
 ``Q5_0``   ``w5g32s``    float16 ``d``; uint32 of the 5th bits; 16 bytes of low nibbles  22
 ``Q8_0``   ``w8g32s``    float16 ``d``; 32 int8                                       34
+``Q4_1``   ``w4g32f``    float16 ``d``, float16 ``m``; 16 bytes as ``Q4_0``             20
+``Q5_1``   ``w5g32f``    float16 ``d``, float16 ``m``; the rest as ``Q5_0``             24
 =========  ============  ==========================================================  =======
 
 The weight is ``d * (q - 2**(b-1))`` in both libraries: gransearch's symmetric code ``c`` with its
 implied zero point ``2**(b-1)`` *is* ggml's unsigned ``q`` (Q4_0, Q5_0), and ggml's signed Q8_0
 value is ``c - 128``. Our scale is ggml's ``d`` (both float16). Only the scale each chooses differs
 (ggml: ``d = -max/2**(b-1)`` from the signed extreme; gransearch: ``2*amax/(2**b - 1)``, or the
-clip ratio a method picked); llama.cpp reads any ``d``.
+clip ratio a method picked); llama.cpp reads any ``d``. ``Q4_1``/``Q5_1`` are the *float-offset*
+specs: ``w = d * q + m`` in both libraries, with gransearch's float16 offset as ggml's ``m``.
 
-Other types (``Q4_1``/``Q5_1``, whose offset is a float16 minimum; the K-quants with 256-weight
-super-blocks; ``IQ4_NL``/``IQ4_XS``) are :class:`~gransearch.spec.GGMLSpec`: only llama.cpp's own
-quantizer makes them (method ``llamacpp``), they are kept as raw blocks (:class:`GGMLWeight`) and
-dequantized with the ``gguf`` package.
+Other types (the K-quants with 256-weight super-blocks; ``IQ4_NL``/``IQ4_XS``) are
+:class:`~gransearch.spec.GGMLSpec`: only llama.cpp's own quantizer makes them (method
+``llamacpp``), they are kept as raw blocks (:class:`GGMLWeight`) and dequantized with the ``gguf``
+package.
 
 Tensor names and layouts follow llama.cpp's converter: for ``llama``-family models the rows of
 ``q_proj``/``k_proj`` are permuted head by head (``permute_qk``); the row permutation moves whole
@@ -71,6 +74,8 @@ SPEC_OF_TYPE = {
     "Q4_0": QuantSpec(4, PerGroup(32), symmetric=True),
     "Q5_0": QuantSpec(5, PerGroup(32), symmetric=True),
     "Q8_0": QuantSpec(8, PerGroup(32), symmetric=True),
+    "Q4_1": QuantSpec(4, PerGroup(32), float_zero=True),
+    "Q5_1": QuantSpec(5, PerGroup(32), float_zero=True),
 }
 TYPE_OF_SPEC = {str(s): t for t, s in SPEC_OF_TYPE.items()}
 
@@ -168,13 +173,15 @@ def encode(q: QuantizedWeight) -> np.ndarray:
     nblk = in_f // 32
     c = q.codes.to("cpu", torch.uint8).numpy().reshape(out_f * nblk, 32)
     d = q.scale.to("cpu", torch.float16).numpy().reshape(out_f * nblk, 1).view(np.uint8)  # [n, 2]
+    if t in ("Q4_1", "Q5_1"):  # the float16 minimum follows d; the codes are laid out as Q4_0/Q5_0's
+        d = np.concatenate([d, q.zero.to("cpu", torch.float16).numpy().reshape(out_f * nblk, 1).view(np.uint8)], axis=1)
     if t == "Q8_0":
         qs = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
         blocks = np.concatenate([d, qs], axis=1)
-    elif t == "Q4_0":
+    elif t in ("Q4_0", "Q4_1"):
         qs = c[:, :16] | (c[:, 16:] << np.uint8(4))
         blocks = np.concatenate([d, qs], axis=1)
-    else:  # Q5_0
+    else:  # Q5_0, Q5_1
         qh = np.packbits((c >> np.uint8(4)) & np.uint8(1), axis=1, bitorder="little")  # [n, 4]: bit j = 5th bit of q[j]
         lo = c & np.uint8(15)
         qs = lo[:, :16] | (lo[:, 16:] << np.uint8(4))
@@ -188,11 +195,16 @@ def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized
     if spec is None:
         raise ValueError(f"{type_name} is not one of the types gransearch reads as codes ({', '.join(SPEC_OF_TYPE)})")
     out_f, in_f = shape
+    type_name = type_name.upper()
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out_f * (in_f // 32), -1)
     d = b[:, :2].copy().view(np.float16).reshape(out_f, in_f // 32)
+    zero = None
+    if spec.float_zero:  # Q4_1, Q5_1: the float16 minimum, then the Q4_0/Q5_0 layout
+        zero = torch.from_numpy(b[:, 2:4].copy().view(np.float16).reshape(out_f, in_f // 32))
+        b = b[:, 2:]
     if type_name == "Q8_0":
         c = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    elif type_name == "Q4_0":
+    elif spec.bits == 4:
         qs = b[:, 2:]
         c = np.concatenate([qs & 15, qs >> 4], axis=1)
     else:
@@ -200,7 +212,7 @@ def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized
         qs = b[:, 6:]
         c = np.concatenate([qs & 15, qs >> 4], axis=1) | (qh << 4)
     codes = torch.from_numpy(c.reshape(out_f, in_f).astype(np.uint8))
-    return QuantizedWeight(codes, torch.from_numpy(d.copy()), None, spec)
+    return QuantizedWeight(codes, torch.from_numpy(d.copy()), zero, spec)
 
 
 def gguf_names(model: nn.Module, arch: str = "llama") -> dict:
