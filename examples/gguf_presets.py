@@ -92,11 +92,18 @@ def run(args) -> None:
     val = gs.load_tokens("wiki-sample", tok, "validation")
     test = gs.load_tokens("wiki-sample", tok, "test")
 
+    f32 = os.path.join(args.out, "f32.gguf")
+
+    def kl_score(path):
+        if not args.kl_windows:
+            return {}
+        r = llamacpp.kl_divergence(path, f32, test, seqlen=512, max_windows=args.kl_windows, verbose=False)
+        return {"kl": r.kl, "kl_se": r.kl_se, "top1": r.top1, "kl_windows": r.n_windows, "kl_ppl": r.ppl}
+
     def score(path):
         r = llamacpp.perplexity(path, test, seqlen=512, max_windows=args.max_windows, verbose=False)
-        return {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds}
+        return {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds, **kl_score(path)}
 
-    f32 = os.path.join(args.out, "f32.gguf")
     if not os.path.exists(f32):
         G.save_gguf(model, f32, source=args.model, embd_type="F32")
     if "f32" not in rows:
@@ -111,9 +118,13 @@ def run(args) -> None:
     for preset in presets:
         for with_imatrix in (False, True):
             name = f"{preset}{'+imatrix' if with_imatrix else ''}"
+            path = os.path.join(args.out, f"{name}.gguf")
+            if name in rows and args.kl_windows and rows[name].get("kl_windows") != args.kl_windows:  # rows scored before KL was
+                llamacpp.quantize_file(f32, path, preset, imatrix=imat if with_imatrix else None)
+                keep(name, {**rows[name], **kl_score(path)})
+                os.remove(path)
             if name in rows:
                 continue
-            path = os.path.join(args.out, f"{name}.gguf")
             t0 = time.perf_counter()
             llamacpp.quantize_file(f32, path, preset, imatrix=imat if with_imatrix else None)
             keep(name, {"kind": "llama.cpp", "preset": preset, "imatrix": with_imatrix, "tensor_bytes": _tensor_bytes(path),
@@ -125,8 +136,13 @@ def run(args) -> None:
     seeded = [p.strip() for p in args.seeded.split(",") if p.strip()]
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     tag = "" if methods == METHODS else f"[{'+'.join(methods)}]"  # another candidate set: its own rows, study and bank
+    kl_tag = "{kl}" if args.proxy == "kl" else ""  # another proxy: its own rows and studies (the bank is shared)
     for preset, seed in [(p, False) for p in presets] + [(p, True) for p in seeded]:
-        name = f"search{tag}{'+seed' if seed else ''}@{preset}"
+        name = f"search{tag}{kl_tag}{'+seed' if seed else ''}@{preset}"
+        suffix = f"{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}{'-kl' if kl_tag else ''}"
+        path = os.path.join(args.out, f"search-{preset}{suffix}.gguf")
+        if name in rows and args.kl_windows and rows[name].get("kl_windows") != args.kl_windows and os.path.exists(path):
+            keep(name, {**rows[name], **kl_score(path)})
         if name in rows:
             continue
         budget = rows[preset]["tensor_bytes"]
@@ -140,16 +156,15 @@ def run(args) -> None:
         try:
             res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None, methods=methods, bits=(4, 5, 8),
                               granularities=(32,), n_trials=args.trials, n_final=0, profile="gguf", seed_plans=seeds, eval_windows=args.eval_windows,
-                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db",
-                              study_name=f"gguf-{budget}{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}",
+                              storage=f"sqlite:///{os.path.abspath(args.out)}/study.db", proxy=args.proxy,
+                              study_name=f"gguf-{budget}{suffix}",
                               bank_dir=os.path.join(args.out, "bank" + ("-" + "-".join(methods) if tag else "")), device=args.device)
         except BudgetError as exc:
             keep(name, {"kind": "search", "preset": preset, "budget_bytes": budget, "infeasible": str(exc)})
             continue
         search_s = time.perf_counter() - t0
-        res.plan.save(os.path.join(args.out, f"plan-{preset}{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}.json"))
+        res.plan.save(os.path.join(args.out, f"plan-{preset}{suffix}.json"))
         gs.quantize(model, res.plan, calib, device=args.device, objective=False)
-        path = os.path.join(args.out, f"search-{preset}.gguf")
         saved = G.save_gguf(model, path, source=args.model, embd_type=embd)
         torch_ppl = gs.perplexity(model, test, seqlen=512, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
         by_kind = collections.defaultdict(collections.Counter)
@@ -158,10 +173,9 @@ def run(args) -> None:
         won = [t.user_attrs.get("kind") for t in res.study.trials if t.number == res.plan.meta.get("trial")]
         keep(name, {"kind": "search", "preset": preset, "seeded": seed, "methods": list(methods), "best_kind": won[0] if won else None,
                     "budget_bytes": budget, "tensor_bytes": saved.tensor_nbytes, "linear_bytes": _linear_bytes(path),
-                    "plan_bytes": res.nbytes, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
+                    "plan_bytes": res.nbytes, "proxy": args.proxy, "proxy_ppl": res.proxy_ppl, "torch_ppl": torch_ppl, "trials": res.n_trials,
                     "search_seconds": search_s, "types": _types(path), "by_kind": {k: dict(v.most_common()) for k, v in by_kind.items()},
-                    **score(path)})
-        os.remove(path)
+                    **score(path)})  # the file is kept (runs/ is not in git): later scorings read it
         del model
     print(report_text(rows))
 
@@ -181,11 +195,14 @@ def _preset_plan(f32: str, out: str, preset: str, imat: dict, model) -> dict:
 
 def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
-    tags = sorted({k.split("@")[0] for k in rows if k.startswith("search[")})  # searches over another candidate set
+    tags = sorted({k.split("@")[0] for k in rows if k.startswith(("search[", "search{"))})  # another candidate set or proxy
+
+    def label(t: str) -> str:
+        return t[6:].replace("{kl}", ", KL proxy").replace("[", "").replace("]", "").replace("+", ", ").strip(", ")
     out = [f"{ref.get('model', 'smollm2-135m')}: F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
            f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
            "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |"
-           + "".join(f" search, {t[7:-1].replace('+', ', ')} |" for t in tags),
+           + "".join(f" search, {label(t)} |" for t in tags),
            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tags)]
     lin_weights = ref.get("linear_weights", 106_168_320)  # (rows made before it was recorded: SmolLM2's linear weights)
     fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # (likewise: SmolLM2's Q8_0 token embedding and F32 norms)
@@ -203,6 +220,19 @@ def report_text(rows: dict) -> str:
         out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | "
                    f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |"
                    + "".join(f" {search(t, p, r['tensor_bytes'])} |" for t in tags))
+    scored = [(k, v) for k, v in rows.items() if "kl" in v]
+    if scored:
+        n = sorted({v["kl_windows"] for _, v in scored})
+        out += ["", f"KL divergence from the F32 file, llama.cpp, first {'/'.join(map(str, n))} test windows (mean per token, "
+                    "+- its standard error over windows; lower is closer to the float model):", "",
+                "| size | file | test perplexity | KL divergence | same top token |", "|---|---|---:|---:|---:|"]
+        for name, r in rows.items():
+            if r.get("kind") != "llama.cpp" or r.get("imatrix"):
+                continue
+            size = r["tensor_bytes"]
+            for k, v in scored:
+                if v.get("tensor_bytes", v.get("budget_bytes")) == size or k in (name, f"{name}+imatrix"):
+                    out.append(f"| {r['preset']} | {k.split('@')[0]} | {v['ppl']:.3f} | {v['kl']:.4f} +- {v['kl_se']:.4f} | {100 * v['top1']:.2f}% |")
     return "\n".join(out)
 
 
@@ -216,6 +246,10 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="the search's methods (another set gets rows, a study and a bank of its own)")
     ap.add_argument("--seeded", default="", help="presets whose size is searched again with llama.cpp's own mix as a warm start")
     ap.add_argument("--max-windows", type=int, default=None, help="test windows scored (default: the whole test split)")
+    ap.add_argument("--proxy", default="ppl", choices=("ppl", "kl"), help="the search's proxy (kl: its own rows and studies)")
+    ap.add_argument("--kl-windows", type=int, default=20,
+                    help="first test windows on which llama.cpp's KL divergence from the F32 file is scored too (0: none); "
+                         "rows scored before get it on the next run where their file is there or remade")
     ap.add_argument("--device", default=None)
     ap.add_argument("--report", default=None, metavar="FOLDER", help="print the tables of a finished run")
     args = ap.parse_args()

@@ -32,6 +32,29 @@ def test_smollm_float_export_is_its_source(tmp_path):
         assert out.fields[key].contents() == src.fields[key].contents()
 
 
+@needs_smollm
+def test_smollm_q4_1_source_is_reproduced_by_our_float_offset_grid(tmp_path):
+    """The packaged SmolLM2 stores its linears as Q4_1: RTN at w4g32f (a float16 scale and minimum
+    per block of 32) gives back every linear weight bit for bit, and written as GGUF those tensors
+    are Q4_1 blocks equal to the source's. So our float-offset grid is ggml's, and Q4_1 is a free
+    ride on this model (the reason the gguf profile leaves it out and docs/gguf.md never uses it)."""
+    import gguf
+
+    model, _ = gs.load_model("smollm2-135m")
+    for r in gs.arch.model_linears(model):
+        W = r.module.weight.detach()
+        assert torch.equal(gs.rtn(W, gs.QuantSpec.parse("w4g32f")).dequantize(), W), r.name
+    G.round_embeddings(model, "Q8_0")
+    gs.quantize(model, gs.QuantPlan.uniform(model, "w4g32f", "rtn"), None, verbose=False)
+    out = gguf.GGUFReader(G.save_gguf(model, str(tmp_path / "q4_1.gguf"), source="smollm2-135m").path)
+    src = {t.name: t for t in gguf.GGUFReader(gs.models.packaged_gguf("smollm2-135m")).tensors}
+    linears = [t for t in out.tensors if t.name.startswith("blk.") and "norm" not in t.name]
+    assert len(linears) == 210 and {t.tensor_type.name for t in linears} == {"Q4_1"}
+    for t in linears:
+        a = src[t.name]
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), gguf.quants.dequantize(a.data, a.tensor_type)), t.name
+
+
 def _mixed(model):
     kinds = {"q_proj": "w4g32s", "k_proj": "w4g32s", "v_proj": "w8g32s", "o_proj": "w5g32s", "gate_proj": "w4g32s",
              "up_proj": "w5g32s", "down_proj": "w8g32s"}
