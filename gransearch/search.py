@@ -199,6 +199,34 @@ def _seed_choices(seed_plans: dict, bank, costs, fixed: int, budget: int) -> dic
     return out
 
 
+ONLY = "only:"  # a warm start named "only:<method>": the knapsack over that method's candidates alone
+
+
+def _method_mask(bank: Bank, method: str, shape) -> np.ndarray:
+    """``[layers, K]``: true where the bank's candidate is made by ``method``."""
+    mask = np.zeros(shape, dtype=bool)
+    for i, keys in enumerate(bank.keys):
+        for j, k in enumerate(keys):
+            mask[i, j] = k.split(":", 1)[0] == method
+    return mask
+
+
+def _restricted_starts(bank: Bank, costs: np.ndarray, capacity: int) -> list[str]:
+    """The methods whose candidates alone can fill the budget, when the bank holds several: each
+    gets a warm start of its own. Layer objectives of different methods are not comparable for the
+    proxy (GPTQ's is the lowest by construction and can lose on perplexity), so the knapsack over
+    all of them can miss a plan that one method alone makes."""
+    methods = sorted({k.split(":", 1)[0] for keys in bank.keys for k in keys})
+    if len(methods) < 2:
+        return []
+    out = []
+    for m in methods:
+        mask = _method_mask(bank, m, costs.shape)
+        if mask.any(axis=1).all() and int(np.where(mask, costs, np.iinfo(np.int64).max).min(axis=1).sum()) <= capacity:
+            out.append(m)
+    return out
+
+
 def _ranked(complete) -> list:
     """Complete trials by proxy perplexity, one per distinct plan."""
     ranked, seen = [], set()
@@ -398,6 +426,9 @@ def optimize(
         w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
         w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
         base = bases[mode]
+        warm = trial.user_attrs.get("warm") or ""
+        if warm.startswith(ONLY):  # one method's candidates alone
+            base = np.where(_method_mask(bank, warm[len(ONLY):], base.shape), base, np.inf)
         weights = np.array([w_type[layer_kind(n)] * w_depth[q] for n, q in zip(names, quarters)])
         if tied is None:
             choice = solve_knapsack(costs, base * weights[:, None], capacity)
@@ -456,8 +487,11 @@ def optimize(
 
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
+        warm = {mode: {"objective": mode, **neutral} for mode in bases}
+        first = next(iter(bases))  # the Fisher-weighted table when the bank has it
+        warm.update({ONLY + m: {"objective": first, **neutral} for m in _restricted_starts(bank, costs, capacity)})
         with storage_lock(storage):
-            enqueue_missing(study, uniform, {mode: {"objective": mode, **neutral} for mode in bases}, seeds=list(seeds))
+            enqueue_missing(study, uniform, warm, seeds=list(seeds))
     t_search = time.perf_counter()
     # failed trials (errors, dead workers) are not counted, so their warm starts run again within n_trials;
     # every worker stops when the study holds n_trials counted trials, whoever ran them
