@@ -29,6 +29,7 @@ import time
 import gransearch as gs
 from gransearch import llamacpp
 from gransearch.errors import BudgetError
+from gransearch.evaluate import Perplexity
 from gransearch.export import gguf as G
 
 METHODS = ("rtn", "gptq", "awq", "llamacpp")
@@ -100,9 +101,25 @@ def run(args) -> None:
         r = llamacpp.kl_divergence(path, f32, test, seqlen=512, max_windows=args.kl_windows, verbose=False)
         return {"kl": r.kl, "kl_se": r.kl_se, "top1": r.top1, "kl_windows": r.n_windows, "kl_ppl": r.ppl}
 
-    def score(path):
+    def ppl_score(path):
         r = llamacpp.perplexity(path, test, seqlen=512, max_windows=args.max_windows, verbose=False)
-        return {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds, **kl_score(path)}
+        return {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds, "window_nll": list(r.window_nll)}
+
+    def score(path):
+        return {**ppl_score(path), **kl_score(path)}
+
+    def rescored(name: str, path: str) -> None:
+        """A row scored before the per-window NLLs or the KL divergence were kept: what it lacks, from its file."""
+        row = dict(rows[name])
+        if "window_nll" not in row:
+            row.update(ppl_score(path))
+        if args.kl_windows and row.get("kl_windows") != args.kl_windows:
+            row.update(kl_score(path))
+        if row != rows[name]:
+            keep(name, row)
+
+    def stale(name: str) -> bool:
+        return name in rows and ("window_nll" not in rows[name] or bool(args.kl_windows and rows[name].get("kl_windows") != args.kl_windows))
 
     if not os.path.exists(f32):
         G.save_gguf(model, f32, source=args.model, embd_type="F32")
@@ -119,9 +136,9 @@ def run(args) -> None:
         for with_imatrix in (False, True):
             name = f"{preset}{'+imatrix' if with_imatrix else ''}"
             path = os.path.join(args.out, f"{name}.gguf")
-            if name in rows and args.kl_windows and rows[name].get("kl_windows") != args.kl_windows:  # rows scored before KL was
+            if stale(name):  # the file is remade in seconds
                 llamacpp.quantize_file(f32, path, preset, imatrix=imat if with_imatrix else None)
-                keep(name, {**rows[name], **kl_score(path)})
+                rescored(name, path)
                 os.remove(path)
             if name in rows:
                 continue
@@ -141,8 +158,8 @@ def run(args) -> None:
         name = f"search{tag}{kl_tag}{'+seed' if seed else ''}@{preset}"
         suffix = f"{'-seeded' if seed else ''}{'-' + '-'.join(methods) if tag else ''}{'-kl' if kl_tag else ''}"
         path = os.path.join(args.out, f"search-{preset}{suffix}.gguf")
-        if name in rows and args.kl_windows and rows[name].get("kl_windows") != args.kl_windows and os.path.exists(path):
-            keep(name, {**rows[name], **kl_score(path)})
+        if stale(name) and os.path.exists(path):
+            rescored(name, path)
         if name in rows:
             continue
         budget = rows[preset]["tensor_bytes"]
@@ -193,6 +210,15 @@ def _preset_plan(f32: str, out: str, preset: str, imat: dict, model) -> dict:
     return {hf: f"llamacpp:{spec.get(types[g], types[g])}" for hf, g in G.gguf_names(model).items()}
 
 
+def paired(row: dict, base: dict) -> str:
+    """The perplexity change of ``row`` against ``base`` on the same test windows, +- its standard error."""
+    if row is base or "window_nll" not in row or "window_nll" not in base:
+        return "-"
+    change, se = Perplexity(row["ppl"], 0, 0, 0, 0, 0, tuple(row["window_nll"])).paired_change(
+        Perplexity(base["ppl"], 0, 0, 0, 0, 0, tuple(base["window_nll"])))
+    return f"{100 * change:+.2f}% +- {100 * se:.2f}%"
+
+
 def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
     tags = sorted({k.split("@")[0] for k in rows if k.startswith(("search[", "search{"))})  # another candidate set or proxy
@@ -225,14 +251,20 @@ def report_text(rows: dict) -> str:
         n = sorted({v["kl_windows"] for _, v in scored})
         out += ["", f"KL divergence from the F32 file, llama.cpp, first {'/'.join(map(str, n))} test windows (mean per token, "
                     "+- its standard error over windows; lower is closer to the float model):", "",
-                "| size | file | test perplexity | KL divergence | same top token |", "|---|---|---:|---:|---:|"]
+                "| size | file | test perplexity | against the imatrix preset (paired over windows) | KL divergence | same top token |",
+                "|---|---|---:|---:|---:|---:|"]
+        sizes = set()
         for name, r in rows.items():
-            if r.get("kind") != "llama.cpp" or r.get("imatrix"):
+            if r.get("kind") != "llama.cpp" or r.get("imatrix") or r["tensor_bytes"] in sizes:
                 continue
             size = r["tensor_bytes"]
+            sizes.add(size)
             for k, v in scored:
                 if v.get("tensor_bytes", v.get("budget_bytes")) == size or k in (name, f"{name}+imatrix"):
-                    out.append(f"| {r['preset']} | {k.split('@')[0]} | {v['ppl']:.3f} | {v['kl']:.4f} +- {v['kl_se']:.4f} | {100 * v['top1']:.2f}% |")
+                    what = v.get("note") or (f"search, {label(k.split('@')[0]) or 'all methods'}" + ("" if v.get("proxy") == "kl" else ", perplexity proxy")
+                                             if k.startswith("search") else k.split("@")[0])
+                    out.append(f"| {r['preset']} | {what} | {v['ppl']:.3f} | {paired(v, rows.get(name + '+imatrix', {}))} | "
+                               f"{v['kl']:.4f} +- {v['kl_se']:.4f} | {100 * v['top1']:.2f}% |")
     return "\n".join(out)
 
 

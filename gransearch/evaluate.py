@@ -45,9 +45,21 @@ class Perplexity:
     n_windows: int
     seqlen: int
     seconds: float
+    window_nll: Optional[tuple] = None  # mean NLL of each window, where the scorer keeps them (llama.cpp's does)
 
     def __float__(self) -> float:
         return self.ppl
+
+    def paired_change(self, other: "Perplexity") -> tuple[float, float]:
+        """``(change, standard error)`` of this perplexity relative to ``other`` on the same windows:
+        ``exp(mean d) - 1`` with ``d`` the per-window difference of mean NLL, and its standard error
+        over windows (so a change smaller than about two standard errors is a tie on these windows)."""
+        if self.window_nll is None or other.window_nll is None or len(self.window_nll) != len(other.window_nll):
+            raise ValueError("paired_change needs the per-window NLLs of both results on the same windows (llama.cpp's perplexity keeps them)")
+        d = torch.tensor(self.window_nll, dtype=torch.float64) - torch.tensor(other.window_nll, dtype=torch.float64)
+        m = float(d.mean())
+        se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+        return math.exp(m) - 1, math.exp(m) * se
 
     def __str__(self) -> str:
         return (

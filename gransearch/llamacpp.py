@@ -175,22 +175,24 @@ def perplexity(path: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Opt
     each decoded alone from an empty cache with the logits of every position, ``seqlen - 1``
     predicted tokens each, in llama.cpp's default context (F16 KV cache, as its perplexity tool
     runs). llama.cpp rounds the activations that meet a quantized weight
-    to 8 bits in blocks of 32 (its CPU dot products): that is part of what it scores.
+    to 8 bits in blocks of 32 (its CPU dot products): that is part of what it scores. The result
+    keeps each window's mean NLL (``window_nll``), for :meth:`Perplexity.paired_change`.
     """
     from tqdm.auto import tqdm
 
     win = windows(ids, seqlen, max_windows).to(torch.int32)
     t0 = time.time()
-    total = 0.0
+    per_window = np.zeros(win.shape[0])
     with _window_logits(path, win, seqlen, n_threads) as decoded:
         for w, logits in tqdm(decoded, total=win.shape[0], desc="llama.cpp perplexity", disable=not verbose, leave=False):
             tgt = win[w, 1:].long()
             for sl in _row_chunks(logits.shape[1], seqlen):
                 lg = torch.from_numpy(logits[sl].astype(np.float64))
-                total += float(_finite(torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt[sl].unsqueeze(1)).squeeze(1), w, path).sum())
+                per_window[w] += float(_finite(torch.logsumexp(lg, dim=-1) - lg.gather(1, tgt[sl].unsqueeze(1)).squeeze(1), w, path).sum())
     n_tok = win.shape[0] * (seqlen - 1)
-    nll = total / n_tok
-    return Perplexity(math.exp(nll), nll, n_tok, int(win.shape[0]), seqlen, time.time() - t0)
+    nll = float(per_window.sum()) / n_tok
+    return Perplexity(math.exp(nll), nll, n_tok, int(win.shape[0]), seqlen, time.time() - t0,
+                      tuple(float(x) for x in per_window / (seqlen - 1)))
 
 
 def kl_divergence(path: str, reference: str, ids: torch.Tensor, seqlen: int = 512, max_windows: Optional[int] = None,

@@ -149,6 +149,13 @@ def test_llamacpp_kl_divergence_is_torchs(tmp_path):
     assert theirs.n_tokens == ours.n_tokens and ours.kl > 10 * ours.kl_se > 0
     assert abs(theirs.kl / ours.kl - 1) < 0.05
     assert abs(theirs.ppl / ours.ppl - 1) < 0.01
+    # perplexity kept per window: the paired change of two files is their ratio, with a standard error
+    a = gs.llamacpp.perplexity(str(tmp_path / "q.gguf"), ids, seqlen=SEQ, verbose=False)
+    b = gs.llamacpp.perplexity(f32, ids, seqlen=SEQ, verbose=False)
+    change, se = a.paired_change(b)
+    assert len(a.window_nll) == a.n_windows and abs(change - (a.ppl / b.ppl - 1)) < 1e-9 and se > 0
+    with pytest.raises(ValueError, match="per-window"):
+        a.paired_change(gs.perplexity(model, ids, seqlen=SEQ, verbose=False))
 
 
 @needs_llamacpp
