@@ -75,13 +75,24 @@ def test_transformers_reads_the_written_weights(tmp_path):
         assert torch.equal(v, ours[k]), k
 
 
-def _mixed_plan(model):
-    """A plan that uses every GGUF type and method, by layer kind."""
-    names = [r.name for r in gs.arch.model_linears(model)]
-    choice = {"q_proj": ("w4g32s", "gptq"), "k_proj": ("w4g32s", "awq"), "v_proj": ("w8g32s", "rtn"), "o_proj": ("w5g32s", "gptq"),
-              "gate_proj": ("w4g32s", "awq+gptq"), "up_proj": ("w5g32s", "awq"), "down_proj": ("w8g32s", "gptq")}
-    layers = {n: gs.LayerPlan.from_key("{1}:{0}".format(*choice[n.rsplit(".", 1)[-1]])) for n in names}
+def _plan_by_kind(model, choice: dict):
+    """A plan giving each linear ``choice[its kind] = (spec, method)``."""
+    layers = {r.name: gs.LayerPlan.from_key("{1}:{0}".format(*choice[r.name.rsplit(".", 1)[-1]])) for r in gs.arch.model_linears(model)}
     return gs.QuantPlan(layers, gs.plan.model_fingerprint(model))
+
+
+def _mixed_plan(model):
+    """A plan that uses every symmetric GGUF type and method, by layer kind."""
+    return _plan_by_kind(model, {"q_proj": ("w4g32s", "gptq"), "k_proj": ("w4g32s", "awq"), "v_proj": ("w8g32s", "rtn"),
+                                 "o_proj": ("w5g32s", "gptq"), "gate_proj": ("w4g32s", "awq+gptq"), "up_proj": ("w5g32s", "awq"),
+                                 "down_proj": ("w8g32s", "gptq")})
+
+
+def _float_offset_plan(model):
+    """Q4_1 and Q5_1 (float-offset specs) from gransearch's own methods, beside Q4_0 and Q8_0."""
+    return _plan_by_kind(model, {"q_proj": ("w4g32f", "gptq"), "k_proj": ("w5g32f", "awq"), "v_proj": ("w5g32f", "rtn"),
+                                 "o_proj": ("w4g32f", "awq+gptq"), "gate_proj": ("w4g32s", "gptq"), "up_proj": ("w4g32f", "rtn"),
+                                 "down_proj": ("w8g32s", "gptq")})
 
 
 @needs_llamacpp
@@ -93,15 +104,6 @@ def test_llamacpp_scores_the_unquantized_export_as_torch_does(tmp_path):
     theirs = gs.llamacpp.perplexity(str(tmp_path / "f32.gguf"), ids, seqlen=SEQ, verbose=False)
     assert theirs.n_tokens == ours.n_tokens and theirs.n_windows == ours.n_windows
     assert abs(theirs.ppl / ours.ppl - 1) < 1e-4
-
-
-def _float_offset_plan(model):
-    """Q4_1 and Q5_1 (float-offset specs) from gransearch's own methods, beside Q4_0 and Q8_0."""
-    names = [r.name for r in gs.arch.model_linears(model)]
-    choice = {"q_proj": ("w4g32f", "gptq"), "k_proj": ("w5g32f", "awq"), "v_proj": ("w5g32f", "rtn"), "o_proj": ("w4g32f", "awq+gptq"),
-              "gate_proj": ("w4g32s", "gptq"), "up_proj": ("w4g32f", "rtn"), "down_proj": ("w8g32s", "gptq")}
-    layers = {n: gs.LayerPlan.from_key("{1}:{0}".format(*choice[n.rsplit(".", 1)[-1]])) for n in names}
-    return gs.QuantPlan(layers, gs.plan.model_fingerprint(model))
 
 
 @needs_llamacpp
