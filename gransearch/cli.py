@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import time
@@ -84,12 +85,18 @@ def cmd_eval(args) -> int:
     gs.data.check_text_name(args.data)
     if args.llamacpp and gs.models.gguf_source(args.model) is None:
         raise ValueError(f"--llamacpp scores a GGUF file: {args.model!r} is not one (give a .gguf path or a packaged model)")
+    if args.reference and not (args.llamacpp and str(args.reference).endswith(".gguf") and os.path.exists(args.reference)):
+        raise ValueError(f"--reference takes the unquantized model's .gguf file, with --llamacpp; {args.reference!r} is not one "
+                         "(write it with: gransearch quantize ... or gs.save_gguf(model, 'f32.gguf', embd_type='F32'))")
     model, tok = gs.load_model(args.model, dtype=args.dtype, device=_device(args.device), trust_remote_code=args.trust_remote_code)
     ids = gs.load_tokens(args.data, tok, args.split)
     if args.llamacpp:
         from gransearch import llamacpp
 
         del model
+        if args.reference:
+            kl = llamacpp.kl_divergence(gs.models.gguf_source(args.model), args.reference, ids, seqlen=args.seqlen,
+                                        max_windows=args.max_windows, verbose=not args.quiet)
         res = llamacpp.perplexity(gs.models.gguf_source(args.model), ids, seqlen=args.seqlen, max_windows=args.max_windows,
                                   verbose=not args.quiet)
     else:
@@ -106,6 +113,9 @@ def cmd_eval(args) -> int:
         "tokens_per_second": round(res.n_windows * res.seqlen / res.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
+    if args.reference:
+        out.update({"reference": args.reference, "kl_divergence": round(kl.kl, 6), "kl_divergence_se": round(kl.kl_se, 6),
+                    "same_top_token": round(kl.top1, 4), "reference_perplexity": round(kl.ref_ppl, 4)})
     _emit(out, args.json)
     return 0
 
@@ -427,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_eval_args(p)
     p.add_argument("--llamacpp", action="store_true", help="score the GGUF file with llama.cpp (CPU) instead of torch")
+    p.add_argument("--reference", default=None, metavar="F32.gguf",
+                   help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

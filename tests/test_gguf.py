@@ -310,6 +310,11 @@ def test_cli_quantize_and_eval_with_llamacpp(cli_assets, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--data", text, "--seqlen", "32", "--llamacpp", "--json", "--quiet"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["engine"] == "llama.cpp" and ev["perplexity"] == g["ppl_llamacpp"]
+    assert main(["eval", "--model", str(out), "--data", text, "--seqlen", "32", "--llamacpp", "--reference", str(out), "--json", "--quiet"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(ev["kl_divergence"]) < 1e-6 and ev["same_top_token"] == 1 and ev["reference_perplexity"] == ev["perplexity"]
+    assert main(["eval", "--model", str(out), "--data", text, "--reference", str(out), "--quiet"]) == 2
+    assert "--reference takes" in capsys.readouterr().err
     assert main(["eval", "--model", model_dir, "--data", text, "--llamacpp", "--quiet"]) == 2
     assert "not one" in capsys.readouterr().err
 
