@@ -439,8 +439,9 @@ def test_quantize_weights_llamacpp_by_the_float_models_importance():
 
 @needs_llamacpp
 def test_cli_optimize_gguf_profile_saves_a_searched_gguf(cli_assets, tmp_path):
-    """`gransearch optimize --profile gguf --save-gguf FILE --llamacpp-eval`: one command from model to
-    a searched GGUF whose tensors weigh the plan's bytes, within the budget, scored by llama.cpp."""
+    """`gransearch optimize --profile gguf --proxy kl --save-gguf FILE --llamacpp-eval`: one command from
+    model to a searched GGUF whose tensors weigh the plan's bytes, within the budget, scored by
+    llama.cpp; the trials measured the KL divergence, and the run folder says so."""
     from gransearch.cli import main
 
     model_dir, _, text = cli_assets
@@ -448,10 +449,11 @@ def test_cli_optimize_gguf_profile_saves_a_searched_gguf(cli_assets, tmp_path):
     argv = ["optimize", "--model", model_dir, "--data", text, "--out", str(out), "--device", "cpu", "--quiet", "--profile", "gguf",
             "--budget-like", "w5g32s", "--bits", "4,5,8", "--grans", "32", "--methods", "rtn,gptq,llamacpp", "--trials", "6",
             "--n-calib", "4", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "2", "--batch-size", "2", "--n-final", "0",
-            "--save-gguf", str(path), "--llamacpp-eval", "--max-windows", "4"]
+            "--save-gguf", str(path), "--llamacpp-eval", "--max-windows", "4", "--proxy", "kl"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["accounting"]["format"] == "gguf"
+    assert summary["accounting"]["format"] == "gguf" and summary["proxy"] == "kl" and 0 < summary["proxy_ppl"] < 1
+    assert summary["proxy_gap"] is None
     g = summary["saved_gguf"]
     assert g["tensor_bytes"] == summary["plan_bytes"] <= summary["budget_bytes"]
     assert g["ppl_llamacpp"] > 1 and path.exists()
