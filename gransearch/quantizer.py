@@ -330,18 +330,14 @@ class QuantizedWeight:
         """The weight the codes represent, ``[out, in]``: ``(code - zero) * scale``, or ``code * scale
         + min`` for ``float_zero`` specs (ggml's arithmetic, so a GGUF reader gets these exact values)."""
         out_f, in_f = self.shape
-        s = self.scale.float()
-        g = self.spec.granularity.width(in_f) if self.spec.granularity.grouped else in_f
-        view = (out_f, in_f // g, g) if self.spec.granularity.grouped else self.codes.shape
-        c = self.codes.view(view).float()
-        if self.spec.granularity.grouped:
-            s = s.unsqueeze(-1)
-        if self.float_zero:
-            m = self.zero.float().unsqueeze(-1) if self.spec.granularity.grouped else self.zero.float()
-            w = c * s + m
-        else:
-            z = self.zero_float()
-            w = (c - (z.unsqueeze(-1) if self.spec.granularity.grouped else z)) * s
+        grouped = self.spec.granularity.grouped
+        c = self.codes.view(out_f, in_f // self.spec.granularity.width(in_f), -1).float() if grouped else self.codes.float()
+
+        def per_block(p: torch.Tensor) -> torch.Tensor:  # [out, groups] -> broadcast over each group's columns
+            return p.unsqueeze(-1) if grouped else p
+
+        s = per_block(self.scale.float())
+        w = c * s + per_block(self.zero.float()) if self.float_zero else (c - per_block(self.zero_float())) * s
         return w.reshape(out_f, in_f).to(dtype)
 
     def packed(self) -> dict[str, torch.Tensor]:
