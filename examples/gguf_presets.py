@@ -221,14 +221,18 @@ def paired(row: dict, base: dict) -> str:
 
 def report_text(rows: dict) -> str:
     ref = rows.get("f32", {})
-    tags = sorted({k.split("@")[0] for k in rows if k.startswith(("search[", "search{"))})  # another candidate set or proxy
+    # another candidate set or proxy; the KL proxy's searches first
+    tags = sorted({k.split("@")[0] for k in rows if k.startswith(("search[", "search{"))}, key=lambda t: ("{kl}" not in t, t))
 
     def label(t: str) -> str:
-        return t[6:].replace("{kl}", ", KL proxy").replace("[", "").replace("]", "").replace("+", ", ").strip(", ")
+        """``search[llamacpp]{kl}`` -> ``llamacpp only, KL proxy``."""
+        methods = t[t.index("[") + 1 : t.index("]")].replace("+", ", ") + " only" if "[" in t else "all methods"
+        return f"{methods}, {'KL' if '{kl}' in t else 'perplexity'} proxy"
+
     out = [f"{ref.get('model', 'smollm2-135m')}: F32 model, scored by llama.cpp: {ref.get('ppl', float('nan')):.3f} "
            f"({ref.get('tensor_bytes', 0):,} tensor bytes, {ref.get('tokens', 0):,} predicted tokens)", "",
-           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix | gguf search | search seeded with the preset |"
-           + "".join(f" search, {label(t)} |" for t in tags),
+           "| preset size | tensor bytes | bits/weight (linears) | llama.cpp preset | preset + imatrix |"
+           + "".join(f" search, {label(t)} |" for t in tags) + " search, all methods, perplexity proxy | the same, seeded with the preset |",
            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tags)]
     lin_weights = ref.get("linear_weights", 106_168_320)  # (rows made before it was recorded: SmolLM2's linear weights)
     fixed = 49_152 * 576 // 32 * 34 + 61 * 576 * 4  # (likewise: SmolLM2's Q8_0 token embedding and F32 norms)
@@ -243,9 +247,9 @@ def report_text(rows: dict) -> str:
         p = r["preset"]
         im = rows.get(f"{p}+imatrix", {})
         bpw = 8 * r.get("linear_bytes", r["tensor_bytes"] - fixed) / lin_weights
-        out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} | "
-                   f"{search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |"
-                   + "".join(f" {search(t, p, r['tensor_bytes'])} |" for t in tags))
+        out.append(f"| {p} | {r['tensor_bytes']:,} | {bpw:.3f} | {r['ppl']:.3f} | {im.get('ppl', float('nan')):.3f} |"
+                   + "".join(f" {search(t, p, r['tensor_bytes'])} |" for t in tags)
+                   + f" {search('search', p, r['tensor_bytes'])} | {search('search+seed', p, r['tensor_bytes'])} |")
     scored = [(k, v) for k, v in rows.items() if "kl" in v]
     if scored:
         n = sorted({v["kl_windows"] for _, v in scored})
@@ -261,8 +265,7 @@ def report_text(rows: dict) -> str:
             sizes.add(size)
             for k, v in scored:
                 if v.get("tensor_bytes", v.get("budget_bytes")) == size or k in (name, f"{name}+imatrix"):
-                    what = v.get("note") or (f"search, {label(k.split('@')[0]) or 'all methods'}" + ("" if v.get("proxy") == "kl" else ", perplexity proxy")
-                                             if k.startswith("search") else k.split("@")[0])
+                    what = v.get("note") or (f"search, {label(k.split('@')[0])}" if k.startswith("search") else k.split("@")[0])
                     out.append(f"| {r['preset']} | {what} | {v['ppl']:.3f} | {paired(v, rows.get(name + '+imatrix', {}))} | "
                                f"{v['kl']:.4f} +- {v['kl_se']:.4f} | {100 * v['top1']:.2f}% |")
     return "\n".join(out)
