@@ -264,7 +264,7 @@ def report_text(rows: dict) -> str:
             size = r["tensor_bytes"]
             sizes.add(size)
             for k, v in scored:
-                if v.get("tensor_bytes", v.get("budget_bytes")) == size or k in (name, f"{name}+imatrix"):
+                if v.get("budget_bytes", v.get("tensor_bytes")) == size or k in (name, f"{name}+imatrix"):
                     what = v.get("note") or (f"search, {label(k.split('@')[0])}" if k.startswith("search") else k.split("@")[0])
                     out.append(f"| {r['preset']} | {what} | {v['ppl']:.3f} | {paired(v, rows.get(name + '+imatrix', {}))} | "
                                f"{v['kl']:.4f} +- {v['kl_se']:.4f} | {100 * v['top1']:.2f}% |")
