@@ -203,6 +203,16 @@ class KLDivergence:
     def __float__(self) -> float:
         return self.kl
 
+    @classmethod
+    def from_sums(cls, window_kl: torch.Tensor, same: float, nll: float, ref_nll: float, seqlen: int, seconds: float) -> "KLDivergence":
+        """The result from per-window KL sums ``[n_windows]`` and the token totals of the top-token
+        agreements and both models' NLLs (``seqlen - 1`` predicted tokens per window)."""
+        n_win = int(window_kl.numel())
+        n_tok = n_win * (seqlen - 1)
+        means = window_kl.double() / (seqlen - 1)
+        se = float(means.std() / math.sqrt(n_win)) if n_win > 1 else float("nan")
+        return cls(float(means.mean()), se, same / n_tok, math.exp(nll / n_tok), math.exp(ref_nll / n_tok), n_tok, n_win, seqlen, seconds)
+
     def __str__(self) -> str:
         return (f"KL divergence {self.kl:.5f} +- {self.kl_se:.5f} nats/token, same top token {100 * self.top1:.2f}%, perplexity "
                 f"{self.ppl:.4f} (reference {self.ref_ppl:.4f}) over {self.n_windows} windows x {self.seqlen} tokens")
@@ -296,15 +306,11 @@ def kl_divergence(model: nn.Module, ids: torch.Tensor, reference: torch.Tensor, 
             ref_nll += float(p.sum())
         if on_window is not None:
             on_window(i + x.shape[0], float(per_window[: i + x.shape[0]].sum()) / ((i + x.shape[0]) * (seqlen - 1)))
-    n_tok = w.shape[0] * (seqlen - 1)
-    means = per_window / (seqlen - 1)
-    mean = float(means.mean())
-    if not math.isfinite(mean):
+    res = KLDivergence.from_sums(per_window, same, nll, ref_nll, seqlen, time.perf_counter() - t0)
+    if not math.isfinite(res.kl):
         where = nonfinite_cause(model, "no parameter is non-finite, so an activation overflowed (try float32)")
         raise NonFiniteError(f"the KL divergence is not finite: the model's outputs are NaN or infinite; {where}")
-    se = float(means.std() / math.sqrt(w.shape[0])) if w.shape[0] > 1 else float("nan")
-    return KLDivergence(mean, se, same / n_tok, math.exp(nll / n_tok), math.exp(ref_nll / n_tok), n_tok, int(w.shape[0]), seqlen,
-                        time.perf_counter() - t0)
+    return res
 
 
 def layer_objective(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:

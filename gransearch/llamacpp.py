@@ -222,11 +222,7 @@ def kl_divergence(path: str, reference: str, ids: torch.Tensor, seqlen: int = 51
                 same += float(top.sum())
                 nll += float(q.sum())
                 ref_nll += float(p.sum())
-    n_tok = win.shape[0] * (seqlen - 1)
-    means = per_window / (seqlen - 1)
-    se = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
-    return KLDivergence(float(means.mean()), se, same / n_tok, math.exp(nll / n_tok), math.exp(ref_nll / n_tok), n_tok,
-                        int(win.shape[0]), seqlen, time.time() - t0)
+    return KLDivergence.from_sums(torch.from_numpy(per_window), same, nll, ref_nll, seqlen, time.time() - t0)
 
 
 _GGML = None
