@@ -162,6 +162,19 @@ class BankEntry:
         w = self.quantized().dequantize()
         return w if self.in_scale is None else w / self.in_scale.unsqueeze(0)
 
+    def to(self, device) -> "BankEntry":
+        """A copy whose codes, scales, zeros (read from disk if stored) and AWQ scales are on
+        ``device``: its :meth:`effective_weight` is computed there, with the same numbers."""
+        return BankEntry(self.quantized().to(device), None if self.in_scale is None else self.in_scale.to(device), self.nbytes,
+                         self.objective, self.row_objective)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of its unpacked codes (one byte each), scales, zeros and AWQ scales in memory."""
+        q = self.quantized() if self.qweight is None else self.qweight
+        ts = [q.codes, q.scale] + [t for t in (q.zero, self.in_scale) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
 
 @dataclass
 class Bank:

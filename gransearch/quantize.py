@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
-from .algorithms.layer import quantize_layer
+from .algorithms.layer import LayerResult, quantize_layer, quantize_shared_input
 from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_blocks, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, calibrate, collect_block_stats, hooks
 from .errors import check_device, check_int, check_positive
@@ -417,6 +417,7 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
                 for r in refs:
                     if r.name in stats:
                         readers[id(stats[r.name])] = readers.get(id(stats[r.name]), 0) + 1
+                fused = _shared_input_solves(refs, plan, stats, given, clip, runner.device) if needs_hessian else {}
                 for ref in refs:
                     t0 = time.perf_counter()
                     lp = plan[ref.name]
@@ -429,7 +430,10 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
                             raise ValueError(f"no calibration input reached {ref.name}: the calibration set is empty or the layer is unused")
                         readers[id(st)] -= 1
                         H = st.hessian if readers[id(st)] else st.take_hessian()
-                    r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
+                    r, t_fused = fused.get(ref.name, (None, 0.0))
+                    if r is None:
+                        r = quantize_layer(W, H, m, sp, _gptq_options(lp, given), clip=clip, name=ref.name, imatrix=importance.get(ref.name))  # W is folded and clipped for AWQ methods
+                    t0 -= t_fused
                     qw, used_damp = r.qweight, r.damp
                     obj = layer_objective(unclipped.get(ref.name, W), qw.dequantize(), H) if objective else None
                     set_module(model, ref.name, to_quant_linear(ref.module, qw, act_spec).to(runner.device))
@@ -442,6 +446,33 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
         _block_done(i, source, writer)
         if verbose:
             bar.set_postfix(block=i, layers=len(result.records))
+
+
+def _shared_input_solves(refs, plan, stats, given, clip, device) -> dict[str, tuple[LayerResult, float]]:
+    """On a GPU, the GPTQ solves of layers that read one input (q/k/v; gate/up) with one setting,
+    done as one stacked solve (:func:`quantize_shared_input`): name -> (result, its share of the
+    seconds). Empty on the CPU, where separate solves keep the codes pinned by the tests."""
+    if torch.device(device).type != "cuda":
+        return {}
+    sets: dict = {}
+    for ref in refs:
+        lp, st = plan[ref.name], stats.get(ref.name)
+        if st is None or not lp.method.uses_gptq or not isinstance(lp.spec, QuantSpec) or lp.spec.granularity.spans_rows:
+            continue
+        if clip is not None and lp.method is Method.GPTQ:
+            continue
+        sets.setdefault((id(st), str(lp.method), str(lp.spec), _gptq_options(lp, given)), []).append(ref)
+    out = {}
+    for (_, method, _, options), group in sets.items():
+        if len(group) < 2:
+            continue
+        t0 = time.perf_counter()
+        names = [r.name for r in group]
+        Ws = [linear_weight(r.module).detach().float() for r in group]
+        results = quantize_shared_input(Ws, stats[names[0]].hessian, method, plan[names[0]].spec, options, names)
+        share = (time.perf_counter() - t0) / len(group)
+        out.update({n: (r, share) for n, r in zip(names, results)})
+    return out
 
 
 def set_act_quant(

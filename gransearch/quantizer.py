@@ -105,24 +105,27 @@ def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
     """
     s16 = scale.to(torch.float16)
     low = s16.float() < scale
-    if bool(low.any()):
+    if scale.is_cuda or bool(low.any()):  # no host sync on a GPU (and capturable in a CUDA graph)
         s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
     return s16.float().clamp_min(_FP16_TINY)
 
 
 def qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0, float_zero: bool = False
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0, float_zero: bool = False,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of ``x`` ``[R, C]`` (reduction over the last dimension).
 
     ``ratio`` (scalar or ``[R, 1]``) shrinks the range before the scale is taken (clipping).
     Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers
     (``float_zero``: ``-min / scale`` with ``min`` float16-exact; see the module docstring).
+    ``check=False`` skips the float16-range check (a host sync); the caller must then apply
+    :func:`check_params` to the parameters it keeps.
     """
     maxq = (1 << bits) - 1
     x = x.float()
     if float_zero:
-        return _float_offset_params(x, maxq, ratio)
+        return _float_offset_params(x, maxq, ratio, check)
     zeros_r = torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.amin(dim=-1, keepdim=True), zeros_r)
     xmax = torch.maximum(x.amax(dim=-1, keepdim=True), zeros_r)
@@ -136,11 +139,8 @@ def qparams(
     # An all-zero block has no range: any positive scale represents it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = _round_up_fp16(scale)
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError(
-            f"a quantization scale exceeds the float16 range ({_FP16_MAX:g}): "
-            "the weight has values too large to store with float16 scales"
-        )
+    if check:
+        check_params(scale)
     if symmetric:
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
@@ -148,7 +148,7 @@ def qparams(
     return scale, zero
 
 
-def _float_offset_params(x: torch.Tensor, maxq: int, ratio) -> tuple[torch.Tensor, torch.Tensor]:
+def _float_offset_params(x: torch.Tensor, maxq: int, ratio, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``float_zero`` parameters: the range ``[min, max]`` shrunk by ``ratio``, ``min`` rounded to
     float16 (as stored), the scale rounded up so that ``min + maxq * scale`` still reaches ``max``."""
     xmin = x.amin(dim=-1, keepdim=True) * ratio
@@ -156,10 +156,21 @@ def _float_offset_params(x: torch.Tensor, maxq: int, ratio) -> tuple[torch.Tenso
     m = xmin.to(torch.float16).float()
     scale = (xmax - m) / maxq
     scale = _round_up_fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
-    if not bool(torch.isfinite(scale).all() and torch.isfinite(m).all()):
-        raise ValueError(f"a quantization scale or offset exceeds the float16 range ({_FP16_MAX:g}): "
+    zero = -m / scale
+    if check:
+        check_params(scale, zero)
+    return scale, zero
+
+
+def check_params(scale: torch.Tensor, zero: Optional[torch.Tensor] = None) -> None:
+    """Raise when a scale (or a float zero, hence its float16 offset) is not finite: the weight
+    holds values beyond the float16 range its parameters are stored in."""
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"a quantization scale exceeds the float16 range ({_FP16_MAX:g}): "
+                         "the weight has values too large to store with float16 scales")
+    if zero is not None and not bool(torch.isfinite(zero).all()):
+        raise ValueError(f"a quantization offset exceeds the float16 range ({_FP16_MAX:g}): "
                          "the weight has values too large to store with float16 parameters")
-    return scale, -m / scale
 
 
 def stored_zero(zero: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> Optional[torch.Tensor]:

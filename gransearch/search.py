@@ -28,6 +28,7 @@ linears plus every floating-point parameter at its dtype, counted once
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import logging
@@ -45,7 +46,7 @@ from .allocate import (candidate_keys, candidate_specs, check_budget, check_cand
 from .arch import block_index, fused_sets, get_module, linear_weight, model_linears
 from .export import float_dtype_of
 from .profiles import get_profile
-from .bank import Bank, bank_config, bank_for, build_bank
+from .bank import Bank, BankEntry, bank_config, bank_for, build_bank
 from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
 from .evaluate import kl_divergence, perplexity, reference_logprobs
@@ -109,9 +110,15 @@ class OptimizeResult:
 
 
 class _Assembler:
-    """Puts bank entries into a working copy of the model (float weights, nothing packed)."""
+    """Puts bank entries into a working copy of the model (float weights, nothing packed).
 
-    def __init__(self, model: nn.Module, bank: Bank, device=None):
+    On a GPU the entries a trial uses are kept there (unpacked codes, one byte per weight, and
+    their scales), up to ``cache_bytes`` (default: a quarter of the device's memory), least recently
+    used first out: a later trial choosing the same entry dequantizes it on the device instead of
+    reading, unpacking and dequantizing it on the CPU and copying the float weight over.
+    """
+
+    def __init__(self, model: nn.Module, bank: Bank, device=None, cache_bytes: Optional[int] = None):
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
@@ -119,12 +126,30 @@ class _Assembler:
         self.bank = bank
         self.mods = [get_module(self.model, n) for n in bank.layers]
         self.current = [-1] * len(bank.layers)
+        if cache_bytes is None and self.device.type == "cuda":
+            cache_bytes = torch.cuda.get_device_properties(self.device).total_memory // 4
+        self.cache_bytes = cache_bytes or 0
+        self.cache: "collections.OrderedDict[tuple[int, int], BankEntry]" = collections.OrderedDict()
+        self.cached = 0
+
+    def _entry(self, i: int, c: int) -> BankEntry:
+        e = self.bank.entries[i][c]
+        if not self.cache_bytes:
+            return e
+        hit = self.cache.pop((i, c), None)
+        if hit is None:
+            hit = e.to(self.device)
+            self.cached += hit.resident_nbytes
+            while self.cache and self.cached > self.cache_bytes:
+                self.cached -= self.cache.popitem(last=False)[1].resident_nbytes
+        self.cache[(i, c)] = hit
+        return hit
 
     @torch.no_grad()
     def load(self, choice: Sequence[int]) -> nn.Module:
         for i, c in enumerate(choice):
             if self.current[i] != c:
-                linear_weight(self.mods[i]).copy_(self.bank.entries[i][c].effective_weight())
+                linear_weight(self.mods[i]).copy_(self._entry(i, c).effective_weight())
                 self.current[i] = c
         return self.model
 

@@ -338,6 +338,28 @@ def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_assembler_cache_gives_the_uncached_weights(tmp_path):
+    """The trial assembler's entry cache (on by itself on a GPU; forced here on the CPU with a tiny
+    byte budget, so entries are evicted and read again from the stored bank) puts the same weights
+    into the model as reading each entry afresh."""
+    from gransearch.bank import bank_for
+    from gransearch.search import _Assembler
+
+    model = tiny_model("llama")
+    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), verbose=False)
+    one = bank.entries[0][0].to("cpu").resident_nbytes
+    plain, cached = _Assembler(model, bank), _Assembler(model, bank, cache_bytes=3 * one)
+    assert not plain.cache_bytes and cached.cache_bytes
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        choice = [int(rng.integers(len(k))) for k in bank.keys]
+        a, b = plain.load(choice), cached.load(choice)
+        for n in bank.layers:
+            assert torch.equal(linear_weight(get_module(a, n)), linear_weight(get_module(b, n)))
+        assert 0 < cached.cached <= 3 * one + max(e.resident_nbytes for e in cached.cache.values())
+        assert cached.cached == sum(e.resident_nbytes for e in cached.cache.values())
+
+
 def test_seeded_tiny_search_is_pinned():
     """A refactor must not change what a seeded search does: every trial value in order, the returned
     plan and its bytes. Pinned from commit 0d29cd0 (before the reliability work); the first 15 trials

@@ -31,18 +31,21 @@ equals round-to-nearest)::
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from ..quantizer import ClipArg, QuantizedWeight, block_clip_ratios, block_view, check_weight, qparams, quantize_codes, stored_zero
+from ..quantizer import (ClipArg, QuantizedWeight, block_clip_ratios, block_view, check_params, check_weight, qparams, quantize_codes,
+                         stored_zero)
 from ..spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["gptq", "gptq_many", "gptq_prepare", "GPTQPrepared", "GPTQResult", "CholeskyError"]
+__all__ = ["gptq", "gptq_many", "gptq_prepare", "GPTQPrepared", "GPTQResult", "CholeskyError", "cuda_graphs_enabled", "set_cuda_graphs"]
 
 
 class CholeskyError(ValueError):
@@ -139,21 +142,18 @@ def gptq(
     scale_cols, zero_cols, known = _upfront_params(W, spec, clip, static_groups or act_order)
     cols = _column_groups(prep, in_f, g, dev)
     if known:
-        S, Z, regroup = scale_cols[:, cols], zero_cols[:, cols], None
+        S, Z, group = scale_cols[:, cols], zero_cols[:, cols], None
     else:
         # a lazy batch must hold whole groups, so each group's parameters see all earlier updates
         block_size = max(g, (block_size // g) * g)
         S, Z = torch.empty_like(W), torch.empty_like(W)
-
-        def regroup(col, W1, i):  # parameters of the group starting here, from the partially updated weights
-            if col % g == 0:
-                blk = W1[:, i : i + g]
-                sc, zc = qparams(blk, spec.bits, spec.symmetric, block_clip_ratios(blk, spec, clip), spec.float_zero)
-                scale_cols[:, col // g], zero_cols[:, col // g] = sc.squeeze(1), zc.squeeze(1)
-                S[:, col : col + g], Z[:, col : col + g] = sc, zc
+        group = _Groups(g, spec, clip)
 
     Wp = W if prep.perm is None else W[:, prep.perm]
-    codes, loss = _solve_columns(Wp, prep.hinv.to(dev), S, Z, spec.maxq, block_size, regroup)
+    codes, loss = _solve_columns(Wp, prep.hinv.to(dev), S, Z, spec.maxq, block_size, group)
+    if group is not None:  # each group's parameters, as taken at its first column
+        scale_cols.copy_(S[:, ::g]), zero_cols.copy_(Z[:, ::g])
+        check_params(scale_cols, zero_cols if spec.float_zero else None)
     return _result(codes, scale_cols, zero_cols, spec, prep, loss)
 
 
@@ -262,36 +262,166 @@ def _column_groups(prep: "GPTQPrepared", in_f: int, g: int, device) -> torch.Ten
     return order.to(device) // g
 
 
-def _solve_columns(W, Hinv, S, Z, maxq, block_size, regroup=None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class _Groups:
+    """Per-group parameters taken inside the column loop, at each group's first column, from the
+    partially updated weights."""
+
+    g: int
+    spec: QuantSpec
+    clip: ClipArg
+
+    def take(self, W1: torch.Tensor, i: int, S1: torch.Tensor, Z1: torch.Tensor, check: bool) -> None:
+        blk = W1[:, i : i + self.g]
+        sp = self.spec
+        sc, zc = qparams(blk, sp.bits, sp.symmetric, block_clip_ratios(blk, sp, self.clip), sp.float_zero, check=check)
+        S1[:, i : i + self.g], Z1[:, i : i + self.g] = sc, zc
+
+    @property
+    def capturable(self) -> bool:  # a fixed clip ratio or none: the clip search syncs with the host
+        return not isinstance(self.clip, str)
+
+
+def _solve_columns(W, Hinv, S, Z, maxq, block_size, group: Optional[_Groups] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPTQ column loop over ``W`` ``[rows, in]`` (solve order), in lazy batches of ``block_size``.
 
-    ``S``, ``Z``: each column's scale and zero per row (``regroup(col, W1, i)`` may fill them as
-    the loop reaches a group); ``maxq``: an int or a per-row tensor. Returns the float codes and the
-    per-row error estimate ``sum((w - q)^2 / d^2) / 2``. ``W`` is updated in place.
+    ``S``, ``Z``: each column's scale and zero per row (with ``group``, they are filled as the loop
+    reaches each group's first column); ``maxq``: an int or a per-row tensor. Returns the float
+    codes and the per-row error estimate ``sum((w - q)^2 / d^2) / 2``. ``W`` is updated in place.
+
+    On a CUDA device each lazy batch runs as a captured CUDA graph (:class:`_GraphedBatch`): the
+    same kernels without a launch from Python per operation, so the same numbers as eager mode.
     """
     rows, in_f = W.shape
     codes = torch.zeros_like(W)
     loss = torch.zeros(rows, device=W.device)
-    per_row = isinstance(maxq, torch.Tensor)
+    graphs = _use_graphs(W, group)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if regroup is not None:
-                regroup(col, W1, i)
-            s, z, w, d = S[:, col], Z[:, col], W1[:, i], Hinv1[i, i]
-            c = torch.minimum(quantize_codes(w, s, z, float("inf")), maxq) if per_row else quantize_codes(w, s, z, maxq)
-            q = (c - z) * s
-            codes[:, col] = c
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        Err1 = None
+        if graphs:
+            try:
+                Err1 = _GraphedBatch.get(rows, i2 - i1, maxq, group, W.device).run(W, Hinv, S, Z, codes, maxq, i1, i2)
+            except RuntimeError as exc:  # a backend that cannot capture: say so once, carry on eagerly
+                set_cuda_graphs(False)
+                graphs = False
+                msg = f"GPTQ: CUDA graph capture failed ({exc}); the column loop runs eagerly from now on"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                log.warning(msg)
+        if Err1 is None:
+            W1 = W[:, i1:i2].clone()
+            Err1 = _lazy_batch(W1, Hinv[i1:i2, i1:i2], S[:, i1:i2], Z[:, i1:i2], codes[:, i1:i2], maxq, group, True)
         loss += Err1.pow(2).sum(1) / 2  # (w - q)^2 / d^2 / 2 per column, summed once per batch
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return codes, loss
+
+
+def _use_graphs(W: torch.Tensor, group: Optional[_Groups]) -> bool:
+    return cuda_graphs_enabled() and W.is_cuda and (group is None or group.capturable)
+
+
+def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bool) -> torch.Tensor:
+    """One lazy batch of the column loop on ``W1`` ``[rows, B]`` (updated in place); writes the codes
+    into ``C1`` (and the group parameters into ``S1``, ``Z1``) and returns the scaled errors."""
+    per_row = isinstance(maxq, torch.Tensor)
+    Err1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        if group is not None and i % group.g == 0:  # batches start at group boundaries
+            group.take(W1, i, S1, Z1, check)
+        s, z, w, d = S1[:, i], Z1[:, i], W1[:, i], Hinv1[i, i]
+        c = torch.minimum(quantize_codes(w, s, z, float("inf")), maxq) if per_row else quantize_codes(w, s, z, maxq)
+        q = (c - z) * s
+        C1[:, i] = c
+        err = (w - q) / d
+        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
+
+
+_CUDA_GRAPHS = os.environ.get("GRANSEARCH_CUDA_GRAPHS", "1") != "0"
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether GPTQ's lazy batches run as CUDA graphs on a GPU (default; ``GRANSEARCH_CUDA_GRAPHS=0``
+    or :func:`set_cuda_graphs` turns it off)."""
+    return _CUDA_GRAPHS
+
+
+def set_cuda_graphs(enabled: bool) -> bool:
+    """Turn CUDA graphs for GPTQ on or off; returns the previous setting."""
+    global _CUDA_GRAPHS
+    old, _CUDA_GRAPHS = _CUDA_GRAPHS, bool(enabled)
+    if not enabled:
+        _GraphedBatch.cache.clear()
+    return old
+
+
+class _GraphedBatch:
+    """One lazy batch of :func:`_lazy_batch` captured as a CUDA graph over static buffers, replayed
+    for every batch of the same shape and quantizer (a column loop is ~10 small kernels per column:
+    launching them one by one from Python is what bounds GPTQ on a GPU). Graphs are kept in a small
+    LRU cache keyed by shape, device and quantizer."""
+
+    cache: "OrderedDict[tuple, _GraphedBatch]" = OrderedDict()
+    max_cached = 16
+
+    @classmethod
+    def get(cls, rows: int, width: int, maxq, group: Optional[_Groups], device) -> "_GraphedBatch":
+        per_row = isinstance(maxq, torch.Tensor)
+        key = (rows, width, str(device), per_row, None if per_row else int(maxq), group)
+        hit = cls.cache.pop(key, None)
+        if hit is None:
+            hit = cls(rows, width, per_row, None if per_row else maxq, group, device)
+        cls.cache[key] = hit
+        while len(cls.cache) > cls.max_cached:
+            cls.cache.popitem(last=False)
+        return hit
+
+    def __init__(self, rows, width, per_row, maxq, group, device):
+        f = dict(device=device, dtype=torch.float32)
+        self.W1, self.S1, self.Z1, self.C1 = (torch.zeros(rows, width, **f) for _ in range(4))
+        self.H1 = torch.eye(width, **f)
+        self.maxq = torch.zeros(rows, **f) if per_row else maxq
+        self.group, self.graph, self.err = group, None, None
+
+    def _body(self) -> torch.Tensor:
+        return _lazy_batch(self.W1, self.H1, self.S1, self.Z1, self.C1, self.maxq, self.group, False)
+
+    def run(self, W, Hinv, S, Z, codes, maxq, i1: int, i2: int) -> torch.Tensor:
+        self.W1.copy_(W[:, i1:i2]), self.H1.copy_(Hinv[i1:i2, i1:i2])
+        if self.group is None:
+            self.S1.copy_(S[:, i1:i2]), self.Z1.copy_(Z[:, i1:i2])
+        if isinstance(maxq, torch.Tensor):
+            self.maxq.copy_(maxq)
+        if self.graph is None:
+            self._capture()  # leaves the buffers as they were: the replay below does the batch
+        self.graph.replay()
+        codes[:, i1:i2].copy_(self.C1)
+        if self.group is not None:
+            S[:, i1:i2].copy_(self.S1), Z[:, i1:i2].copy_(self.Z1)
+        return self.err
+
+    def _capture(self) -> None:
+        saved = [t.clone() for t in (self.W1, self.S1, self.Z1)]
+        self._warm_up()
+        self.graph, self.err = self._record()
+        for t, v in zip((self.W1, self.S1, self.Z1), saved):  # the warm-up ran the batch: undo it
+            t.copy_(v)
+
+    def _warm_up(self) -> None:
+        """One eager run on a side stream before the capture, as torch's CUDA graph docs ask."""
+        dev = self.W1.device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+    def _record(self):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            err = self._body()
+        return graph, err
 
 
 def _result(codes, scale_cols, zero_cols, spec: QuantSpec, prep: "GPTQPrepared", loss) -> GPTQResult:

@@ -10,7 +10,7 @@ with RTN (``rtn``, ``awq``) or GPTQ (``gptq``, ``awq+gptq``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from ..spec import QuantSpec
 from .gptq import gptq
 from .rtn import rtn
 
-__all__ = ["GPTQOptions", "LayerResult", "quantize_layer", "uses_gptq"]
+__all__ = ["GPTQOptions", "LayerResult", "quantize_layer", "quantize_shared_input", "uses_gptq"]
 
 
 def uses_gptq(method) -> bool:
@@ -65,3 +65,29 @@ def quantize_layer(W: torch.Tensor, H: Optional[torch.Tensor], method: str, spec
                  static_groups=options.static_groups, clip=clip if method is Method.GPTQ else None, name=name)
         return LayerResult(r.qweight, r.damp)
     return LayerResult(rtn(W, spec, clip=clip if method is Method.RTN else None, name=name))
+
+
+def quantize_shared_input(Ws: Sequence[torch.Tensor], H: torch.Tensor, method: str, spec: QuantSpec,
+                          options: GPTQOptions = GPTQOptions(), names: Sequence[str] = ()) -> list[LayerResult]:
+    """GPTQ rounding of several weights that read the same input (q/k/v, gate/up) as one solve over
+    their stacked rows, split back per weight.
+
+    GPTQ treats rows independently given the shared inverse-Hessian factor, so this is the row by
+    row arithmetic of :func:`quantize_layer` for each weight with a third of the column loops.
+    Floating-point libraries may choose other kernels for the taller matrix, so codes can differ
+    from separate solves where a value sits on a rounding tie: quantization uses this on GPUs only,
+    where the column loop's launches dominate. Per-tensor specs (one scale over the whole weight)
+    cannot be stacked and are refused.
+    """
+    method = Method.parse(method)
+    if not method.uses_gptq or spec.granularity.spans_rows:
+        raise ValueError(f"only GPTQ rounding with per-row parameters can be stacked, not {method} {spec}")
+    r = gptq(torch.cat(list(Ws)), H, spec, damp=options.damp, block_size=options.block_size, act_order=options.act_order,
+             static_groups=options.static_groups, name="+".join(names) or None)
+    out, r0 = [], 0
+    for W in Ws:
+        rows = slice(r0, r0 + W.shape[0])
+        q = r.qweight
+        out.append(LayerResult(QuantizedWeight(q.codes[rows], q.scale[rows], None if q.zero is None else q.zero[rows], spec), r.damp))
+        r0 += W.shape[0]
+    return out
