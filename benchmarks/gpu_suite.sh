@@ -2,15 +2,20 @@
 # Every GPU figure of docs/scale.md and docs/export.md, one after another, each under its own time
 # limit, so that a slow step cannot starve the ones after it. Logs and records go to OUT.
 #
-#   bash benchmarks/gpu_suite.sh OUT [scale|smollm2|all] [SECONDS_FOR_THE_LAST_STEP]
+#   bash benchmarks/gpu_suite.sh OUT [STEPS]      STEPS: comma-separated names below, or all (default)
 #
-# scale:   tests/test_gpu.py; the 1.7B-shaped model quantized from disk (RTN, GPTQ); its search
-# smollm2: whole-model GPTQ against its floor; the export loaded by transformers; the bank and
-#          trial costs; the README's whole search (bank, 60 trials, final), timed
+# gpu_tests       tests/test_gpu.py (GPU against CPU; CUDA graphs against eager mode)
+# scale_search    the 1.7B-shaped model's whole search: bank, 20 trials, final (docs/scale.md)
+# scale_quantize  the 1.7B-shaped model quantized from disk on the GPU: RTN, GPTQ
+# quantize_speed  whole-model GPTQ w4g64 on SmolLM2 against its floor (docs/scale.md)
+# export_gpu      the compressed-tensors export loaded by transformers on the GPU (docs/export.md)
+# search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation
+# readme_search   the README's whole search (bank, 60 trials, final), timed
+#
+# Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
 set -u
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
-PART=${2:-all}
-LAST=${3:-600}
+STEPS=${2:-all}
 PY=${PYTHON:-python}
 WORK=${WORK:-/tmp/gransearch-gpu}  # model folders, banks and run folders: outside OUT
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,23 +30,31 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, its output to 
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/suite.txt"
   grep -v -E "it/s\]|s/it\]|^\s*$" "$OUT/$name.txt" | tail -n 25
 }
+want() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
+limit() { local v="LIMIT_$1"; echo "${!v:-$2}"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/suite.txt" 2>&1
-if [ "$PART" = scale ] || [ "$PART" = all ]; then
-  step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  step scale_quantize 180 "$PY" benchmarks/scale.py --device cuda --methods rtn,gptq --out "$WORK/scale" \
-    --record "$OUT/gpu-quantize.json"
-  step scale_search "$LAST" "$PY" benchmarks/scale_search.py --device cuda --out "$WORK/scale" ${SCALE_SEARCH_ARGS:-} \
-    --record "$OUT/gpu-search.json"
-  rm -rf "$WORK/scale"
+want gpu_tests && step gpu_tests "$(limit gpu_tests 150)" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+if want scale_search; then
+  step scale_search "$(limit scale_search 900)" "$PY" benchmarks/scale_search.py --device cuda --out "$WORK/scale" \
+    ${SCALE_SEARCH_ARGS:-} --record "$OUT/gpu-search.json"
 fi
-if [ "$PART" = smollm2 ] || [ "$PART" = all ]; then
-  STEP_DIR=$ROOT/benchmarks step quantize_speed 150 "$PY" quantize_speed.py --device cuda
-  STEP_DIR=$ROOT/benchmarks step export_gpu 150 "$PY" export_gpu.py --device cuda --out "$WORK/export" \
-    --record "$OUT/export-gpu.json"
-  rm -rf "$WORK/export"
-  STEP_DIR=$ROOT/benchmarks step search_cost 180 "$PY" search_cost.py --device cuda
-  step readme_search "$LAST" "$PY" -m gransearch optimize --model smollm2-135m --data wiki-sample --budget-like w4g64 \
-    --bits 3,4,8 --grans channel,32,64 --trials 60 --n-final 1 --out "$WORK/w4g64" --device cuda
-  cp "$WORK/w4g64/summary.json" "$OUT/readme-summary.json" 2>/dev/null
+if want scale_quantize; then
+  step scale_quantize "$(limit scale_quantize 600)" "$PY" benchmarks/scale.py --device cuda --methods rtn,gptq \
+    --out "$WORK/scale" --record "$OUT/gpu-quantize.json"
+fi
+if want quantize_speed; then
+  STEP_DIR=$ROOT/benchmarks step quantize_speed "$(limit quantize_speed 300)" "$PY" quantize_speed.py --device cuda
+fi
+if want export_gpu; then
+  STEP_DIR=$ROOT/benchmarks step export_gpu "$(limit export_gpu 300)" "$PY" export_gpu.py --device cuda \
+    --out "$WORK/export" --record "$OUT/export-gpu.json"
+fi
+if want search_cost; then
+  STEP_DIR=$ROOT/benchmarks step search_cost "$(limit search_cost 400)" "$PY" search_cost.py --device cuda
+fi
+if want readme_search; then
   rm -rf "$WORK/w4g64"
+  step readme_search "$(limit readme_search 600)" "$PY" -m gransearch optimize --model smollm2-135m --data wiki-sample \
+    --budget-like w4g64 --bits 3,4,8 --grans channel,32,64 --trials 60 --n-final 1 --out "$WORK/w4g64" --device cuda
+  cp "$WORK/w4g64/summary.json" "$OUT/readme-summary.json" 2>/dev/null
 fi

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--device", default=None, help="cuda (the measurement) or cpu")
     ap.add_argument("--record", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
 
     import gransearch as gs
@@ -70,7 +71,7 @@ def main() -> None:
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=cands[0], bits=cands[1],
                       granularities=cands[2], n_trials=args.trials, eval_windows=args.eval_windows, seqlen=args.seqlen, n_final=1,
                       bank_dir=os.path.join(run, "bank"), storage=f"sqlite:///{os.path.abspath(run)}/study-{time.time_ns()}.db",
-                      device=dev, verbose=False)
+                      device=dev, verbose=not args.quiet)
     total = time.perf_counter() - t0
     bank_dir = os.path.join(run, "bank")
     on_disk = sum(os.path.getsize(os.path.join(bank_dir, f)) for f in os.listdir(bank_dir) if f.endswith(".safetensors"))
