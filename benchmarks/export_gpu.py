@@ -65,11 +65,21 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, dev
     return new_tokens / best
 
 
+def where(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids.to(where(model))).logits.float().cpu()
+
+
 def measure(name, model, test, w, prompt, args, ours=None) -> dict:
     dev = args.device
     ppl = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
-    row = {"model": name, "ppl": ppl, "prefill_tok_s": prefill_speed(model, w, 4, args.repeats, dev),
-           "decode_tok_s": decode_speed(model, prompt, args.new_tokens, args.repeats, dev)}
+    at = where(model)
+    row = {"model": name, "ran_on": str(at), "ppl": ppl, "prefill_tok_s": prefill_speed(model, w.to(at), 4, args.repeats, dev),
+           "decode_tok_s": decode_speed(model, prompt.to(at), args.new_tokens, args.repeats, dev)}
     if ours is not None:
         row["gransearch_ppl"] = ours
         row["rel_diff"] = abs(ppl - ours) / ours
@@ -116,8 +126,7 @@ def main() -> None:
         symmetric = all(sp.symmetric for sp in specs)
         kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
         hf = AutoModelForCausalLM.from_pretrained(folder, **kw).to(dev)
-        with torch.no_grad():
-            diff = float((hf(prompt).logits - model(prompt).logits).abs().max())
+        diff = float((logits(hf, prompt) - logits(model, prompt)).abs().max())
         del model
         row = measure(f"{name} (transformers{'' if symmetric else ', dequantize'})", hf, test, w, prompt, args, ours)
         row.update(quantize_s=q_s, checkpoint_bytes=saved.file_nbytes, max_logit_diff=diff)

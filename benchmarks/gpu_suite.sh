@@ -7,6 +7,7 @@
 # gpu_tests       tests/test_gpu.py (GPU against CPU; CUDA graphs against eager mode)
 # scale_search    the 1.7B-shaped model's whole search: bank, 20 trials, final (docs/scale.md)
 # scale_quantize  the 1.7B-shaped model quantized from disk on the GPU: RTN, GPTQ
+# graphs          one block's GPTQ solves (SmolLM2-135M's shapes), eager against CUDA graphs
 # quantize_speed  whole-model GPTQ w4g64 on SmolLM2 against its floor (docs/scale.md)
 # export_gpu      the compressed-tensors export loaded by transformers on the GPU (docs/export.md)
 # search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation
@@ -41,6 +42,9 @@ fi
 if want scale_quantize; then
   step scale_quantize "$(limit scale_quantize 600)" "$PY" benchmarks/scale.py --device cuda --methods rtn,gptq \
     --out "$WORK/scale" --record "$OUT/gpu-quantize.json"
+fi
+if want graphs; then
+  STEP_DIR=$ROOT/benchmarks step graphs "$(limit graphs 120)" "$PY" quantize_speed.py --device cuda --graphs-only
 fi
 if want quantize_speed; then
   STEP_DIR=$ROOT/benchmarks step quantize_speed "$(limit quantize_speed 300)" "$PY" quantize_speed.py --device cuda

@@ -69,6 +69,7 @@ def main() -> None:
     print(f"| bank of K = {k} | {t_bank:.1f} | {t_bank / t_gptq:.2f} (target at most 2) |")
     print(f"| one perplexity evaluation ({args.eval_windows} x 512 validation tokens) | {t_eval:.1f} | 1.00 |")
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.1f} | {t_trials / t_eval:.2f} |")
+    print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class Bank:
     fisher: Optional[dict] = None  # {layer: [out] mean (dL/dy)^2} from gransearch.sensitivity
     config: dict = field(default_factory=dict)  # what the bank depends on (bank_config)
     sha256: list = field(default_factory=list)  # per layer file of a stored bank
+    stage_seconds: dict = field(default_factory=dict)  # where this process's build time went (empty when loaded)
 
     def fisher_losses(self) -> Optional[np.ndarray]:
         """``[layers, K]`` estimated loss increases ``sum_j F_j * row_objective_j`` (``inf``: no entry)."""
@@ -502,7 +503,9 @@ def build_bank(
 
     # the work runs on ``device`` (else where the model is); entries are kept on the CPU
     dev = torch.device(device) if device is not None else next(model.parameters()).device
+    stage = _Stages(dev)
 
+    @stage("objectives and copies")
     def add(name, method, spec, qw, in_scale, W, H):
         entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
         d = W - entry.effective_weight()
@@ -531,6 +534,7 @@ def build_bank(
     # AWQ scales are searched once per scaling group and spec (the group shares one fold), block by block
     awq_scales: dict[tuple[str, str], torch.Tensor] = {}
 
+    @stage("awq scale search")
     def awq_block(b: int) -> None:
         block_prefix = f"{info.blocks}.{b}."
         for grp in info.groups:
@@ -554,8 +558,9 @@ def build_bank(
         # one stack of rows on one factorisation (tests/test_algorithms.py checks the two agree)
         plain_gptq = {}
         if any(m.uses_gptq for m in methods):  # one factorisation, one stacked solve for every spec
-            prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
-            results = gptq_many(W, H, code_specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
+            with stage("gptq"):
+                prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
+                results = gptq_many(W, H, code_specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
             plain_gptq = {str(sp): r.qweight for sp, r in zip(code_specs[ref.name], results)}
         for spec in specs[ref.name]:
             if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):  # llama.cpp's quantizer, weighted by diag(H)
@@ -573,7 +578,8 @@ def build_bank(
                 if clips_after_awq(ref.name):
                     F = factor_of(ref.name)
                     Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
-                    Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
+                    with stage("awq clip search"):
+                        Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
                 if Method.AWQ in methods:
                     add(ref.name, Method.AWQ, spec, quantize_layer(Ws, Hs, Method.AWQ, spec).qweight, s, W, H)
                 if Method.AWQ_GPTQ in methods:
@@ -591,8 +597,10 @@ def build_bank(
         blocks.setdefault(block_index(ref.name) or 0, []).append(ref)
 
     def build_block(b: int) -> None:
+        t_block = time.perf_counter()
         if per_block is not None:
-            stats.update(per_block.of(b))
+            with stage("statistics"):
+                stats.update(per_block.of(b))
         if use_awq and not info.generic:
             awq_block(b)
         for ref in blocks[b]:
@@ -608,6 +616,7 @@ def build_bank(
                 stats.pop(r.name, None)
             factors.clear()  # keyed by id(): a freed statistic's id may come back
             per_block.done(b)
+        stage.seconds["blocks"] += time.perf_counter() - t_block
 
     config = bank_config(source or model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, prune=prune)
@@ -616,8 +625,10 @@ def build_bank(
             build_block(b)
         if per_block is not None:
             per_block.close()
+        with stage("output fisher"):
+            fisher = fisher_of()
         return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                    opts, fisher_of(), config, [])
+                    opts, fisher, config, [], stage.report())
 
     # stored: blocks are claimed in the folder, so that workers sharing it build the bank together (and a
     # killed build resumes from its finished blocks); each block's layer files, then its part record, then release
@@ -647,7 +658,9 @@ def build_bank(
             part = {}
             for ref in blocks[b]:
                 i = names.index(ref.name)
-                part[ref.name] = {"index": i, "sha256": _store_layer(store, i, entries[ref.name]), "keys": keys[ref.name],
+                with stage("store"):
+                    digest = _store_layer(store, i, entries[ref.name])
+                part[ref.name] = {"index": i, "sha256": digest, "keys": keys[ref.name],
                                   "nbytes": [e.nbytes for e in entries[ref.name]], "objectives": [e.objective for e in entries[ref.name]],
                                   "out_energy": energy[ref.name]}
                 entries[ref.name] = []  # on disk now: memory holds one block's candidates at a time
@@ -659,10 +672,45 @@ def build_bank(
         per_block.close()
     parts = folder.parts(list(blocks))
     table = [[BankEntry(None, None, int(nb), float(ob)) for nb, ob in zip(parts[n]["nbytes"], parts[n]["objectives"])] for n in names]
+    with stage("output fisher"):
+        fisher = fisher_of()
     bank = Bank(names, [parts[n]["keys"] for n in names], table, [parts[n]["out_energy"] for n in names],
-                folder.seconds(list(blocks)), opts, fisher_of(), config, [parts[n]["sha256"] for n in names])
+                folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
-    return Bank.load(store, config, verify=False)  # damaged() has just hashed every layer file
+    loaded = Bank.load(store, config, verify=False)  # damaged() has just hashed every layer file
+    loaded.stage_seconds = stage.report()
+    return loaded
+
+
+class _Stages:
+    """Seconds per stage of a bank build (``stage("name")`` as a context manager or decorator),
+    waiting for the GPU at each boundary so that its queued work is counted where it was queued."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.seconds: dict[str, float] = {"blocks": 0.0}
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self) -> dict:
+        """The stages, and what the blocks spent outside them (RTN and AWQ roundings, Python)."""
+        out = {k: round(v, 3) for k, v in self.seconds.items() if k != "blocks"}
+        inside = sum(v for k, v in self.seconds.items() if k not in ("blocks", "store", "output fisher"))
+        out["other (rtn and awq rounding, python)"] = round(max(0.0, self.seconds["blocks"] - inside), 3)
+        log.info("bank stages (seconds): %s", out)
+        return out
 
 
 class _BlockStats:

@@ -40,8 +40,9 @@ def test_quantize_on_gpu_matches_cpu(method):
         m = tiny_model("llama")
         q = gs.quantize(m, "w4g16", calib(), method=method, device=dev, verbose=False)
         res[dev] = (m, q)
-    objs = {dev: sum(r.objective for r in q.records) for dev, (_, q) in res.items()}
-    assert objs["cuda"] == pytest.approx(objs["cpu"], rel=2e-2)
+    if method == "gptq":  # AWQ alone collects no Hessian, so it has no layer objective
+        objs = {dev: sum(r.objective for r in q.records) for dev, (_, q) in res.items()}
+        assert objs["cuda"] == pytest.approx(objs["cpu"], rel=2e-2)
     name = res["cpu"][1].records[0].name
     a = get_module(res["cpu"][0], name).dequantized_weight()
     b = get_module(res["cuda"][0], name).dequantized_weight().cpu()
@@ -122,7 +123,9 @@ def test_gptq_cuda_graphs_give_the_eager_codes(spec, act_order):
 def test_gptq_many_with_cuda_graphs_equals_one_by_one():
     W, H = (t.cuda() for t in _correlated_problem(seed=1))
     specs = [gs.QuantSpec.parse(s) for s in ("w3c", "w4c", "w8c", "w4g32")]
-    many = gs.gptq_many(W, H, specs)
+    from gransearch.algorithms.gptq import gptq_many
+
+    many = gptq_many(W, H, specs)
     for sp, r in zip(specs, many):
         one = gs.gptq(W, H, sp).qweight
         assert (one.codes == r.qweight.codes).float().mean() > 0.999
