@@ -14,6 +14,9 @@
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
+# Seconds each step took on one H100 (2026-11-27; the first SmolLM2 step also converts the GGUF):
+# gpu_tests 28, graphs 21, quantize_speed 64, search_cost 67, readme_search 150, export_gpu over 90
+# (not finished). On a machine without network, scripts/gpu_prepare.sh makes what it needs.
 set -u
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 STEPS=${2:-all}

@@ -14,12 +14,13 @@ layer *output* on sampled input tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
-from ..quantizer import block_view, dequantize_codes, qparams, quantize_codes
+from ..quantizer import block_view, check_weight, dequantize_codes, qparams, quantize_codes
 from ..spec import QuantSpec
 from .rtn import rtn
 
@@ -44,25 +45,36 @@ def awq_search(
     act_mean: torch.Tensor,
     weights: Sequence[torch.Tensor],
     spec: QuantSpec,
-    loss_fn: Callable[[list[torch.Tensor]], float],
+    loss_fn: Callable[[list[torch.Tensor]], Union[float, torch.Tensor]],
     n_grid: int = 20,
 ) -> AWQSearch:
     """Grid search of the scaling exponent.
 
     ``act_mean``: ``[in]`` mean ``|x|`` per input channel; ``weights``: the group's ``[out_k, in]``
     weights; ``loss_fn(candidates)`` returns the output error when the group's weights are replaced
-    by ``candidates`` (same shapes, float). Returns the best scales and the loss curve.
+    by ``candidates`` (same shapes, float), as a float or a 0-d tensor. Returns the best scales and
+    the loss curve. Tensor losses are read once, after the whole grid: on a GPU the grid then runs
+    without waiting for the device at every point.
     """
-    losses = []
-    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    for w in weights:  # once here, not at every grid point
+        check_weight(w, spec)
+    losses, scales = [], []
     for k in range(n_grid):
-        r = k / n_grid
-        s = awq_scales(act_mean, r).to(weights[0].device)
-        cands = [rtn(w.float() * s, spec).dequantize() / s for w in weights]
-        loss = float(loss_fn(cands))
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, r, s)
+        s = awq_scales(act_mean, k / n_grid).to(weights[0].device)
+        cands = [rtn(w.float() * s, spec, check=False).dequantize() / s for w in weights]
+        losses.append(loss_fn(cands))
+        scales.append(s)
+    if any(isinstance(v, torch.Tensor) for v in losses):
+        losses = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=scales[0].device) for v in losses]).tolist()
+    losses = [float(v) for v in losses]
+    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    for k, loss in enumerate(losses):
+        if loss < best[0]:  # the first of equal losses, as the loop always chose
+            best = (loss, k / n_grid, scales[k])
+    for k, loss in enumerate(losses):
+        if not math.isfinite(loss):  # raise what the skipped checks raise (a scale beyond float16), if that is why
+            for w in weights:
+                rtn(w.float() * scales[k], spec)
     return AWQSearch(best[2], best[1], losses)
 
 
@@ -135,8 +147,9 @@ def apply_clip(w: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor) -> torch.
     return torch.clamp(blocks, lo * r, hi * r).reshape(w.shape).to(w.dtype)
 
 
-def _hessian_error(d: torch.Tensor, H: torch.Tensor) -> float:
-    return float(((d @ H) * d).sum())
+def _hessian_error(d: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``tr(d H d^T)`` as a float64 0-d tensor (read by the caller when it needs the number)."""
+    return ((d @ H) * d).sum().double()
 
 
 def hessian_factor(H: torch.Tensor, rank: int) -> torch.Tensor:
@@ -163,7 +176,7 @@ def awq_search_hessian(
         factor = hessian_factor(H, rank)
     if factor is not None:
         F = factor
-        return awq_search(act_mean, ws, spec, lambda cands: sum(float(((w - c) @ F).pow(2).sum()) for w, c in zip(ws, cands)), n_grid)
+        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid)
     Hf = H.float()
     return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid)
 
@@ -205,8 +218,8 @@ def clip_ratios_hessian(
             err_of = row_err
     best_err = None
     best_r = None
-    for r in ratios:
-        s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero)
+    for r in ratios:  # shrinking only lowers scales: the caller's quantization checks their range
+        s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
         q = dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape)
         e = err_of(q)
         if best_err is None:
