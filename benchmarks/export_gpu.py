@@ -98,8 +98,8 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None, help="test windows (default: the whole split)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--record", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     dev = args.device or "cpu"

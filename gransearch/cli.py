@@ -88,19 +88,11 @@ def cmd_eval(args) -> int:
     if args.reference and not (args.llamacpp and str(args.reference).endswith(".gguf") and os.path.exists(args.reference)):
         raise ValueError(f"--reference takes the unquantized model's .gguf file, with --llamacpp; {args.reference!r} is not one "
                          "(write it with: gransearch quantize ... or gs.save_gguf(model, 'f32.gguf', embd_type='F32'))")
-    model, tok = gs.load_model(args.model, dtype=args.dtype, device=_device(args.device), trust_remote_code=args.trust_remote_code)
-    ids = gs.load_tokens(args.data, tok, args.split)
-    if args.llamacpp:
-        from gransearch import llamacpp
-
-        del model
-        if args.reference:
-            kl = llamacpp.kl_divergence(gs.models.gguf_source(args.model), args.reference, ids, seqlen=args.seqlen,
-                                        max_windows=args.max_windows, verbose=not args.quiet)
-        res = llamacpp.perplexity(gs.models.gguf_source(args.model), ids, seqlen=args.seqlen, max_windows=args.max_windows,
-                                  verbose=not args.quiet)
+    mode = "in memory" if args.llamacpp else _quantize_mode(args)
+    if mode.startswith("from disk"):
+        res, kl = _eval_from_disk(args, mode), None
     else:
-        res = gs.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows, verbose=not args.quiet)
+        res, kl = _eval_in_memory(args)
     out = {
         "model": args.model,
         "engine": "llama.cpp" if args.llamacpp else "torch",
@@ -113,6 +105,8 @@ def cmd_eval(args) -> int:
         "tokens_per_second": round(res.n_windows * res.seqlen / res.seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
+    if mode.startswith("from disk"):
+        out["mode"] = "from disk, block by block"
     if args.reference:
         out.update({"reference": args.reference, "kl_divergence": round(kl.kl, 6), "kl_divergence_se": round(kl.kl_se, 6),
                     "same_top_token": round(kl.top1, 4), "reference_perplexity": round(kl.ref_ppl, 4)})
@@ -180,6 +174,44 @@ def _quantize_outputs(args, summary: dict, records) -> int:
             json.dump([r.to_dict() for r in records], fh, indent=1)
     _emit(summary, args.json)
     return 0
+
+
+def _eval_in_memory(args):
+    """``(perplexity, KL divergence or None)`` of the model loaded whole, by torch or llama.cpp."""
+    import gransearch as gs
+
+    model, tok = gs.load_model(args.model, dtype=args.dtype, device=_device(args.device), trust_remote_code=args.trust_remote_code)
+    ids = gs.load_tokens(args.data, tok, args.split)
+    if not args.llamacpp:
+        return gs.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
+                             verbose=not args.quiet), None
+    from gransearch import llamacpp
+
+    del model
+    kl = None
+    if args.reference:
+        kl = llamacpp.kl_divergence(gs.models.gguf_source(args.model), args.reference, ids, seqlen=args.seqlen,
+                                    max_windows=args.max_windows, verbose=not args.quiet)
+    res = llamacpp.perplexity(gs.models.gguf_source(args.model), ids, seqlen=args.seqlen, max_windows=args.max_windows,
+                              verbose=not args.quiet)
+    return res, kl
+
+
+def _eval_from_disk(args, mode: str):
+    """The perplexity of a float model folder read one block at a time (gs.offload.perplexity)."""
+    from transformers import AutoTokenizer
+
+    import gransearch as gs
+
+    if args.dtype != "float32":
+        raise ValueError("evaluating from disk computes in float32 (--dtype float32)")
+    if not args.quiet:
+        print(f"eval: {mode}", file=sys.stderr)
+    dm = gs.offload.DiskModel(args.model, trust_remote_code=args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    ids = gs.load_tokens(args.data, tok, args.split)
+    return gs.offload.perplexity(dm, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
+                                 device=_device(args.device), verbose=not args.quiet)
 
 
 def _quantize_mode(args) -> str:
@@ -287,6 +319,17 @@ def cmd_optimize(args) -> int:
                                          "profile", "float_dtype", "max_bank_gb", "proxy")}
     cfg["bank_prune"] = "dominated" if args.prune_bank else None
     cfg["device"] = _device(args.device)
+    mode = _quantize_mode(args)
+    cfg["from_disk"] = mode.startswith("from disk")
+    if cfg["from_disk"]:
+        if args.save_gguf or args.llamacpp_eval:
+            raise ValueError("a search from disk writes compressed-tensors (--save); --save-gguf and --llamacpp-eval need the model in memory")
+        if args.proxy != "ppl":
+            raise ValueError("a search from disk measures perplexity (--proxy ppl)")
+        args.n_final = 0
+    if not args.quiet:
+        print(f"search: {mode}{'; no final stage (the plan is quantized from disk with --save)' if cfg['from_disk'] else ''}",
+              file=sys.stderr)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it; workers build it together
     os.makedirs(cfg["bank_dir"], exist_ok=True)
     storage = args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.out, 'study.db'))}"
@@ -294,13 +337,22 @@ def cmd_optimize(args) -> int:
     study_name = args.study or f"gransearch-{os.path.basename(os.path.abspath(args.out))}"
     if not args.quiet:  # what the bank will take on disk, before any of it is built
         kw = runs.search_kwargs(cfg)
-        print(gs.bank.bank_size(model, kw["methods"], kw["bits"], kw["granularities"], kw["profile"]).table(top=8), file=sys.stderr)
+        print(gs.bank.bank_size(getattr(model, "model", model) if cfg["from_disk"] else model, kw["methods"], kw["bits"],
+                                kw["granularities"], kw["profile"]).table(top=8), file=sys.stderr)
     # workers read the run configuration from the study: stored once the study is checked, before the first trial
     res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=None if args.n_final == 0 else test,
                       n_trials=args.trials, timeout=args.timeout, storage=storage, study_name=study_name, n_final=args.n_final,
                       study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **runs.search_kwargs(cfg))
     summary = runs.write_run_folder(args.out, res, budget, storage, study_name)
     shown = ["budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan"]
+    if args.save and cfg["from_disk"]:  # the best plan quantized from disk, written block by block
+        res_q = gs.quantize(model, res.plan, calib, device=cfg["device"], save=args.save, save_dtype=args.float_dtype,
+                            verbose=not args.quiet)
+        summary["saved"] = _saved_summary(res_q.saved)
+        shown.append("saved")
+        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        args.save = None
     if args.save or args.save_gguf:  # the best plan, re-quantized once as a user applies it, written as asked
         tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
         gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
@@ -439,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp", action="store_true", help="score the GGUF file with llama.cpp (CPU) instead of torch")
     p.add_argument("--reference", default=None, metavar="F32.gguf",
                    help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
+    p.add_argument("--from-disk", action="store_true",
+                   help="read the (float) model folder one block at a time (models larger than memory; chosen by itself when its "
+                        "float32 weights exceed half the available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -513,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a candidate bank larger than this on disk (its size per candidate is estimated before building)")
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
+    p.add_argument("--from-disk", action="store_true",
+                   help="read the model folder one block at a time: the bank, every trial and --save (models larger than memory; "
+                        "chosen by itself when the float32 weights exceed half the available memory); no final stage")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

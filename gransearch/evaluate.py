@@ -143,6 +143,15 @@ def perplexity(
     seqlen = check_int("seqlen", seqlen, 2)
     batch_size = check_int("batch_size", batch_size, 1)
     max_windows = check_int("max_windows", max_windows, 1, allow_none=True)
+    from .offload import DiskModel
+
+    if isinstance(model, DiskModel):  # larger than memory: block by block (on the CPU; gs.offload.perplexity takes a device)
+        from . import offload
+
+        res = offload.perplexity(model, ids, seqlen, batch_size, max_windows, chunk_tokens=chunk_tokens, verbose=verbose)
+        if on_window is not None:
+            on_window(res.n_windows, res.nll)
+        return res
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     check_token_ids(ids, getattr(emb, "num_embeddings", None), "the evaluation ids")
     w = windows(ids, seqlen, max_windows)

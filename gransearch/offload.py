@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import os
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .arch import arch_of, get_blocks, get_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "release_freed_memory", "scratch_dir"]
+__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "perplexity", "release_freed_memory", "scratch_dir"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -317,3 +317,120 @@ class DiskModel:
 
     def __repr__(self) -> str:
         return f"DiskModel({self.folder!r}, {self.n_blocks} blocks, dtype={self.dtype})"
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block in the tail pass of :func:`perplexity`: returns the final
+    hidden states computed block by block (the last block) or its input unchanged (the others), in
+    the form the block returned; other attributes (e.g. Gemma's ``attention_type``) are the block's."""
+
+    def __init__(self, block: nn.Module, states: Optional[list], tuple_out: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: its meta parameters stay out of this one
+        self.states, self.tuple_out, self.j = states, tuple_out, 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, x, *args, **kwargs):
+        y = x if self.states is None else self.states[self.j]
+        return (y,) if self.tuple_out else y
+
+
+@torch.no_grad()
+def perplexity(model: DiskModel, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 1, max_windows: Optional[int] = None,
+               device=None, weights: Optional[Callable[[str], Optional[torch.Tensor]]] = None, chunk_tokens: Optional[int] = None,
+               verbose: bool = True):
+    """:func:`gransearch.perplexity` of a model larger than memory, read one block at a time.
+
+    Every evaluation window runs through block 0, then block 1, ... (their hidden states in memory:
+    ``windows x seqlen x hidden`` floats), each block read from disk, run on ``device`` and dropped;
+    then the final norm and the output head score them. The arithmetic is that of the model loaded
+    whole, batch by batch, so the result is the same. ``weights(name)``, when given, replaces a
+    linear's weight as its block is read (a tensor of the same shape, or ``None`` to keep the stored
+    one): how a search trial can score its plan without the model in memory. Returns a
+    :class:`~gransearch.evaluate.Perplexity`.
+
+        >>> gs.offload.perplexity(DiskModel("path/to/model"), test_ids, seqlen=512)  # doctest: +SKIP
+    """
+    import math
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .arch import block_linears, linear_weight
+    from .calibrate import BlockRunner
+    from .errors import NonFiniteError, check_int, check_token_ids
+    from .evaluate import LOGITS_BUDGET, Perplexity, _head_parts, chunked_nll, windows
+
+    seqlen = check_int("seqlen", seqlen, 2)
+    batch_size = check_int("batch_size", batch_size, 1)
+    hf = model.model
+    check_token_ids(ids, getattr(hf.get_input_embeddings(), "num_embeddings", None), "the evaluation ids")
+    parts = _head_parts(hf)
+    if parts is None:
+        raise ValueError(f"perplexity from disk scores the final hidden states with the output head; {type(hf).__name__} "
+                         "is not in gransearch.arch.HEAD_ON_BASE: load the model whole (gs.load_model)")
+    base, head, cap = parts
+    w = windows(ids, seqlen, max_windows)
+    t0 = time.perf_counter()
+    runner = BlockRunner(model, w, batch_size, device)
+    blocks = get_blocks(hf, model.info)
+    tuple_out = False
+    total, count = 0.0, 0
+    try:
+        for i in tqdm(range(len(blocks)), desc="perplexity (from disk)", disable=not verbose, leave=False):
+            block = runner.enter(i)
+            try:
+                if weights is not None:
+                    for ref in block_linears(hf, i, model.info):
+                        new = weights(ref.name)
+                        if new is not None:
+                            linear_weight(ref.module).copy_(new)
+                if i == len(blocks) - 1:  # the form the blocks return, for the stand-ins below
+                    args, kwargs = runner.extra[0]
+                    tuple_out = isinstance(block(runner.inputs[0], *args, **kwargs), (tuple, list))
+                runner.run(i, advance=True)
+            finally:
+                runner.leave(i)
+        # the tail: the base model's own forward with every block replaced by a stand-in that returns
+        # the states computed above (the embedding, the final norm and the rotary tables run as usual)
+        dev, home = runner.device, runner.home
+        untied = head.weight.is_meta
+        hw = model.read_tensor(_head_name(model)).to(dev) if untied else None
+        hb = None if getattr(head, "bias", None) is None or head.bias.is_meta else head.bias.to(dev, torch.float32)
+
+        def logits(x):  # in float32 whatever the stored dtype (a bf16 table is upcast exactly)
+            return torch.nn.functional.linear(x, (hw if untied else head.weight).to(torch.float32), hb)
+
+        chunk = chunk_tokens or max(1, LOGITS_BUDGET // int(hf.config.vocab_size))
+        saved = list(blocks)
+        stand_ins = [_Replay(b, runner.inputs if k == len(saved) - 1 else None, tuple_out) for k, b in enumerate(saved)]
+        try:
+            for k, r in enumerate(stand_ins):
+                blocks[k] = r
+            base.to(dev)
+            for j in range(0, w.shape[0], batch_size):
+                stand_ins[-1].j = j // batch_size
+                x = w[j : j + batch_size].to(dev)
+                h = base(input_ids=x, use_cache=False)[0]
+                total += float(chunked_nll(h[:, :-1].reshape(-1, h.shape[-1]), x[:, 1:].reshape(-1), logits, cap, chunk))
+                count += x.shape[0] * (seqlen - 1)
+        finally:
+            base.to(home)
+            for k, b in enumerate(saved):
+                blocks[k] = b
+    finally:
+        runner.close()
+    mean = total / count
+    if not math.isfinite(mean):
+        raise NonFiniteError(f"perplexity from disk is not finite (mean NLL {mean}): the model's outputs are NaN or infinite")
+    return Perplexity(math.exp(mean), mean, count, int(w.shape[0]), seqlen, time.perf_counter() - t0)
+
+
+def _head_name(model: DiskModel) -> str:
+    head = model.model.get_output_embeddings()
+    return next(n for n, p in model.model.named_parameters(remove_duplicate=False) if p is head.weight)

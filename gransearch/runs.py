@@ -179,7 +179,16 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
     import gransearch as gs
 
     gs.data.check_text_name(cfg["data"])
-    model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"), trust_remote_code=trust_remote_code)
+    if cfg.get("from_disk"):  # larger than memory: a DiskModel (blocks read as they run), the tokenizer from the folder
+        from transformers import AutoTokenizer
+
+        if cfg.get("dtype", "float32") != "float32":
+            raise ValueError("a search from disk computes in float32 (--dtype float32)")
+        model = gs.offload.DiskModel(cfg["model"], trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(cfg["model"], trust_remote_code=trust_remote_code)
+    else:
+        model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"),
+                                   trust_remote_code=trust_remote_code)
     if cfg.get("profile") in ("gguf", "gguf-asym"):  # search the model llama.cpp will run: its embedding as the GGUF stores it
         from .export.gguf import round_embeddings
 
@@ -188,7 +197,10 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
     val = gs.load_tokens(cfg["data"], tok, "validation")
     test = gs.load_tokens(cfg["data"], tok, "test")
     if cfg.get("budget_like"):
-        budget = budget_like(model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype"))
+        if cfg.get("from_disk"):  # floats counted as the model loaded whole holds them (optimize does the same)
+            budget = budget_like(model.model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype") or "float32")
+        else:
+            budget = budget_like(model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype"))
     elif cfg.get("budget_bytes"):
         budget = int(cfg["budget_bytes"])
     else:

@@ -154,6 +154,53 @@ class _Assembler:
         return self.model
 
 
+class _DiskPlan:
+    """A trial's model when the float model is read from disk: the folder, and each linear's
+    weight from its chosen bank entry (applied as the block is read; see
+    :func:`gransearch.offload.perplexity`)."""
+
+    def __init__(self, disk, bank: Bank, choice: Sequence[int], device):
+        self.disk, self.bank, self.device = disk, bank, device
+        self.choice = {n: c for n, c in zip(bank.layers, choice)}
+        self.index = {n: i for i, n in enumerate(bank.layers)}
+
+    def weight(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.index:
+            return None
+        return self.bank.entries[self.index[name]][self.choice[name]].effective_weight()
+
+
+class _DiskAssembler:
+    """:class:`_Assembler` for a model read from disk: nothing is copied; each trial's weights are
+    read from the stored bank as its blocks run."""
+
+    def __init__(self, disk, bank: Bank, device=None):
+        self.disk, self.bank = disk, bank
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    def load(self, choice: Sequence[int]) -> "_DiskPlan":
+        return _DiskPlan(self.disk, self.bank, choice, self.device)
+
+
+def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, prof):
+    """The model read from disk (a :class:`~gransearch.offload.DiskModel`), after refusing what a
+    search from disk does not do; ``None`` for a model in memory."""
+    from .offload import DiskModel
+
+    if not isinstance(model, DiskModel):
+        return None
+    if proxy != "ppl" or objective_fn is not None:
+        raise ValueError("a search of a model read from disk measures perplexity (proxy='ppl', no objective_fn)")
+    if final_ids is not None and n_final > 0:
+        raise ValueError("a search of a model read from disk has no final stage yet: pass n_final=0 (or final_ids=None), then "
+                         "quantize the plan from disk: gs.quantize(folder, result.plan, calib, save=OUT)")
+    if bank is None and not bank_dir:
+        raise ValueError("a search of a model read from disk keeps its bank on disk: give bank_dir")
+    if prof.format == "gguf":
+        raise ValueError("the gguf profile needs the model in memory (llama.cpp's quantizer and the Q8_0 embedding)")
+    return model
+
+
 def _plan_from_keys(bank: Bank, keys: Sequence[str], fingerprint: str, meta=None) -> QuantPlan:
     """The plan of a trial: ``keys[i]`` is the ``method:spec`` of layer ``bank.layers[i]``."""
     layers = {n: LayerPlan.from_key(k, bank.gptq) for n, k in zip(bank.layers, keys)}  # GPTQ layers keep the bank's options
@@ -379,15 +426,19 @@ def optimize(
     prof.check_candidates(bits, granularities)
     check_device(device)
     max_bank = None if max_bank_gb is None else int(check_positive("max_bank_gb", max_bank_gb) * GB)
+    disk = _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, prof)
+    net = disk.model if disk is not None else model  # shapes, names and config (parameters on meta when read from disk)
+    if disk is not None and float_dtype is None and not prof.float_dtype_of_model:
+        float_dtype = disk.dtype  # what the model loaded whole holds (DiskModel keeps a bf16 table as stored, to save memory)
     if float_dtype is not None or prof.float_dtype_of_model:
-        float_dtype = float_dtype_of(model, float_dtype)
-    fingerprint = model_fingerprint(model)
-    names = [r.name for r in model_linears(model)]
-    fixed, shapes = check_budget(model, names, bits, granularities, budget, prof, float_dtype, methods)
+        float_dtype = float_dtype_of(net, float_dtype)
+    fingerprint = model_fingerprint(net)
+    names = [r.name for r in model_linears(net)]
+    fixed, shapes = check_budget(net, names, bits, granularities, budget, prof, float_dtype, methods)
     if prof.format == "gguf":
         from .export.gguf import embeddings_rounded
 
-        if not embeddings_rounded(model, "Q8_0"):
+        if not embeddings_rounded(net, "Q8_0"):
             log.warning("the gguf profile counts the token embedding as Q8_0, but this model computes with the float one: call "
                         "gransearch.export.gguf.round_embeddings(model) first so that the search scores what the GGUF stores")
 
@@ -419,7 +470,7 @@ def optimize(
     n_blocks = 1 + max((block_index(n) or 0 for n in names), default=0)
     quarters = [depth_quarter(n, n_blocks) for n in names]
 
-    assembler = _Assembler(model, bank, device)
+    assembler = _Assembler(model, bank, device) if disk is None else _DiskAssembler(disk, bank, device)
     tied = [[names.index(n) for n in g] for g in fused_sets(names)] if prof.fused else None
 
     reference = None
@@ -427,6 +478,12 @@ def optimize(
         reference = reference_logprobs(model, eval_ids, seqlen, batch_size=batch_size, max_windows=eval_windows, verbose=verbose)
 
     def evaluate(mdl, report):
+        if isinstance(mdl, _DiskPlan):  # block by block from disk: one report, at the end
+            from .offload import perplexity as disk_perplexity
+
+            res = disk_perplexity(mdl.disk, eval_ids, seqlen, batch_size, eval_windows, device=device, weights=mdl.weight, verbose=False)
+            report(res.n_windows, res.nll)
+            return res.ppl
         if objective_fn is not None:
             return float(objective_fn(mdl, report))
         if reference is not None:

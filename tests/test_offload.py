@@ -273,3 +273,108 @@ def test_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     gs.quantize(src, "w4g32", calib, "gptq", save=str(tmp_path / "q"), verbose=False)
     assert not any(d.exists() for d in stale) and live.exists()
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [live.name]
+
+
+@pytest.mark.parametrize("kind, tie", [("llama", True), ("llama", False), ("gemma3", True), ("opt", True)])
+def test_perplexity_from_disk_is_the_in_memory_perplexity(tmp_path, kind, tie):
+    """Block by block from the safetensors files, the numbers of the model loaded whole (tied and
+    untied heads; Gemma's per-layer attention types and soft-capping; OPT's layout)."""
+    model = tiny_model(kind, seed=4)
+    if not tie:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    src = str(tmp_path / "float")
+    _save_float(model, src, shards=2)
+    ids = token_stream(2048, seed=6)
+    want = gs.perplexity(_in_memory_copy(src), ids, seqlen=64, batch_size=3, max_windows=7, verbose=False)
+    dm = DiskModel(src)
+    got = gs.perplexity(dm, ids, seqlen=64, batch_size=3, max_windows=7, verbose=False)
+    assert got.n_tokens == want.n_tokens and got.nll == want.nll  # the same arithmetic, bit for bit
+    assert all(p.is_meta for b in get_blocks(dm.model) for p in b.parameters())  # nothing left loaded
+
+
+def test_perplexity_from_disk_with_replaced_weights_scores_that_model(tmp_path):
+    """weights(name) replaces linears as their blocks are read: a plan scored without the model in
+    memory gets the perplexity of the model holding those weights."""
+    from gransearch.arch import linear_weight, model_linears
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=5), src)
+    mem = _in_memory_copy(src)
+    spec = gs.QuantSpec.parse("w3g16")
+    new = {r.name: gs.rtn(linear_weight(r.module), spec).dequantize() for r in model_linears(mem)}
+    with torch.no_grad():
+        for r in model_linears(mem):
+            linear_weight(r.module).copy_(new[r.name])
+    ids = token_stream(2048, seed=8)
+    want = gs.perplexity(mem, ids, seqlen=64, batch_size=2, max_windows=6, verbose=False)
+    got = gs.offload.perplexity(DiskModel(src), ids, seqlen=64, batch_size=2, max_windows=6, weights=new.get, verbose=False)
+    plain = gs.offload.perplexity(DiskModel(src), ids, seqlen=64, batch_size=2, max_windows=6, verbose=False)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-6) and abs(got.ppl - plain.ppl) > 1e-3 * plain.ppl
+
+
+def test_search_of_a_model_on_disk_scores_its_plans_as_in_memory(tmp_path):
+    """optimize() of a DiskModel: bank from disk, each trial scored block by block; every trial's
+    value is the in-memory perplexity of its plan assembled from the same bank, bit for bit."""
+    from gransearch.bank import Bank
+    from gransearch.search import _Assembler
+
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=7), src)
+    mem = _in_memory_copy(src)
+    calib = token_stream(2048, seed=1)[:1024].reshape(16, 64)
+    val = token_stream(2048, seed=2)
+    budget = gs.QuantPlan.uniform(mem, "w4g16", "rtn").nbytes(mem)
+    kw = dict(budget_bytes=budget, calib=calib, eval_ids=val, methods=("rtn", "gptq"), bits=(3, 4, 8), granularities=("channel", 16),
+              n_trials=8, seqlen=64, eval_windows=4, n_final=0, verbose=False)
+    res = gs.optimize(DiskModel(src), bank_dir=str(tmp_path / "bank"), **kw)
+    assert res.nbytes <= budget and res.plan.nbytes(mem) == res.nbytes
+    bank = Bank.load(str(tmp_path / "bank"))
+    asm = _Assembler(mem, bank)
+    done = [t for t in res.study.trials if t.value is not None]
+    assert len(done) >= 6
+    for t in done:
+        choice = [bank.keys[i].index(k) for i, k in enumerate(t.user_attrs["keys"])]
+        want = gs.perplexity(asm.load(choice), val, seqlen=64, batch_size=4, max_windows=4, verbose=False).ppl
+        assert t.value == want, t.number
+    with pytest.raises(ValueError, match="no final stage"):
+        gs.optimize(DiskModel(src), bank_dir=str(tmp_path / "bank"), **{**kw, "n_final": 1, "final_ids": val})
+    with pytest.raises(ValueError, match="bank_dir"):
+        gs.optimize(DiskModel(src), **kw)
+
+
+def test_cli_optimize_from_disk_finds_the_in_memory_plan_and_saves_it(cli_assets, tmp_path, capsys):
+    """`gransearch optimize --from-disk --save DIR`: the same trial values as the search in memory
+    (so the same plan), no final stage, and the plan quantized from disk into DIR."""
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    common = ["optimize", "--model", model_dir, "--data", text, "--budget-like", "w4g16", "--methods", "rtn,gptq", "--bits", "3,4,8",
+              "--grans", "channel,16", "--trials", "6", "--n-calib", "8", "--calib-seqlen", "32", "--seqlen", "32",
+              "--eval-windows", "4", "--n-final", "0", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "mem")]) == 0
+    mem = json.loads((tmp_path / "mem" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(common + ["--from-disk", "--out", str(tmp_path / "disk"), "--save", str(tmp_path / "q")]) == 0
+    disk = json.loads((tmp_path / "disk" / "summary.json").read_text())
+    assert disk["budget_bytes"] == mem["budget_bytes"] and disk["plan_bytes"] == mem["plan_bytes"]
+    assert disk["proxy_ppl"] == mem["proxy_ppl"] and disk["plan"] == mem["plan"]
+    assert disk["saved"]["quantized_bytes"] > 0 and os.path.exists(tmp_path / "q" / "config.json")
+    plan = gs.QuantPlan.load(str(tmp_path / "disk" / "plan.json"))
+    back = _codes(gs.load_quantized(str(tmp_path / "q")))
+    assert {n: str(lp.spec) for n, lp in plan.layers.items()} == {n: str(q.spec) for n, q in back.items()}
+    assert main(common + ["--from-disk", "--proxy", "kl", "--out", str(tmp_path / "kl")]) != 0
+    assert "perplexity" in capsys.readouterr().err
+
+
+def test_cli_eval_from_disk_is_the_in_memory_eval(cli_assets, capsys):
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    common = ["eval", "--model", model_dir, "--data", text, "--seqlen", "32", "--max-windows", "5", "--json", "--quiet"]
+    assert main(common) == 0
+    mem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(common + ["--from-disk"]) == 0
+    disk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert disk["mode"] == "from disk, block by block" and "mode" not in mem
+    assert disk["perplexity"] == mem["perplexity"] and disk["tokens_evaluated"] == mem["tokens_evaluated"]
