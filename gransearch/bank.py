@@ -460,6 +460,7 @@ def build_bank(
 
     source = model if isinstance(model, DiskModel) else None
     if source is not None:
+        source.check_float("a candidate bank")
         model = source.model
         if fisher_windows:
             log.warning("a bank built from disk has no output Fisher (it needs a backward pass through the whole model): "

@@ -326,9 +326,8 @@ def cmd_optimize(args) -> int:
             raise ValueError("a search from disk writes compressed-tensors (--save); --save-gguf and --llamacpp-eval need the model in memory")
         if args.proxy != "ppl":
             raise ValueError("a search from disk measures perplexity (--proxy ppl)")
-        args.n_final = 0
     if not args.quiet:
-        print(f"search: {mode}{'; no final stage (the plan is quantized from disk with --save)' if cfg['from_disk'] else ''}",
+        print(f"search: {mode}{'; finalists written to ' + os.path.join(args.out, 'finals') if cfg['from_disk'] else ''}",
               file=sys.stderr)
     cfg["bank_dir"] = os.path.abspath(os.path.join(args.out, "bank"))  # kept on disk; a rerun reuses it; workers build it together
     os.makedirs(cfg["bank_dir"], exist_ok=True)
@@ -569,8 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder one block at a time: the bank, every trial and --save (models larger than memory; "
-                        "chosen by itself when the float32 weights exceed half the available memory); no final stage")
+                   help="read the model folder one block at a time: the bank, every trial, the finalists (written to OUT/finals "
+                        "and measured as written) and --save (models larger than memory; chosen by itself when the float32 "
+                        "weights exceed half the available memory)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

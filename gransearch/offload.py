@@ -170,9 +170,17 @@ class DiskModel:
         self.dtype = dtype
         self.files = checkpoint_files(folder)
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self.quantized: dict = {}  # {linear name: spec} of a compressed-tensors checkpoint, dequantized as read
         if getattr(self.config, "quantization_config", None) is not None:
-            raise ValueError(f"{folder} is already quantized ({self.config.quantization_config.get('quant_method', '?')}): "
-                             "quantize the float model")
+            from .export import compressed_tensors as ct
+
+            try:
+                _, self.quantized = ct.read_config(folder)
+            except ValueError:
+                raise ValueError(f"{folder} is quantized ({self.config.quantization_config.get('quant_method', '?')}) in a layout "
+                                 "gransearch does not read (it reads the compressed-tensors pack-quantized checkpoints it "
+                                 "writes): load it whole, or read the float model") from None
+            del self.config.quantization_config
         published = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         self.model = empty_model(self.config, dtype, trust_remote_code)
         if published is not None:  # what a checkpoint written from it stores floats in (save_quantized's default)
@@ -181,7 +189,7 @@ class DiskModel:
         self.n_blocks = len(get_blocks(self.model, self.info))
         self._loaded: set[int] = set()
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        missing = [n for n in params if n not in self.files and not self._tied(n)]
+        missing = [n for n in params if n not in self.files and not self._tied(n) and n.removesuffix(".weight") not in self.quantized]
         if missing:
             raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              "(written for another architecture or config?)")
@@ -244,6 +252,22 @@ class DiskModel:
                         mod._buffers[leaf] = t.to(self.dtype) if t.is_floating_point() else t
         return nbytes
 
+    def _read_quantized(self, names: list[str]) -> None:
+        """Quantized linears of a compressed-tensors checkpoint: their codes dequantized into the
+        linear's weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
+        from .export import compressed_tensors as ct
+
+        for name in names:
+            keys = [f"{name}.{k}" for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point") if f"{name}.{k}" in self.files]
+            qw = ct.layer_from_tensors({k: self.read_tensor(k) for k in keys}, name, self.quantized[name])
+            mod = get_module(self.model, name)
+            mod._parameters["weight"] = nn.Parameter(qw.dequantize(self.dtype), requires_grad=False)
+
+    def check_float(self, what: str) -> None:
+        """Refuse a quantized checkpoint where ``what`` needs the float model."""
+        if self.quantized:
+            raise ValueError(f"{self.folder} is already quantized ({len(self.quantized)} layers): {what} needs the float model")
+
     def read_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored in the checkpoint (its own dtype)."""
         from safetensors import safe_open
@@ -257,6 +281,7 @@ class DiskModel:
             return
         prefix = self.block_prefix(index)
         self._read([n for n in self.files if n.startswith(prefix)])
+        self._read_quantized([n for n in self.quantized if n.startswith(prefix)])
         block = get_blocks(self.model, self.info)[index]
         left = [n for n, p in block.named_parameters() if p.is_meta]
         if left:

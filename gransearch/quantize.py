@@ -310,6 +310,8 @@ def quantize(
         source = DiskModel(os.fspath(model))
     elif isinstance(model, DiskModel):
         source = model
+    if source is not None:
+        source.check_float("quantizing")
     if source is not None and save is None:
         raise ValueError("a model read from disk block by block is never whole in memory, so its quantized blocks must be "
                          "written as they are made: pass save=DIR (CLI: --save DIR)")

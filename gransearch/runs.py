@@ -24,7 +24,7 @@ __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype", "bank_prune",
-            "max_bank_gb", "proxy")
+            "max_bank_gb", "proxy", "from_disk")
 
 
 # ---- option checks on text -----------------------------------------------------------------
@@ -147,6 +147,8 @@ def check_run_config(cfg) -> dict:
         raise ValueError(f"stored run configuration: profile {cfg.get('profile')!r} is not one of {', '.join(PROFILES)}")
     if cfg.get("float_dtype") not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"stored run configuration: float_dtype {cfg.get('float_dtype')!r} is not float32, bfloat16 or float16")
+    if not isinstance(cfg.get("from_disk", False), bool):
+        raise ValueError("stored run configuration: from_disk must be true or false")
     if cfg.get("proxy", "ppl") not in ("ppl", "kl"):
         raise ValueError(f"stored run configuration: proxy {cfg.get('proxy')!r} is not 'ppl' or 'kl'")
     if cfg.get("bank_prune") not in (None, "dominated"):

@@ -33,6 +33,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -182,7 +183,7 @@ class _DiskAssembler:
         return _DiskPlan(self.disk, self.bank, choice, self.device)
 
 
-def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, prof):
+def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof):
     """The model read from disk (a :class:`~gransearch.offload.DiskModel`), after refusing what a
     search from disk does not do; ``None`` for a model in memory."""
     from .offload import DiskModel
@@ -191,11 +192,11 @@ def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, ban
         return None
     if proxy != "ppl" or objective_fn is not None:
         raise ValueError("a search of a model read from disk measures perplexity (proxy='ppl', no objective_fn)")
-    if final_ids is not None and n_final > 0:
-        raise ValueError("a search of a model read from disk has no final stage yet: pass n_final=0 (or final_ids=None), then "
-                         "quantize the plan from disk: gs.quantize(folder, result.plan, calib, save=OUT)")
     if bank is None and not bank_dir:
         raise ValueError("a search of a model read from disk keeps its bank on disk: give bank_dir")
+    if final_ids is not None and n_final > 0 and not (final_dir or bank_dir):
+        raise ValueError("a search of a model read from disk writes its finalists' checkpoints: give final_dir")
+    model.check_float("a search")
     if prof.format == "gguf":
         raise ValueError("the gguf profile needs the model in memory (llama.cpp's quantizer and the Q8_0 embedding)")
     return model
@@ -309,22 +310,33 @@ def _ranked(complete) -> list:
     return ranked
 
 
-def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device, verbose):
+def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device, verbose, disk=None, final_dir=None):
     """Re-quantize each trial's plan sequentially (as a user applies it) and measure it on
-    ``final_ids``; returns ``(best final perplexity, its trial, one record per finalist)``."""
+    ``final_ids``; returns ``(best final perplexity, its trial, one record per finalist)``. From
+    disk (``disk``), each finalist is quantized block by block into ``final_dir/trial-N`` (a
+    compressed-tensors checkpoint) and that checkpoint is measured, read block by block."""
     from .quantize import quantize
 
     finals, best = [], None
     for t in trials:
         plan = plan_of(t)
-        work = copy.deepcopy(model)
-        quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from the plan's layers
-        if device is not None:
-            work.to(device)
-        fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
-        del work
+        record = {}
+        if disk is not None:
+            from .offload import DiskModel, perplexity as disk_perplexity
+
+            folder = os.path.join(final_dir, f"trial-{t.number}")
+            quantize(disk, plan, calib, device=device, save=folder, verbose=verbose)
+            fin = disk_perplexity(DiskModel(folder), final_ids, seqlen, batch_size, device=device, verbose=verbose).ppl
+            record["checkpoint"] = folder
+        else:
+            work = copy.deepcopy(model)
+            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from the plan's layers
+            if device is not None:
+                work.to(device)
+            fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
+            del work
         finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
-                       "kind": t.user_attrs.get("kind"), "summary": plan.summary()})
+                       "kind": t.user_attrs.get("kind"), "summary": plan.summary(), **record})
         if best is None or fin < best[0]:
             best = (fin, t)
     return best[0], best[1], finals
@@ -363,6 +375,7 @@ def optimize(
     bank_prune: Optional[str] = None,
     max_bank_gb: Optional[float] = None,
     proxy: str = "ppl",
+    final_dir: Optional[str] = None,
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -395,7 +408,11 @@ def optimize(
     it tells plans apart on fewer tokens; the float model's log-probabilities of the windows are
     kept in memory as float16, :func:`~gransearch.evaluate.reference_logprobs`). With ``"kl"`` the
     proxy values (``proxy_ppl``, the Pareto front, ``baselines``) are KL divergences; the final
-    stage still measures perplexity. Returns an
+    stage still measures perplexity. ``model`` may be a :class:`~gransearch.offload.DiskModel` (larger than
+    memory): the bank is built from disk into ``bank_dir``, each trial is scored block by block
+    (:func:`gransearch.offload.perplexity`; the same values as in memory), and each finalist is quantized
+    from disk into ``final_dir/trial-N`` (default: ``finals`` beside ``bank_dir``), a checkpoint measured
+    as written. Returns an
     :class:`OptimizeResult`; ``model`` itself is not modified.
 
     Resuming is safe: the study records everything its trial values depend on (weights, candidates,
@@ -426,7 +443,7 @@ def optimize(
     prof.check_candidates(bits, granularities)
     check_device(device)
     max_bank = None if max_bank_gb is None else int(check_positive("max_bank_gb", max_bank_gb) * GB)
-    disk = _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, prof)
+    disk = _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof)
     net = disk.model if disk is not None else model  # shapes, names and config (parameters on meta when read from disk)
     if disk is not None and float_dtype is None and not prof.float_dtype_of_model:
         float_dtype = disk.dtype  # what the model loaded whole holds (DiskModel keeps a bf16 table as stored, to save memory)
@@ -599,7 +616,9 @@ def optimize(
     ranked = _ranked(complete)
     best_t, final_ppl, finals = ranked[0], ranked[0].value, []
     if final_ids is not None and n_final > 0:
-        final_ppl, best_t, finals = _finals(model, ranked[:n_final], plan_of, calib, final_ids, seqlen, batch_size, device, verbose)
+        final_ppl, best_t, finals = _finals(model, ranked[:n_final], plan_of, calib, final_ids, seqlen, batch_size, device, verbose,
+                                            disk, final_dir or (os.path.join(os.path.dirname(os.path.abspath(bank_dir)), "finals")
+                                                                if bank_dir else None))
     plan = plan_of(best_t)
     plan.meta["final_ppl"] = final_ppl
     return OptimizeResult(plan, best_t.user_attrs["nbytes"], final_ppl, best_t.value, pareto, study, finals, baselines,

@@ -337,15 +337,21 @@ def test_search_of_a_model_on_disk_scores_its_plans_as_in_memory(tmp_path):
         choice = [bank.keys[i].index(k) for i, k in enumerate(t.user_attrs["keys"])]
         want = gs.perplexity(asm.load(choice), val, seqlen=64, batch_size=4, max_windows=4, verbose=False).ppl
         assert t.value == want, t.number
-    with pytest.raises(ValueError, match="no final stage"):
-        gs.optimize(DiskModel(src), bank_dir=str(tmp_path / "bank"), **{**kw, "n_final": 1, "final_ids": val})
     with pytest.raises(ValueError, match="bank_dir"):
         gs.optimize(DiskModel(src), **kw)
+    # the final stage: the best plan quantized from disk into finals/trial-N and that checkpoint measured
+    test = token_stream(1024, seed=4)
+    fin = gs.optimize(DiskModel(src), bank_dir=str(tmp_path / "bank"), **{**kw, "n_final": 1, "final_ids": test})
+    (rec,) = fin.finals
+    assert rec["checkpoint"] == str(tmp_path / "finals" / f"trial-{rec['trial']}")
+    q = gs.load_quantized(rec["checkpoint"], dtype=torch.float32)
+    assert {n: str(m.spec) for n, m in _codes(q).items()} == {n: str(lp.spec) for n, lp in fin.plan.layers.items()}
+    assert fin.ppl == rec["final_ppl"] == gs.perplexity(q, test, seqlen=64, batch_size=4, verbose=False).ppl
 
 
 def test_cli_optimize_from_disk_finds_the_in_memory_plan_and_saves_it(cli_assets, tmp_path, capsys):
     """`gransearch optimize --from-disk --save DIR`: the same trial values as the search in memory
-    (so the same plan), no final stage, and the plan quantized from disk into DIR."""
+    (so the same plan), and the plan quantized from disk into DIR."""
     from gransearch.cli import main
 
     model_dir, _, text = cli_assets
@@ -378,3 +384,22 @@ def test_cli_eval_from_disk_is_the_in_memory_eval(cli_assets, capsys):
     disk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert disk["mode"] == "from disk, block by block" and "mode" not in mem
     assert disk["perplexity"] == mem["perplexity"] and disk["tokens_evaluated"] == mem["tokens_evaluated"]
+
+
+@pytest.mark.parametrize("kind, spec, method", [("llama", "w4g16", "awq+gptq"), ("gemma3", "w3c", "gptq")])
+def test_quantized_checkpoint_evaluated_from_disk_is_load_quantized(tmp_path, kind, spec, method):
+    """A compressed-tensors checkpoint read block by block (codes dequantized as each block loads; AWQ's
+    folded norms as stored) scores what gs.load_quantized scores, bit for bit; it cannot be quantized again."""
+    src = str(tmp_path / "float")
+    _save_float(tiny_model(kind, seed=2), src)
+    calib = token_stream(2048, seed=1)[:1024].reshape(16, 64)
+    gs.quantize(src, spec, calib, method, batch_size=4, save=str(tmp_path / "q"), save_dtype="float32", verbose=False)
+    ids = token_stream(2048, seed=3)
+    want = gs.perplexity(gs.load_quantized(str(tmp_path / "q"), dtype=torch.float32), ids, seqlen=64, batch_size=2, max_windows=5,
+                         verbose=False)
+    dm = DiskModel(str(tmp_path / "q"))
+    assert len(dm.quantized) == len(_codes(gs.load_quantized(str(tmp_path / "q"))))
+    got = gs.perplexity(dm, ids, seqlen=64, batch_size=2, max_windows=5, verbose=False)
+    assert got.nll == want.nll
+    with pytest.raises(ValueError, match="already quantized"):
+        gs.quantize(dm, "w4g16", calib, "rtn", save=str(tmp_path / "again"), verbose=False)
