@@ -189,6 +189,13 @@ class DiskModel:
         self.n_blocks = len(get_blocks(self.model, self.info))
         self._loaded: set[int] = set()
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        # a tied table saved once under the head's name (transformers keeps one name per shared tensor)
+        self.alias: dict[str, str] = {}
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        emb_name = next((n for n, p in params.items() if emb is not None and p is emb.weight), None)
+        if emb_name and emb_name not in self.files and "lm_head.weight" in self.files and self._tied("lm_head.weight"):
+            self.alias[emb_name] = "lm_head.weight"
+            self.files[emb_name] = self.files["lm_head.weight"]
         missing = [n for n in params if n not in self.files and not self._tied(n) and n.removesuffix(".weight") not in self.quantized]
         if missing:
             raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -229,7 +236,7 @@ class DiskModel:
         for path, group in by_file.items():
             with safe_open(path, framework="pt") as fh:  # closed per call: the mapped pages leave with it
                 for n in group:
-                    t = fh.get_tensor(n)
+                    t = fh.get_tensor(self.alias.get(n, n))
                     nbytes += t.numel() * t.element_size()
                     owner, _, leaf = n.rpartition(".")
                     mod = get_module(self.model, owner) if owner else self.model
@@ -273,7 +280,7 @@ class DiskModel:
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="pt") as fh:
-            return fh.get_tensor(name)
+            return fh.get_tensor(self.alias.get(name, name))
 
     def load_block(self, index: int) -> None:
         """Read block ``index``'s parameters from disk (a no-op when they are in memory)."""
@@ -322,7 +329,7 @@ class DiskModel:
                     if path not in handles:
                         handles.clear()  # one file open at a time
                         handles[path] = safe_open(path, framework="pt")
-                    t = handles[path].get_tensor(name)
+                    t = handles[path].get_tensor(self.alias.get(name, name))
                 else:
                     t = p.detach()
                 flat = t.reshape(-1)

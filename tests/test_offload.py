@@ -403,3 +403,24 @@ def test_quantized_checkpoint_evaluated_from_disk_is_load_quantized(tmp_path, ki
     assert got.nll == want.nll
     with pytest.raises(ValueError, match="already quantized"):
         gs.quantize(dm, "w4g16", calib, "rtn", save=str(tmp_path / "again"), verbose=False)
+
+
+def test_tied_table_stored_under_the_head_name(tmp_path):
+    """transformers may save a tied embedding once, as lm_head.weight (the packaged SmolLM2's
+    converted folder does): DiskModel reads it as the input embedding too."""
+    from safetensors.torch import load_file, save_file
+
+    src = str(tmp_path / "float")
+    model = tiny_model("llama", seed=8)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    _save_float(model, src)
+    path = os.path.join(src, "model.safetensors")
+    state = load_file(path)
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, path, metadata={"format": "pt"})
+    ids = token_stream(2048, seed=6)
+    want = gs.perplexity(_in_memory_copy(src), ids, seqlen=64, batch_size=2, max_windows=4, verbose=False)
+    dm = DiskModel(src)
+    assert dm.weights_fingerprint() == gs.plan.weights_fingerprint(_in_memory_copy(src))
+    assert gs.perplexity(dm, ids, seqlen=64, batch_size=2, max_windows=4, verbose=False).nll == want.nll
