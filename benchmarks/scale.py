@@ -38,6 +38,10 @@ SHAPES = {  # config.json of HuggingFaceTB/SmolLM2-1.7B (the fields that set the
     "smollm2-1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    # a smoke-test shape (the scripts' paths in seconds, before a long run or a GPU session)
+    "tiny": dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                 bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cuda (the measurement) or cpu")
     ap.add_argument("--record", default=None, help="also write the results to this JSON file")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--from-disk", action="store_true",
+                    help="search the model read from disk block by block (bank, trials, finalist written to OUT/search/finals)")
     args = ap.parse_args()
 
     import gransearch as gs
@@ -50,7 +52,13 @@ def main() -> None:
     make_model(folder, args.shape, args.blocks)
     print(f"machine: {machine()}")
     t0 = time.perf_counter()
-    model, _ = gs.load_model(folder)
+    if args.from_disk:
+        disk = gs.offload.DiskModel(folder)
+        model = disk.model  # shapes and config; the search reads the weights from disk
+    else:  # not gs.load_model: the folder may have no tokenizer (random token ids then calibrate)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     t_load = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     n_linear = sum(r.shape[0] * r.shape[1] for r in gs.arch.model_linears(model))
@@ -62,13 +70,13 @@ def main() -> None:
     cands = (("rtn", "gptq", "awq"), (3, 4), ("channel", 64))
     est = bank_size(model, *cands)
     print(est.table(top=4))
-    budget = gs.QuantPlan.uniform(model, "w4c", "rtn").nbytes(model)
+    budget = gs.runs.budget_like(model, "w4c", "research", "float32")  # floats at float32, as loaded whole (from disk too)
     run = os.path.join(args.out, "search")
     os.makedirs(run, exist_ok=True)
     if dev and dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=cands[0], bits=cands[1],
+    res = gs.optimize(disk if args.from_disk else model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=cands[0], bits=cands[1],
                       granularities=cands[2], n_trials=args.trials, eval_windows=args.eval_windows, seqlen=args.seqlen, n_final=1,
                       bank_dir=os.path.join(run, "bank"), storage=f"sqlite:///{os.path.abspath(run)}/study-{time.time_ns()}.db",
                       device=dev, verbose=not args.quiet)
@@ -76,7 +84,7 @@ def main() -> None:
     bank_dir = os.path.join(run, "bank")
     on_disk = sum(os.path.getsize(os.path.join(bank_dir, f)) for f in os.listdir(bank_dir) if f.endswith(".safetensors"))
     out = {"machine": machine(), "shape": args.shape, "blocks": args.blocks, "params": n_params, "linear_params": n_linear,
-           "device": dev or "cpu", "n_calib": args.n_calib, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
+           "device": dev or "cpu", "from_disk": args.from_disk, "n_calib": args.n_calib, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
            "trials": res.n_trials, "load_seconds": round(t_load, 1), "search_seconds": round(total, 1),
            "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2),
            "final_seconds": round(total - res.bank_seconds - res.search_seconds, 1),
