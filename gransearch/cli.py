@@ -344,26 +344,21 @@ def cmd_optimize(args) -> int:
                       study_attrs={"cli_config": json.dumps(cfg)}, verbose=not args.quiet, **runs.search_kwargs(cfg))
     summary = runs.write_run_folder(args.out, res, budget, storage, study_name)
     shown = ["budget_bytes", "plan_bytes", "proxy_ppl", "final_ppl", "trials", "plan"]
-    if args.save and cfg["from_disk"]:  # the best plan quantized from disk, written block by block
-        res_q = gs.quantize(model, res.plan, calib, device=cfg["device"], save=args.save, save_dtype=args.float_dtype,
-                            verbose=not args.quiet)
-        summary["saved"] = _saved_summary(res_q.saved)
-        shown.append("saved")
-        with open(os.path.join(args.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        args.save = None
     if args.save or args.save_gguf:  # the best plan, re-quantized once as a user applies it, written as asked
-        tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
-        gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
-    if args.save:
-        saved = gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
-                                  profile=None if args.profile == "research" else args.profile)
-        summary["saved"] = _saved_summary(saved)
-        shown.append("saved")
-    if args.save_gguf:
-        summary["saved_gguf"] = _save_gguf(model, args, test, tok)
-        shown.append("saved_gguf")
-    if args.save or args.save_gguf:
+        if cfg["from_disk"]:  # block by block from disk, the checkpoint written as the blocks finish
+            saved = gs.quantize(model, res.plan, calib, device=cfg["device"], save=args.save, save_dtype=args.float_dtype,
+                                verbose=not args.quiet).saved
+        else:
+            tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), trust_remote_code=args.trust_remote_code)[1]
+            gs.quantize(model, res.plan, calib, device=cfg["device"], objective=False, verbose=not args.quiet)
+            saved = args.save and gs.save_quantized(model, args.save, dtype=args.float_dtype, tokenizer=tok,
+                                                    profile=None if args.profile == "research" else args.profile)
+        if args.save:
+            summary["saved"] = _saved_summary(saved)
+            shown.append("saved")
+        if args.save_gguf:
+            summary["saved_gguf"] = _save_gguf(model, args, test, tok)
+            shown.append("saved_gguf")
         with open(os.path.join(args.out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
     print(json.dumps({k: summary[k] for k in shown}, indent=1))
@@ -491,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, metavar="F32.gguf",
                    help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the (float) model folder one block at a time (models larger than memory; chosen by itself when its "
-                        "float32 weights exceed half the available memory)")
+                   help="read the model folder one block at a time (a float model, or a compressed-tensors checkpoint "
+                        "gransearch wrote; models larger than memory; chosen by itself when its float32 weights exceed half "
+                        "the available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

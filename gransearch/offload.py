@@ -391,76 +391,93 @@ def perplexity(model: DiskModel, ids: torch.Tensor, seqlen: int = 2048, batch_si
     import math
     import time
 
-    from tqdm.auto import tqdm
-
-    from .arch import block_linears, linear_weight
     from .calibrate import BlockRunner
     from .errors import NonFiniteError, check_int, check_token_ids
-    from .evaluate import LOGITS_BUDGET, Perplexity, _head_parts, chunked_nll, windows
+    from .evaluate import Perplexity, _head_parts, windows
 
     seqlen = check_int("seqlen", seqlen, 2)
     batch_size = check_int("batch_size", batch_size, 1)
     hf = model.model
     check_token_ids(ids, getattr(hf.get_input_embeddings(), "num_embeddings", None), "the evaluation ids")
-    parts = _head_parts(hf)
-    if parts is None:
+    if _head_parts(hf) is None:
         raise ValueError(f"perplexity from disk scores the final hidden states with the output head; {type(hf).__name__} "
                          "is not in gransearch.arch.HEAD_ON_BASE: load the model whole (gs.load_model)")
-    base, head, cap = parts
     w = windows(ids, seqlen, max_windows)
     t0 = time.perf_counter()
     runner = BlockRunner(model, w, batch_size, device)
-    blocks = get_blocks(hf, model.info)
-    tuple_out = False
-    total, count = 0.0, 0
     try:
-        for i in tqdm(range(len(blocks)), desc="perplexity (from disk)", disable=not verbose, leave=False):
-            block = runner.enter(i)
-            try:
-                if weights is not None:
-                    for ref in block_linears(hf, i, model.info):
-                        new = weights(ref.name)
-                        if new is not None:
-                            linear_weight(ref.module).copy_(new)
-                if i == len(blocks) - 1:  # the form the blocks return, for the stand-ins below
-                    args, kwargs = runner.extra[0]
-                    tuple_out = isinstance(block(runner.inputs[0], *args, **kwargs), (tuple, list))
-                runner.run(i, advance=True)
-            finally:
-                runner.leave(i)
-        # the tail: the base model's own forward with every block replaced by a stand-in that returns
-        # the states computed above (the embedding, the final norm and the rotary tables run as usual)
-        dev, home = runner.device, runner.home
-        untied = head.weight.is_meta
-        hw = model.read_tensor(_head_name(model)).to(dev) if untied else None
-        hb = None if getattr(head, "bias", None) is None or head.bias.is_meta else head.bias.to(dev, torch.float32)
-
-        def logits(x):  # in float32 whatever the stored dtype (a bf16 table is upcast exactly)
-            return torch.nn.functional.linear(x, (hw if untied else head.weight).to(torch.float32), hb)
-
-        chunk = chunk_tokens or max(1, LOGITS_BUDGET // int(hf.config.vocab_size))
-        saved = list(blocks)
-        stand_ins = [_Replay(b, runner.inputs if k == len(saved) - 1 else None, tuple_out) for k, b in enumerate(saved)]
-        try:
-            for k, r in enumerate(stand_ins):
-                blocks[k] = r
-            base.to(dev)
-            for j in range(0, w.shape[0], batch_size):
-                stand_ins[-1].j = j // batch_size
-                x = w[j : j + batch_size].to(dev)
-                h = base(input_ids=x, use_cache=False)[0]
-                total += float(chunked_nll(h[:, :-1].reshape(-1, h.shape[-1]), x[:, 1:].reshape(-1), logits, cap, chunk))
-                count += x.shape[0] * (seqlen - 1)
-        finally:
-            base.to(home)
-            for k, b in enumerate(saved):
-                blocks[k] = b
+        tuple_out = _run_blocks(model, runner, weights, verbose)
+        total = _score_final_states(model, runner, w, batch_size, tuple_out, chunk_tokens)
     finally:
         runner.close()
+    count = w.shape[0] * (seqlen - 1)
     mean = total / count
     if not math.isfinite(mean):
         raise NonFiniteError(f"perplexity from disk is not finite (mean NLL {mean}): the model's outputs are NaN or infinite")
     return Perplexity(math.exp(mean), mean, count, int(w.shape[0]), seqlen, time.perf_counter() - t0)
+
+
+def _run_blocks(model: DiskModel, runner, weights, verbose: bool) -> bool:
+    """Every block over the runner's windows, read from disk (linears replaced by ``weights``) and
+    dropped; returns whether the blocks return tuples (the form the stand-ins must give)."""
+    from tqdm.auto import tqdm
+
+    from .arch import block_linears, linear_weight
+
+    blocks = get_blocks(model.model, model.info)
+    tuple_out = False
+    for i in tqdm(range(len(blocks)), desc="perplexity (from disk)", disable=not verbose, leave=False):
+        block = runner.enter(i)
+        try:
+            if weights is not None:
+                for ref in block_linears(model.model, i, model.info):
+                    new = weights(ref.name)
+                    if new is not None:
+                        linear_weight(ref.module).copy_(new)
+            if i == len(blocks) - 1:
+                args, kwargs = runner.extra[0]
+                tuple_out = isinstance(block(runner.inputs[0], *args, **kwargs), (tuple, list))
+            runner.run(i, advance=True)
+        finally:
+            runner.leave(i)
+    return tuple_out
+
+
+def _score_final_states(model: DiskModel, runner, w: torch.Tensor, batch_size: int, tuple_out: bool, chunk_tokens) -> float:
+    """Summed NLL of the windows ``w`` from the final blocks' states (``runner.inputs``): the base
+    model's own forward with every block replaced by a stand-in that returns those states (so the
+    embedding, the final norm and the rotary tables run as usual), then the head in float32 (a
+    bf16 table upcast exactly; an untied head read from its file)."""
+    from .evaluate import _head_parts, chunked_nll
+
+    hf = model.model
+    base, head, cap = _head_parts(hf)
+    dev, home = runner.device, runner.home
+    hw = model.read_tensor(_head_name(model)).to(dev) if head.weight.is_meta else None
+    hb = None if getattr(head, "bias", None) is None or head.bias.is_meta else head.bias.to(dev, torch.float32)
+
+    def logits(x):
+        return torch.nn.functional.linear(x, (head.weight if hw is None else hw).to(torch.float32), hb)
+
+    blocks = get_blocks(hf, model.info)
+    saved = list(blocks)
+    stand_ins = [_Replay(b, runner.inputs if k == len(saved) - 1 else None, tuple_out) for k, b in enumerate(saved)]
+    total = 0.0
+    try:
+        for k, r in enumerate(stand_ins):
+            blocks[k] = r
+        base.to(dev)
+        for j in range(0, w.shape[0], batch_size):
+            stand_ins[-1].j = j // batch_size
+            x = w[j : j + batch_size].to(dev)
+            h = base(input_ids=x, use_cache=False)[0]
+            total += float(chunked_nll(h[:, :-1].reshape(-1, h.shape[-1]), x[:, 1:].reshape(-1), logits, cap, chunk_tokens,
+                                       int(hf.config.vocab_size)))
+    finally:
+        base.to(home)
+        for k, b in enumerate(saved):
+            blocks[k] = b
+    return total
 
 
 def _head_name(model: DiskModel) -> str:
