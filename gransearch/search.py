@@ -160,8 +160,8 @@ class _DiskPlan:
     weight from its chosen bank entry (applied as the block is read; see
     :func:`gransearch.offload.perplexity`)."""
 
-    def __init__(self, disk, bank: Bank, choice: Sequence[int], device):
-        self.disk, self.bank, self.device = disk, bank, device
+    def __init__(self, disk, bank: Bank, choice: Sequence[int]):
+        self.disk, self.bank = disk, bank
         self.choice = {n: c for n, c in zip(bank.layers, choice)}
         self.index = {n: i for i, n in enumerate(bank.layers)}
 
@@ -180,7 +180,7 @@ class _DiskAssembler:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def load(self, choice: Sequence[int]) -> "_DiskPlan":
-        return _DiskPlan(self.disk, self.bank, choice, self.device)
+        return _DiskPlan(self.disk, self.bank, choice)
 
 
 def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof):
