@@ -198,17 +198,13 @@ def _eval_in_memory(args):
 
 
 def _eval_from_disk(args, mode: str):
-    """The perplexity of a float model folder read one block at a time (gs.offload.perplexity)."""
-    from transformers import AutoTokenizer
-
+    """The perplexity of a model folder (float, or a compressed-tensors checkpoint gransearch wrote)
+    read one block at a time (gs.offload.perplexity)."""
     import gransearch as gs
 
-    if args.dtype != "float32":
-        raise ValueError("evaluating from disk computes in float32 (--dtype float32)")
+    dm, tok = gs.offload.open_folder(args.model, "evaluating", args.dtype, args.trust_remote_code)
     if not args.quiet:
         print(f"eval: {mode}", file=sys.stderr)
-    dm = gs.offload.DiskModel(args.model, trust_remote_code=args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     ids = gs.load_tokens(args.data, tok, args.split)
     return gs.offload.perplexity(dm, ids, seqlen=args.seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
                                  device=_device(args.device), verbose=not args.quiet)
@@ -250,19 +246,13 @@ def _available_memory():
 
 def _quantize_from_disk(args, plan, dev, t0) -> int:
     """The model folder quantized block by block and written to ``--save`` as it goes (never whole in memory)."""
-
-    from transformers import AutoTokenizer
-
     import gransearch as gs
 
     if not args.save:
         raise ValueError("quantizing from disk writes the model as it goes: give --save DIR")
     if args.save_gguf:
         raise ValueError("--save-gguf needs the model in memory; quantize from disk writes compressed-tensors (--save)")
-    if args.dtype != "float32":
-        raise ValueError("quantizing from disk computes in float32 (--dtype float32)")
-    dm = gs.offload.DiskModel(args.model, trust_remote_code=args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    dm, tok = gs.offload.open_folder(args.model, "quantizing", args.dtype, args.trust_remote_code)
     if plan is not None:
         plan.check(dm.model)
     calib = gs.sample_windows(gs.load_tokens(args.data, tok, "train"), args.n_calib, args.calib_seqlen, seed=args.seed)

@@ -31,7 +31,8 @@ from .arch import arch_of, get_blocks, get_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskModel", "checkpoint_files", "empty_model", "float32_nbytes", "perplexity", "release_freed_memory", "scratch_dir"]
+__all__ = ["DiskModel", "checkpoint_files", "counted", "empty_model", "float32_nbytes", "open_folder", "perplexity", "release_freed_memory",
+           "scratch_dir"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -206,7 +207,8 @@ class DiskModel:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         if head is not None and not getattr(self.config, "tie_word_embeddings", False):
             self.unread = {n for n, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
-        self._read([n for n in params if self._block_of(n) is None and n in self.files and n not in self.unread])
+        # a tied head is the embedding (tie_weights below): its table is read once
+        self._read([n for n in params if self._block_of(n) is None and n in self.files and n not in self.unread and not self._tied(n)])
         if self._tied("lm_head.weight") and hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         still = [n for n, p in self.model.named_parameters() if p.is_meta and self._block_of(n) is None and n not in self.unread]
@@ -264,9 +266,11 @@ class DiskModel:
         linear's weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
         from .export import compressed_tensors as ct
 
+        keys = [f"{n}.{k}" for n in names for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+                if f"{n}.{k}" in self.files]
+        stored = self.read_tensors(keys)  # the block's layers at once: each file opened once
         for name in names:
-            keys = [f"{name}.{k}" for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point") if f"{name}.{k}" in self.files]
-            qw = ct.layer_from_tensors({k: self.read_tensor(k) for k in keys}, name, self.quantized[name])
+            qw = ct.layer_from_tensors(stored, name, self.quantized[name])
             mod = get_module(self.model, name)
             mod._parameters["weight"] = nn.Parameter(qw.dequantize(self.dtype), requires_grad=False)
 
@@ -277,10 +281,20 @@ class DiskModel:
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored in the checkpoint (its own dtype)."""
+        return self.read_tensors([name])[name]
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` as stored, each file opened once."""
         from safetensors import safe_open
 
-        with safe_open(self.files[name], framework="pt") as fh:
-            return fh.get_tensor(self.alias.get(name, name))
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt") as fh:
+                out.update({n: fh.get_tensor(self.alias.get(n, n)) for n in group})
+        return out
 
     def load_block(self, index: int) -> None:
         """Read block ``index``'s parameters from disk (a no-op when they are in memory)."""
@@ -349,6 +363,29 @@ class DiskModel:
 
     def __repr__(self) -> str:
         return f"DiskModel({self.folder!r}, {self.n_blocks} blocks, dtype={self.dtype})"
+
+
+def open_folder(folder: str, what: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """``(DiskModel, tokenizer)`` of a model folder read one block at a time; ``what`` names the
+    work in the error refusing a dtype other than float32 (the arithmetic of the model loaded whole)."""
+    from transformers import AutoTokenizer
+
+    if dtype != "float32":
+        raise ValueError(f"{what} from disk computes in float32 (--dtype float32)")
+    return (DiskModel(folder, trust_remote_code=trust_remote_code),
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+
+
+def counted(model, float_dtype, float_dtype_of_model: bool):
+    """``(module, float dtype)`` that a byte count of ``model`` uses. A :class:`DiskModel` counts its
+    meta model's shapes, and its floats at the dtype it computes in (as the model loaded whole holds
+    them; it keeps a bf16 table as stored, to save memory) unless a dtype is given or the profile
+    counts the published one (``float_dtype_of_model``); a model in memory is returned as given."""
+    if not isinstance(model, DiskModel):
+        return model, float_dtype
+    if float_dtype is None and not float_dtype_of_model:
+        float_dtype = model.dtype
+    return model.model, float_dtype
 
 
 class _Replay(nn.Module):

@@ -182,12 +182,7 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
 
     gs.data.check_text_name(cfg["data"])
     if cfg.get("from_disk"):  # larger than memory: a DiskModel (blocks read as they run), the tokenizer from the folder
-        from transformers import AutoTokenizer
-
-        if cfg.get("dtype", "float32") != "float32":
-            raise ValueError("a search from disk computes in float32 (--dtype float32)")
-        model = gs.offload.DiskModel(cfg["model"], trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(cfg["model"], trust_remote_code=trust_remote_code)
+        model, tok = gs.offload.open_folder(cfg["model"], "a search", cfg.get("dtype", "float32"), trust_remote_code)
     else:
         model, tok = gs.load_model(cfg["model"], dtype=cfg.get("dtype", "float32"), device=cfg.get("device"),
                                    trust_remote_code=trust_remote_code)
@@ -199,10 +194,7 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
     val = gs.load_tokens(cfg["data"], tok, "validation")
     test = gs.load_tokens(cfg["data"], tok, "test")
     if cfg.get("budget_like"):
-        if cfg.get("from_disk"):  # floats counted as the model loaded whole holds them (optimize does the same)
-            budget = budget_like(model.model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype") or "float32")
-        else:
-            budget = budget_like(model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype"))
+        budget = budget_like(model, cfg["budget_like"], cfg.get("profile", "research"), cfg.get("float_dtype"))
     elif cfg.get("budget_bytes"):
         budget = int(cfg["budget_bytes"])
     else:
@@ -212,12 +204,15 @@ def setup_search(cfg: dict, trust_remote_code: bool = False):
 
 def budget_like(model, spec: str, profile: str = "research", float_dtype=None) -> int:
     """The bytes of the uniform plan ``spec`` as ``profile`` counts them (its storage format and,
-    for ``vllm``, floats at the dtype they are written in)."""
+    for ``vllm``, floats at the dtype they are written in); ``model`` may be a DiskModel, counted as
+    :func:`gransearch.optimize` counts it."""
     from .export import float_dtype_of
+    from .offload import counted
     from .plan import QuantPlan, plan_nbytes
     from .profiles import get_profile
 
     prof = get_profile(profile)
+    model, float_dtype = counted(model, float_dtype, prof.float_dtype_of_model)
     fdt = float_dtype_of(model, float_dtype) if (float_dtype is not None or prof.float_dtype_of_model) else None
     return plan_nbytes(model, QuantPlan.uniform(model, spec, "rtn").layers, prof.format, fdt)
 

@@ -52,6 +52,7 @@ from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
 from .evaluate import kl_divergence, perplexity, reference_logprobs
 from .evaluate import windows as eval_windows_of
+from .offload import DiskModel, counted
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
                     worker_id)
@@ -186,8 +187,6 @@ class _DiskAssembler:
 def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof):
     """The model read from disk (a :class:`~gransearch.offload.DiskModel`), after refusing what a
     search from disk does not do; ``None`` for a model in memory."""
-    from .offload import DiskModel
-
     if not isinstance(model, DiskModel):
         return None
     if proxy != "ppl" or objective_fn is not None:
@@ -444,9 +443,7 @@ def optimize(
     check_device(device)
     max_bank = None if max_bank_gb is None else int(check_positive("max_bank_gb", max_bank_gb) * GB)
     disk = _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof)
-    net = disk.model if disk is not None else model  # shapes, names and config (parameters on meta when read from disk)
-    if disk is not None and float_dtype is None and not prof.float_dtype_of_model:
-        float_dtype = disk.dtype  # what the model loaded whole holds (DiskModel keeps a bf16 table as stored, to save memory)
+    net, float_dtype = counted(model, float_dtype, prof.float_dtype_of_model)  # a DiskModel: its meta model, floats as loaded
     if float_dtype is not None or prof.float_dtype_of_model:
         float_dtype = float_dtype_of(net, float_dtype)
     fingerprint = model_fingerprint(net)

@@ -424,3 +424,18 @@ def test_tied_table_stored_under_the_head_name(tmp_path):
     dm = DiskModel(src)
     assert dm.weights_fingerprint() == gs.plan.weights_fingerprint(_in_memory_copy(src))
     assert gs.perplexity(dm, ids, seqlen=64, batch_size=2, max_windows=4, verbose=False).nll == want.nll
+
+
+@pytest.mark.parametrize("profile, spec", [("research", "w4g32"), ("vllm", "w4g32s")])
+def test_a_budget_counts_a_model_on_disk_as_optimize_does(tmp_path, profile, spec):
+    """budget_like (the CLI's --budget-like, for the search and its workers) counts a DiskModel as
+    optimize() does (floats at float32 for research, at the published dtype for vllm): the
+    uniform plan of that spec, the only candidate, fills the budget to the byte."""
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=1), src)
+    dm = DiskModel(src)
+    budget = gs.runs.budget_like(dm, spec, profile)
+    res = gs.optimize(dm, budget_bytes=budget, calib=token_stream(1024, seed=1)[:512].reshape(8, 64), eval_ids=token_stream(512, seed=2),
+                      methods=("rtn",), bits=(4,), granularities=(32,), n_trials=1, seqlen=64, eval_windows=2, n_final=0,
+                      profile=profile, bank_dir=str(tmp_path / "bank"), verbose=False)
+    assert res.nbytes == budget
