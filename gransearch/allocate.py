@@ -116,39 +116,149 @@ def depth_quarter(name: str, n_blocks: int) -> int:
 def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Optional[list[int]]:
     """Pick one candidate per layer minimising the summed loss with summed cost <= capacity.
 
-    ``costs``, ``losses``: ``[layers, K]`` (``inf`` loss marks a missing candidate). Exact, with
-    ``scipy.optimize.milp``; ``None`` when infeasible.
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
+    ``costs``, ``losses``: ``[layers, K]`` (``inf`` loss marks a missing candidate). Exact; ``None``
+    when infeasible. Each search trial solves one, so it is cut down without losing its optimum
+    before the exact solve (benchmarks/knapsack.py: milliseconds where HiGHS on the whole table took
+    a large share of a GPU trial, and stopped at its default relative gap of 1e-4):
 
-    L, K = losses.shape
+    1. a candidate that another of its layer matches or beats in both bytes and loss is dropped
+       (of equal ones, the lowest index stays);
+    2. the LP relaxation's multiplier ``lam`` of the capacity (a greedy walk up each layer's lower
+       convex hull) bounds every plan's loss from below by ``L = sum_i min_j (loss + lam * cost) -
+       lam * capacity``, and the greedy's own plan bounds the optimum from above by ``U``. A plan's
+       loss is at least ``L`` plus the sum of its candidates' reduced costs ``loss + lam * cost -
+       min_j (...)``, so a candidate whose reduced cost exceeds ``U - L`` is in no plan better than
+       the greedy's: dropped;
+    3. the rest is solved exactly by dynamic programming over partial plans (layers with one
+       candidate left are fixed), keeping those no other matches or beats in both bytes and loss and
+       whose Lagrangian bound does not exceed ``U``. Should that grow past ``_MAX_STATES`` plans in
+       one layer, ``scipy.optimize.milp`` (HiGHS, relative gap 0) solves the cut-down table instead.
+    """
     if np.isnan(losses).any():
         raise NonFiniteError(f"knapsack losses hold NaN (layer {int(np.argwhere(np.isnan(losses))[0][0])}): a bank entry or the "
                              "output Fisher is not finite")
-    valid = np.isfinite(losses)
-    idx = np.flatnonzero(valid.ravel())
-    n = idx.size
-    c = losses.ravel()[idx].astype(float)
-    c = c / max(np.abs(c).max(), 1e-30)
-    A = lil_matrix((L + 1, n))
-    for j, flat in enumerate(idx):
-        A[flat // K, j] = 1.0
-        A[L, j] = float(costs.ravel()[flat])
-    lo = np.concatenate([np.ones(L), [-np.inf]])
-    hi = np.concatenate([np.ones(L), [float(capacity)]])
-    res = milp(c, constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=np.ones(n), bounds=Bounds(0, 1),
-               options={"time_limit": 60})
+    costs = np.asarray(costs, dtype=np.int64)
+    losses = np.asarray(losses, dtype=float)
+    keep = [_undominated(c, f) for c, f in zip(costs, losses)]
+    if any(not k for k in keep) or sum(int(costs[i, k[0]]) for i, k in enumerate(keep)) > capacity:
+        return None  # a layer without a candidate, or the cheapest plan over the capacity
+    lam, upper = _lagrange(costs, losses, keep, capacity)
+    if lam is None:  # every layer's best candidate fits with the others': that plan is optimal
+        return [k[-1] for k in keep]
+    reduced = [losses[i, k] + lam * costs[i, k] for i, k in enumerate(keep)]
+    lower = sum(float(r.min()) for r in reduced) - lam * capacity
+    tol = 1e-9 * max(abs(upper), abs(lower), lam * capacity, 1e-30)  # floating-point rounding never drops the optimum
+    keep = [[j for j, r in zip(k, r_i) if r - r_i.min() <= upper - lower + tol] for k, r_i in zip(keep, reduced)]
+    choice = _pareto_dp(costs, losses, keep, capacity, lam, upper + tol)
+    return choice if choice is not None else _milp(costs, losses, keep, capacity)
+
+
+def _undominated(cost: np.ndarray, loss: np.ndarray) -> list[int]:
+    """The finite candidates of one layer that no other matches or beats in both bytes and loss, by
+    cost ascending (so loss strictly descending); of equal ones, the lowest index."""
+    out: list[int] = []
+    for j in sorted(np.flatnonzero(np.isfinite(loss)), key=lambda j: (cost[j], loss[j], j)):
+        if not out or loss[j] < loss[out[-1]]:  # cheaper ones came first: only a lower loss earns a place
+            out.append(int(j))
+    return out
+
+
+def _lagrange(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int) -> tuple[Optional[float], float]:
+    """``(lam, U)``: the LP relaxation's multiplier of the capacity (``None`` when every layer's best
+    candidate fits) and the loss of the feasible plan a greedy walk along the same hull steps takes."""
+    steps = []  # (slope, layer, from, to): one move up a layer's lower convex hull, loss saved per byte
+    for i, k in enumerate(keep):
+        c, f = costs[i], losses[i]
+        hull = [k[0]]
+        for j in k[1:]:
+            while len(hull) >= 2 and (f[hull[-1]] - f[hull[-2]]) * (c[j] - c[hull[-2]]) >= (f[j] - f[hull[-2]]) * (c[hull[-1]] - c[hull[-2]]):
+                hull.pop()  # the last point lies on or above the segment from the one before it to j
+            hull.append(j)
+        steps += [((f[a] - f[b]) / (c[b] - c[a]), i, a, b) for a, b in zip(hull, hull[1:])]
+    steps.sort(key=lambda s: -s[0])
+    at = [k[0] for k in keep]
+    room = capacity - sum(int(costs[i, j]) for i, j in enumerate(at))
+    lam, blocked = None, set()
+    for slope, i, a, b in steps:
+        if i in blocked:
+            continue
+        step = int(costs[i, b] - costs[i, a])
+        if step <= room:
+            at[i], room = b, room - step
+        else:  # the LP takes the first step that does not fit in part: its slope prices a byte
+            lam = float(slope) if lam is None else lam
+            blocked.add(i)
+    return lam, float(sum(losses[i, j] for i, j in enumerate(at)))
+
+
+_MAX_STATES = 200_000  # partial plans kept per layer by the exact DP before the MILP takes over
+
+
+def _pareto_dp(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int, lam: float,
+               limit: float) -> Optional[list[int]]:
+    """The exact solve over the candidates in ``keep``: layer by layer, the partial plans no other
+    matches or beats in both bytes and loss, less those whose Lagrangian bound (``lam``) exceeds
+    ``limit`` (the loss of a known plan). ``None`` when they grow past ``_MAX_STATES``."""
+    choice = [k[0] if len(k) == 1 else -1 for k in keep]
+    order = sorted((i for i, k in enumerate(keep) if len(k) > 1), key=lambda i: len(keep[i]))
+    cost = np.array([sum(int(costs[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)], dtype=np.int64)
+    loss = np.array([sum(float(losses[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)])
+    best = [float(np.min(losses[i, keep[i]] + lam * costs[i, keep[i]])) for i in order]
+    rest = np.concatenate([np.cumsum(best[::-1])[::-1][1:], [0.0]])  # the bound's share of the layers still to come
+    trail = []
+    for step, i in enumerate(order):
+        c_i, f_i = costs[i, keep[i]], losses[i, keep[i]]
+        c = (cost[:, None] + c_i[None, :]).ravel()
+        f = (loss[:, None] + f_i[None, :]).ravel()
+        ok = (c <= capacity) & (f + lam * c + rest[step] - lam * capacity <= limit)
+        idx = np.flatnonzero(ok)
+        idx = idx[np.lexsort((f[idx], c[idx]))]
+        running = np.minimum.accumulate(f[idx])
+        idx = idx[f[idx] < np.concatenate([[np.inf], running[:-1]])]  # strictly better than every cheaper state
+        if idx.size > _MAX_STATES:
+            return None
+        trail.append((idx // len(keep[i]), idx % len(keep[i])))
+        cost, loss = c[idx], f[idx]
+    if not loss.size:  # cannot happen (the greedy's plan stays within the limit); the MILP decides
+        return None
+    s = int(np.argmin(loss))
+    for step in range(len(order) - 1, -1, -1):
+        parent, pick = trail[step]
+        choice[order[step]] = keep[order[step]][int(pick[s])]
+        s = int(parent[s])
+    return choice
+
+
+def _milp(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int, rel_gap: float = 0.0) -> Optional[list[int]]:
+    """HiGHS over the candidates in ``keep`` (layers with one are fixed, not solved), stopping at
+    ``rel_gap`` (0: exact, up to HiGHS' absolute gap of 1e-6 of the largest loss; its own default
+    of 1e-4 is what this module used alone before 2026-11-27)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    choice = [k[0] if len(k) == 1 else -1 for k in keep]
+    free = [i for i, k in enumerate(keep) if len(k) > 1]
+    room = capacity - sum(int(costs[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)
+    if not free:
+        return choice if room >= 0 else None
+    var = [(r, i, j) for r, i in enumerate(free) for j in keep[i]]
+    n = len(var)
+    data = np.concatenate([np.ones(n), [float(costs[i, j]) for _, i, j in var]])
+    rows = np.concatenate([[r for r, _, _ in var], np.full(n, len(free))])
+    A = csr_matrix((data, (rows, np.tile(np.arange(n), 2))), shape=(len(free) + 1, n))
+    c = np.array([losses[i, j] for _, i, j in var])
+    c = c - min(c.min(), 0.0)  # one candidate per layer: a shift changes no choice
+    c = c / max(c.max(), 1e-30)
+    lo = np.concatenate([np.ones(len(free)), [-np.inf]])
+    hi = np.concatenate([np.ones(len(free)), [float(room)]])
+    res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=np.ones(n), bounds=Bounds(0, 1),
+               options={"time_limit": 60, "mip_rel_gap": rel_gap})
     if res.x is None:
         return None
-    x = np.round(res.x).astype(int)
-    choice = [-1] * L
-    for j in np.flatnonzero(x):
-        flat = idx[j]
-        choice[flat // K] = int(flat % K)
-    if min(choice) < 0:
-        return None
-    return choice
+    for v in np.flatnonzero(np.round(res.x)):
+        _, i, j = var[v]
+        choice[i] = j
+    return None if min(choice) < 0 else choice
 
 
 def solve_tied(costs: np.ndarray, losses: np.ndarray, keys: Sequence[Sequence[str]], groups: Sequence[Sequence[int]],
