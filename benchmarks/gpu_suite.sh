@@ -11,6 +11,7 @@
 # quantize_speed  whole-model GPTQ w4g64 on SmolLM2 against its floor (docs/scale.md)
 # export_gpu      the compressed-tensors export loaded by transformers on the GPU (docs/export.md)
 # search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation
+# launches        one block's AWQ searches: the loop against the stacked grid, timed on the GPU
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
@@ -58,6 +59,9 @@ if want export_gpu; then
 fi
 if want search_cost; then
   STEP_DIR=$ROOT/benchmarks step search_cost "$(limit search_cost 400)" "$PY" search_cost.py --device cuda
+fi
+if want launches; then
+  STEP_DIR=$ROOT/benchmarks step launches "$(limit launches 180)" "$PY" launches.py --device cuda --record "$OUT/launches.json"
 fi
 if want readme_search; then
   rm -rf "$WORK/w4g64"

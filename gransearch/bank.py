@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._files import atomic_write, sha256_file
-from .algorithms.awq import apply_clip, awq_search_hessian, clip_ratios_hessian, hessian_factor
+from .algorithms.awq import apply_clip, awq_grid_scales, awq_search_hessian, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
 from .allocate import candidate_specs, check_candidates
@@ -544,8 +544,10 @@ def build_bank(
                 continue
             ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
             H = stats[gnames[0]].hessian.to(dev)
+            act = stats[gnames[0]].abs_mean.to(dev)
+            grid = awq_grid_scales(act, awq_grid)  # the same for every spec
             for spec in code_specs[gnames[0]]:
-                res = awq_search_hessian(stats[gnames[0]].abs_mean.to(dev), ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]))
+                res = awq_search_hessian(act, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]), grid=grid)
                 for n in gnames:
                     awq_scales[(n, str(spec))] = res.scales
 

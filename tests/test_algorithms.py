@@ -207,6 +207,49 @@ def test_low_rank_hessian_factor_is_exact_at_full_rank_and_close_at_low_rank():
     assert abs(approx.ratio - exact.ratio) <= 0.1
 
 
+@pytest.mark.parametrize("spec", ["w3g16", "w4c", "w4g16s", "w2g32", "w4g32f", "w3t"])
+@pytest.mark.parametrize("rank", [None, 8])
+def test_awq_grid_stacked_is_the_loop(monkeypatch, spec, rank):
+    """The GPU's stacked grid (run here on the CPU) against the loop: the same choice and scales,
+    curves equal up to the order of float32 sums, a group of several weights, and steps of a few
+    grid points (a small batch budget) giving the curve of one step."""
+    from gransearch.algorithms import awq
+    from gransearch.algorithms.awq import awq_search_hessian
+
+    x = correlated_inputs(n=512)
+    h = hessian_of(x)
+    g = torch.Generator().manual_seed(8)
+    ws = [torch.randn(24, 64, generator=g) * 0.1, torch.randn(40, 64, generator=g) * 0.1]
+    sp = gs.QuantSpec.parse(spec)
+    loop = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=False)
+    stacked = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=True)
+    monkeypatch.setattr(awq, "GRID_BATCH_BYTES", 3 * 16 * 40 * 64)  # three grid points a step
+    stepped = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=True)
+    assert loop.ratio == stacked.ratio == stepped.ratio and torch.equal(loop.scales, stacked.scales)
+    assert torch.allclose(torch.tensor(stacked.losses), torch.tensor(loop.losses), rtol=1e-5)
+    assert stepped.losses == stacked.losses
+    assert len(set(loop.losses)) > 1  # a grid that chooses something
+
+
+@pytest.mark.parametrize("spec", ["w3g16", "w4c", "w4g16s", "w2g32", "w4g32f", "w3t"])
+def test_clip_ratios_stacked_are_the_loop(monkeypatch, spec):
+    """The GPU's stacked clip search (run here on the CPU) chooses the loop's ratio for every block,
+    with all ratios in one step and with a few per step."""
+    from gransearch.algorithms import awq
+    from gransearch.algorithms.awq import clip_ratios_hessian
+
+    x = correlated_inputs(n=512)
+    h = hessian_of(x)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(9)) * 0.1
+    sp = gs.QuantSpec.parse(spec)
+    loop = clip_ratios_hessian(w, h, sp, rank=8 if spec == "w4c" else None, batch=False)
+    stacked = clip_ratios_hessian(w, h, sp, rank=8 if spec == "w4c" else None, batch=True)
+    monkeypatch.setattr(awq, "GRID_BATCH_BYTES", 3 * 16 * 40 * 64)  # three ratios a step
+    stepped = clip_ratios_hessian(w, h, sp, rank=8 if spec == "w4c" else None, batch=True)
+    assert torch.equal(loop, stacked) and torch.equal(loop, stepped)
+    assert spec == "w3t" or len(set(loop.flatten().tolist())) > 1  # ratios that differ between blocks
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_many_equals_gptq_spec_by_spec(act_order):
     """The stacked solve of several specs is GPTQ row by row: the same codes, scales and loss as one

@@ -142,3 +142,20 @@ def test_shared_input_solve_on_gpu_matches_separate_solves():
         one = quantize_layer(Wi, H, "gptq", sp).qweight
         assert (one.codes == r.qweight.codes).float().mean() > 0.999
         assert torch.allclose(one.scale.float(), r.qweight.scale.float(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("spec", ["w3g32", "w4c", "w4g64s"])
+def test_stacked_awq_grid_on_gpu_chooses_the_loops_scales_and_clips(spec):
+    """The GPU's default (stacked grid points and clip ratios) against the loop on the same GPU."""
+    from gransearch.algorithms.awq import awq_search_hessian, clip_ratios_hessian, hessian_factor
+
+    W, H = (t.cuda() for t in _correlated_problem(out_f=192, seed=3))
+    act = H.diagonal().sqrt()
+    F = hessian_factor(H, 16)
+    sp = gs.QuantSpec.parse(spec)
+    loop = awq_search_hessian(act, [W[:64], W[64:]], H, sp, factor=F, batch=False)
+    stacked = awq_search_hessian(act, [W[:64], W[64:]], H, sp, factor=F)
+    assert loop.ratio == stacked.ratio and torch.equal(loop.scales, stacked.scales)
+    assert torch.allclose(torch.tensor(loop.losses), torch.tensor(stacked.losses), rtol=1e-4)
+    a, b = clip_ratios_hessian(W, H, sp, factor=F, batch=False), clip_ratios_hessian(W, H, sp, factor=F)
+    assert (a == b).float().mean() > 0.99

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -24,13 +24,19 @@ from ..quantizer import block_view, check_weight, dequantize_codes, qparams, qua
 from ..spec import QuantSpec
 from .rtn import rtn
 
-__all__ = ["awq_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
+__all__ = ["awq_scales", "awq_grid_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
 
 
 def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
     """``mean|x|**ratio``, floored at 1e-4 and normalised so that ``max * min == 1``."""
     s = act_mean.float().pow(ratio).clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def awq_grid_scales(act_mean: torch.Tensor, n_grid: int) -> list[torch.Tensor]:
+    """The scales of every grid point, ``awq_scales(act_mean, k / n_grid)`` for ``k < n_grid``: they
+    depend on the activations alone, so a caller searching several specs computes them once."""
+    return [awq_scales(act_mean, k / n_grid) for k in range(n_grid)]
 
 
 @dataclass
@@ -47,6 +53,7 @@ def awq_search(
     spec: QuantSpec,
     loss_fn: Callable[[list[torch.Tensor]], Union[float, torch.Tensor]],
     n_grid: int = 20,
+    grid: Optional[Sequence[torch.Tensor]] = None,
 ) -> AWQSearch:
     """Grid search of the scaling exponent.
 
@@ -54,28 +61,62 @@ def awq_search(
     weights; ``loss_fn(candidates)`` returns the output error when the group's weights are replaced
     by ``candidates`` (same shapes, float), as a float or a 0-d tensor. Returns the best scales and
     the loss curve. Tensor losses are read once, after the whole grid: on a GPU the grid then runs
-    without waiting for the device at every point.
+    without waiting for the device at every point. ``grid``: :func:`awq_grid_scales`, if computed.
     """
     for w in weights:  # once here, not at every grid point
         check_weight(w, spec)
-    losses, scales = [], []
-    for k in range(n_grid):
-        s = awq_scales(act_mean, k / n_grid).to(weights[0].device)
+    scales = [s.to(weights[0].device) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
+    losses = []
+    for s in scales:
         cands = [rtn(w.float() * s, spec, check=False).dequantize() / s for w in weights]
         losses.append(loss_fn(cands))
-        scales.append(s)
     if any(isinstance(v, torch.Tensor) for v in losses):
         losses = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=scales[0].device) for v in losses]).tolist()
-    losses = [float(v) for v in losses]
-    best = (float("inf"), 0.0, torch.ones_like(act_mean, dtype=torch.float32))
+    return _best_of_grid([float(v) for v in losses], scales, weights, spec, n_grid)
+
+
+def _best_of_grid(losses: list[float], scales: Sequence[torch.Tensor], weights, spec: QuantSpec, n_grid: int) -> AWQSearch:
+    """The first grid point of least loss; a non-finite loss raises what the skipped checks raise
+    (a scale beyond float16), if that is why."""
+    best = (float("inf"), 0.0, torch.ones_like(scales[0], dtype=torch.float32))
     for k, loss in enumerate(losses):
         if loss < best[0]:  # the first of equal losses, as the loop always chose
             best = (loss, k / n_grid, scales[k])
     for k, loss in enumerate(losses):
-        if not math.isfinite(loss):  # raise what the skipped checks raise (a scale beyond float16), if that is why
+        if not math.isfinite(loss):
             for w in weights:
                 rtn(w.float() * scales[k], spec)
-    return AWQSearch(best[2], best[1], losses)
+    return AWQSearch(best[2].clone(), best[1], losses)  # its own tensor: a shared grid's scales serve other searches
+
+
+GRID_BATCH_BYTES = 256 * 2**20  # the stacked grid points' weights one batched step holds (float32, all temporaries)
+
+
+@torch.no_grad()
+def _awq_search_batched(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
+                        batch_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_grid: int,
+                        grid: Optional[Sequence[torch.Tensor]] = None) -> AWQSearch:
+    """:func:`awq_search` with the grid points stacked: each step scales, rounds and measures as many
+    points as ``GRID_BATCH_BYTES`` holds, in one set of kernels instead of one per point (on a GPU,
+    where a layer's search is otherwise a chain of small launches). ``batch_error(w, cands)``: the
+    error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
+    rounding are the loop's, element for element; the errors differ from the loop's only in the
+    order of float32 sums. Not for specs whose blocks span rows (per-tensor)."""
+    for w in weights:
+        check_weight(w, spec)
+    dev = weights[0].device
+    scales = [s.to(dev) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
+    ws = [w.float() for w in weights]
+    per_point = 4 * 4 * max(w.numel() for w in ws)  # float32: the scaled weight, its rounding, the difference, one spare
+    step = max(1, min(n_grid, GRID_BATCH_BYTES // per_point))
+    losses = torch.zeros(n_grid, dtype=torch.float64, device=dev)
+    for k0 in range(0, n_grid, step):
+        S = torch.stack(scales[k0 : k0 + step])[:, None, :]  # [g, 1, in]
+        for w in ws:
+            x = (w.unsqueeze(0) * S).reshape(-1, w.shape[1])  # [g * out, in]: blocks never cross rows
+            cands = rtn(x, spec, check=False).dequantize().reshape(S.shape[0], *w.shape) / S
+            losses[k0 : k0 + S.shape[0]] += batch_error(w, cands).double()
+    return _best_of_grid(losses.tolist(), scales, weights, spec, n_grid)
 
 
 def _grouped(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,54 +203,71 @@ def hessian_factor(H: torch.Tensor, rank: int) -> torch.Tensor:
 @torch.no_grad()
 def awq_search_hessian(
     act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, rank: int | None = None,
-    factor: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None, batch: Optional[bool] = None, grid: Optional[Sequence[torch.Tensor]] = None,
 ) -> AWQSearch:
     """AWQ's scale search with the group's *linear-output* error ``sum_k tr(dW_k H dW_k^T)``.
 
     With ``H = 2/n X^T X`` this is exact for the linears' outputs (no activation pass needed); the
     reference measures the error after the attention or MLP block instead. Used by the search bank.
     ``rank``: measure with the top-``rank`` eigen-factor of ``H`` (``||dW F||^2``), much cheaper;
-    ``factor``: such a factor computed once by the caller.
+    ``factor``: such a factor computed once by the caller. ``batch``: evaluate the grid points
+    stacked (:func:`_awq_search_batched`; default: on a GPU, where the loop is launch-bound; the CPU
+    keeps the loop, whose float32 sums its pinned codes were made with). ``grid``:
+    :func:`awq_grid_scales` of ``act_mean``, when the caller searches several specs.
     """
     ws = [w.float() for w in weights]
     if factor is None and rank is not None and rank < H.shape[0]:
         factor = hessian_factor(H, rank)
+    if batch is None:
+        batch = ws[0].device.type == "cuda"
+    batch = batch and not spec.granularity.spans_rows
     if factor is not None:
         F = factor
-        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid)
+        if batch:
+            return _awq_search_batched(act_mean, ws, spec, lambda w, c: ((w - c) @ F).pow(2).sum((1, 2)), n_grid, grid)
+        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid, grid)
     Hf = H.float()
-    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid)
+    if batch:
+        return _awq_search_batched(act_mean, ws, spec, lambda w, c: (((w - c) @ Hf) * (w - c)).sum((1, 2)), n_grid, grid)
+    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid, grid)
 
 
 @torch.no_grad()
 def clip_ratios_hessian(
     w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5, rank: int | None = None,
-    factor: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None, batch: Optional[bool] = None,
 ) -> torch.Tensor:
     """Per-block shrink ratios minimising each block's output error ``d_b H_bb d_b^T`` (all tokens).
 
     ``rank`` (or a precomputed ``factor``): per-channel and per-tensor errors use the top-``rank``
-    eigen-factor of ``H``.
+    eigen-factor of ``H``. ``batch``: try the ratios stacked, as many at once as
+    ``GRID_BATCH_BYTES`` holds (default: on a GPU; per-tensor specs always loop). The rounding is
+    the loop's element for element; the errors differ only in the order of float32 sums.
     """
     w = w.float()
     H = H.float().to(w.device)
     out_f, in_f = w.shape
     ratios = [1.0 - i / n_grid for i in range(int(max_shrink * n_grid))]
     blocks = block_view(w, spec)
+    if batch is None:
+        batch = w.device.type == "cuda"
+    batch = batch and not spec.granularity.spans_rows
     if spec.granularity.grouped:
         g = spec.granularity.width(in_f)
         ng = in_f // g
         Hb = torch.stack([H[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(ng)])  # [ng, g, g]
 
-        def err_of(q):
-            d = (q - w).reshape(out_f, ng, g).transpose(0, 1)  # [ng, out, g]
-            return (torch.bmm(d, Hb) * d).sum(-1).transpose(0, 1).reshape(-1, 1)
+        def err_of(q):  # q [..., out, in] -> [..., out * ng, 1]
+            lead = q.shape[:-2]
+            d = (q - w).reshape(-1, ng, g).transpose(0, 1)  # [ng, (...) out, g]
+            e = (torch.bmm(d, Hb) * d).sum(-1).transpose(0, 1)  # [(...) out, ng]
+            return e.reshape(*lead, -1, 1)
     else:
         F = factor if factor is not None else hessian_factor(H, rank) if rank is not None and rank < in_f else None
 
         def row_err(q):
             d = q - w
-            return (d @ F).pow(2).sum(1, keepdim=True) if F is not None else ((d @ H) * d).sum(1, keepdim=True)
+            return (d @ F).pow(2).sum(-1, keepdim=True) if F is not None else ((d @ H) * d).sum(-1, keepdim=True)
 
         if spec.granularity.spans_rows:
             def err_of(q):
@@ -218,14 +276,23 @@ def clip_ratios_hessian(
             err_of = row_err
     best_err = None
     best_r = None
-    for r in ratios:  # shrinking only lowers scales: the caller's quantization checks their range
-        s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
-        q = dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape)
-        e = err_of(q)
-        if best_err is None:
-            best_err, best_r = e, torch.full_like(e, r)
+    step = max(1, min(len(ratios), GRID_BATCH_BYTES // (4 * 4 * w.numel()))) if batch else 1
+    for k0 in range(0, len(ratios), step):  # shrinking only lowers scales: the caller's quantization checks their range
+        rs = ratios[k0 : k0 + step]
+        if batch:
+            r = torch.tensor(rs, device=w.device).repeat_interleave(blocks.shape[0]).unsqueeze(1)  # [len(rs) * n_blocks, 1]
+            stacked = blocks.repeat(len(rs), 1)
+            s, z = qparams(stacked, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
+            q = dequantize_codes(quantize_codes(stacked, s, z, spec.maxq), s, z).reshape(len(rs), *w.shape)
+            errs = err_of(q).unbind(0)
         else:
-            better = e < best_err
-            best_err = torch.where(better, e, best_err)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+            s, z = qparams(blocks, spec.bits, spec.symmetric, rs[0], spec.float_zero, check=False)
+            errs = [err_of(dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape))]
+        for ratio, e in zip(rs, errs):
+            if best_err is None:
+                best_err, best_r = e, torch.full_like(e, ratio)
+            else:
+                better = e < best_err
+                best_err = torch.where(better, e, best_err)
+                best_r = torch.where(better, torch.full_like(best_r, ratio), best_r)
     return best_r
