@@ -6,11 +6,14 @@
 #
 #   bash scripts/gpu_prepare.sh        # here, after scripts/setup.sh
 #
-# Then, on the GPU machine (two calls while it stays warm; see docs/scale.md):
+# Then, on the GPU machine (two calls while it stays warm; see docs/scale.md). What is still to
+# measure, in the order of the calls (the first call's steps need no SmolLM2, the second's do):
 #   call 1, carrying .whl .dev/data .dev/part1 .dev/boot.sh:
-#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT gpu_tests,graphs
+#       source .dev/boot.sh; LIMIT_scale_search=420 bash benchmarks/gpu_suite.sh $OUT gpu_tests,scale_search
 #   call 2, carrying .dev/part2 .dev/boot.sh:
-#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT quantize_speed,export_gpu,search_cost,readme_search
+#       source .dev/boot.sh; LIMIT_export_gpu=240 bash benchmarks/gpu_suite.sh $OUT search_cost,export_gpu
+# (scale_search keeps its bank in /tmp/gransearch-gpu: run again on a warm machine, it resumes.)
+# The steps measured before: gpu_tests,graphs then quantize_speed,export_gpu,search_cost,readme_search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
