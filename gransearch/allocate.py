@@ -131,8 +131,8 @@ def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Opti
        the greedy's: dropped;
     3. the rest is solved exactly by dynamic programming over partial plans (layers with one
        candidate left are fixed), keeping those no other matches or beats in both bytes and loss and
-       whose Lagrangian bound does not exceed ``U``. Should that grow past ``_MAX_STATES`` plans in
-       one layer, ``scipy.optimize.milp`` (HiGHS, relative gap 0) solves the cut-down table instead.
+       whose Lagrangian bound does not exceed ``U``. Should it weigh more than ``_MAX_WORK`` partial
+       plans in all, ``scipy.optimize.milp`` (HiGHS, relative gap 0) solves the cut-down table instead.
     """
     if np.isnan(losses).any():
         raise NonFiniteError(f"knapsack losses hold NaN (layer {int(np.argwhere(np.isnan(losses))[0][0])}): a bank entry or the "
@@ -191,23 +191,26 @@ def _lagrange(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capa
     return lam, float(sum(losses[i, j] for i, j in enumerate(at)))
 
 
-_MAX_STATES = 200_000  # partial plans kept per layer by the exact DP before the MILP takes over
+_MAX_WORK = 5_000_000  # partial plans the exact DP may weigh in all before the MILP takes over (SmolLM2's tables: under 0.2M)
 
 
 def _pareto_dp(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int, lam: float,
                limit: float) -> Optional[list[int]]:
     """The exact solve over the candidates in ``keep``: layer by layer, the partial plans no other
     matches or beats in both bytes and loss, less those whose Lagrangian bound (``lam``) exceeds
-    ``limit`` (the loss of a known plan). ``None`` when they grow past ``_MAX_STATES``."""
+    ``limit`` (the loss of a known plan). ``None`` when it would weigh more than ``_MAX_WORK``."""
     choice = [k[0] if len(k) == 1 else -1 for k in keep]
     order = sorted((i for i, k in enumerate(keep) if len(k) > 1), key=lambda i: len(keep[i]))
     cost = np.array([sum(int(costs[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)], dtype=np.int64)
     loss = np.array([sum(float(losses[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)])
     best = [float(np.min(losses[i, keep[i]] + lam * costs[i, keep[i]])) for i in order]
     rest = np.concatenate([np.cumsum(best[::-1])[::-1][1:], [0.0]])  # the bound's share of the layers still to come
-    trail = []
+    trail, work = [], 0
     for step, i in enumerate(order):
         c_i, f_i = costs[i, keep[i]], losses[i, keep[i]]
+        work += cost.size * c_i.size
+        if work > _MAX_WORK:
+            return None
         c = (cost[:, None] + c_i[None, :]).ravel()
         f = (loss[:, None] + f_i[None, :]).ravel()
         ok = (c <= capacity) & (f + lam * c + rest[step] - lam * capacity <= limit)
@@ -215,8 +218,6 @@ def _pareto_dp(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], cap
         idx = idx[np.lexsort((f[idx], c[idx]))]
         running = np.minimum.accumulate(f[idx])
         idx = idx[f[idx] < np.concatenate([[np.inf], running[:-1]])]  # strictly better than every cheaper state
-        if idx.size > _MAX_STATES:
-            return None
         trail.append((idx // len(keep[i]), idx % len(keep[i])))
         cost, loss = c[idx], f[idx]
     if not loss.size:  # cannot happen (the greedy's plan stays within the limit); the MILP decides

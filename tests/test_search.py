@@ -89,7 +89,7 @@ def test_knapsack_matches_brute_force_on_random_cases(monkeypatch, states):
     from gransearch import allocate
 
     if states is not None:
-        monkeypatch.setattr(allocate, "_MAX_STATES", states)
+        monkeypatch.setattr(allocate, "_MAX_WORK", states)
     rng = np.random.default_rng(0)
     for t in range(300 if states is None else 60):
         L, K = int(rng.integers(1, 6)), int(rng.integers(1, 5))
