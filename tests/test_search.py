@@ -82,16 +82,16 @@ def _brute_force(costs, losses, capacity):
     return best
 
 
-@pytest.mark.parametrize("states", [None, 0])  # 0: the exact DP gives up at once and the MILP solves what is left
-def test_knapsack_matches_brute_force_on_random_cases(monkeypatch, states):
+@pytest.mark.parametrize("work", [None, 0])  # 0: the exact DP gives up at once and the MILP solves what is left
+def test_knapsack_matches_brute_force_on_random_cases(monkeypatch, work):
     """Random small multiple-choice knapsacks (ties, missing candidates, negative losses): the
     solver's plan fits and its loss is the brute-force optimum."""
     from gransearch import allocate
 
-    if states is not None:
-        monkeypatch.setattr(allocate, "_MAX_WORK", states)
+    if work is not None:
+        monkeypatch.setattr(allocate, "_MAX_WORK", work)
     rng = np.random.default_rng(0)
-    for t in range(300 if states is None else 60):
+    for t in range(300 if work is None else 60):
         L, K = int(rng.integers(1, 6)), int(rng.integers(1, 5))
         costs = rng.integers(1, 8, size=(L, K))
         if t % 3 == 0:  # coarse values: many ties, some missing candidates
