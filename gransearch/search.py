@@ -53,6 +53,7 @@ from .errors import BankError, BudgetError, SearchError, check_device, check_int
 from .evaluate import kl_divergence, perplexity, reference_logprobs
 from .evaluate import windows as eval_windows_of
 from .offload import DiskModel, counted
+from .offload import perplexity as disk_perplexity
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
                     worker_id)
@@ -321,8 +322,6 @@ def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device
         plan = plan_of(t)
         record = {}
         if disk is not None:
-            from .offload import DiskModel, perplexity as disk_perplexity
-
             folder = os.path.join(final_dir, f"trial-{t.number}")
             quantize(disk, plan, calib, device=device, save=folder, verbose=verbose)
             fin = disk_perplexity(DiskModel(folder), final_ids, seqlen, batch_size, device=device, verbose=verbose).ppl
@@ -493,8 +492,6 @@ def optimize(
 
     def evaluate(mdl, report):
         if isinstance(mdl, _DiskPlan):  # block by block from disk: one report, at the end
-            from .offload import perplexity as disk_perplexity
-
             res = disk_perplexity(mdl.disk, eval_ids, seqlen, batch_size, eval_windows, device=device, weights=mdl.weight, verbose=False)
             report(res.n_windows, res.nll)
             return res.ppl

@@ -63,9 +63,7 @@ def awq_search(
     the loss curve. Tensor losses are read once, after the whole grid: on a GPU the grid then runs
     without waiting for the device at every point. ``grid``: :func:`awq_grid_scales`, if computed.
     """
-    for w in weights:  # once here, not at every grid point
-        check_weight(w, spec)
-    scales = [s.to(weights[0].device) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
+    scales = _checked_grid(act_mean, weights, spec, n_grid, grid)
     losses = []
     for s in scales:
         cands = [rtn(w.float() * s, spec, check=False).dequantize() / s for w in weights]
@@ -73,6 +71,13 @@ def awq_search(
     if any(isinstance(v, torch.Tensor) for v in losses):
         losses = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=scales[0].device) for v in losses]).tolist()
     return _best_of_grid([float(v) for v in losses], scales, weights, spec, n_grid)
+
+
+def _checked_grid(act_mean, weights, spec: QuantSpec, n_grid: int, grid) -> list[torch.Tensor]:
+    """The weights checked once (not at every grid point), and the grid's scales on their device."""
+    for w in weights:
+        check_weight(w, spec)
+    return [s.to(weights[0].device) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
 
 
 def _best_of_grid(losses: list[float], scales: Sequence[torch.Tensor], weights, spec: QuantSpec, n_grid: int) -> AWQSearch:
@@ -102,10 +107,8 @@ def _awq_search_batched(act_mean: torch.Tensor, weights: Sequence[torch.Tensor],
     error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
     rounding are the loop's, element for element; the errors differ from the loop's only in the
     order of float32 sums. Not for specs whose blocks span rows (per-tensor)."""
-    for w in weights:
-        check_weight(w, spec)
+    scales = _checked_grid(act_mean, weights, spec, n_grid, grid)
     dev = weights[0].device
-    scales = [s.to(dev) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
     ws = [w.float() for w in weights]
     per_point = 4 * 4 * max(w.numel() for w in ws)  # float32: the scaled weight, its rounding, the difference, one spare
     step = max(1, min(n_grid, GRID_BATCH_BYTES // per_point))
