@@ -15,20 +15,43 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
 import time
 
 import torch
 
 import gransearch as gs
 
-FIELDS = ["model", "method", "variant", "spec", "ppl", "delta_pct", "bits_per_weight", "linear_bytes", "quant_seconds", "eval_seconds"]
+FIELDS = ["model", "method", "variant", "spec", "ppl", "delta_pct", "bits_per_weight", "linear_bytes", "quant_seconds", "eval_seconds",
+          "commit", "torch", "transformers"]
 
 
-def rows_done(path):
+def provenance() -> dict:
+    """What produced a row: the checkout's commit ('+dirty' when tracked files differ from it) and the
+    versions whose numerics reach the figures. A row that cannot be traced to these is not reproducible."""
+    import transformers
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"commit": commit, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def rows_done(path, for_append=False):
     if not os.path.exists(path):
         return {}
     with open(path) as fh:
-        return {(r["method"], r["variant"], r["spec"]): r for r in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        if for_append and reader.fieldnames and reader.fieldnames != FIELDS:
+            raise SystemExit(f"{path} has the columns {reader.fieldnames}, not this script's {FIELDS}: it was written "
+                             f"by another version of this script; give --out a new file to start a table")
+        return {(r["method"], r["variant"], r["spec"]): r for r in reader}
 
 
 def main() -> None:
@@ -52,7 +75,11 @@ def main() -> None:
     model, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
     test = gs.load_tokens("wiki-sample", tok, "test")
-    done = rows_done(args.out)
+    done = rows_done(args.out, for_append=True)
+    prov = provenance()
+    if any(r.get("commit") != prov["commit"] for r in done.values()):
+        print(f"note: {args.out} holds rows made by another commit or before rows recorded one; the rows "
+              f"added now are from {prov['commit']} (each row's commit column says which)", flush=True)
     if ("fp", "-", "fp32") not in done:
         r = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4)
         with open(args.out, "a", newline="") as fh:
@@ -60,7 +87,7 @@ def main() -> None:
             if fh.tell() == 0:
                 w.writeheader()
             w.writerow({"model": args.model, "method": "fp", "variant": "-", "spec": "fp32", "ppl": f"{r.ppl:.4f}", "delta_pct": "0.00",
-                        "bits_per_weight": "32", "linear_bytes": "", "quant_seconds": "0", "eval_seconds": f"{r.seconds:.1f}"})
+                        "bits_per_weight": "32", "linear_bytes": "", "quant_seconds": "0", "eval_seconds": f"{r.seconds:.1f}", **prov})
         done = rows_done(args.out)
     base = float(done[("fp", "-", "fp32")]["ppl"])
     del model
@@ -81,7 +108,7 @@ def main() -> None:
                 n_w = sum(rec.shape[0] * rec.shape[1] for rec in res.records)
                 row = {"model": args.model, "method": method, "variant": variant, "spec": spec, "ppl": f"{r.ppl:.4f}",
                        "delta_pct": f"{100 * (r.ppl / base - 1):.2f}", "bits_per_weight": f"{8 * res.nbytes / n_w:.3f}",
-                       "linear_bytes": res.nbytes, "quant_seconds": f"{tq:.1f}", "eval_seconds": f"{r.seconds:.1f}"}
+                       "linear_bytes": res.nbytes, "quant_seconds": f"{tq:.1f}", "eval_seconds": f"{r.seconds:.1f}", **prov}
                 with open(args.out, "a", newline="") as fh:
                     csv.DictWriter(fh, FIELDS).writerow(row)
                 print(row, flush=True)
