@@ -273,6 +273,7 @@ class BlockRunner:
         self.spill = spill
         self.inputs = self._store()
         self.extra: list[tuple[tuple, dict]] = []
+        self.tuple_out = False  # whether the last block call returned a tuple (its first item is the states)
         self._capture()
 
     def _store(self):
@@ -316,7 +317,8 @@ class BlockRunner:
     def call_block(self, block: nn.Module, j: int, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         args, kwargs = self.extra[j]
         out = block(self.inputs[j] if x is None else x, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        self.tuple_out = isinstance(out, (tuple, list))
+        return out[0] if self.tuple_out else out
 
     @torch.no_grad()
     def run(self, index: int, advance: bool = False, on_batch: Optional[Callable[[int], None]] = None) -> None:

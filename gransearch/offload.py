@@ -462,22 +462,18 @@ def _run_blocks(model: DiskModel, runner, weights, verbose: bool) -> bool:
     from .arch import block_linears, linear_weight
 
     blocks = get_blocks(model.model, model.info)
-    tuple_out = False
     for i in tqdm(range(len(blocks)), desc="perplexity (from disk)", disable=not verbose, leave=False):
-        block = runner.enter(i)
+        runner.enter(i)
         try:
             if weights is not None:
                 for ref in block_linears(model.model, i, model.info):
                     new = weights(ref.name)
                     if new is not None:
                         linear_weight(ref.module).copy_(new)
-            if i == len(blocks) - 1:
-                args, kwargs = runner.extra[0]
-                tuple_out = isinstance(block(runner.inputs[0], *args, **kwargs), (tuple, list))
             runner.run(i, advance=True)
         finally:
             runner.leave(i)
-    return tuple_out
+    return runner.tuple_out  # as the last block returned its states
 
 
 def _score_final_states(model: DiskModel, runner, w: torch.Tensor, batch_size: int, tuple_out: bool, chunk_tokens) -> float:

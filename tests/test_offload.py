@@ -288,9 +288,15 @@ def test_perplexity_from_disk_is_the_in_memory_perplexity(tmp_path, kind, tie):
     ids = token_stream(2048, seed=6)
     want = gs.perplexity(_in_memory_copy(src), ids, seqlen=64, batch_size=3, max_windows=7, verbose=False)
     dm = DiskModel(src)
+    calls = []
+    for i, b in enumerate(get_blocks(dm.model)):
+        b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
     got = gs.perplexity(dm, ids, seqlen=64, batch_size=3, max_windows=7, verbose=False)
     assert got.n_tokens == want.n_tokens and got.nll == want.nll  # the same arithmetic, bit for bit
     assert all(p.is_meta for b in get_blocks(dm.model) for p in b.parameters())  # nothing left loaded
+    n_blocks, n_batches = len(get_blocks(dm.model)), -(-7 // 3)
+    # block 0 once more per batch to capture its inputs; then each block once per batch, no extra pass
+    assert sorted(calls) == sorted([0] * n_batches + list(range(n_blocks)) * n_batches)
 
 
 def test_perplexity_from_disk_with_replaced_weights_scores_that_model(tmp_path):
