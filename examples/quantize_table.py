@@ -131,6 +131,20 @@ def print_table(path):
         # the share is meaningless when RTN itself barely moves the perplexity (8 bits)
         removed = f"{100 * (base - p) / (base - fp):.0f}%" if base is not None and r["method"] != "rtn" and base > 1.01 * fp else "-"
         print(f"| {r['spec']} | {r['method']} | {r['variant']} | {p:.3f} | {float(r['delta_pct']):+.2f}% | {removed} | {r['bits_per_weight']} | {r['quant_seconds']} |")
+    print_summary(rows)
+
+
+def print_summary(rows):
+    """The README's table: test perplexity by spec (8 bits first; groups before channels) and method."""
+    cols = [("rtn", "plain", "RTN"), ("gptq", "plain", "GPTQ"), ("gptq", "act_order", "GPTQ act-order"), ("awq", "plain", "AWQ"),
+            ("awq+gptq", "plain", "AWQ+GPTQ")]
+    ppl = {(r["spec"], r["method"], r["variant"]): float(r["ppl"]) for r in rows}
+    specs = sorted({r["spec"] for r in rows if r["method"] != "fp"}, key=lambda s: (-int(s[1]), s.endswith("c"), s))
+    print("\n| spec | " + " | ".join(c[2] for c in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for spec in specs:
+        cells = [f"{ppl[(spec, m, v)]:.2f}" if (spec, m, v) in ppl else "-" for m, v, _ in cols]
+        print(f"| {spec} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
