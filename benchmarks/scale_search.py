@@ -86,7 +86,7 @@ def main() -> None:
     out = {"machine": machine(), "shape": args.shape, "blocks": args.blocks, "params": n_params, "linear_params": n_linear,
            "device": dev or "cpu", "from_disk": args.from_disk, "n_calib": args.n_calib, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
            "trials": res.n_trials, "load_seconds": round(t_load, 1), "search_seconds": round(total, 1),
-           "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2),
+           "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2), "trial_stages": res.trial_stages,
            "final_seconds": round(total - res.bank_seconds - res.search_seconds, 1),
            "bank_bytes_on_disk": on_disk, "bank_bytes_estimated": est.total, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "command": "python benchmarks/scale_search.py " + " ".join(sys.argv[1:])}

@@ -73,6 +73,8 @@ def main() -> None:
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.2f} | {t_trials / t_eval:.2f} |")
     print(f"| of which the trial loop alone (setup of {t_all - res.search_seconds:.2f} s left out) | {t_loop:.2f} | {t_loop / t_eval:.2f} |")
     print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
+    print(f"trial loop stages (seconds per trial, of {t_loop:.3f}): "
+          + ", ".join(f"{k} {v / res.n_trials:.3f}" for k, v in res.trial_stages.items()))
 
 
 if __name__ == "__main__":

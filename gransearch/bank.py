@@ -504,7 +504,7 @@ def build_bank(
 
     # the work runs on ``device`` (else where the model is); entries are kept on the CPU
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    stage = _Stages(dev)
+    stage = Stages(dev)
 
     @stage("objectives and copies")
     def add(name, method, spec, qw, in_scale, W, H):
@@ -619,7 +619,7 @@ def build_bank(
                 stats.pop(r.name, None)
             factors.clear()  # keyed by id(): a freed statistic's id may come back
             per_block.done(b)
-        stage.seconds["blocks"] += time.perf_counter() - t_block
+        stage.seconds["blocks"] = stage.seconds.get("blocks", 0.0) + time.perf_counter() - t_block
 
     config = bank_config(source or model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, prune=prune)
@@ -631,7 +631,7 @@ def build_bank(
         with stage("output fisher"):
             fisher = fisher_of()
         return Bank(names, [keys[n] for n in names], [entries[n] for n in names], [energy[n] for n in names], time.perf_counter() - t0,
-                    opts, fisher, config, [], stage.report())
+                    opts, fisher, config, [], bank_stages(stage))
 
     # stored: blocks are claimed in the folder, so that workers sharing it build the bank together (and a
     # killed build resumes from its finished blocks); each block's layer files, then its part record, then release
@@ -681,17 +681,17 @@ def build_bank(
                 folder.seconds(list(blocks)), opts, fisher, config, [parts[n]["sha256"] for n in names])
     bank.save_manifest(store, config)  # every worker that gets here writes the same bytes
     loaded = Bank.load(store, config, verify=False)  # damaged() has just hashed every layer file
-    loaded.stage_seconds = stage.report()
+    loaded.stage_seconds = bank_stages(stage)
     return loaded
 
 
-class _Stages:
-    """Seconds per stage of a bank build (``stage("name")`` as a context manager or decorator),
-    waiting for the GPU at each boundary so that its queued work is counted where it was queued."""
+class Stages:
+    """Seconds per stage of timed work (``stage("name")`` as a context manager or decorator), waiting
+    for the GPU at each boundary so that its queued work is counted where it was queued."""
 
     def __init__(self, dev: torch.device):
-        self.dev = dev
-        self.seconds: dict[str, float] = {"blocks": 0.0}
+        self.dev = torch.device(dev)
+        self.seconds: dict[str, float] = {}
 
     def _sync(self) -> None:
         if self.dev.type == "cuda":
@@ -707,13 +707,21 @@ class _Stages:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
-    def report(self) -> dict:
-        """The stages, and what the blocks spent outside them (RTN and AWQ roundings, Python)."""
-        out = {k: round(v, 3) for k, v in self.seconds.items() if k != "blocks"}
-        inside = sum(v for k, v in self.seconds.items() if k not in ("blocks", "store", "output fisher"))
-        out["other (rtn and awq rounding, python)"] = round(max(0.0, self.seconds["blocks"] - inside), 3)
-        log.info("bank stages (seconds): %s", out)
+    def report(self, whole, rest: str, outside: Sequence[str] = ()) -> dict:
+        """Each stage's seconds, and under ``rest`` what ``whole`` (a stage's name, or seconds) spent
+        outside the stages; the stages named in ``outside`` ran outside ``whole``."""
+        total = self.seconds.get(whole, 0.0) if isinstance(whole, str) else whole
+        out = {k: round(v, 3) for k, v in self.seconds.items() if k != whole}
+        inside = sum(v for k, v in self.seconds.items() if k != whole and k not in outside)
+        out[rest] = round(max(0.0, total - inside), 3)
         return out
+
+
+def bank_stages(stage: Stages) -> dict:
+    """A bank build's stages, and what its blocks spent outside them (RTN and AWQ roundings, Python)."""
+    out = stage.report("blocks", "other (rtn and awq rounding, python)", outside=("store", "output fisher"))
+    log.info("bank stages (seconds): %s", out)
+    return out
 
 
 class _BlockStats:

@@ -47,7 +47,7 @@ from .allocate import (candidate_keys, candidate_specs, check_budget, check_cand
 from .arch import block_index, fused_sets, get_module, linear_weight, model_linears
 from .export import float_dtype_of
 from .profiles import get_profile
-from .bank import Bank, BankEntry, bank_config, bank_for, build_bank
+from .bank import Bank, BankEntry, Stages, bank_config, bank_for, build_bank
 from .data import tokens_sha256
 from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
 from .evaluate import kl_divergence, perplexity, reference_logprobs
@@ -94,6 +94,9 @@ class OptimizeResult:
     baselines: dict[str, float] = field(default_factory=dict)  # uniform key -> proxy perplexity
     bank_seconds: float = 0.0
     search_seconds: float = 0.0
+    # where this process's trial loop went: sampling, knapsack, duplicate check, assembly, evaluation, and
+    # the rest (Optuna's storage and pruner, worker bookkeeping); waits for the GPU at each boundary
+    trial_stages: dict = field(default_factory=dict)
 
     @property
     def proxy_gap(self) -> float:
@@ -515,18 +518,20 @@ def optimize(
             if seed not in seeds:
                 raise optuna.TrialPruned(f"seed plan {seed!r} was not given to this run")
             return seeds[seed], {"kind": "seed", "seed": seed}
-        mode = trial.suggest_categorical("objective", list(bases))  # the knapsack's loss table (name kept: stored studies resume)
-        w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
-        w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
+        with stage("sampling"):
+            mode = trial.suggest_categorical("objective", list(bases))  # the knapsack's loss table (name kept: stored studies resume)
+            w_type = {t: trial.suggest_float(f"w_{t}", 0.1, 10.0, log=True) for t in types}
+            w_depth = [trial.suggest_float(f"w_depth{q}", 0.1, 10.0, log=True) for q in range(4)]
         base = bases[mode]
         warm = trial.user_attrs.get("warm") or ""
         if warm.startswith(ONLY):  # one method's candidates alone
             base = np.where(_method_mask(bank, warm[len(ONLY):], base.shape), base, np.inf)
         weights = np.array([w_type[layer_kind(n)] * w_depth[q] for n, q in zip(names, quarters)])
-        if tied is None:
-            choice = solve_knapsack(costs, base * weights[:, None], capacity)
-        else:  # fused serving sets take one spec: chosen jointly
-            choice = solve_tied(costs, base * weights[:, None], bank.keys, tied, capacity)
+        with stage("knapsack"):
+            if tied is None:
+                choice = solve_knapsack(costs, base * weights[:, None], capacity)
+            else:  # fused serving sets take one spec: chosen jointly
+                choice = solve_tied(costs, base * weights[:, None], bank.keys, tied, capacity)
         if choice is None:
             raise optuna.TrialPruned("knapsack infeasible")
         return choice, {"kind": "knapsack"}
@@ -566,18 +571,22 @@ def optimize(
         trial.set_user_attr("keys", keys)
         for k, v in meta.items():
             trial.set_user_attr(k, v)
-        value = measured_elsewhere(trial, cid)
+        with stage("duplicate check"):
+            value = measured_elsewhere(trial, cid)
         if value is not None:  # the same plan was measured already: never twice
             return value
-        mdl = assembler.load(choice)
+        with stage("assembly"):
+            mdl = assembler.load(choice)
 
         def report(step, running_nll):
             trial.report(math.exp(running_nll) if objective_fn is None and reference is None else running_nll, step)
             if meta["kind"] not in ("uniform", "seed") and trial.should_prune():  # baselines and seeds are measured whole
                 raise optuna.TrialPruned()
 
-        return evaluate(mdl, report)
+        with stage("evaluation"):
+            return evaluate(mdl, report)
 
+    stage = Stages(assembler.device)
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         warm = {mode: {"objective": mode, **neutral} for mode in bases}
@@ -591,6 +600,7 @@ def optimize(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run_trials(study, storage, run_trial, n_trials, timeout=timeout, verbose=verbose, on_start=claim)
     search_seconds = time.perf_counter() - t_search
+    trial_stages = stage.report(search_seconds, "other (storage, pruner, bookkeeping)")
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
@@ -616,4 +626,4 @@ def optimize(
     plan = plan_of(best_t)
     plan.meta["final_ppl"] = final_ppl
     return OptimizeResult(plan, best_t.user_attrs["nbytes"], final_ppl, best_t.value, pareto, study, finals, baselines,
-                          bank.seconds, search_seconds)
+                          bank.seconds, search_seconds, trial_stages)

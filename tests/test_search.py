@@ -162,6 +162,11 @@ def test_search_never_exceeds_budget_and_matches_stored_bytes():
                 if plan_nbytes(model, {n: gs.plan.LayerPlan.from_key(key) for n in names}) <= budget:
                     fitting.add(key)
     assert fitting and set(res.baselines) == fitting
+    # where the trial loop went: every stage timed, within the loop's own seconds
+    st = res.trial_stages
+    assert {"knapsack", "sampling", "assembly", "evaluation", "other (storage, pruner, bookkeeping)"} <= set(st)
+    assert all(v >= 0 for v in st.values()) and st["evaluation"] > 0
+    assert sum(st.values()) == pytest.approx(res.search_seconds, rel=0.01, abs=0.01)
     # the Pareto front: no complete trial dominates a point, and every trial is matched or beaten by one
     done = [(t.user_attrs["nbytes"], t.value) for t in trials if t.state.name == "COMPLETE"]
     for p in res.pareto:
