@@ -601,6 +601,7 @@ def optimize(
     run_trials(study, storage, run_trial, n_trials, timeout=timeout, verbose=verbose, on_start=claim)
     search_seconds = time.perf_counter() - t_search
     trial_stages = stage.report(search_seconds, "other (storage, pruner, bookkeeping)")
+    log.info("trial loop stages (seconds): %s", trial_stages)
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
