@@ -123,14 +123,14 @@ def print_table(path):
     rtn = {r["spec"]: float(r["ppl"]) for r in rows if r["method"] == "rtn"}
     order = {"fp": 0, "rtn": 1, "gptq": 2, "awq": 3, "awq+gptq": 4}
     print(f"unquantized (fp32): perplexity {fp:.3f}\n")
-    print("| spec | method | variant | perplexity | change | removed of RTN's increase | bits/weight | quantize s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| spec | method | variant | perplexity | change | removed of RTN's increase | bits/weight | quantize s | commit |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in sorted((r for r in rows if r["method"] != "fp"), key=lambda r: (r["spec"], order[r["method"]], r["variant"])):
         p = float(r["ppl"])
         base = rtn.get(r["spec"])
         # the share is meaningless when RTN itself barely moves the perplexity (8 bits)
         removed = f"{100 * (base - p) / (base - fp):.0f}%" if base is not None and r["method"] != "rtn" and base > 1.01 * fp else "-"
-        print(f"| {r['spec']} | {r['method']} | {r['variant']} | {p:.3f} | {float(r['delta_pct']):+.2f}% | {removed} | {r['bits_per_weight']} | {r['quant_seconds']} |")
+        print(f"| {r['spec']} | {r['method']} | {r['variant']} | {p:.3f} | {float(r['delta_pct']):+.2f}% | {removed} | {r['bits_per_weight']} | {r['quant_seconds']} | {r.get('commit') or '-'} |")
     print_summary(rows)
 
 
