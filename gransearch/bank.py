@@ -619,7 +619,7 @@ def build_bank(
                 stats.pop(r.name, None)
             factors.clear()  # keyed by id(): a freed statistic's id may come back
             per_block.done(b)
-        stage.seconds["blocks"] = stage.seconds.get("blocks", 0.0) + time.perf_counter() - t_block
+        stage.add("blocks", time.perf_counter() - t_block)
 
     config = bank_config(source or model, calib, methods, bits, granularities, damp=damp, act_order=act_order, awq_grid=awq_grid,
                          awq_rank=awq_rank, fisher_windows=fisher_windows, profile=profile, prune=prune)
@@ -705,7 +705,11 @@ class Stages:
             yield
         finally:
             self._sync()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Counts ``seconds`` to stage ``name`` (timed by the caller)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def report(self, whole, rest: str, outside: Sequence[str] = ()) -> dict:
         """Each stage's seconds, and under ``rest`` what ``whole`` (a stage's name, or seconds) spent

@@ -487,6 +487,7 @@ def optimize(
     quarters = [depth_quarter(n, n_blocks) for n in names]
 
     assembler = _Assembler(model, bank, device) if disk is None else _DiskAssembler(disk, bank, device)
+    stage = Stages(assembler.device)  # the trial loop's seconds by stage (OptimizeResult.trial_stages)
     tied = [[names.index(n) for n in g] for g in fused_sets(names)] if prof.fused else None
 
     reference = None
@@ -586,7 +587,6 @@ def optimize(
         with stage("evaluation"):
             return evaluate(mdl, report)
 
-    stage = Stages(assembler.device)
     if warm_start:  # a new study gets every warm start; a resumed one those it lost (failed, killed)
         neutral = {**{f"w_{t}": 1.0 for t in types}, **{f"w_depth{q}": 1.0 for q in range(4)}}
         warm = {mode: {"objective": mode, **neutral} for mode in bases}
