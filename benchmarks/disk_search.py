@@ -15,6 +15,7 @@ none), so that their trials can be compared one by one. Each run is a fresh chil
 
 Budget: uniform w4g64's bytes; proxy: 4 x 512 validation tokens; final: 8 x 512 test tokens.
 Printed: wall seconds per stage and peak RSS of each run, and whether every trial value is equal.
+Run again on the same ``--out``, it reuses the bank and starts both studies afresh.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -38,17 +40,20 @@ def child(args) -> None:
 
     from transformers import AutoTokenizer
 
+    if args.trim_mib is not None:
+        gs.offload.TRIM_BYTES = args.trim_mib << 20
     folder = args.model_dir
     tok = AutoTokenizer.from_pretrained(folder)  # not the model: the disk run must not hold it
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
     val = gs.load_tokens("wiki-sample", tok, "validation")
     test = gs.load_tokens("wiki-sample", tok, "test")[: 8 * 512]
     bank_dir = os.path.join(args.out, "bank")
+    fresh_bank = not os.path.exists(os.path.join(bank_dir, "bank.json"))  # else a run before built it: reused, not rebuilt
     t0 = time.perf_counter()
     if args.mode == "disk":
         model = gs.offload.DiskModel(folder)
         net = model.model
-        bank = None
+        bank = None if fresh_bank else Bank.load(bank_dir)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -62,12 +67,12 @@ def child(args) -> None:
                       storage=f"sqlite:///{os.path.abspath(args.out)}/study-{args.mode}.db", study_name=args.mode, verbose=False)
     total = time.perf_counter() - t0
     values = [t.value for t in sorted(res.study.trials, key=lambda t: t.number) if t.value is not None]
-    built = res.bank_seconds if bank is None else 0.0  # the memory run loads the stored bank (its record keeps the build time)
+    built = res.bank_seconds if bank is None else 0.0  # spent here; a loaded bank's record keeps its build time
     out = {"mode": args.mode, "load_seconds": round(t_load, 1), "total_seconds": round(total - built, 1),
-           "bank_seconds": round(built, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2),
+           "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2),
            "final_seconds": round(total - t_load - built - res.search_seconds, 1), "proxy_ppl": res.proxy_ppl,
            "final_ppl": res.ppl, "plan": res.plan.summary(), "values": values,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "trim_bytes": gs.offload.TRIM_BYTES}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -77,6 +82,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--record", default=None)
+    ap.add_argument("--trim-mib", type=int, default=None,
+                    help="hand freed memory back once the resident set grew this much (default: gransearch's TRIM_BYTES; 0: at every block)")
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -91,10 +98,15 @@ def main() -> None:
     gs.load_model("smollm2-135m")  # converts the packaged GGUF once, into the cache folder read below
     folder = _resolve("smollm2-135m")
     os.makedirs(args.out, exist_ok=True)
+    for mode in ("disk", "memory"):  # each run times fresh trials (a study left here would resume, running none); the bank is kept
+        for name in (f"study-{mode}.db", f"study-{mode}.db.lock"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+        shutil.rmtree(os.path.join(args.out, f"finals-{mode}"), ignore_errors=True)
     rows = {}
     for mode in ("disk", "memory"):  # disk first: it builds the shared bank
         cmd = [sys.executable, __file__, "--mode", mode, "--model-dir", folder, "--out", args.out, "--trials", str(args.trials),
-               "--n-calib", str(args.n_calib)]
+               "--n-calib", str(args.n_calib)] + ([] if args.trim_mib is None else ["--trim-mib", str(args.trim_mib)])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:

@@ -62,6 +62,16 @@ def scratch_dir(target: str, kind: str) -> str:
 
 
 _LIBC = []
+TRIM_BYTES = 256 << 20  # DiskModel.release_block hands freed memory back once the resident set grew this much
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set now, in bytes (Linux; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def release_freed_memory() -> None:
@@ -189,6 +199,7 @@ class DiskModel:
         self.info = arch_of(self.model)
         self.n_blocks = len(get_blocks(self.model, self.info))
         self._loaded: set[int] = set()
+        self._trimmed_rss: Optional[int] = None  # the resident set after memory was last handed back (release_block)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         # a tied table saved once under the head's name (transformers keeps one name per shared tensor)
         self.alias: dict[str, str] = {}
@@ -310,7 +321,12 @@ class DiskModel:
         self._loaded.add(index)
 
     def release_block(self, index: int) -> None:
-        """Drop block ``index``'s parameters (back to ``meta``), whatever replaced its linears."""
+        """Drop block ``index``'s parameters (back to ``meta``), whatever replaced its linears.
+
+        The memory freed is handed back to the system (:func:`release_freed_memory`) once the
+        resident set has grown :data:`TRIM_BYTES` past where the last hand-back left it: at every
+        block when blocks are large, rarely when the freed memory is reused for the next block as it
+        is (handing it back costs its page faults again when it is taken back)."""
         block = get_blocks(self.model, self.info)[index]
         for mod in block.modules():
             for leaf, p in list(mod._parameters.items()):
@@ -322,7 +338,10 @@ class DiskModel:
             if getattr(mod, "_w_cache", None) is not None:  # a QuantLinear's dequantized weight
                 mod._w_cache = None
         self._loaded.discard(index)
-        release_freed_memory()
+        rss = resident_bytes()
+        if rss is None or self._trimmed_rss is None or rss - self._trimmed_rss >= TRIM_BYTES:
+            release_freed_memory()
+            self._trimmed_rss = resident_bytes()
 
     def weights_fingerprint(self, samples: int = 4096) -> str:
         """:func:`gransearch.plan.weights_fingerprint` of the model this folder loads in ``dtype``

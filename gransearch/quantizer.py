@@ -266,14 +266,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
         return (flat.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8)
-    # dense bit stream: explode to bits (LSB first), regroup by 8
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> bit_idx) & 1).reshape(-1)
-    pad = nbytes * 8 - stream.numel()
+    # dense bit stream, LSB first: 8 codes fill exactly ``bits`` bytes, so each run of 8 codes is
+    # one integer word, cut into its bytes
+    pad = (-n) % 8
     if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    byte_shift = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (stream.view(-1, 8) << byte_shift).sum(dim=1, dtype=torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=flat.device)
+    words = (flat.view(-1, 8).to(torch.int64) << shifts).sum(dim=1)
+    byte_shift = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=flat.device)
+    return ((words.unsqueeze(1) >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1)[:nbytes]
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -290,10 +291,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
-    byte_shift = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed[:need].unsqueeze(1) >> byte_shift) & 1).reshape(-1)[: n * bits]
-    bit_w = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.int32)
-    return (stream.view(n, bits).to(torch.int32) * bit_w).sum(dim=1).to(torch.uint8)
+    words = packed[:need]  # runs of ``bits`` bytes, each 8 codes (see pack_codes)
+    pad = (-need) % bits
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad)])
+    byte_shift = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=packed.device)
+    words = (words.view(-1, bits).to(torch.int64) << byte_shift).sum(dim=1)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=packed.device)
+    return ((words.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(-1)[:n]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,8 +180,10 @@ def test_pack_round_trip_and_layout(bits, n):
     assert packed.dtype == torch.uint8
     assert packed.numel() == math.ceil(n * bits / 8)
     assert torch.equal(gs.unpack_codes(packed, bits, n), codes)
-    if n <= 64:  # the fast paths (2, 4, 8 bits) lay out bits exactly as the dense stream
-        assert torch.equal(packed, _reference_stream_pack(codes, bits))
+    # every width lays out its bits exactly as the dense LSB-first stream, and reads that stream back
+    reference = _reference_stream_pack(codes, bits)
+    assert torch.equal(packed, reference)
+    assert torch.equal(gs.unpack_codes(torch.cat([reference, torch.full((5,), 255, dtype=torch.uint8)]), bits, n), codes)
 
 
 def test_pack_known_bytes():

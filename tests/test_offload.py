@@ -142,6 +142,41 @@ def test_at_most_one_block_is_in_memory(tmp_path, monkeypatch):
     assert set(stats) == {r.name for r in gs.arch.model_linears(dm.model)}
 
 
+def test_freed_memory_is_handed_back_when_the_resident_set_grew(tmp_path, monkeypatch):
+    """release_block trims the heap the first time, then only once the resident set grew TRIM_BYTES
+    past where the last trim left it; where the resident set cannot be read, at every block."""
+    src = str(tmp_path / "float")
+    _save_float(tiny_model("llama", seed=5), src)
+    rss, trims = [1000], []
+
+    def trim():
+        trims.append(rss[0])
+        rss[0] = 1000  # what the trim gave back
+
+    monkeypatch.setattr(gs.offload, "release_freed_memory", trim)
+    monkeypatch.setattr(gs.offload, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(gs.offload, "TRIM_BYTES", 500)
+    dm = DiskModel(src)
+
+    def cycle(i, grown):
+        dm.load_block(i)
+        rss[0] = 1000 + grown
+        dm.release_block(i)
+        assert all(p.is_meta for p in get_blocks(dm.model)[i].parameters())
+
+    cycle(0, 0)  # no trim yet to measure from
+    assert trims == [1000]
+    cycle(1, 499)
+    cycle(0, 499)
+    assert trims == [1000]
+    cycle(1, 500)
+    assert trims == [1000, 1500]
+    monkeypatch.setattr(gs.offload, "resident_bytes", lambda: None)
+    cycle(0, 0)
+    cycle(1, 0)
+    assert len(trims) == 4
+
+
 def test_from_disk_refusals(tmp_path):
     src = str(tmp_path / "float")
     _save_float(tiny_model("llama"), src)
