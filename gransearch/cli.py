@@ -306,7 +306,7 @@ def cmd_optimize(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
-                                         "profile", "float_dtype", "max_bank_gb", "proxy")}
+                                         "profile", "float_dtype", "max_bank_gb", "proxy", "sampler")}
     cfg["bank_prune"] = "dominated" if args.prune_bank else None
     cfg["device"] = _device(args.device)
     mode = _quantize_mode(args)
@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
+    p.add_argument("--sampler", default="independent", choices=("independent", "multivariate"),
+                   help="how TPE draws a trial's knapsack weights: each from its own history (default) or jointly")
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
     p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym", "gguf", "gguf-asym"),
                    help="research: every candidate; vllm: only what vLLM serves and transformers reloads (symmetric 4/8 bits), "

@@ -24,7 +24,7 @@ __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype", "bank_prune",
-            "max_bank_gb", "proxy", "from_disk")
+            "max_bank_gb", "proxy", "from_disk", "sampler")
 
 
 # ---- option checks on text -----------------------------------------------------------------
@@ -151,6 +151,10 @@ def check_run_config(cfg) -> dict:
         raise ValueError("stored run configuration: from_disk must be true or false")
     if cfg.get("proxy", "ppl") not in ("ppl", "kl"):
         raise ValueError(f"stored run configuration: proxy {cfg.get('proxy')!r} is not 'ppl' or 'kl'")
+    from .search import SAMPLERS
+
+    if cfg.get("sampler", "independent") not in SAMPLERS:
+        raise ValueError(f"stored run configuration: sampler {cfg.get('sampler')!r} is not one of {', '.join(SAMPLERS)}")
     if cfg.get("bank_prune") not in (None, "dominated"):
         raise ValueError(f"stored run configuration: bank_prune {cfg.get('bank_prune')!r} is not null or 'dominated'")
     mb = cfg.get("max_bank_gb")
@@ -223,7 +227,7 @@ def search_kwargs(cfg: dict) -> dict:
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
                 act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"), profile=cfg.get("profile", "research"),
                 float_dtype=cfg.get("float_dtype"), bank_prune=cfg.get("bank_prune"), max_bank_gb=cfg.get("max_bank_gb"),
-                proxy=cfg.get("proxy", "ppl"))
+                proxy=cfg.get("proxy", "ppl"), sampler=cfg.get("sampler", "independent"))
 
 
 def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, device=None, bank_dir: Optional[str] = None,

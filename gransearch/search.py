@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -203,6 +204,26 @@ def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, ban
     if prof.format == "gguf":
         raise ValueError("the gguf profile needs the model in memory (llama.cpp's quantizer and the Q8_0 embedding)")
     return model
+
+
+SAMPLERS = ("independent", "multivariate")
+
+
+def _sampler(name: str, seed: int):
+    """Optuna's TPE sampler for a trial's knapsack weights: ``independent`` (each weight from its
+    own history) or ``multivariate`` (all weights jointly). The joint form needs ``group=True``:
+    the uniform and seed trials suggest no weights, and Optuna's plain multivariate TPE samples
+    only the weights every finished trial has, which is then none (it fell back to independent
+    sampling, trial for trial, in every search before this option existed)."""
+    import optuna
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    if name == "independent":
+        return optuna.samplers.TPESampler(seed=seed)
+    with warnings.catch_warnings():  # multivariate and group are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
 def _plan_from_keys(bank: Bank, keys: Sequence[str], fingerprint: str, meta=None) -> QuantPlan:
@@ -377,6 +398,7 @@ def optimize(
     max_bank_gb: Optional[float] = None,
     proxy: str = "ppl",
     final_dir: Optional[str] = None,
+    sampler: str = "independent",
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -409,7 +431,9 @@ def optimize(
     it tells plans apart on fewer tokens; the float model's log-probabilities of the windows are
     kept in memory as float16, :func:`~gransearch.evaluate.reference_logprobs`). With ``"kl"`` the
     proxy values (``proxy_ppl``, the Pareto front, ``baselines``) are KL divergences; the final
-    stage still measures perplexity. ``model`` may be a :class:`~gransearch.offload.DiskModel` (larger than
+    stage still measures perplexity. ``sampler``: how Optuna's TPE draws a trial's loss-table choice
+    and weights, ``"independent"`` (each from its own history; the default, and what every
+    documented search used) or ``"multivariate"`` (jointly). ``model`` may be a :class:`~gransearch.offload.DiskModel` (larger than
     memory): the bank is built from disk into ``bank_dir``, each trial is scored block by block
     (:func:`gransearch.offload.perplexity`; the same values as in memory), and each finalist is quantized
     from disk into ``final_dir/trial-N`` (default: ``finals`` beside ``bank_dir``), a checkpoint measured
@@ -463,7 +487,7 @@ def optimize(
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
                             objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune, proxy)
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    sampler = _sampler(sampler, seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
     study = open_study(storage, study_name, sampler=sampler, pruner=pruner)

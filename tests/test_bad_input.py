@@ -241,6 +241,7 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
     (lambda c: {**c, "device": ["cpu"]}, "device ['cpu'] is not"),
     (lambda c: {**c, "data": "/etc/nothing.txt"}, "unknown text"),
     (lambda c: {**c, "extra": 1}, "unknown keys ['extra']"),
+    (lambda c: {**c, "sampler": "random"}, "sampler 'random' is not one of"),
     (lambda c: {**c, "budget_gb": 1.0}, "exactly one of budget_gb"),
     (lambda c: [1], "not a JSON object"),
 ])

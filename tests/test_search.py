@@ -445,6 +445,37 @@ def test_seeded_tiny_search_is_pinned():
     assert res.proxy_ppl == pytest.approx(1.2902473025023937, rel=1e-6)
 
 
+def test_multivariate_sampler_draws_the_weights_jointly(monkeypatch):
+    """sampler='multivariate' gives TPE every weight as one search space once its startup trials
+    are done (the uniform trials, which suggest no weights, used to empty it); 'independent' never
+    has one, and is the pinned default above. An unknown sampler is refused by name."""
+    import optuna
+
+    spaces = {}
+    infer = optuna.samplers.TPESampler.infer_relative_search_space
+
+    def spy(self, study, trial):
+        space = infer(self, study, trial)
+        spaces.setdefault(study.study_name, []).append(set(space))
+        return space
+
+    monkeypatch.setattr(optuna.samplers.TPESampler, "infer_relative_search_space", spy)
+    model = tiny_model("llama")
+    kw = dict(budget_bytes=budget_between(model, 0.45), calib=calib(), eval_ids=None, methods=("rtn", "gptq", "awq"), bits=BITS,
+              granularities=GRANS, n_trials=24, seed=0, objective_fn=fake_objective(model), verbose=False)
+    weights = {"objective", *(f"w_depth{q}" for q in range(4))}
+    for sampler in ("independent", "multivariate"):
+        res = gs.optimize(model, study_name=sampler, sampler=sampler, **kw)
+        assert res.n_trials == 24
+        joint = [s for s in spaces[sampler] if s]
+        if sampler == "independent":
+            assert not joint
+        else:  # the 6 trials after the 18 warm starts
+            assert len(joint) >= 5 and all(weights <= s and any(k.startswith("w_") and "depth" not in k for k in s) for s in joint)
+    with pytest.raises(ValueError, match="unknown sampler 'cmaes': choose one of independent, multivariate"):
+        gs.optimize(model, sampler="cmaes", **kw)
+
+
 def test_seed_plans_run_as_warm_starts_and_bad_ones_are_refused():
     """A given plan (e.g. llama.cpp's own mix) runs as a measured warm start, is never pruned, and can
     win; one over the budget or naming a candidate the bank lacks is refused by name."""
