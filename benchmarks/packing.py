@@ -1,4 +1,4 @@
-"""Reading packed codes back: the 3-bit path against the former dense-stream code, in one process.
+"""Packed codes of 3, 5, 6 and 7 bits, read back and packed: now against the former code, in one process.
 
     python benchmarks/packing.py [--model smollm2-135m] [--bits 3,5,6,7] [--spec-suffix g64] [--repeats 3] [--record FILE]
 
@@ -49,13 +49,10 @@ def former_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -99,17 +96,18 @@ def main() -> None:
 
         t_old, t_new, p_old, p_new = [], [], [], []
         for _ in range(args.repeats):  # interleaved
-            t_old.append(best_of(read(former_unpack), 1))
-            t_new.append(best_of(read(unpack_codes), 1))
-            p_old.append(best_of(pack(former_pack), 1))
-            p_new.append(best_of(pack(pack_codes), 1))
+            t_old.append(seconds(read(former_unpack)))
+            t_new.append(seconds(read(unpack_codes)))
+            p_old.append(seconds(pack(former_pack)))
+            p_new.append(seconds(pack(pack_codes)))
         row = {"spec": str(spec), "read_former_s": min(t_old), "read_now_s": min(t_new), "pack_former_s": min(p_old), "pack_now_s": min(p_new)}
         rows.append(row)
         print(f"| {spec} | {row['read_former_s']:.3f} | {row['read_now_s']:.3f} | {row['read_now_s'] / row['read_former_s']:.3f} "
               f"| {row['pack_former_s']:.3f} | {row['pack_now_s']:.3f} | {row['pack_now_s'] / row['pack_former_s']:.3f} |")
     if args.record:
         with open(args.record, "w") as fh:
-            json.dump({"machine": machine(), "command": "python benchmarks/packing.py " + " ".join(sys.argv[1:]), "model": args.model, "n_weights": n_weights, "repeats": args.repeats, "rows": rows}, fh, indent=1)
+            json.dump({"machine": machine(), "command": "python benchmarks/packing.py " + " ".join(sys.argv[1:]), "model": args.model,
+                       "n_weights": n_weights, "repeats": args.repeats, "rows": rows}, fh, indent=1)
         print(f"recorded in {args.record}")
 
 
