@@ -8,13 +8,17 @@ against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same cal
 in the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
 evaluation of the same validation slice. ``--device cuda``: every step runs on the GPU (the
 model stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on
-the GPU).
+the GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite
+file in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows
+say what the storage adds to a trial.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import tempfile
 import time
 
 import gransearch as gs
@@ -58,11 +62,18 @@ def main() -> None:
     t_eval = time.perf_counter() - t0
     del bare
     budget = gs.QuantPlan.uniform(model, "w4c", "rtn").nbytes(model)
+
+    def search(storage=None):
+        return gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, methods=("rtn", "gptq", "awq"), bits=(3, 4),
+                           granularities=("channel", 64), n_trials=args.trials, eval_windows=args.eval_windows, n_final=0, bank=bank,
+                           device=dev, storage=storage, verbose=False)
+
     t0 = time.perf_counter()
-    res = gs.optimize(model, budget_bytes=budget, calib=calib, eval_ids=val, methods=("rtn", "gptq", "awq"), bits=(3, 4),
-                      granularities=("channel", 64), n_trials=args.trials, eval_windows=args.eval_windows, n_final=0, bank=bank,
-                      device=dev, verbose=False)
+    res = search()
     t_all = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:  # the same trials with the study in a SQLite file, as the CLI keeps it
+        on_disk = search(f"sqlite:///{os.path.join(tmp, 'study.db')}")
+    t_loop_db = on_disk.search_seconds / on_disk.n_trials
     t_trials = t_all / res.n_trials  # as measured so far: optimize's setup (model copy, warm-start knapsacks) shared out
     t_loop = res.search_seconds / res.n_trials  # the trial loop alone
     print(f"\n## Search cost: {args.model} on {dev or 'cpu'}, calibration {args.n_calib} x 512, K = {k} candidates per layer, {len(bank.layers)} layers")
@@ -72,9 +83,11 @@ def main() -> None:
     print(f"| one perplexity evaluation ({args.eval_windows} x 512 validation tokens) | {t_eval:.1f} | 1.00 |")
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.2f} | {t_trials / t_eval:.2f} |")
     print(f"| of which the trial loop alone (setup of {t_all - res.search_seconds:.2f} s left out) | {t_loop:.2f} | {t_loop / t_eval:.2f} |")
+    print(f"| the trial loop with the study in SQLite (as the CLI runs it) | {t_loop_db:.2f} | {t_loop_db / t_eval:.2f} |")
     print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
-    print(f"trial loop stages (seconds per trial, of {t_loop:.3f}): "
-          + ", ".join(f"{k} {v / res.n_trials:.3f}" for k, v in res.trial_stages.items()))
+    for name, r in (("in memory", res), ("in SQLite", on_disk)):
+        print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
+              + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items()))
 
 
 if __name__ == "__main__":
