@@ -70,11 +70,6 @@ def speed(model_name: str, n_windows: int, repeats: int, batch: int, seqlen: int
     print(f"overhead: {100 * (to / tb - 1):+.1f}% (target: within 5%)")
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def mem_child(mode: str, vocab: int, batch: int, seqlen: int) -> None:
     """Runs in a child: prints JSON with the peak RSS growth while scoring one batch."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
@@ -87,7 +82,7 @@ def mem_child(mode: str, vocab: int, batch: int, seqlen: int) -> None:
                            sliding_window=128, final_logit_softcapping=None)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ids = torch.randint(0, vocab, (batch * seqlen,))
-    base = _rss_now()
+    base = gs.offload.resident_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     if mode == "ours":
