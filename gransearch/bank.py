@@ -2,7 +2,8 @@
 
 Calibrate once (Hessians and ``mean|x|`` of every linear's input, unquantized inputs), then
 quantize every (layer, candidate) once: RTN; GPTQ with one Cholesky factorisation per layer shared
-by all its GPTQ candidates, solved together as one stack of rows; AWQ with one scale search per
+by all its GPTQ candidates, solved together as one stack of rows (on CUDA, the layers that read
+one input, q/k/v and gate/up, share one stack too); AWQ with one scale search per
 scaling group and spec, using the group's linear-output error computed from the Hessian (no second
 activation pass). Each entry keeps its packed weight, exact stored bytes and layer objective
 ``tr((W - Q) H (W - Q)^T)`` (with its per-output-row terms, which the output Fisher turns into
@@ -53,6 +54,10 @@ from .spec import QuantSpec, as_granularity, parse_spec
 from .study import POLL_SECONDS, worker_id
 
 log = logging.getLogger(__name__)
+
+# GPTQ of the layers that read one input (q/k/v; gate/up) as one stacked solve in the bank: None
+# (the default) does it on CUDA only; True or False forces it (tests compare the two on the CPU)
+STACK_SHARED_INPUTS: Optional[bool] = None
 
 __all__ = ["Bank", "BankEntry", "BankSize", "StoredEntry", "bank_config", "bank_for", "bank_size", "build_bank", "pareto_front"]
 
@@ -553,18 +558,39 @@ def build_bank(
 
     opts = GPTQOptions(damp=damp, act_order=act_order)
 
-    def build_layer(ref) -> None:
+    def plain_gptq_of(group: list) -> dict[str, dict[str, QuantizedWeight]]:
+        """Plain GPTQ of every spec of the layers in ``group``, which read one input (one Hessian):
+        the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as one stack of rows on
+        one factorisation (tests/test_algorithms.py checks the two agree). Layer name -> spec -> weight."""
+        Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]
+        sps = code_specs[group[0].name]
+        name = "+".join(r.name for r in group)
+        H = stats[group[0].name].hessian.to(dev)
+        with stage("gptq"):
+            prep = gptq_prepare(H, damp=damp, act_order=act_order, name=name)
+            results = gptq_many(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, sps, damp=damp, act_order=act_order, prepared=prep, name=name)
+        parts = [r.qweight.split_rows([W.shape[0] for W in Ws]) for r in results]  # [spec][layer]
+        return {r.name: {str(sp): parts[k][j] for k, sp in enumerate(sps)} for j, r in enumerate(group)}
+
+    def gptq_groups(refs: list) -> list[list]:
+        """The block's layers grouped for :func:`plain_gptq_of`: on CUDA (or as ``STACK_SHARED_INPUTS``
+        says) the layers that share a Hessian and their specs go together, as in ``gs.quantize``, which
+        cuts the column loops (launch-bound on a GPU) from 7 to 4 per Llama block; else one by one,
+        which keeps the CPU's pinned codes (a taller stack may round a tie the other way)."""
+        stack = dev.type == "cuda" if STACK_SHARED_INPUTS is None else STACK_SHARED_INPUTS
+        if not stack:
+            return [[r] for r in refs]
+        groups: dict[tuple, list] = {}
+        for r in refs:
+            sps = code_specs[r.name]
+            key = (id(stats[r.name]), tuple(map(str, sps))) if not any(sp.granularity.spans_rows for sp in sps) else (r.name,)
+            groups.setdefault(key, []).append(r)
+        return list(groups.values())
+
+    def build_layer(ref, plain_gptq: dict[str, QuantizedWeight]) -> None:
         W = linear_weight(ref.module).detach().float().to(dev)
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        # plain GPTQ of every spec at once: the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as
-        # one stack of rows on one factorisation (tests/test_algorithms.py checks the two agree)
-        plain_gptq = {}
-        if any(m.uses_gptq for m in methods):  # one factorisation, one stacked solve for every spec
-            with stage("gptq"):
-                prep = gptq_prepare(H, damp=damp, act_order=act_order, name=ref.name)
-                results = gptq_many(W, H, code_specs[ref.name], damp=damp, act_order=act_order, prepared=prep, name=ref.name)
-            plain_gptq = {str(sp): r.qweight for sp, r in zip(code_specs[ref.name], results)}
         for spec in specs[ref.name]:
             if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):  # llama.cpp's quantizer, weighted by diag(H)
                 add(ref.name, Method.LLAMACPP, spec, quantize_layer(W, H, Method.LLAMACPP, spec, name=ref.name).qweight, None, W, H)
@@ -606,12 +632,14 @@ def build_bank(
                 stats.update(per_block.of(b))
         if use_awq and not info.generic:
             awq_block(b)
-        for ref in blocks[b]:
-            build_layer(ref)
-            if prune == "dominated":
-                keep = pareto_front([e.nbytes for e in entries[ref.name]], [e.objective for e in entries[ref.name]])
-                keys[ref.name] = [keys[ref.name][j] for j in keep]
-                entries[ref.name] = [entries[ref.name][j] for j in keep]
+        for group in gptq_groups(blocks[b]):
+            gptqs = plain_gptq_of(group) if any(m.uses_gptq for m in methods) else {}
+            for ref in group:
+                build_layer(ref, gptqs.get(ref.name, {}))
+                if prune == "dominated":
+                    keep = pareto_front([e.nbytes for e in entries[ref.name]], [e.objective for e in entries[ref.name]])
+                    keys[ref.name] = [keys[ref.name][j] for j in keep]
+                    entries[ref.name] = [entries[ref.name][j] for j in keep]
         for k in [k for k in awq_scales if k[0] in {r.name for r in blocks[b]}]:
             del awq_scales[k]
         if per_block is not None:  # this block's statistics and weights are done with

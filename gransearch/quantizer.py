@@ -26,6 +26,7 @@ Shapes: a weight is ``[out, in]``; quantization parameters are ``[out, n_groups_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -355,6 +356,21 @@ class QuantizedWeight:
         s = per_block(self.scale.float())
         w = c * s + per_block(self.zero.float()) if self.float_zero else (c - per_block(self.zero_float())) * s
         return w.reshape(out_f, in_f).to(dtype)
+
+    def split_rows(self, sizes: Sequence[int]) -> list["QuantizedWeight"]:
+        """The weights of consecutive row ranges of ``sizes`` rows each: the parts of a stack of
+        weights quantized as one (q/k/v solved together). Per-tensor specs share one scale across
+        rows and cannot be split (into more than one part)."""
+        if list(sizes) == [self.shape[0]]:
+            return [self]
+        if self.spec.granularity.spans_rows or sum(sizes) != self.shape[0]:
+            raise ValueError(f"cannot split a {self.spec} weight of {self.shape[0]} rows into {list(sizes)} rows")
+        out, r0 = [], 0
+        for n in sizes:
+            rows = slice(r0, r0 + n)
+            out.append(QuantizedWeight(self.codes[rows], self.scale[rows], None if self.zero is None else self.zero[rows], self.spec))
+            r0 += n
+        return out
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The stored buffers: ``qweight`` (packed codes), ``scales`` and, if asymmetric, ``qzeros``."""

@@ -61,6 +61,22 @@ def test_bank_on_gpu_matches_cpu_and_is_stored_on_cpu():
             assert b.objective == pytest.approx(a.objective, rel=5e-2, abs=1e-6)
 
 
+def test_bank_on_gpu_stacks_shared_inputs_with_the_separate_solves_codes(monkeypatch):
+    """On CUDA the bank solves q/k/v and gate/up as one GPTQ stack; forced apart on the same GPU,
+    the entries agree (a taller stack may pick other kernels: ties only)."""
+    from gransearch import bank as bank_mod
+
+    args = (tiny_model("llama"), calib(), ("rtn", "gptq"), (3, 4), ("channel", 16))
+    stacked = build_bank(*args, device="cuda", verbose=False)
+    monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", False)
+    apart = build_bank(*args, device="cuda", verbose=False)
+    assert stacked.keys == apart.keys
+    for ea, eb in zip(apart.entries, stacked.entries):
+        for a, b in zip(ea, eb):
+            assert (a.qweight.codes == b.qweight.codes).float().mean() > 0.999
+            assert b.objective == pytest.approx(a.objective, rel=1e-3, abs=1e-6)
+
+
 def test_optimize_on_gpu_stays_in_budget_and_agrees_with_cpu():
     model = tiny_model("llama")
     val, test = token_stream(2048, seed=7), token_stream(2048, seed=8)

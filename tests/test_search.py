@@ -320,6 +320,38 @@ def test_bank_entries_are_consistent(kind):
     assert n_awq > 0
 
 
+@pytest.mark.parametrize("grans, stacked_solves", [(("channel", 16), 4), (("tensor", 16), 7)])
+def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkeypatch, grans, stacked_solves):
+    """The bank's GPTQ of q/k/v and gate/up as one stacked solve (what CUDA does) gives every entry
+    the codes of the layer-by-layer solves (what the CPU does). With a per-tensor candidate (one
+    scale over the rows: not stackable) each layer keeps its one solve of all its specs."""
+    from gransearch import bank as bank_mod
+
+    model = tiny_model("llama")
+    banks, solves = {}, {False: 0, True: 0}
+    many = bank_mod.gptq_many
+
+    def counted(*a, **kw):
+        solves[bank_mod.STACK_SHARED_INPUTS] += 1
+        return many(*a, **kw)
+
+    monkeypatch.setattr(bank_mod, "gptq_many", counted)
+    for stacked in (False, True):
+        monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
+        banks[stacked] = build_bank(model, calib(), ("rtn", "gptq", "awq+gptq"), (3, 4), grans, fisher_windows=0,
+                                    verbose=False)
+    one, fused = banks[False], banks[True]
+    blocks = len({gs.arch.block_index(n) for n in one.layers})
+    assert solves == {False: 7 * blocks, True: stacked_solves * blocks}  # q/k/v and gate/up together; o and down alone
+    assert one.keys == fused.keys and any(k.startswith("gptq:") for k in one.keys[0])
+    for i, name in enumerate(one.layers):
+        for key, a, b in zip(one.keys[i], one.entries[i], fused.entries[i]):
+            qa, qb = a.qweight, b.qweight
+            assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale), (name, key)
+            assert (qa.zero is None and qb.zero is None) or torch.equal(qa.zero, qb.zero), (name, key)
+            assert a.objective == pytest.approx(b.objective, rel=1e-5), (name, key)
+
+
 def test_plans_carry_the_banks_gptq_options():
     """A plan records the bank's GPTQ options and quantize() re-applies them: the first block, which
     sees unquantized inputs in both, gets exactly the bank's weights; without the options it does not."""

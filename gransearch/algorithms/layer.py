@@ -84,9 +84,4 @@ def quantize_shared_input(Ws: Sequence[torch.Tensor], H: torch.Tensor, method: s
         raise ValueError(f"only GPTQ rounding with per-row parameters can be stacked, not {method} {spec}")
     r = gptq(torch.cat(list(Ws)), H, spec, damp=options.damp, block_size=options.block_size, act_order=options.act_order,
              static_groups=options.static_groups, name="+".join(names) or None)
-    out, r0, q = [], 0, r.qweight
-    for W in Ws:
-        rows = slice(r0, r0 + W.shape[0])
-        out.append(LayerResult(QuantizedWeight(q.codes[rows], q.scale[rows], None if q.zero is None else q.zero[rows], spec), r.damp))
-        r0 += W.shape[0]
-    return out
+    return [LayerResult(q, r.damp) for q in r.qweight.split_rows([W.shape[0] for W in Ws])]
