@@ -12,7 +12,9 @@ gransearch on ``--device`` with 128 x 512 wiki-sample train tokens and written w
   dequantize path (``CompressedTensorsConfig(dequantize=True)``);
 * ``w4g32-sym``: uniform GPTQ w4g32 symmetric, which transformers loads as a compressed model.
 
-For the float model and for each checkpoint loaded by ``AutoModelForCausalLM.from_pretrained``:
+For the float model and for each checkpoint loaded by ``AutoModelForCausalLM.from_pretrained``
+(through :func:`gransearch.export.load_in_transformers`, which also checks that the whole model is
+on ``--device``: transformers 5.17's dequantize path kept it on the CPU under ``.to()``):
 perplexity on the whole wiki-sample test split (seqlen 512, batch 4) and gransearch's perplexity
 of its own quantized model (relative difference); prefill tokens/s (the test windows through the
 model, logits for every position, best of ``--repeats``); greedy decode tokens/s (batch 1,
@@ -103,8 +105,6 @@ def main() -> None:
     ap.add_argument("--record", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     dev = args.device or "cpu"
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
     print(f"machine: {machine()}", flush=True)
     base, tok = gs.load_model("smollm2-135m")
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
@@ -124,8 +124,7 @@ def main() -> None:
         ours = gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4, max_windows=args.max_windows, verbose=False).ppl
         specs = [lp.spec for lp in plan.layers.values()] if isinstance(plan, gs.QuantPlan) else [gs.QuantSpec.parse(plan)]
         symmetric = all(sp.symmetric for sp in specs)
-        kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-        hf = AutoModelForCausalLM.from_pretrained(folder, **kw).to(dev)
+        hf = gs.export.load_in_transformers(folder, device=dev)  # the dequantize path if asymmetric; all of it on dev
         diff = float((logits(hf, prompt) - logits(model, prompt)).abs().max())
         del model
         row = measure(f"{name} (transformers{'' if symmetric else ', dequantize'})", hf, test, w, prompt, args, ours)

@@ -50,11 +50,8 @@ def run(args) -> None:
     gs.quantize(model, res.plan, calib, device=args.device, objective=False)
     saved = gs.save_quantized(model, os.path.join(args.out, "checkpoint"), dtype=args.float_dtype, tokenizer=tok, profile=args.profile)
     ours = gs.perplexity(model, test, seqlen=512, batch_size=4).ppl
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
     symmetric = all(lp.spec.symmetric for lp in res.plan.layers.values())
-    kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    hf = AutoModelForCausalLM.from_pretrained(os.path.join(args.out, "checkpoint"), **kw).to(args.device or "cpu")
+    hf = gs.export.load_in_transformers(os.path.join(args.out, "checkpoint"), device=args.device or "cpu")
     theirs = gs.perplexity(hf, test, seqlen=512, batch_size=4).ppl
     with torch.no_grad():
         x = test[:512].unsqueeze(0).to(args.device or "cpu")

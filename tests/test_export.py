@@ -55,7 +55,7 @@ def test_transformers_loads_the_export(tmp_path, spec, method, sym):
     model = _quantized(spec, method)
     saved = gs.save_quantized(model, str(tmp_path))
     kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), **kw)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), **kw)  # as a user would, without gransearch
     ids = token_stream(2048, seed=5)
     with torch.no_grad():
         x = ids[:128].reshape(2, 64)
@@ -72,6 +72,33 @@ def test_transformers_loads_the_export(tmp_path, spec, method, sym):
             assert (a.zero is None and b.zero is None) or torch.equal(a.zero, b.zero)
     assert _ppl(back, ids) == pytest.approx(ours, rel=1e-6)
     assert saved.n_quantized == 14
+
+
+@pytest.mark.parametrize("spec", ["w4g64", "w4g32s"])
+def test_transformers_load_lands_whole_on_the_device_asked(tmp_path, monkeypatch, spec):
+    """gs.export.load_in_transformers picks the load path by the checkpoint's schemes and moves every
+    tensor to the device: transformers 5.17's dequantize path leaves modules under compressed-tensors'
+    CPU offloading, where .to() copied back into the CPU (a GPU benchmark ran on the CPU unnoticed);
+    and a move that leaves tensors behind is an error, not a slow row."""
+    import transformers
+
+    model = _quantized(spec, "rtn")
+    gs.save_quantized(model, str(tmp_path))
+    ids = token_stream(2048, seed=5)
+    hf = gs.export.load_in_transformers(str(tmp_path))
+    assert _ppl(hf, ids) == pytest.approx(_ppl(model, ids), rel=1e-4)
+    moved = gs.export.load_in_transformers(str(tmp_path), device="meta")
+    assert {t.device.type for t in [*moved.parameters(), *moved.buffers()]} == {"meta"}
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def stuck(*a, **kw):  # a model whose .to() moves nothing
+        m = load(*a, **kw)
+        m.to = lambda *_, **__: m
+        return m
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", stuck)
+    with pytest.raises(RuntimeError, match="elsewhere"):
+        gs.export.load_in_transformers(str(tmp_path), device="meta")
 
 
 def test_written_bytes_are_the_counted_bytes(tmp_path):

@@ -28,7 +28,7 @@ from . import compressed_tensors as ct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_quantized", "load_quantized", "SavedModel", "ShardedWriter", "FORMATS", "float_dtype_of"]
+__all__ = ["save_quantized", "load_quantized", "load_in_transformers", "SavedModel", "ShardedWriter", "FORMATS", "float_dtype_of"]
 
 FORMATS = ("compressed-tensors",)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -295,3 +295,37 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
         raise ValueError(f"{folder}: the checkpoint lacks {missing[:5]}")
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def load_in_transformers(folder: str, device=None, trust_remote_code: bool = False) -> nn.Module:
+    """The checkpoint in ``folder`` (written by :func:`save_quantized`) loaded by transformers and
+    compressed-tensors themselves, as a user serving it without gransearch would, on ``device``.
+
+    Symmetric checkpoints load as compressed models (the layers decompress on the first forward).
+    A checkpoint with an asymmetric scheme loads through ``CompressedTensorsConfig(dequantize=True)``,
+    since this transformers/compressed-tensors pair shapes a packed zero point wrongly when it loads
+    a compressed model (docs/export.md). On some transformers versions (5.17 with compressed-tensors
+    0.20) the dequantize path leaves every module under compressed-tensors' CPU offloading, where
+    ``model.to("cuda")`` keeps the weights on the CPU; that offloading is removed first, and the
+    model is checked to be on ``device`` whole. Needs ``transformers`` and ``compressed-tensors``.
+    """
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    _, layers = ct.read_config(folder)
+    kw = {} if all(sp.symmetric for sp in layers.values()) else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kw).eval()
+    try:
+        from compressed_tensors.offload import remove_dispatch
+    except ImportError:  # older compressed-tensors: no offloading of its own
+        remove_dispatch = None
+    if remove_dispatch is not None:
+        remove_dispatch(model, onload_tensors=True)
+    if device is None:
+        return model
+    device = torch.device(device)
+    model.to(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != device.type]
+    if left:
+        raise RuntimeError(f"{folder}: after moving the model to {device}, {len(left)} tensors are elsewhere ({left[:3]}); "
+                           "this transformers/compressed-tensors pair keeps them there: load with device_map instead")
+    return model
