@@ -15,9 +15,11 @@
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
-# Seconds each step took on one H100 (2026-11-27; the first SmolLM2 step also converts the GGUF):
-# gpu_tests 28, graphs 21, quantize_speed 64, search_cost 67, readme_search 150, export_gpu over 90
-# (not finished). On a machine without network, scripts/gpu_prepare.sh makes what it needs.
+# Seconds each step took (2026-11-27; the first SmolLM2 step also converts the GGUF): on one H100,
+# graphs 21, quantize_speed 64, readme_search 150; on one H200, gpu_tests 25, scale_search 242,
+# scale_quantize 76 (after scale_search wrote the model), search_cost 48, launches 17, export_gpu
+# 269 (its dequantize row ran on the CPU then; fixed). On a machine without network,
+# scripts/gpu_prepare.sh makes what it needs.
 set -u
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 STEPS=${2:-all}

@@ -6,14 +6,17 @@
 #
 #   bash scripts/gpu_prepare.sh        # here, after scripts/setup.sh
 #
-# Then, on the GPU machine (two calls while it stays warm; see docs/scale.md). What is still to
-# measure, in the order of the calls (the first call's steps need no SmolLM2, the second's do):
+# Then, on the GPU machine (two calls while it stays warm, the second at once: it stays warm 30 s;
+# see docs/scale.md). What is still to measure, in the order of the calls (the first call's step
+# needs no SmolLM2, the second's do):
 #   call 1, carrying .whl .dev/data .dev/part1 .dev/boot.sh:
-#       source .dev/boot.sh; LIMIT_scale_search=420 bash benchmarks/gpu_suite.sh $OUT gpu_tests,scale_search
+#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT gpu_tests
 #   call 2, carrying .dev/part2 .dev/boot.sh:
-#       source .dev/boot.sh; LIMIT_export_gpu=240 bash benchmarks/gpu_suite.sh $OUT search_cost,export_gpu
-# (scale_search keeps its bank in /tmp/gransearch-gpu: run again on a warm machine, it resumes.)
-# The steps measured before: gpu_tests,graphs then quantize_speed,export_gpu,search_cost,readme_search.
+#       source .dev/boot.sh; LIMIT_export_gpu=200 bash benchmarks/gpu_suite.sh $OUT search_cost,export_gpu,quantize_speed,readme_search
+# (search_cost: the bank after its shared-input GPTQ stacks; export_gpu: the dequantize row on the
+# GPU; quantize_speed and readme_search: the H100's figures again on the same card.)
+# Measured before: on an H100, gpu_tests,graphs,quantize_speed,export_gpu,search_cost,readme_search;
+# on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
