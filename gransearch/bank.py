@@ -152,16 +152,22 @@ class BankEntry:
     row_objective: Optional[torch.Tensor] = None  # [out]: the objective's per-output-row terms (CPU)
     source: Optional[StoredEntry] = None  # where a stored entry's buffers are
 
-    def quantized(self) -> QuantizedWeight:
+    def quantized(self, device=None) -> QuantizedWeight:
+        """The quantized weight (read from disk if stored), on ``device`` if given: a stored entry's
+        packed buffers are moved there and unpacked there (on a GPU: fewer bytes over the bus, and
+        the unpacking off the host; integer arithmetic, so the same codes)."""
         if self.qweight is not None:
-            return self.qweight
+            return self.qweight if device is None else self.qweight.to(device)
         from safetensors import safe_open
 
         path, prefix, shape, spec = self.source.path, self.source.prefix, self.source.shape, self.source.spec
         with safe_open(path, framework="pt") as fh:
             stored = set(fh.keys())
             bufs = {k: fh.get_tensor(prefix + k) for k in ("qweight", "scales", "qzeros") if prefix + k in stored}
-        return QuantizedWeight.from_packed(bufs, spec, shape)
+        if device is None or getattr(spec, "is_ggml", False):  # ggml blocks are decoded on the host
+            q = QuantizedWeight.from_packed(bufs, spec, shape)
+            return q if device is None else q.to(device)
+        return QuantizedWeight.from_packed({k: v.to(device) for k, v in bufs.items()}, spec, shape)
 
     def effective_weight(self) -> torch.Tensor:
         w = self.quantized().dequantize()
@@ -170,7 +176,7 @@ class BankEntry:
     def to(self, device) -> "BankEntry":
         """A copy whose codes, scales, zeros (read from disk if stored) and AWQ scales are on
         ``device``: its :meth:`effective_weight` is computed there, with the same numbers."""
-        return BankEntry(self.quantized().to(device), None if self.in_scale is None else self.in_scale.to(device), self.nbytes,
+        return BankEntry(self.quantized(device), None if self.in_scale is None else self.in_scale.to(device), self.nbytes,
                          self.objective, self.row_objective)
 
     @property

@@ -77,6 +77,18 @@ def test_bank_on_gpu_stacks_shared_inputs_with_the_separate_solves_codes(monkeyp
             assert b.objective == pytest.approx(a.objective, rel=1e-3, abs=1e-6)
 
 
+def test_stored_entries_unpacked_on_gpu_are_the_hosts(tmp_path):
+    """A stored bank entry moved to the GPU is unpacked there: the same codes, scales and zeros as
+    unpacked on the host, for every width the bank stores."""
+    bank = build_bank(tiny_model("llama"), calib(), ("rtn", "awq"), (3, 4, 8), ("channel", 16), store=str(tmp_path), verbose=False)
+    for row in bank.entries:
+        for e in row:
+            host, dev = e.quantized(), e.to("cuda").qweight
+            assert dev.codes.device.type == "cuda" and torch.equal(dev.codes.cpu(), host.codes)
+            assert torch.equal(dev.scale.cpu(), host.scale)
+            assert (host.zero is None and dev.zero is None) or torch.equal(dev.zero.cpu(), host.zero)
+
+
 def test_optimize_on_gpu_stays_in_budget_and_agrees_with_cpu():
     model = tiny_model("llama")
     val, test = token_stream(2048, seed=7), token_stream(2048, seed=8)
