@@ -564,11 +564,11 @@ def build_bank(
 
     opts = GPTQOptions(damp=damp, act_order=act_order)
 
-    def plain_gptq_of(group: list) -> dict[str, dict[str, QuantizedWeight]]:
-        """Plain GPTQ of every spec of the layers in ``group``, which read one input (one Hessian):
-        the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as one stack of rows on
-        one factorisation (tests/test_algorithms.py checks the two agree). Layer name -> spec -> weight."""
-        Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]
+    def plain_gptq_of(group: list, Ws: list) -> dict[str, dict[str, QuantizedWeight]]:
+        """Plain GPTQ of every spec of the layers in ``group`` (weights ``Ws``), which read one input
+        (one Hessian): the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as one stack
+        of rows on one factorisation (tests/test_algorithms.py checks the two agree). Layer name -> spec
+        -> weight."""
         sps = code_specs[group[0].name]
         name = "+".join(r.name for r in group)
         H = stats[group[0].name].hessian.to(dev)
@@ -593,8 +593,7 @@ def build_bank(
             groups.setdefault(key, []).append(r)
         return list(groups.values())
 
-    def build_layer(ref, plain_gptq: dict[str, QuantizedWeight]) -> None:
-        W = linear_weight(ref.module).detach().float().to(dev)
+    def build_layer(ref, W: torch.Tensor, plain_gptq: dict[str, QuantizedWeight]) -> None:
         H = stats[ref.name].hessian.to(dev)
         energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
         for spec in specs[ref.name]:
@@ -639,9 +638,10 @@ def build_bank(
         if use_awq and not info.generic:
             awq_block(b)
         for group in gptq_groups(blocks[b]):
-            gptqs = plain_gptq_of(group) if any(m.uses_gptq for m in methods) else {}
-            for ref in group:
-                build_layer(ref, gptqs.get(ref.name, {}))
+            Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]
+            gptqs = plain_gptq_of(group, Ws) if any(m.uses_gptq for m in methods) else {}
+            for ref, W in zip(group, Ws):
+                build_layer(ref, W, gptqs.get(ref.name, {}))
                 if prune == "dominated":
                     keep = pareto_front([e.nbytes for e in entries[ref.name]], [e.objective for e in entries[ref.name]])
                     keys[ref.name] = [keys[ref.name][j] for j in keep]
