@@ -10,7 +10,9 @@ evaluation of the same validation slice. ``--device cuda``: every step runs on t
 model stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on
 the GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite
 file in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows
-say what the storage adds to a trial.
+say what the storage adds to a trial. On CUDA the bank is built a second time with its GPTQ layer
+by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to show what
+solving q/k/v and gate/up as one stack saves.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ def main() -> None:
     sync(dev)
     t_bank = time.perf_counter() - t0
     k = len(bank.keys[0])
+    t_apart = None
+    if dev and dev.startswith("cuda"):  # the same bank with GPTQ layer by layer, as the CPU does (and the GPU did)
+        from gransearch import bank as bank_mod
+
+        bank_mod.STACK_SHARED_INPUTS = False
+        t0 = time.perf_counter()
+        apart = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
+        sync(dev)
+        t_apart = time.perf_counter() - t0
+        bank_mod.STACK_SHARED_INPUTS = None
 
     bare = copy.deepcopy(model).to(dev) if dev else model
     gs.perplexity(bare, val, seqlen=512, batch_size=4, max_windows=2, verbose=False)  # warm-up
@@ -80,11 +92,15 @@ def main() -> None:
     print("| run | seconds | ratio |\n|---|---:|---:|")
     print(f"| one uniform GPTQ w4g64 (sequential) | {t_gptq:.1f} | 1.00 |")
     print(f"| bank of K = {k} | {t_bank:.1f} | {t_bank / t_gptq:.2f} (target at most 2) |")
+    if t_apart is not None:
+        print(f"| the same bank, GPTQ layer by layer (q/k/v and gate/up not stacked) | {t_apart:.1f} | {t_apart / t_gptq:.2f} |")
     print(f"| one perplexity evaluation ({args.eval_windows} x 512 validation tokens) | {t_eval:.1f} | 1.00 |")
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.2f} | {t_trials / t_eval:.2f} |")
     print(f"| of which the trial loop alone (setup of {t_all - res.search_seconds:.2f} s left out) | {t_loop:.2f} | {t_loop / t_eval:.2f} |")
     print(f"| the trial loop with the study in SQLite (as the CLI runs it) | {t_loop_db:.2f} | {t_loop_db / t_eval:.2f} |")
     print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
+    if t_apart is not None:
+        print(f"bank stages, GPTQ layer by layer (of {t_apart:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in apart.stage_seconds.items()))
     for name, r in (("in memory", res), ("in SQLite", on_disk)):
         print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
               + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items()))
