@@ -70,25 +70,6 @@ def gpu_name(rec: dict) -> str:
     return rec["machine"].split(",")[-1].strip().removeprefix("NVIDIA ")
 
 
-def quantize_rows(rec, src_cfg, src_lin, lin, linear, src_linear, cube, src_cube, out, rows, prefix) -> None:
-    """Project each run of a ``benchmarks/scale.py`` record (RTN, GPTQ from disk) to the target."""
-    where = f"one {gpu_name(rec)}" if rec["device"] != "cpu" else f"this CPU ({rec['machine'].split(',')[1].strip()})"
-    for r in rec["runs"]:
-        if r["method"] == "rtn":
-            t = r["seconds"] * linear / src_linear
-        else:
-            solve = r.get("layer_seconds", r["seconds"])
-            t = solve * cube / src_cube + (r["seconds"] - solve) * linear / src_linear
-        tokens = r.get("calib_tokens", rec["n_calib"] * rec["seqlen"])
-        calibrated = r["method"] != "rtn"
-        mem = max(0.0, r["peak_rss"] - memory_terms(src_cfg, src_lin, tokens, calibrated)) + memory_terms(TARGET, lin, tokens, calibrated)
-        out[f"{prefix}{r['method']}_from_disk_seconds"] = round(t)
-        out[f"{prefix}{r['method']}_from_disk_peak_rss"] = int(mem)
-        took = f"{t / 60:.0f} min" if t >= 120 else f"{t:.0f} s"
-        rows.append((f"{r['method'].upper()} w4g64 from disk on {where}: time", f"{r['seconds']:.0f} s", took, "projected"))
-        rows.append((f"{r['method'].upper()} w4g64 from disk on {where}: peak RSS", f"{r['peak_rss'] / 1e9:.2f} GB", f"{mem / 1e9:.1f} GB", "projected"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", default="docs/data/scale/cpu-smollm2-1.7b-shape.json")
@@ -99,49 +80,70 @@ def main() -> None:
 
     import gransearch as gs
     from gransearch.bank import bank_size
+    from gransearch.search import trial_cache_bytes
 
     import scale  # noqa: E402  (same folder)
 
-    with open(args.cpu) as fh:
-        cpu = json.load(fh)
+    def record(path):
+        if not (path and os.path.exists(path)):
+            return None
+        with open(path) as fh:
+            return json.load(fh)
+
+    cpu, gq, gpu = record(args.cpu), record(args.gpu_quantize), record(args.gpu)
     src_cfg = {**scale.SHAPES[cpu["shape"]], "num_hidden_layers": cpu["blocks"]}
     _, src_lin, src_params = shapes_of(src_cfg)
     model, lin, params = shapes_of(TARGET)
     src_linear, linear = sum(o * i for o, i in src_lin), sum(o * i for o, i in lin)
     src_cube, cube = sum(o * i * i for o, i in src_lin), sum(o * i * i for o, i in lin)
+    lo, hi = linear / src_linear, cube / src_cube  # the two scalings (see the module docstring)
     spec = gs.QuantSpec.parse("w4g64")
     ckpt = sum(gs.layer_nbytes(s, spec, format="compressed-tensors") for s in lin) + 2 * (params - linear)
     bank = bank_size(model, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64))
     out = {"label": "projection from the measured 1.7B-shape rates, not a measurement", "target": TARGET, "params": params,
-           "linear_params": linear, "checkpoint_w4g64_bytes": ckpt, "bank_k12_bytes": bank.total, "from": {"cpu": args.cpu}}
+           "linear_params": linear, "checkpoint_w4g64_bytes": ckpt, "bank_k12_bytes": bank.total,
+           "from": {k: path for k, path, rec in (("cpu", args.cpu, cpu), ("gpu_quantize", args.gpu_quantize, gq), ("gpu", args.gpu, gpu)) if rec}}
     rows = [("parameters", f"{src_params / 1e9:.2f} B", f"{params / 1e9:.2f} B", "exact"),
             ("w4g64 checkpoint (compressed-tensors, bf16 floats)", f"{cpu['runs'][0]['checkpoint_bytes'] / 1e9:.2f} GB", f"{ckpt / 1e9:.2f} GB",
              "exact, from shapes"),
-            ("bank, K = 12 (rtn/gptq/awq x 3,4 bits x channel,g64) on disk", "", f"{bank.total / 1e9:.1f} GB", "exact bound, from shapes")]
-    quantize_rows(cpu, src_cfg, src_lin, lin, linear, src_linear, cube, src_cube, out, rows, "")
-    if args.gpu_quantize and os.path.exists(args.gpu_quantize):
-        with open(args.gpu_quantize) as fh:
-            gq = json.load(fh)
-        out["from"]["gpu_quantize"] = args.gpu_quantize
-        quantize_rows(gq, src_cfg, src_lin, lin, linear, src_linear, cube, src_cube, out, rows, "gpu_")
-    if args.gpu and os.path.exists(args.gpu):
-        with open(args.gpu) as fh:
-            gpu = json.load(fh)
-        out["from"]["gpu"] = args.gpu
+            ("bank, K = 12 (rtn/gptq/awq x 3,4 bits x channel,g64) on disk", f"{gpu['bank_bytes_on_disk'] / 1e9:.2f} GB" if gpu else "",
+             f"{bank.total / 1e9:.1f} GB", "exact bound, from shapes")]
+
+    def quantize_rows(rec, prefix: str) -> None:
+        """Project each run of a ``benchmarks/scale.py`` record (RTN, GPTQ from disk) to the target."""
+        where = f"one {gpu_name(rec)}" if rec["device"] != "cpu" else f"this CPU ({rec['machine'].split(',')[1].strip()})"
+        for r in rec["runs"]:
+            if r["method"] == "rtn":
+                t = r["seconds"] * lo
+            else:  # the per-layer solves scale as sum(out * in^2), the rest with the linear parameters
+                solve = r.get("layer_seconds", r["seconds"])
+                t = solve * hi + (r["seconds"] - solve) * lo
+            tokens = r.get("calib_tokens", rec["n_calib"] * rec["seqlen"])
+            calibrated = r["method"] != "rtn"
+            mem = max(0.0, r["peak_rss"] - memory_terms(src_cfg, src_lin, tokens, calibrated)) + memory_terms(TARGET, lin, tokens, calibrated)
+            out[f"{prefix}{r['method']}_from_disk_seconds"] = round(t)
+            out[f"{prefix}{r['method']}_from_disk_peak_rss"] = int(mem)
+            took = f"{t / 60:.0f} min" if t >= 120 else f"{t:.0f} s"
+            rows.append((f"{r['method'].upper()} w4g64 from disk on {where}: time", f"{r['seconds']:.0f} s", took, "projected"))
+            rows.append((f"{r['method'].upper()} w4g64 from disk on {where}: peak RSS", f"{r['peak_rss'] / 1e9:.2f} GB", f"{mem / 1e9:.1f} GB",
+                         "projected"))
+
+    quantize_rows(cpu, "")
+    if gq:
+        quantize_rows(gq, "gpu_")
+    if gpu:
         on = f"one {gpu_name(gpu)}"
-        lo, hi = linear / src_linear, cube / src_cube  # the two scalings (see the module docstring)
         tr = gpu["trial_seconds"] * params / gpu["params"]
-        bank, final = (gpu["bank_seconds"] * lo, gpu["bank_seconds"] * hi), (gpu["final_seconds"] * lo, gpu["final_seconds"] * hi)
-        total = tuple(b + gpu["trials"] * tr + f for b, f in zip(bank, final))
-        model_f32, cache = 4 * params, H100_BYTES // 4
-        out.update(gpu_bank_seconds=[round(x) for x in bank], gpu_trial_seconds=round(tr, 1), gpu_final_seconds=[round(x) for x in final],
+        bank_s, final = (gpu["bank_seconds"] * lo, gpu["bank_seconds"] * hi), (gpu["final_seconds"] * lo, gpu["final_seconds"] * hi)
+        total = tuple(b + gpu["trials"] * tr + f for b, f in zip(bank_s, final))
+        model_f32, cache = 4 * params, trial_cache_bytes(H100_BYTES)
+        out.update(gpu_bank_seconds=[round(x) for x in bank_s], gpu_trial_seconds=round(tr, 1), gpu_final_seconds=[round(x) for x in final],
                    gpu_search_seconds=[round(x) for x in total], gpu_search_trials=gpu["trials"], gpu_memory_terms_h100=model_f32 + cache)
         mins = lambda pair: f"{pair[0] / 60:.0f} to {pair[1] / 60:.0f} min"  # noqa: E731
-        rows.append((f"bank K = 12 on {on}", f"{gpu['bank_seconds']:.0f} s", mins(bank), "projected, range"))
+        rows.append((f"bank K = 12 on {on}", f"{gpu['bank_seconds']:.0f} s", mins(bank_s), "projected, range"))
         rows.append((f"one trial on {on}", f"{gpu['trial_seconds']:.1f} s", f"{tr:.1f} s", "projected"))
         rows.append((f"final stage on {on}", f"{gpu['final_seconds']:.0f} s", mins(final), "projected, range"))
         rows.append((f"whole search ({gpu['trials']} trials) on {on}", f"{gpu['search_seconds']:.0f} s", mins(total), "projected, range"))
-        rows[2] = (rows[2][0], f"{gpu['bank_bytes_on_disk'] / 1e9:.2f} GB", *rows[2][2:])  # the bank as measured
         rows.append((f"search peak GPU memory ({on})", f"{gpu['peak_gpu_bytes'] / 1e9:.1f} GB", "", "measured only"))
         rows.append(("GPU memory: float32 model + trial cache cap on one H100", "", f"{(model_f32 + cache) / 1e9:.1f} GB",
                      "sum of two terms, not a peak"))

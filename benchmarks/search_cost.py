@@ -50,20 +50,20 @@ def main() -> None:
     t_gptq = time.perf_counter() - t0
     del work
 
-    t0 = time.perf_counter()
-    bank = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
-    sync(dev)
-    t_bank = time.perf_counter() - t0
+    def timed_bank():
+        t0 = time.perf_counter()
+        built = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
+        sync(dev)
+        return built, time.perf_counter() - t0
+
+    bank, t_bank = timed_bank()
     k = len(bank.keys[0])
     t_apart = None
     if dev and dev.startswith("cuda"):  # the same bank with GPTQ layer by layer, as the CPU does (and the GPU did)
         from gransearch import bank as bank_mod
 
         bank_mod.STACK_SHARED_INPUTS = False
-        t0 = time.perf_counter()
-        apart = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
-        sync(dev)
-        t_apart = time.perf_counter() - t0
+        apart, t_apart = timed_bank()
         bank_mod.STACK_SHARED_INPUTS = None
 
     bare = copy.deepcopy(model).to(dev) if dev else model

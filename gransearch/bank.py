@@ -489,7 +489,7 @@ def build_bank(
                         f"Largest candidates: {_largest(size)}. Drop some (fewer bits or group sizes, e.g. no 8-bit or "
                         "g32), or let dominated candidates go (prune='dominated', CLI --prune-bank)")
     methods = [Method.parse(m) for m in methods]
-    use_awq = any(m.uses_awq for m in methods)
+    use_awq, use_gptq = any(m.uses_awq for m in methods), any(m.uses_gptq for m in methods)
     if use_awq and info.generic:
         raise ValueError("AWQ candidates need the architecture table's scaling groups; drop 'awq' or add a row in gransearch.arch")
     # the float model's statistics: given (shared between banks), or block by block as the blocks are built
@@ -639,7 +639,7 @@ def build_bank(
             awq_block(b)
         for group in gptq_groups(blocks[b]):
             Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]
-            gptqs = plain_gptq_of(group, Ws) if any(m.uses_gptq for m in methods) else {}
+            gptqs = plain_gptq_of(group, Ws) if use_gptq else {}
             for ref, W in zip(group, Ws):
                 build_layer(ref, W, gptqs.get(ref.name, {}))
                 if prune == "dominated":

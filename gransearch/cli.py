@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 
-from . import runs
+from . import runs, search
 
 
 def _argtype(name: str, fn, *extra):
@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
     p.add_argument("--study", default=None)
-    p.add_argument("--sampler", default="independent", choices=("independent", "multivariate"),
+    p.add_argument("--sampler", default="independent", choices=search.SAMPLERS,
                    help="how TPE draws a trial's knapsack weights: each from its own history (default) or jointly")
     p.add_argument("--out", required=True, help="run folder: plan.json, pareto.csv, pareto.png, summary.json, study.db, bank/")
     p.add_argument("--profile", default="research", choices=("research", "vllm", "vllm-asym", "gguf", "gguf-asym"),

@@ -116,6 +116,11 @@ class OptimizeResult:
 # the search
 
 
+def trial_cache_bytes(device_bytes: int) -> int:
+    """The default cap of the trial assembler's entry cache on a GPU of ``device_bytes``: a quarter."""
+    return device_bytes // 4
+
+
 class _Assembler:
     """Puts bank entries into a working copy of the model (float weights, nothing packed).
 
@@ -134,7 +139,7 @@ class _Assembler:
         self.mods = [get_module(self.model, n) for n in bank.layers]
         self.current = [-1] * len(bank.layers)
         if cache_bytes is None and self.device.type == "cuda":
-            cache_bytes = torch.cuda.get_device_properties(self.device).total_memory // 4
+            cache_bytes = trial_cache_bytes(torch.cuda.get_device_properties(self.device).total_memory)
         self.cache_bytes = cache_bytes or 0
         self.cache: "collections.OrderedDict[tuple[int, int], BankEntry]" = collections.OrderedDict()
         self.cached = 0

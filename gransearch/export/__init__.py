@@ -317,8 +317,8 @@ def load_in_transformers(folder: str, device=None, trust_remote_code: bool = Fal
     try:
         from compressed_tensors.offload import remove_dispatch
     except ImportError:  # older compressed-tensors: no offloading of its own
-        remove_dispatch = None
-    if remove_dispatch is not None:
+        pass
+    else:
         remove_dispatch(model, onload_tensors=True)
     if device is None:
         return model
