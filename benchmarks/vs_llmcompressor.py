@@ -1,0 +1,219 @@
+"""gransearch against llm-compressor: the same model, calibration windows, scheme and test text.
+
+    bash scripts/llmcompressor_env.sh    # .venv-llmc: llm-compressor (it pins transformers and compressed-tensors) + gransearch
+    .venv-llmc/bin/python benchmarks/vs_llmcompressor.py [--rows rtn,gptq,gptq-actorder,awq] [--n-calib 128]
+                                                        [--out docs/data/interop/llmcompressor.json]
+
+Each row quantizes a fresh copy of the packaged SmolLM2-135M twice in one process, once with
+llm-compressor's ``oneshot`` and once with ``gs.quantize``, from the same calibration windows (128 x
+512 tokens of the wiki-sample train split, seed 0), and measures both with ``gs.perplexity`` on the
+whole wiki-sample test split. The scheme is llm-compressor's W4A16 with groups of 64 (SmolLM2's
+576-wide inputs do not divide into its preset's 128); every linear of the blocks, ``lm_head`` kept.
+
+* ``rtn``: ``QuantizationModifier`` (min-max observer) against ``method="rtn"``, symmetric.
+* ``gptq``: ``GPTQModifier(actorder=None)``, whose group parameters always come from the original
+  weights (its observer runs before the solve), against ``method="gptq", static_groups=True``.
+* ``gptq-actorder``: ``GPTQModifier()`` (its default, ``actorder="static"``) against
+  ``act_order=True, static_groups=True``. Both: dampening 0.01 of the mean Hessian diagonal, lazy
+  blocks of 128 columns, block by block with each block calibrated on the quantized blocks before it.
+* ``awq``: ``AWQModifier()`` then ``QuantizationModifier`` (its documented recipe, W4A16_ASYM, groups
+  of 64) against ``method="awq"`` with ``w4g64`` (asymmetric): each with its own defaults (see the
+  output's notes); codes are not compared, since the two search different scales.
+
+For the symmetric rows the integer levels are compared weight by weight: the share of the 106 M
+block weights on which the two tools chose the same level, and the largest difference. The
+tools' scales differ in their last bits (gransearch stores float16 scales and rounds them up,
+llm-compressor keeps them in the model's float32), which alone moves a few ties. Seconds are each
+tool's quantize call in this process (llm-compressor's includes its data pipeline).
+
+Rows are written to ``--out`` as they finish; a run with the same settings skips the rows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+ROWS = ("rtn", "gptq", "gptq-actorder", "awq")
+GROUP = 64
+
+
+def commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        c = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return c + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def weight_args(symmetric: bool) -> dict:
+    return {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": GROUP}
+
+
+def llmc_recipe(row: str):
+    from compressed_tensors.quantization import ActivationOrdering
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(row != "awq")}}
+    if row == "rtn":
+        return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+    if row == "awq":
+        return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    actorder = ActivationOrdering.STATIC if row == "gptq-actorder" else None
+    return GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=actorder, dampening_frac=0.01, block_size=128)
+
+
+def ours_call(row: str) -> tuple[str, dict]:
+    return {"rtn": ("w4g64s", dict(method="rtn")),
+            "gptq": ("w4g64s", dict(method="gptq", static_groups=True)),
+            "gptq-actorder": ("w4g64s", dict(method="gptq", act_order=True, static_groups=True)),
+            "awq": ("w4g64", dict(method="awq"))}[row]
+
+
+def llmc_levels(model) -> dict[str, torch.Tensor]:
+    """Each quantized linear's signed integer levels ``[out, in]``, from its weight and its own scale."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale") and name != "lm_head":
+            s = m.weight_scale.detach().float().repeat_interleave(GROUP, dim=1)
+            zp = m.weight_zero_point.detach().float().repeat_interleave(GROUP, dim=1) if hasattr(m, "weight_zero_point") else 0.0
+            out[name] = (torch.round(m.weight.detach().float() / s) + zp).clamp(-8, 7).to(torch.int16)
+    return out
+
+
+def our_levels(model) -> dict[str, torch.Tensor]:
+    """The same for gransearch's QuantLinear layers (symmetric: code - 8)."""
+    import gransearch as gs
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, gs.QuantLinear):
+            qw = m.quantized_weight()
+            out[name] = qw.codes.to(torch.int16) - 8
+    return out
+
+
+def agreement(a: dict, b: dict) -> dict:
+    if set(a) != set(b):
+        raise SystemExit(f"the two tools quantized different layers: {sorted(set(a) ^ set(b))[:4]}")
+    same = sum(int((a[n] == b[n]).sum()) for n in a)
+    total = sum(a[n].numel() for n in a)
+    worst = max(int((a[n] - b[n]).abs().max()) for n in a)
+    return {"layers": len(a), "weights": total, "same_level_share": same / total, "max_level_difference": worst}
+
+
+def calib_loader(calib: torch.Tensor):
+    from torch.utils.data import DataLoader
+
+    rows = [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones(1, w.numel(), dtype=torch.long)} for w in calib]
+    return DataLoader(rows, batch_size=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--n-calib", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--test-tokens", type=int, default=None, help="only the first N test tokens (a smoke run); default the whole split")
+    ap.add_argument("--out", default="docs/data/interop/llmcompressor.json")
+    args = ap.parse_args()
+    rows = args.rows.split(",")
+    if bad := [r for r in rows if r not in ROWS]:
+        raise SystemExit(f"unknown rows {bad}: choose from {', '.join(ROWS)}")
+    try:
+        import llmcompressor
+        from llmcompressor import oneshot
+    except ImportError:
+        raise SystemExit("llm-compressor is not installed in this Python: run `bash scripts/llmcompressor_env.sh` and use "
+                         ".venv-llmc/bin/python (llm-compressor pins its own transformers and compressed-tensors)") from None
+    import compressed_tensors
+    import transformers
+
+    import gransearch as gs
+
+    settings = {"model": args.model, "n_calib": args.n_calib, "seqlen": args.seqlen, "test_tokens": args.test_tokens, "group_size": GROUP}
+    record = {"settings": settings, "rows": {}}
+    if os.path.exists(args.out):
+        with open(args.out) as fh:
+            old = json.load(fh)
+        if old.get("settings") == settings:
+            record = old
+        else:
+            raise SystemExit(f"{args.out} holds a run with other settings ({old.get('settings')}): give --out another file")
+    record.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", commit=commit(),
+                  versions={"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+                            "transformers": transformers.__version__, "gransearch": gs.__version__},
+                  command="python benchmarks/vs_llmcompressor.py " + " ".join(sys.argv[1:]))
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(record, fh, indent=1)
+
+    _, tok = gs.load_model(args.model)
+    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
+    test = gs.load_tokens("wiki-sample", tok, "test")
+    if args.test_tokens:
+        test = test[: args.test_tokens]
+
+    def ppl(model) -> float:
+        return gs.perplexity(model, test, seqlen=args.seqlen, batch_size=4, verbose=False).ppl
+
+    if "float_ppl" not in record:
+        record["float_ppl"] = ppl(gs.load_model(args.model)[0])
+        save()
+    print(f"float: {record['float_ppl']:.4f}", flush=True)
+    for row in rows:
+        if row in record["rows"]:
+            print(f"{row}: done already, {record['rows'][row]}", flush=True)
+            continue
+        model, _ = gs.load_model(args.model)
+        t0 = time.perf_counter()
+        oneshot(model=model, dataset=None if row == "rtn" else calib_loader(calib), recipe=llmc_recipe(row),
+                num_calibration_samples=args.n_calib, max_seq_length=args.seqlen, pipeline="sequential" if row != "rtn" else "independent")
+        t_llmc = time.perf_counter() - t0
+        theirs = {"seconds": round(t_llmc, 1), "ppl": ppl(model)}
+        levels = llmc_levels(model) if row != "awq" else None
+        del model
+        spec, kw = ours_call(row)
+        model, _ = gs.load_model(args.model)
+        t0 = time.perf_counter()
+        gs.quantize(model, spec, calib, objective=False, verbose=False, **kw)
+        t_ours = time.perf_counter() - t0
+        ours = {"seconds": round(t_ours, 1), "ppl": ppl(model), "spec": spec, **kw}
+        out = {"llmcompressor": theirs, "gransearch": ours, "ppl_relative_difference": ours["ppl"] / theirs["ppl"] - 1}
+        if levels is not None:
+            out["levels"] = agreement(levels, our_levels(model))
+        del model
+        record["rows"][row] = out
+        save()
+        print(f"{row}: {json.dumps(out)}", flush=True)
+    print_table(record)
+
+
+def print_table(record: dict) -> None:
+    print(f"\nfloat: test ppl {record['float_ppl']:.4f}\n")
+    print("| row | llm-compressor ppl | gransearch ppl | difference | same level | max level diff | llm-compressor s | gransearch s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row, r in record["rows"].items():
+        lv = r.get("levels") or {}
+        share = f"{100 * lv['same_level_share']:.2f}%" if lv else "-"
+        print(f"| {row} | {r['llmcompressor']['ppl']:.4f} | {r['gransearch']['ppl']:.4f} | {100 * r['ppl_relative_difference']:+.2f}% | {share} | "
+              f"{lv.get('max_level_difference', '-')} | {r['llmcompressor']['seconds']:.1f} | {r['gransearch']['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
