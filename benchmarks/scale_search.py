@@ -9,8 +9,10 @@ re-quantized sequentially and measured; candidates: rtn, gptq, awq x 3, 4 bits x
 groups of 64 (K = 12 per layer, what ``benchmarks/search_cost.py`` times on SmolLM2) under the
 w4c budget. Perplexities of random weights mean nothing: this measures cost. Printed and written
 to ``OUT/search.json`` (and ``--record FILE``): wall time of each stage, peak GPU memory (CUDA) and
-peak RSS, the bank's size on disk against its estimate before building, and the per-parameter
-rates that ``benchmarks/project_8b.py`` scales to an 8B model.
+peak RSS, the bank's size on disk against its estimate before building, where the bank's and the
+final stage's time went (``bank_stages``: GPTQ, AWQ searches, statistics, objectives...;
+``final_stages``: quantize, of it the per-layer solves, evaluation), and the per-parameter rates
+that ``benchmarks/project_8b.py`` scales to an 8B model.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> None:
            "trials": res.n_trials, "load_seconds": round(t_load, 1), "search_seconds": round(total, 1),
            "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2), "trial_stages": res.trial_stages,
            "final_seconds": round(total - res.bank_seconds - res.search_seconds, 1),
+           "bank_stages": res.bank_stages, "final_stages": res.finals[0]["seconds"] if res.finals else {},
            "bank_bytes_on_disk": on_disk, "bank_bytes_estimated": est.total, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "command": "python benchmarks/scale_search.py " + " ".join(sys.argv[1:])}
     if dev and dev.startswith("cuda"):

@@ -10,7 +10,8 @@ llm-compressor's ``oneshot`` and once with ``gs.quantize``, from the same calibr
 whole wiki-sample test split. The scheme is llm-compressor's W4A16 with groups of 64 (SmolLM2's
 576-wide inputs do not divide into its preset's 128); every linear of the blocks, ``lm_head`` kept.
 
-* ``rtn``: ``QuantizationModifier`` (min-max observer) against ``method="rtn"``, symmetric.
+* ``rtn``: ``QuantizationModifier`` (min-max observer) against ``method="rtn"``, symmetric;
+  ``rtn-channel`` the same per output channel (``w4cs``).
 * ``gptq``: ``GPTQModifier(actorder=None)``, whose group parameters always come from the original
   weights (its observer runs before the solve), against ``method="gptq", static_groups=True``.
 * ``gptq-actorder``: ``GPTQModifier()`` (its default, ``actorder="static"``) against
@@ -18,7 +19,8 @@ whole wiki-sample test split. The scheme is llm-compressor's W4A16 with groups o
   blocks of 128 columns, block by block with each block calibrated on the quantized blocks before it.
 * ``awq``: ``AWQModifier()`` then ``QuantizationModifier`` (its documented recipe, W4A16_ASYM, groups
   of 64) against ``method="awq"`` with ``w4g64`` (asymmetric): each with its own defaults (see the
-  output's notes); codes are not compared, since the two search different scales.
+  notes below); codes are not compared, since the two search different scales. Without a GPU, its
+  activation cache's memory pinning is skipped (:func:`cpu_only_workaround`).
 
 For the symmetric rows the integer levels are compared weight by weight: the share of the 106 M
 block weights on which the two tools chose the same level, and the largest difference. The
@@ -41,7 +43,7 @@ import time
 
 import torch
 
-ROWS = ("rtn", "gptq", "gptq-actorder", "awq")
+ROWS = ("rtn", "gptq", "gptq-actorder", "awq", "rtn-channel")
 GROUP = 64
 
 
@@ -56,7 +58,9 @@ def commit() -> str:
         return "unknown"
 
 
-def weight_args(symmetric: bool) -> dict:
+def weight_args(symmetric: bool, channel: bool = False) -> dict:
+    if channel:
+        return {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "channel"}
     return {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": GROUP}
 
 
@@ -66,8 +70,8 @@ def llmc_recipe(row: str):
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(row != "awq")}}
-    if row == "rtn":
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(row != "awq", channel=row == "rtn-channel")}}
+    if row in ("rtn", "rtn-channel"):
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     if row == "awq":
         return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
@@ -77,9 +81,21 @@ def llmc_recipe(row: str):
 
 def ours_call(row: str) -> tuple[str, dict]:
     return {"rtn": ("w4g64s", dict(method="rtn")),
+            "rtn-channel": ("w4cs", dict(method="rtn")),
             "gptq": ("w4g64s", dict(method="gptq", static_groups=True)),
             "gptq-actorder": ("w4g64s", dict(method="gptq", act_order=True, static_groups=True)),
             "awq": ("w4g64", dict(method="awq"))}[row]
+
+
+def cpu_only_workaround() -> None:
+    """llm-compressor 0.14.0.1's AWQ pins its cached activations (``IntermediatesCache.pin_memory``),
+    which raises "Cannot access accelerator device when none is available" on a machine without
+    one. Pinning only speeds up copies to a GPU; without a GPU it is skipped here (numerics unchanged)."""
+    if torch.cuda.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def llmc_levels(model) -> dict[str, torch.Tensor]:
@@ -87,8 +103,10 @@ def llmc_levels(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale") and name != "lm_head":
-            s = m.weight_scale.detach().float().repeat_interleave(GROUP, dim=1)
-            zp = m.weight_zero_point.detach().float().repeat_interleave(GROUP, dim=1) if hasattr(m, "weight_zero_point") else 0.0
+            s = m.weight_scale.detach().float()
+            k = m.weight.shape[1] // s.shape[1]  # columns per scale: the group size, or all of them (per channel)
+            s = s.repeat_interleave(k, dim=1)
+            zp = m.weight_zero_point.detach().float().repeat_interleave(k, dim=1) if hasattr(m, "weight_zero_point") else 0.0
             out[name] = (torch.round(m.weight.detach().float() / s) + zp).clamp(-8, 7).to(torch.int16)
     return out
 
@@ -142,6 +160,8 @@ def main() -> None:
     import compressed_tensors
     import transformers
 
+    cpu_only_workaround()
+
     import gransearch as gs
 
     settings = {"model": args.model, "n_calib": args.n_calib, "seqlen": args.seqlen, "test_tokens": args.test_tokens, "group_size": GROUP}
@@ -182,8 +202,9 @@ def main() -> None:
             continue
         model, _ = gs.load_model(args.model)
         t0 = time.perf_counter()
-        oneshot(model=model, dataset=None if row == "rtn" else calib_loader(calib), recipe=llmc_recipe(row),
-                num_calibration_samples=args.n_calib, max_seq_length=args.seqlen, pipeline="sequential" if row != "rtn" else "independent")
+        rtn = row.startswith("rtn")
+        oneshot(model=model, dataset=None if rtn else calib_loader(calib), recipe=llmc_recipe(row),
+                num_calibration_samples=args.n_calib, max_seq_length=args.seqlen, pipeline="independent" if rtn else "sequential")
         t_llmc = time.perf_counter() - t0
         theirs = {"seconds": round(t_llmc, 1), "ppl": ppl(model)}
         levels = llmc_levels(model) if row != "awq" else None
