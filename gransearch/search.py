@@ -98,6 +98,8 @@ class OptimizeResult:
     # where this process's trial loop went: sampling, knapsack, duplicate check, assembly, evaluation, and
     # the rest (Optuna's storage and pruner, worker bookkeeping); waits for the GPU at each boundary
     trial_stages: dict = field(default_factory=dict)
+    # where this process's bank build went (stage -> seconds; empty when the bank was loaded whole)
+    bank_stages: dict = field(default_factory=dict)
 
     @property
     def proxy_gap(self) -> float:
@@ -350,18 +352,24 @@ def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device
     for t in trials:
         plan = plan_of(t)
         record = {}
+        t0 = time.perf_counter()
         if disk is not None:
             folder = os.path.join(final_dir, f"trial-{t.number}")
-            quantize(disk, plan, calib, device=device, save=folder, verbose=verbose)
+            res = quantize(disk, plan, calib, device=device, save=folder, verbose=verbose)
+            t1 = time.perf_counter()
             fin = disk_perplexity(DiskModel(folder), final_ids, seqlen, batch_size, device=device, verbose=verbose).ppl
             record["checkpoint"] = folder
         else:
             work = copy.deepcopy(model)
-            quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from the plan's layers
+            res = quantize(work, plan, calib, device=device, objective=False, verbose=verbose)  # GPTQ options from the plan's layers
             if device is not None:
                 work.to(device)
+            t1 = time.perf_counter()
             fin = perplexity(work, final_ids, seqlen=seqlen, batch_size=batch_size, verbose=verbose).ppl
             del work
+        # where the finalist's time went: quantize (of it, the per-layer solves: GPTQ, AWQ's searches), evaluate
+        record["seconds"] = {"quantize": round(t1 - t0, 3), "layer solves": round(sum(r.seconds for r in res.records), 3),
+                             "evaluation": round(time.perf_counter() - t1, 3)}
         finals.append({"trial": t.number, "nbytes": t.user_attrs["nbytes"], "proxy_ppl": t.value, "final_ppl": fin,
                        "kind": t.user_attrs.get("kind"), "summary": plan.summary(), **record})
         if best is None or fin < best[0]:
@@ -656,4 +664,4 @@ def optimize(
     plan = plan_of(best_t)
     plan.meta["final_ppl"] = final_ppl
     return OptimizeResult(plan, best_t.user_attrs["nbytes"], final_ppl, best_t.value, pareto, study, finals, baselines,
-                          bank.seconds, search_seconds, trial_stages)
+                          bank.seconds, search_seconds, trial_stages, dict(bank.stage_seconds))

@@ -388,6 +388,9 @@ def test_search_of_a_model_on_disk_scores_its_plans_as_in_memory(tmp_path):
     q = gs.load_quantized(rec["checkpoint"], dtype=torch.float32)
     assert {n: str(m.spec) for n, m in _codes(q).items()} == {n: str(lp.spec) for n, lp in fin.plan.layers.items()}
     assert fin.ppl == rec["final_ppl"] == gs.perplexity(q, test, seqlen=64, batch_size=4, verbose=False).ppl
+    # where the finalist's time went (benchmarks/scale_search.py records it for the 8B projection)
+    sec = rec["seconds"]
+    assert set(sec) == {"quantize", "layer solves", "evaluation"} and 0 < sec["layer solves"] <= sec["quantize"] and sec["evaluation"] > 0
 
 
 def test_cli_optimize_from_disk_finds_the_in_memory_plan_and_saves_it(cli_assets, tmp_path, capsys):

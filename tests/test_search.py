@@ -167,6 +167,10 @@ def test_search_never_exceeds_budget_and_matches_stored_bytes():
     assert {"knapsack", "sampling", "assembly", "evaluation", "other (storage, pruner, bookkeeping)"} <= set(st)
     assert all(v >= 0 for v in st.values()) and st["evaluation"] > 0
     assert sum(st.values()) == pytest.approx(res.search_seconds, rel=0.01, abs=0.01)
+    # and where the bank built by this call went: its stages within its blocks' time
+    bs = res.bank_stages
+    assert {"gptq", "statistics", "objectives and copies"} <= set(bs) and bs["gptq"] > 0
+    assert sum(v for k, v in bs.items() if k not in ("store", "output fisher")) <= res.bank_seconds * 1.01 + 0.01
     # the Pareto front: no complete trial dominates a point, and every trial is matched or beaten by one
     done = [(t.user_attrs["nbytes"], t.value) for t in trials if t.state.name == "COMPLETE"]
     for p in res.pareto:
