@@ -3,6 +3,7 @@
     bash scripts/llmcompressor_env.sh    # .venv-llmc: llm-compressor (it pins transformers and compressed-tensors) + gransearch
     .venv-llmc/bin/python benchmarks/vs_llmcompressor.py [--rows rtn,gptq,gptq-actorder,awq] [--n-calib 128]
                                                         [--out docs/data/interop/llmcompressor.json]
+    python benchmarks/vs_llmcompressor.py --print      # the table of the committed record
 
 Each row quantizes a fresh copy of the packaged SmolLM2-135M twice in one process, once with
 llm-compressor's ``oneshot`` and once with ``gs.quantize``, from the same calibration windows (128 x
@@ -18,9 +19,12 @@ whole wiki-sample test split. The scheme is llm-compressor's W4A16 with groups o
   ``act_order=True, static_groups=True``. Both: dampening 0.01 of the mean Hessian diagonal, lazy
   blocks of 128 columns, block by block with each block calibrated on the quantized blocks before it.
 * ``awq``: ``AWQModifier()`` then ``QuantizationModifier`` (its documented recipe, W4A16_ASYM, groups
-  of 64) against ``method="awq"`` with ``w4g64`` (asymmetric): each with its own defaults (see the
-  notes below); codes are not compared, since the two search different scales. Without a GPU, its
-  activation cache's memory pinning is skipped (:func:`cpu_only_workaround`).
+  of 64) against ``method="awq"`` with ``w4g64`` (asymmetric), each with its defaults: llm-compressor
+  searches each scaling group's 20 grid points (duo scaling: weight and activation statistics) on
+  the block's outputs over all the calibration tokens and does not clip; gransearch searches 20
+  points on the outputs over the first 8,192 tokens, then each layer's clip ratio over 512 (the AWQ
+  reference's protocol). Codes are not compared, since the two choose different scales. Without a
+  GPU, llm-compressor's activation cache skips its memory pinning (:func:`cpu_only_workaround`).
 
 For the symmetric rows the integer levels are compared weight by weight: the share of the 106 M
 block weights on which the two tools chose the same level, and the largest difference. The
@@ -29,6 +33,10 @@ llm-compressor keeps them in the model's float32), which alone moves a few ties.
 tool's quantize call in this process (llm-compressor's includes its data pipeline).
 
 Rows are written to ``--out`` as they finish; a run with the same settings skips the rows there.
+The record's ``commit`` and ``versions`` are those of its last run (each row made since this
+script kept one has its own ``commit``). ``--control`` adds to the GPTQ rows gransearch against
+itself: the same call again, and with the calibration windows in reverse order, which changes
+nothing but float32 summation order, to show the size of the drift rounding noise alone causes.
 """
 
 from __future__ import annotations
@@ -132,6 +140,23 @@ def agreement(a: dict, b: dict) -> dict:
     return {"layers": len(a), "weights": total, "same_level_share": same / total, "max_level_difference": worst}
 
 
+def control(row: str, calib: torch.Tensor, fresh, ppl) -> dict:
+    """gransearch against itself: the row's call again, then with the calibration windows in reverse
+    order (the same tokens, so the same first Hessians up to float32 summation order), to show how far
+    two runs of one correct GPTQ drift apart on rounding noise alone."""
+    import gransearch as gs
+
+    spec, kw = ours_call(row)
+    runs = []
+    for c in (calib, calib.flip(0)):
+        model = fresh()
+        gs.quantize(model, spec, c, objective=False, verbose=False, **kw)
+        runs.append((ppl(model), our_levels(model)))
+        del model
+    (again, a), (rev, b) = runs
+    return {"ppl_again": again, "ppl_reversed": rev, "ppl_relative_difference": rev / again - 1, "levels": agreement(a, b)}
+
+
 def calib_loader(calib: torch.Tensor):
     from torch.utils.data import DataLoader
 
@@ -147,7 +172,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--test-tokens", type=int, default=None, help="only the first N test tokens (a smoke run); default the whole split")
     ap.add_argument("--out", default="docs/data/interop/llmcompressor.json")
+    ap.add_argument("--control", action="store_true",
+                    help="for the finished GPTQ rows, also gransearch against itself with the calibration windows reversed")
+    ap.add_argument("--print", action="store_true", help="only print the table of --out (no llm-compressor needed)")
     args = ap.parse_args()
+    if args.print:
+        with open(args.out) as fh:
+            print_table(json.load(fh))
+        return
     rows = args.rows.split(",")
     if bad := [r for r in rows if r not in ROWS]:
         raise SystemExit(f"unknown rows {bad}: choose from {', '.join(ROWS)}")
@@ -198,7 +230,12 @@ def main() -> None:
     print(f"float: {record['float_ppl']:.4f}", flush=True)
     for row in rows:
         if row in record["rows"]:
-            print(f"{row}: done already, {record['rows'][row]}", flush=True)
+            if args.control and row.startswith("gptq") and "control" not in record["rows"][row]:
+                record["rows"][row]["control"] = control(row, calib, lambda: gs.load_model(args.model)[0], ppl)
+                save()
+                print(f"{row} control: {json.dumps(record['rows'][row]['control'])}", flush=True)
+            else:
+                print(f"{row}: done already", flush=True)
             continue
         model, _ = gs.load_model(args.model)
         t0 = time.perf_counter()
@@ -215,7 +252,8 @@ def main() -> None:
         gs.quantize(model, spec, calib, objective=False, verbose=False, **kw)
         t_ours = time.perf_counter() - t0
         ours = {"seconds": round(t_ours, 1), "ppl": ppl(model), "spec": spec, **kw}
-        out = {"llmcompressor": theirs, "gransearch": ours, "ppl_relative_difference": ours["ppl"] / theirs["ppl"] - 1}
+        out = {"llmcompressor": theirs, "gransearch": ours, "ppl_relative_difference": ours["ppl"] / theirs["ppl"] - 1,
+               "commit": record["commit"]}
         if levels is not None:
             out["levels"] = agreement(levels, our_levels(model))
         del model
@@ -234,6 +272,14 @@ def print_table(record: dict) -> None:
         share = f"{100 * lv['same_level_share']:.2f}%" if lv else "-"
         print(f"| {row} | {r['llmcompressor']['ppl']:.4f} | {r['gransearch']['ppl']:.4f} | {100 * r['ppl_relative_difference']:+.2f}% | {share} | "
               f"{lv.get('max_level_difference', '-')} | {r['llmcompressor']['seconds']:.1f} | {r['gransearch']['seconds']:.1f} |")
+    controls = {row: r["control"] for row, r in record["rows"].items() if "control" in r}
+    if controls:
+        print("\ngransearch against itself, the calibration windows reversed (--control):\n")
+        print("| row | gransearch ppl (again) | windows reversed | difference | same level | max level diff |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row, c in controls.items():
+            print(f"| {row} | {c['ppl_again']:.4f} | {c['ppl_reversed']:.4f} | {100 * c['ppl_relative_difference']:+.2f}% | "
+                  f"{100 * c['levels']['same_level_share']:.2f}% | {c['levels']['max_level_difference']} |")
 
 
 if __name__ == "__main__":
