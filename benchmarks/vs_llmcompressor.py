@@ -36,7 +36,8 @@ Rows are written to ``--out`` as they finish; a run with the same settings skips
 The record's ``commit`` and ``versions`` are those of its last run (each row made since this
 script kept one has its own ``commit``). ``--control`` adds to the GPTQ rows gransearch against
 itself: the same call again, and with the calibration windows in reverse order, which changes
-nothing but float32 summation order, to show the size of the drift rounding noise alone causes.
+nothing but float32 summation order, to show the size of the drift rounding noise alone causes;
+to the RTN rows, where their levels differ (:func:`rtn_ties`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,33 @@ def control(row: str, calib: torch.Tensor, fresh, ppl) -> dict:
     return {"ppl_again": again, "ppl_reversed": rev, "ppl_relative_difference": rev / again - 1, "levels": agreement(a, b)}
 
 
+def rtn_ties(row: str, fresh, oneshot) -> dict:
+    """Where the two RTNs' levels differ: the share of those weights that are their group's most
+    negative weight with the group's largest magnitude. That weight sits exactly 7.5 steps below
+    zero: llm-compressor's float32 scale rounds it to -8 (half to even), gransearch's float16 scale,
+    rounded up, puts it a hair above -7.5 and so at -7. Either level is half a step away."""
+    import gransearch as gs
+
+    model = fresh()
+    weights = {n: m.weight.detach().float().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    oneshot(model=model, recipe=llmc_recipe(row), pipeline="independent")
+    theirs = llmc_levels(model)
+    model = fresh()
+    spec, kw = ours_call(row)
+    gs.quantize(model, spec, None, objective=False, verbose=False, **kw)
+    ours = our_levels(model)
+    differ = at_tie = 0
+    for n, w in weights.items():
+        g = GROUP if row == "rtn" else w.shape[1]
+        blocks = w.reshape(w.shape[0], -1, g)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        tie = (blocks == -amax).reshape_as(w)
+        d = ours[n] != theirs[n]
+        differ += int(d.sum())
+        at_tie += int((d & tie).sum())
+    return {"levels_differing": differ, "of_them_at_the_negative_extreme": at_tie, "share": at_tie / max(1, differ)}
+
+
 def calib_loader(calib: torch.Tensor):
     from torch.utils.data import DataLoader
 
@@ -173,7 +201,7 @@ def main() -> None:
     ap.add_argument("--test-tokens", type=int, default=None, help="only the first N test tokens (a smoke run); default the whole split")
     ap.add_argument("--out", default="docs/data/interop/llmcompressor.json")
     ap.add_argument("--control", action="store_true",
-                    help="for the finished GPTQ rows, also gransearch against itself with the calibration windows reversed")
+                    help="for the finished rows: GPTQ against itself with the calibration windows reversed; where the RTNs differ")
     ap.add_argument("--print", action="store_true", help="only print the table of --out (no llm-compressor needed)")
     args = ap.parse_args()
     if args.print:
@@ -230,8 +258,10 @@ def main() -> None:
     print(f"float: {record['float_ppl']:.4f}", flush=True)
     for row in rows:
         if row in record["rows"]:
-            if args.control and row.startswith("gptq") and "control" not in record["rows"][row]:
-                record["rows"][row]["control"] = control(row, calib, lambda: gs.load_model(args.model)[0], ppl)
+            if args.control and "control" not in record["rows"][row] and row != "awq":
+                fresh = lambda: gs.load_model(args.model)[0]  # noqa: E731
+                record["rows"][row]["control"] = (rtn_ties(row, fresh, oneshot) if row.startswith("rtn")
+                                                  else control(row, calib, fresh, ppl))
                 save()
                 print(f"{row} control: {json.dumps(record['rows'][row]['control'])}", flush=True)
             else:
@@ -272,7 +302,11 @@ def print_table(record: dict) -> None:
         share = f"{100 * lv['same_level_share']:.2f}%" if lv else "-"
         print(f"| {row} | {r['llmcompressor']['ppl']:.4f} | {r['gransearch']['ppl']:.4f} | {100 * r['ppl_relative_difference']:+.2f}% | {share} | "
               f"{lv.get('max_level_difference', '-')} | {r['llmcompressor']['seconds']:.1f} | {r['gransearch']['seconds']:.1f} |")
-    controls = {row: r["control"] for row, r in record["rows"].items() if "control" in r}
+    ties = {row: r["control"] for row, r in record["rows"].items() if "share" in r.get("control", {})}
+    for row, c in ties.items():
+        print(f"\n{row}: {c['levels_differing']:,} levels differ; {c['of_them_at_the_negative_extreme']:,} of them "
+              f"({100 * c['share']:.1f}%) are their group's most negative weight at its largest magnitude (--control)")
+    controls = {row: r["control"] for row, r in record["rows"].items() if "ppl_again" in r.get("control", {})}
     if controls:
         print("\ngransearch against itself, the calibration windows reversed (--control):\n")
         print("| row | gransearch ppl (again) | windows reversed | difference | same level | max level diff |")
