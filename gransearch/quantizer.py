@@ -12,7 +12,10 @@ Conventions (fixed, because the byte accounting in :mod:`gransearch.cost` depend
   holds and every algorithm runs unchanged; the stored weight dequantizes as ``code * scale + min``.
 * Symmetric: ``scale = 2 * max|w| / (2**bits - 1)`` and the implied ``zero = 2**(bits-1)``; no
   zeros are stored. Because there is one more negative level than positive ones, ``+max|w|``
-  lands half a step above the top level (error exactly ``scale / 2``), as in GPTQ.
+  lands half a step above the top level (error exactly ``scale / 2``), as in GPTQ. ``-max|w|``
+  lands half a step from both -7 and -8 steps: the scale, rounded up to float16, puts it on -7,
+  where GPTQ's reference and llm-compressor's float32 scales round it to -8 (half to even). The
+  error's size is the same; docs/quantization.md measures what its sign costs.
 * Scales are stored in float16; every function here rounds them to float16 *before* computing
   codes, so the stored parameters reproduce the computed dequantization bit for bit.
 * Packing: element ``i`` of a flattened code tensor occupies bits ``[i*b, (i+1)*b)`` of a
