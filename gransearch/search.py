@@ -91,7 +91,7 @@ class OptimizeResult:
     proxy_ppl: float
     pareto: list[ParetoPoint]
     study: object
-    finals: list[dict] = field(default_factory=list)  # every finalist: plan summary, bytes, proxy, final
+    finals: list[dict] = field(default_factory=list)  # every finalist: plan summary, bytes, proxy, final, seconds by stage
     baselines: dict[str, float] = field(default_factory=dict)  # uniform key -> proxy perplexity
     bank_seconds: float = 0.0
     search_seconds: float = 0.0
