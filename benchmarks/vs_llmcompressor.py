@@ -238,10 +238,11 @@ def main() -> None:
                             "transformers": transformers.__version__, "gransearch": gs.__version__},
                   command="python benchmarks/vs_llmcompressor.py " + " ".join(sys.argv[1:]))
 
-    def save():
+    def save():  # whole or not at all: a killed run keeps its finished rows
+        from gransearch._files import atomic_write
+
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(record, fh, indent=1)
+        atomic_write(args.out, json.dumps(record, indent=1))
 
     _, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
