@@ -3,7 +3,7 @@
     bash scripts/llmcompressor_env.sh    # .venv-llmc: llm-compressor (it pins transformers and compressed-tensors) + gransearch
     .venv-llmc/bin/python benchmarks/vs_llmcompressor.py [--rows rtn,gptq,gptq-actorder,awq] [--n-calib 128]
                                                         [--out docs/data/interop/llmcompressor.json]
-    python benchmarks/vs_llmcompressor.py --print      # the table of the committed record
+    .venv/bin/python benchmarks/vs_llmcompressor.py --print      # the tables of the committed record
 
 Each row quantizes a fresh copy of the packaged SmolLM2-135M twice in one process, once with
 llm-compressor's ``oneshot`` and once with ``gs.quantize``, from the same calibration windows (128 x
