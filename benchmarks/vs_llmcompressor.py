@@ -52,7 +52,13 @@ import time
 
 import torch
 
-ROWS = ("rtn", "gptq", "gptq-actorder", "awq", "rtn-channel")
+# each row's gransearch call: (spec, gs.quantize keywords); llm-compressor's recipe is llmc_recipe(row)
+OURS = {"rtn": ("w4g64s", dict(method="rtn")),
+        "gptq": ("w4g64s", dict(method="gptq", static_groups=True)),
+        "gptq-actorder": ("w4g64s", dict(method="gptq", act_order=True, static_groups=True)),
+        "awq": ("w4g64", dict(method="awq")),
+        "rtn-channel": ("w4cs", dict(method="rtn"))}
+ROWS = tuple(OURS)
 GROUP = 64
 
 
@@ -86,14 +92,6 @@ def llmc_recipe(row: str):
         return [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
     actorder = ActivationOrdering.STATIC if row == "gptq-actorder" else None
     return GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=actorder, dampening_frac=0.01, block_size=128)
-
-
-def ours_call(row: str) -> tuple[str, dict]:
-    return {"rtn": ("w4g64s", dict(method="rtn")),
-            "rtn-channel": ("w4cs", dict(method="rtn")),
-            "gptq": ("w4g64s", dict(method="gptq", static_groups=True)),
-            "gptq-actorder": ("w4g64s", dict(method="gptq", act_order=True, static_groups=True)),
-            "awq": ("w4g64", dict(method="awq"))}[row]
 
 
 def cpu_only_workaround() -> None:
@@ -147,7 +145,7 @@ def control(row: str, calib: torch.Tensor, fresh, ppl) -> dict:
     two runs of one correct GPTQ drift apart on rounding noise alone."""
     import gransearch as gs
 
-    spec, kw = ours_call(row)
+    spec, kw = OURS[row]
     runs = []
     for c in (calib, calib.flip(0)):
         model = fresh()
@@ -170,7 +168,7 @@ def rtn_ties(row: str, fresh, oneshot) -> dict:
     oneshot(model=model, recipe=llmc_recipe(row), pipeline="independent")
     theirs = llmc_levels(model)
     model = fresh()
-    spec, kw = ours_call(row)
+    spec, kw = OURS[row]
     gs.quantize(model, spec, None, objective=False, verbose=False, **kw)
     ours = our_levels(model)
     differ = at_tie = 0
@@ -277,7 +275,7 @@ def main() -> None:
         theirs = {"seconds": round(t_llmc, 1), "ppl": ppl(model)}
         levels = llmc_levels(model) if row != "awq" else None
         del model
-        spec, kw = ours_call(row)
+        spec, kw = OURS[row]
         model, _ = gs.load_model(args.model)
         t0 = time.perf_counter()
         gs.quantize(model, spec, calib, objective=False, verbose=False, **kw)
