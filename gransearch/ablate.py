@@ -31,6 +31,7 @@ from .arch import get_module, input_kinds, layer_kind, linear_weight, model_line
 from .calibrate import calibrate
 from .cost import layer_nbytes
 from .data import tokens_sha256
+from .errors import check_float_model
 from .evaluate import perplexity, windows
 from .fold import smoothquant
 from .plan import LayerPlan, plan_nbytes, weights_fingerprint
@@ -95,6 +96,7 @@ def ablate_weights(
     (``method="fp"``). GPTQ rows are plain GPTQ (no act-order), one-shot on unquantized inputs.
     """
     # long on purpose: resume bookkeeping, one calibration and one bank per bit width in a single loop
+    check_float_model(model, "a weight ablation")
     bad = set(methods) - set(METHODS)
     if bad:
         raise ValueError(f"unknown methods {sorted(bad)}: use any of {METHODS}")
@@ -198,6 +200,7 @@ def ablate_activations(
       o, gate/up, down), every other layer's activations in floating point.
     """
     # long on purpose: the configuration list is data, read top to bottom with the loop that runs it
+    check_float_model(model, "an activation ablation")
     wspec = QuantSpec.parse(weight_spec) if isinstance(weight_spec, str) else weight_spec
     if out:
         rec = {**_run_record("activations", model, calib, eval_ids, seqlen, max_windows), "weight_spec": str(wspec), "act_bits": act_bits}

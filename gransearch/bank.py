@@ -43,7 +43,7 @@ from .allocate import candidate_specs, check_candidates
 from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .claims import held, try_claim
 from .data import tokens_sha256
-from .errors import BankError, NonFiniteError, check_device
+from .errors import BankError, NonFiniteError, check_device, check_float_model
 from .evaluate import layer_objective
 from .plan import model_fingerprint, weights_fingerprint
 from .profiles import get_profile
@@ -470,7 +470,9 @@ def build_bank(
     from .offload import DiskModel
 
     source = model if isinstance(model, DiskModel) else None
-    if source is not None:
+    if source is None:
+        check_float_model(model, "a candidate bank")
+    else:
         source.check_float("a candidate bank")
         model = source.model
         if fisher_windows:

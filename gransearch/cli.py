@@ -198,8 +198,8 @@ def _eval_in_memory(args):
 
 
 def _eval_from_disk(args, mode: str):
-    """The perplexity of a model folder (float, or a compressed-tensors checkpoint gransearch wrote)
-    read one block at a time (gs.offload.perplexity)."""
+    """The perplexity of a model folder (float, or a weight-only compressed-tensors checkpoint: gransearch's
+    or llm-compressor's) read one block at a time (gs.offload.perplexity)."""
     import gransearch as gs
 
     dm, tok = gs.offload.open_folder(args.model, "evaluating", args.dtype, args.trust_remote_code)
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, metavar="F32.gguf",
                    help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder one block at a time (a float model, or a compressed-tensors checkpoint "
+                   help="read the model folder one block at a time (a float model, or a weight-only compressed-tensors checkpoint "
                         "gransearch wrote; models larger than memory; chosen by itself when its float32 weights exceed half "
                         "the available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON line")

@@ -23,6 +23,7 @@ __all__ = [
     "check_positive",
     "check_token_ids",
     "check_device",
+    "check_float_model",
     "first_nonfinite_parameter",
     "nonfinite_cause",
 ]
@@ -90,6 +91,18 @@ def check_token_ids(ids: torch.Tensor, vocab_size: Optional[int], what: str) -> 
     if lo < 0 or (vocab_size is not None and hi >= vocab_size):
         raise ValueError(f"{what} holds token ids in [{lo}, {hi}], outside the model's vocabulary [0, {vocab_size}): "
                          "were they made with another model's tokenizer?")
+
+
+def check_float_model(model, what: str) -> None:
+    """Refuse a model whose linears are already quantized (loaded from a quantized checkpoint, or
+    quantized before) where ``what`` needs the float weights: quantizing it again would round rounded
+    weights, and a search would score candidates against them."""
+    quantized = [n for n, m in model.named_modules()
+                 if type(m).__name__ in ("QuantLinear", "CompressedLinear") or hasattr(m, "weight_packed")]
+    if quantized or getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        which = f"{len(quantized)} quantized layers, e.g. {quantized[0]}" if quantized else "its config has a quantization_config"
+        raise ValueError(f"the model is already quantized ({which}): {what} needs the float model; load the unquantized "
+                         "checkpoint instead")
 
 
 def check_device(device) -> Optional[torch.device]:

@@ -169,6 +169,29 @@ def _resolve(name_or_path: str) -> str:
     return target
 
 
+def _readable_checkpoint(folder: str) -> bool:
+    """Whether ``folder`` is a quantized checkpoint gransearch reads itself (compressed-tensors
+    weight-only pack-quantized); other quantized checkpoints are left to transformers (logged)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        try:
+            qc = json.load(fh).get("quantization_config")
+        except (ValueError, AttributeError):
+            return False
+    if not qc:
+        return False
+    from .export import compressed_tensors as ct
+
+    try:
+        ct.parse_config(folder)
+    except ValueError as exc:
+        log.info("%s is quantized in a layout gransearch does not read (%s): transformers loads it", folder, exc)
+        return False
+    return True
+
+
 def load_model(
     name_or_path: str = "smollm2-135m",
     dtype: Union[str, torch.dtype] = torch.float32,
@@ -178,7 +201,9 @@ def load_model(
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: ``"smollm2-135m"`` (the packaged GGUF), a path to a ``.gguf`` file, a local
-    model directory, or a hub id (needs network). ``dtype``: a torch dtype or its name
+    model directory, or a hub id (needs network). A compressed-tensors weight-only checkpoint (one
+    :func:`gransearch.save_quantized` or llm-compressor wrote) is read by
+    :func:`gransearch.load_quantized`: its layers hold the stored codes, computing in ``dtype``. ``dtype``: a torch dtype or its name
     (``"float32"``, ``"bfloat16"``, ``"float16"``). ``device``: where to put the model (default
     CPU). Remote code is refused unless ``trust_remote_code=True``.
     """
@@ -192,8 +217,14 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
     src = _resolve(name_or_path)
+    quantized = _readable_checkpoint(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+        if quantized:  # read by gransearch: exact codes, and asymmetric schemes transformers does not reload
+            from .export import load_quantized
+
+            model = load_quantized(src, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise OSError(

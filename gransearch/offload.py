@@ -182,18 +182,21 @@ class DiskModel:
         self.files = checkpoint_files(folder)
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         self.quantized: dict = {}  # {linear name: spec} of a compressed-tensors checkpoint, dequantized as read
+        scheme = None
         if getattr(self.config, "quantization_config", None) is not None:
             from .export import compressed_tensors as ct
 
             try:
-                _, self.quantized = ct.read_config(folder)
-            except ValueError:
-                raise ValueError(f"{folder} is quantized ({self.config.quantization_config.get('quant_method', '?')}) in a layout "
-                                 "gransearch does not read (it reads the compressed-tensors pack-quantized checkpoints it "
-                                 "writes): load it whole, or read the float model") from None
+                _, scheme = ct.parse_config(folder)
+            except ValueError as exc:
+                raise ValueError(f"{folder} is quantized in a layout gransearch does not read ({exc}); gransearch reads weight-only "
+                                 "compressed-tensors pack-quantized checkpoints: load it whole with transformers, or read the "
+                                 "float model") from None
             del self.config.quantization_config
         published = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         self.model = empty_model(self.config, dtype, trust_remote_code)
+        if scheme is not None:
+            self.quantized = scheme.resolve(self.model)
         if published is not None:  # what a checkpoint written from it stores floats in (save_quantized's default)
             self.model.config.dtype = published
         self.info = arch_of(self.model)
@@ -277,8 +280,8 @@ class DiskModel:
         linear's weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
         from .export import compressed_tensors as ct
 
-        keys = [f"{n}.{k}" for n in names for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-                if f"{n}.{k}" in self.files]
+        keys = [f"{n}.{k}" for n in names for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                                                    "weight_g_idx") if f"{n}.{k}" in self.files]
         stored = self.read_tensors(keys)  # the block's layers at once: each file opened once
         for name in names:
             qw = ct.layer_from_tensors(stored, name, self.quantized[name])
@@ -498,8 +501,8 @@ def _run_blocks(model: DiskModel, runner, weights, verbose: bool) -> bool:
 def _score_final_states(model: DiskModel, runner, w: torch.Tensor, batch_size: int, tuple_out: bool, chunk_tokens) -> float:
     """Summed NLL of the windows ``w`` from the final blocks' states (``runner.inputs``): the base
     model's own forward with every block replaced by a stand-in that returns those states (so the
-    embedding, the final norm and the rotary tables run as usual), then the head in float32 (a
-    bf16 table upcast exactly; an untied head read from its file)."""
+    embedding, the final norm and the rotary tables run as usual), then the head in the states'
+    dtype (a bf16 table upcast exactly for float32; an untied head read from its file)."""
     from .evaluate import _head_parts, chunked_nll
 
     hf = model.model
@@ -508,8 +511,8 @@ def _score_final_states(model: DiskModel, runner, w: torch.Tensor, batch_size: i
     hw = model.read_tensor(_head_name(model)).to(dev) if head.weight.is_meta else None
     hb = None if getattr(head, "bias", None) is None or head.bias.is_meta else head.bias.to(dev, torch.float32)
 
-    def logits(x):
-        return torch.nn.functional.linear(x, (head.weight if hw is None else hw).to(torch.float32), hb)
+    def logits(x):  # in the states' dtype, as the model in memory computes them (float32 unless dtype says otherwise)
+        return torch.nn.functional.linear(x, (head.weight if hw is None else hw).to(x.dtype), None if hb is None else hb.to(x.dtype))
 
     blocks = get_blocks(hf, model.info)
     saved = list(blocks)

@@ -32,7 +32,7 @@ from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.layer import LayerResult, quantize_layer, quantize_shared_input
 from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_blocks, get_module, linear_weight, model_linears, set_module
 from .calibrate import BlockRunner, LayerStats, calibrate, collect_block_stats, hooks
-from .errors import check_device, check_int, check_positive
+from .errors import check_device, check_float_model, check_int, check_positive
 from .evaluate import layer_objective
 from .fold import fold_scales
 from .qlinear import QuantLinear
@@ -312,6 +312,8 @@ def quantize(
         source = model
     if source is not None:
         source.check_float("quantizing")
+    else:
+        check_float_model(model, "quantizing")
     if source is not None and save is None:
         raise ValueError("a model read from disk block by block is never whole in memory, so its quantized blocks must be "
                          "written as they are made: pass save=DIR (CLI: --save DIR)")

@@ -314,7 +314,7 @@ class QuantizedWeight:
     """An integer-quantized ``[out, in]`` weight.
 
     ``codes``: uint8 ``[out, in]``; ``scale``: float16 ``[out, n_groups_per_row]`` (``[1, 1]``
-    per-tensor); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs, or the float16
+    per-tensor; a layer read from another tool's checkpoint keeps that file's float dtype); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs, or the float16
     offsets ``min`` for ``float_zero`` specs (``w = code * scale + min``).
 
     Example::
@@ -360,6 +360,18 @@ class QuantizedWeight:
         w = c * s + per_block(self.zero.float()) if self.float_zero else (c - per_block(self.zero_float())) * s
         return w.reshape(out_f, in_f).to(dtype)
 
+    def scale_float16(self) -> torch.Tensor:
+        """The scales in float16, as gransearch's checkpoints and ggml store them; a layer read from
+        another tool's checkpoint keeps its own dtype in memory, and is refused here when float16
+        cannot hold its scales exactly (float32 scales), instead of being rounded silently."""
+        if self.scale.dtype == torch.float16:
+            return self.scale
+        s16 = self.scale.to(torch.float16)
+        if not torch.equal(s16.to(self.scale.dtype), self.scale):
+            raise ValueError(f"this {self.spec} weight has {self.scale.dtype} scales that float16 cannot hold exactly (read from "
+                             "another tool's checkpoint?); gransearch writes float16 scales: quantize the float model instead")
+        return s16
+
     def split_rows(self, sizes: Sequence[int]) -> list["QuantizedWeight"]:
         """The weights of consecutive row ranges of ``sizes`` rows each: the parts of a stack of
         weights quantized as one (q/k/v solved together). Per-tensor specs share one scale across
@@ -394,7 +406,7 @@ class QuantizedWeight:
             return GGMLWeight.from_packed(buffers, spec, shape)
         out_f, in_f = shape
         codes = unpack_codes(buffers["qweight"], spec.bits, out_f * in_f).view(out_f, in_f)
-        scale = buffers["scales"].to(torch.float16)
+        scale = buffers["scales"]  # float16, or as another tool's checkpoint stored them (load_quantized)
         zero = None
         if getattr(spec, "float_zero", False):
             zero = buffers["qzeros"].to(torch.float16).view(scale.shape)

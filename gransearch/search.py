@@ -50,7 +50,7 @@ from .export import float_dtype_of
 from .profiles import get_profile
 from .bank import Bank, BankEntry, Stages, bank_config, bank_for, build_bank
 from .data import tokens_sha256
-from .errors import BankError, BudgetError, SearchError, check_device, check_int, check_positive
+from .errors import BankError, BudgetError, SearchError, check_device, check_float_model, check_int, check_positive
 from .evaluate import kl_divergence, perplexity, reference_logprobs
 from .evaluate import windows as eval_windows_of
 from .offload import DiskModel, counted
@@ -200,6 +200,7 @@ def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, ban
     """The model read from disk (a :class:`~gransearch.offload.DiskModel`), after refusing what a
     search from disk does not do; ``None`` for a model in memory."""
     if not isinstance(model, DiskModel):
+        check_float_model(model, "a search")
         return None
     if proxy != "ppl" or objective_fn is not None:
         raise ValueError("a search of a model read from disk measures perplexity (proxy='ppl', no objective_fn)")

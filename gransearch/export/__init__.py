@@ -194,7 +194,7 @@ class ShardedWriter:
 
         if os.path.isdir(folder) and os.listdir(folder):
             try:
-                ct.read_config(folder)
+                ct.parse_config(folder)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{folder} exists and is not a quantized checkpoint ({exc}): choose another save folder") from None
         self.folder = os.path.abspath(folder)
@@ -258,18 +258,25 @@ def _persistent(model: nn.Module, bname: str) -> bool:
 
 
 def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool = False) -> nn.Module:
-    """The model saved in ``folder`` by :func:`save_quantized`, its quantized linears as
+    """The compressed-tensors checkpoint in ``folder``, its quantized linears as
     :class:`~gransearch.qlinear.QuantLinear` holding the stored codes, scales and zeros exactly.
-    Compute runs in ``dtype`` (default: the stored float dtype)."""
+    Compute runs in ``dtype`` (default: the stored float dtype).
+
+    It reads what :func:`save_quantized` writes and the weight-only ``pack-quantized`` checkpoints of
+    other tools (llm-compressor's W4A16/W8A16 schemes, symmetric or not, per channel or group, their
+    ``Linear`` targets and ignore lists); anything else (activation quantization, ``actorder='group'``,
+    sparsity, other formats) is refused with the reason."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg_doc, layers = ct.read_config(folder)
+    cfg_doc, scheme = ct.parse_config(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    fdt = float_dtype_of(nn.Module(), dtype) if dtype is not None else _DTYPES.get(str(cfg_doc.get("dtype", "float32")), torch.float32)
+    stored = str(cfg_doc.get("dtype") or cfg_doc.get("torch_dtype") or "float32")
+    fdt = float_dtype_of(nn.Module(), dtype) if dtype is not None else _DTYPES.get(stored, torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=fdt, trust_remote_code=trust_remote_code)
+    layers = scheme.resolve(model)
     from ..offload import checkpoint_files
 
     tensors = {}
@@ -311,8 +318,8 @@ def load_in_transformers(folder: str, device=None, trust_remote_code: bool = Fal
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    _, layers = ct.read_config(folder)
-    kw = {} if all(sp.symmetric for sp in layers.values()) else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    _, scheme = ct.parse_config(folder)
+    kw = {} if all(sp.symmetric for sp in scheme.specs) else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code, **kw).eval()
     try:
         from compressed_tensors.offload import remove_dispatch

@@ -23,15 +23,23 @@ Per-tensor specs have no packed zero-point layout there and no vLLM kernel: they
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
-import torch
+from dataclasses import dataclass
+from typing import Optional
 
+import torch
+from torch import nn
+
+from ..arch import get_module
 from ..spec import QuantSpec
 
+log = logging.getLogger(__name__)
+
 __all__ = ["pack_int32", "unpack_int32", "layer_tensors", "layer_from_tensors", "scheme_of",
-           "quantization_config"]
+           "quantization_config", "parse_config", "read_config", "CheckpointScheme"]
 
 FORMAT = "pack-quantized"
 
@@ -82,8 +90,12 @@ def layer_tensors(name: str, qw) -> dict[str, torch.Tensor]:
     spec = qw.spec
     _check(spec, name)
     out_f, in_f = qw.shape
+    try:
+        scale = qw.scale_float16().cpu()
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     t = {f"{name}.weight_packed": pack_int32(qw.codes.cpu(), spec.bits),
-         f"{name}.weight_scale": qw.scale.cpu().to(torch.float16).reshape(spec.granularity.params_shape(out_f, in_f)).contiguous(),
+         f"{name}.weight_scale": scale.reshape(spec.granularity.params_shape(out_f, in_f)).contiguous(),
          f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
     if not spec.symmetric:
         t[f"{name}.weight_zero_point"] = pack_int32(qw.zero.cpu(), spec.bits, dim=0)
@@ -91,15 +103,42 @@ def layer_tensors(name: str, qw) -> dict[str, torch.Tensor]:
 
 
 def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec):
-    """The :class:`~gransearch.quantizer.QuantizedWeight` stored under ``name`` (bit-identical codes)."""
+    """The :class:`~gransearch.quantizer.QuantizedWeight` stored under ``name`` (bit-identical codes,
+    scales in their stored dtype: float16 from gransearch, the model's dtype from llm-compressor).
+    Zero points are read packed along the output (compressed-tensors' layout) or, as older
+    compressed-tensors wrote them, unpacked signed int8."""
     from ..quantizer import QuantizedWeight
 
-    out_f, in_f = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
-    codes = unpack_int32(tensors[f"{name}.weight_packed"], spec.bits, in_f)
-    scale = tensors[f"{name}.weight_scale"].to(torch.float16)
+    if f"{name}.weight_g_idx" in tensors:
+        raise ValueError(f"{name}: the checkpoint stores a per-column group index (weight_g_idx, actorder='group'), which "
+                         "gransearch's layers do not hold: load it with transformers")
+    try:
+        out_f, in_f = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+        packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
+    except KeyError as exc:
+        raise ValueError(f"{name}: the checkpoint lacks {exc.args[0]}") from None
+    want = spec.granularity.params_shape(out_f, in_f)
+    if tuple(packed.shape) != (out_f, math.ceil(in_f * spec.bits / 32)) or tuple(scale.shape) != tuple(want) or not scale.is_floating_point():
+        raise ValueError(f"{name}: packed codes {tuple(packed.shape)} and scales {tuple(scale.shape)} ({scale.dtype}) do not fit a "
+                         f"[{out_f}, {in_f}] {spec} layer")
+    codes = unpack_int32(packed, spec.bits, in_f)
+    zp = tensors.get(f"{name}.weight_zero_point")
+    mid = 1 << (spec.bits - 1)
     zero = None
-    if not spec.symmetric:
-        zero = unpack_int32(tensors[f"{name}.weight_zero_point"], spec.bits, out_f, dim=0)
+    if spec.symmetric:
+        if zp is not None and bool((zp != 0).any()):
+            raise ValueError(f"{name}: the scheme is symmetric but its stored zero points are not all zero")
+    elif zp is None:
+        raise ValueError(f"{name}: the asymmetric scheme's weight_zero_point is missing")
+    elif zp.dtype == torch.int32 and tuple(zp.shape) == (math.ceil(out_f * spec.bits / 32), want[1]):
+        zero = unpack_int32(zp, spec.bits, out_f, dim=0)
+    elif tuple(zp.shape) == tuple(want) and not zp.is_floating_point():
+        z = zp.to(torch.int16) + mid
+        if bool(((z < 0) | (z >= 2 * mid)).any()):
+            raise ValueError(f"{name}: weight_zero_point holds values outside the signed {spec.bits}-bit range")
+        zero = z.to(torch.uint8)
+    else:
+        raise ValueError(f"{name}: weight_zero_point {tuple(zp.shape)} ({zp.dtype}) fits neither the packed nor the unpacked layout")
     return QuantizedWeight(codes, scale, zero, spec)
 
 
@@ -136,21 +175,136 @@ def quantization_config(layers: dict[str, QuantSpec], ignore: list[str]) -> dict
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
-def read_config(folder: str) -> tuple[dict, dict[str, QuantSpec]]:
-    """``(config.json, {layer name: spec})`` of a checkpoint written by :func:`gransearch.save_quantized`."""
+# what a checkpoint may carry beside weight-only int schemes, and what reading it would need
+_UNREAD = {"kv_cache_scheme": "a quantized KV cache", "sparsity_config": "sparse weights", "transform_config": "rotations (transforms)"}
+
+
+@dataclass
+class CheckpointScheme:
+    """The ``quantization_config`` of a compressed-tensors checkpoint, checked to be one gransearch
+    reads: weight-only ``pack-quantized`` int schemes per channel or group, nothing else.
+    ``groups``: ``(targets, spec)`` in the config's order; ``ignore``: its ignore list."""
+
+    groups: list[tuple[list[str], QuantSpec]]
+    ignore: list[str]
+
+    @property
+    def specs(self) -> list[QuantSpec]:
+        return [spec for _, spec in self.groups]
+
+    def _exact(self) -> Optional[dict[str, QuantSpec]]:
+        """``{layer: spec}`` when every target is ``re:^<escaped name>$`` (what gransearch writes), else ``None``."""
+        out = {}
+        for targets, spec in self.groups:
+            for t in targets:
+                inner = t[4:-1] if t.startswith("re:^") and t.endswith("$") else None
+                if inner is None or re.search(r"(?<!\\)[.*+?()\[\]{}|^$]", inner):
+                    return None
+                out[re.sub(r"\\(.)", r"\1", inner)] = spec
+        return out
+
+    def resolve(self, model: nn.Module) -> dict[str, QuantSpec]:
+        """``{linear name: spec}`` of ``model``'s quantized layers, as compressed-tensors matches them:
+        a target is a module's exact name, ``re:<pattern>`` (``re.match`` on the name) or a class name
+        (``Linear``), the ignore list likewise; a module several groups match takes the most specific
+        target's group (exact names, then patterns, then classes); matched modules without a weight
+        (activations under a broad pattern) hold nothing and are passed over."""
+        exact = self._exact()
+        if exact is not None:  # gransearch's own targets: one lookup per layer
+            for name in list(exact):
+                try:
+                    module = get_module(model, name)
+                except AttributeError:
+                    raise ValueError(f"the checkpoint quantizes {name}, which the model does not have") from None
+                if any(_matches(name, module, t) for t in self.ignore):
+                    del exact[name]
+                elif not isinstance(module, nn.Linear):
+                    raise ValueError(f"the checkpoint quantizes {name} ({type(module).__name__}); gransearch reads quantized "
+                                     "linear layers only")
+            return exact
+        by_target: dict[str, QuantSpec] = {}
+        for targets, spec in self.groups:
+            for t in targets:
+                by_target[t] = spec  # a later group's identical target wins, as in compressed-tensors
+        exact = sorted(t for t in by_target if not t.startswith("re:"))
+        patterns = sorted(t for t in by_target if t.startswith("re:"))
+        out: dict[str, QuantSpec] = {}
+        for name, module in model.named_modules():
+            if not name or any(_matches(name, module, t) for t in self.ignore):
+                continue
+            hit = next((t for t in exact + patterns if _name_matches(name, t)), None)
+            if hit is None:
+                hit = next((t for t in exact if _class_matches(module, t)), None)
+            if hit is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue  # no weight (an activation a pattern also matches): nothing of it is stored
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"the checkpoint quantizes {name} ({type(module).__name__}, target {hit!r}); gransearch reads "
+                                 "quantized linear layers only: load it with transformers")
+            out[name] = by_target[hit]
+        missing = [t for t in by_target if not any(_name_matches(n, t) or _class_matches(get_module(model, n), t) for n in out)]
+        if not out:
+            raise ValueError(f"no layer of the model matches the checkpoint's targets {list(by_target)}")
+        if missing:
+            log.warning("targets that match no quantized layer: %s", missing)
+        return out
+
+
+def _name_matches(name: str, target: str) -> bool:
+    return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
+
+
+def _class_matches(module: nn.Module, target: str) -> bool:
+    return any(cls.__name__ == target for cls in type(module).__mro__)
+
+
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    return _name_matches(name, target) or _class_matches(module, target)
+
+
+def parse_config(folder: str) -> tuple[dict, CheckpointScheme]:
+    """``(config.json, its scheme)`` of a compressed-tensors checkpoint, refused with the reason when
+    it holds anything gransearch does not read (activation quantization, other formats, g_idx ...)."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} has no config.json: not a saved model folder")
     with open(path, encoding="utf-8") as fh:
         cfg = json.load(fh)
     qc = cfg.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a compressed-tensors {FORMAT} checkpoint")
-    layers = {}
-    for group in qc["config_groups"].values():
-        spec = spec_of(group["weights"])
-        for t in group["targets"]:
-            if not t.startswith("re:^") or not t.endswith("$"):
-                raise ValueError(f"{path}: target {t!r} is not an exact layer name (gransearch writes re:^name$)")
-            layers[re.sub(r"\\(.)", r"\1", t[4:-1])] = spec
-    return cfg, layers
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else None
+        raise ValueError(f"{path}: not a compressed-tensors checkpoint" + (f" (quant_method {method!r})" if method else ""))
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise ValueError(f"{path}: quantization_status is {qc.get('quantization_status')!r}: only compressed checkpoints "
+                         "(save_pretrained(..., save_compressed=True)) are read")
+    for key, what in _UNREAD.items():
+        if qc.get(key):
+            raise ValueError(f"{path}: the checkpoint has {what} ({key}), which gransearch does not read: load it with transformers")
+    groups = []
+    for gname, group in (qc.get("config_groups") or {}).items():
+        fmt = group.get("format") or qc.get("format")
+        if fmt != FORMAT:
+            raise ValueError(f"{path}: config group {gname} is in format {fmt!r}; gransearch reads {FORMAT} (int4/int8 weight-only): "
+                             "load it with transformers")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise ValueError(f"{path}: config group {gname} quantizes activations; gransearch reads weight-only schemes: "
+                             "load it with transformers")
+        w = group.get("weights") or {}
+        if w.get("actorder") == "group":
+            raise ValueError(f"{path}: config group {gname} has actorder='group', whose per-column group index (weight_g_idx) "
+                             "gransearch's layers do not hold: load it with transformers, or quantize with actorder='static'")
+        try:
+            spec = spec_of(w)
+        except ValueError as exc:
+            raise ValueError(f"{path}: config group {gname}: {exc}") from None
+        groups.append((list(group.get("targets") or []), spec))
+    if not groups:
+        raise ValueError(f"{path}: the quantization_config has no config groups")
+    return cfg, CheckpointScheme(groups, list(qc.get("ignore") or []))
+
+
+def read_config(folder: str, model: nn.Module) -> tuple[dict, dict[str, QuantSpec]]:
+    """``(config.json, {layer name: spec})`` of a compressed-tensors ``pack-quantized`` checkpoint,
+    its targets matched against ``model``'s modules: one gransearch wrote (exact layer names), or one
+    another tool wrote (llm-compressor's ``Linear`` targets and ignore lists)."""
+    cfg, scheme = parse_config(folder)
+    return cfg, scheme.resolve(model)

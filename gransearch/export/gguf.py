@@ -172,7 +172,7 @@ def encode(q: QuantizedWeight) -> np.ndarray:
     out_f, in_f = q.shape
     nblk = in_f // 32
     c = q.codes.to("cpu", torch.uint8).numpy().reshape(out_f * nblk, 32)
-    d = q.scale.to("cpu", torch.float16).numpy().reshape(out_f * nblk, 1).view(np.uint8)  # [n, 2]
+    d = q.scale_float16().cpu().numpy().reshape(out_f * nblk, 1).view(np.uint8)  # [n, 2]
     if t in ("Q4_1", "Q5_1"):  # the float16 minimum follows d; the codes are laid out as Q4_0/Q5_0's
         d = np.concatenate([d, q.zero.to("cpu", torch.float16).numpy().reshape(out_f * nblk, 1).view(np.uint8)], axis=1)
     if t == "Q8_0":

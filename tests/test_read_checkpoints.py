@@ -1,0 +1,197 @@
+"""Reading compressed-tensors checkpoints other tools wrote (llm-compressor's layout: ``Linear``
+targets, regex groups, ignore lists, scales in the model's dtype), proven against compressed-tensors'
+own quantizer: the checkpoints here are written by compressed-tensors' ``ModelCompressor``, as
+llm-compressor's ``save_pretrained`` does, and every weight gransearch reads back must equal
+compressed-tensors' fake-quantized weight exactly."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import gransearch as gs
+from gransearch.export import compressed_tensors as ct
+
+from .tiny import tiny_model, token_stream
+
+compressed_tensors = pytest.importorskip("compressed_tensors", reason="needs the export extra: pip install compressed-tensors")
+
+IGNORED = "model.layers.0.self_attn.q_proj"
+
+
+def _write(folder, dtype=torch.bfloat16, asym_group=32, extra_groups=True):
+    """A tiny Llama quantized by compressed-tensors itself (min-max parameters from its own
+    ``calculate_qparams``) and saved compressed: 4-bit asymmetric groups on every ``Linear``, 8-bit
+    symmetric channels on ``re:.*down_proj`` (the more specific target wins), one layer and the head
+    ignored. Returns ``{layer: compressed-tensors' dequantized weight}``."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = tiny_model("llama").to(dtype)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="group",
+                                                                                          group_size=asym_group))}
+    if extra_groups:
+        groups["group_1"] = QuantizationScheme(targets=["re:.*down_proj"], weights=QuantizationArgs(num_bits=8, symmetric=True,
+                                                                                                    strategy="channel"))
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=["lm_head", IGNORED]))
+    want = {}
+    for name, m in model.named_modules():
+        args = getattr(getattr(m, "quantization_scheme", None), "weights", None)
+        if args is None:
+            continue
+        w = m.weight.detach()
+        k = args.group_size if args.strategy == "group" else w.shape[1]
+        blocks = w.reshape(w.shape[0], -1, k)
+        scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args)
+        m.weight_scale.data = scale.to(m.weight_scale.dtype).reshape(m.weight_scale.shape)
+        if hasattr(m, "weight_zero_point"):
+            m.weight_zero_point.data = zero.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
+        zp = getattr(m, "weight_zero_point", None)
+        want[name] = fake_quantize(w, m.weight_scale, zp if zp is not None else torch.zeros_like(m.weight_scale), args)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(folder))
+    compressor.update_config(str(folder))
+    return want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reads_what_compressed_tensors_writes_exactly(tmp_path, dtype):
+    want = _write(tmp_path, dtype)
+    model = gs.load_quantized(str(tmp_path))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+    assert set(layers) == set(want) and len(layers) == 13  # 14 linears, one ignored
+    assert isinstance(gs.arch.get_module(model, IGNORED), torch.nn.Linear)
+    for name, m in layers.items():
+        assert str(m.spec) == ("w8cs" if name.endswith("down_proj") else "w4g32"), name
+        assert m.scales.dtype == dtype  # kept as stored, not rounded to float16
+        got = m.quantized_weight().dequantize(dtype)
+        assert torch.equal(got, want[name]), name
+
+    # the same model from disk, block by block, and through gs.load_model (what `gransearch eval` uses)
+    ids = token_stream(1024, seed=3)
+    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    assert math.isfinite(ppl)
+    disk = gs.offload.DiskModel(str(tmp_path), dtype=dtype)
+    assert set(disk.quantized) == set(want)
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    loaded, _ = _load_model_without_tokenizer(str(tmp_path), dtype)
+    assert sum(isinstance(m, gs.QuantLinear) for m in loaded.modules()) == 13
+
+
+def _load_model_without_tokenizer(folder, dtype):
+    """gs.load_model's model half (the tiny checkpoints have no tokenizer)."""
+    import gransearch.models as models
+
+    assert models._readable_checkpoint(folder)
+    return gs.load_quantized(folder, dtype=dtype), None
+
+
+def test_reads_what_transformers_dequantizes(tmp_path):
+    """A uniform asymmetric checkpoint: transformers' own load (dequantize=True) computes the same
+    weights as gransearch's reader."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    _write(tmp_path, torch.bfloat16, extra_groups=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=CompressedTensorsConfig(dequantize=True),
+                                              dtype=torch.bfloat16)
+    ours = gs.load_quantized(str(tmp_path))
+    n = 0
+    for name, m in ours.named_modules():
+        if isinstance(m, gs.QuantLinear):
+            theirs = gs.arch.get_module(hf, name).weight.detach()
+            assert torch.equal(m.dequantized_weight().to(theirs.dtype), theirs), name
+            n += 1
+    assert n == 13
+
+
+def test_a_read_checkpoint_is_not_quantized_again(tmp_path):
+    _write(tmp_path)
+    model = gs.load_quantized(str(tmp_path))
+    with pytest.raises(ValueError, match="already quantized .*needs the float model"):
+        gs.quantize(model, "w4g64", None, method="rtn", verbose=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        gs.quantize(str(tmp_path), "w4g64", None, method="rtn", save=str(tmp_path / "again"), verbose=False)
+    # bfloat16 scales are exact in float16: a read checkpoint can be written again, bit for bit
+    gs.save_quantized(model, str(tmp_path / "again"))
+    back = gs.load_quantized(str(tmp_path / "again"), dtype=torch.bfloat16)
+    for name, m in model.named_modules():
+        if isinstance(m, gs.QuantLinear):
+            assert torch.equal(m.dequantized_weight(), gs.arch.get_module(back, name).dequantized_weight()), name
+    # float32 scales are not: writing them as float16 would round them, so it is refused by name
+    _write(tmp_path / "f32", torch.float32)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj: .*float16 cannot hold exactly"):
+        gs.save_quantized(gs.load_quantized(str(tmp_path / "f32")), str(tmp_path / "f32-again"))
+
+
+def _edit(folder, change):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    change(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda qc: qc["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int", "strategy": "token"}),
+     "quantizes activations"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"), "actorder='group'"),
+    (lambda qc: qc["config_groups"]["group_0"].update(format="int-quantized"), "format 'int-quantized'"),
+    (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantized KV cache"),
+    (lambda qc: qc.update(quantization_status="frozen"), "only compressed checkpoints"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="tensor"), "channel/group"),
+])
+def test_what_is_not_read_is_refused_with_the_reason(tmp_path, change, message):
+    _write(tmp_path)
+    _edit(tmp_path, change)
+    with pytest.raises(ValueError, match=message):
+        gs.load_quantized(str(tmp_path))
+    with pytest.raises(ValueError, match="does not read"):
+        gs.offload.DiskModel(str(tmp_path))
+
+
+def test_a_stored_tensor_that_does_not_fit_its_scheme_is_named(tmp_path):
+    _write(tmp_path)
+    _edit(tmp_path, lambda qc: qc["config_groups"]["group_0"]["weights"].update(group_size=16))
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.\w+\.\w+_proj: packed codes .* do not fit"):
+        gs.load_quantized(str(tmp_path))
+
+
+def test_targets_resolve_as_compressed_tensors_resolves_them():
+    """Exact names before patterns before classes, the ignore list over all, and gransearch's own
+    anchored names by lookup; a target that would quantize a non-linear module is refused."""
+    model = tiny_model("llama")
+    w4, w8, w3 = (gs.QuantSpec.parse(s) for s in ("w4g32", "w8cs", "w3c"))
+    scheme = ct.CheckpointScheme([(["Linear"], w4), (["re:.*mlp\\..*"], w8), (["model.layers.1.mlp.up_proj"], w3)],
+                                 ["lm_head", "re:.*k_proj"])
+    got = scheme.resolve(model)
+    assert len(got) == 12 and not any(n.endswith("k_proj") for n in got)
+    assert got["model.layers.1.mlp.up_proj"] == w3 and got["model.layers.0.mlp.up_proj"] == w8
+    assert got["model.layers.0.self_attn.q_proj"] == w4
+    own = ct.CheckpointScheme([([f"re:^{n.replace('.', chr(92) + '.')}$" for n in got], w4)], ["lm_head"])
+    assert set(own.resolve(model)) == set(got)
+    with pytest.raises(ValueError, match="Embedding"):
+        ct.CheckpointScheme([(["Embedding"], w4)], []).resolve(model)
+    with pytest.raises(ValueError, match="no layer of the model matches"):
+        ct.CheckpointScheme([(["Conv2d"], w4)], []).resolve(model)
+
+
+def test_cli_reads_an_asymmetric_checkpoint_in_memory_and_from_disk(cli_assets, tmp_path, capsys):
+    """`gransearch eval --model CHECKPOINT` reads it with gransearch's reader (transformers does not
+    reload asymmetric checkpoints), in memory as from disk; `quantize` refuses it as a source."""
+    from gransearch.cli import main
+
+    model_dir, _, text = cli_assets
+    q = str(tmp_path / "q")
+    common = ["--data", text, "--seqlen", "32", "--max-windows", "4", "--json", "--quiet"]
+    assert main(["quantize", "--model", model_dir, "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval", "--save", q] + common) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", q] + common) == 0
+    mem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--model", q, "--from-disk"] + common) == 0
+    disk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert mem["perplexity"] == disk["perplexity"] and math.isfinite(mem["perplexity"])
+    assert main(["quantize", "--model", q, "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval"] + common) == 2
+    assert "already quantized" in capsys.readouterr().err
