@@ -519,20 +519,37 @@ def build_bank(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     stage = Stages(dev)
 
-    @stage("objectives and copies")
+    # each entry's objective stays on the device until its layer is done: one transfer per layer, not
+    # one wait per entry (on a GPU every read of a number waits for the queue behind it). So add() is
+    # no timed stage (a stage waits for the GPU at its edges); settle() waits for the queue instead,
+    # and on a GPU its seconds hold the objectives' products with the roundings queued among them
+    pending: list[tuple[str, str, BankEntry, torch.Tensor, torch.Tensor]] = []
+
     def add(name, method, spec, qw, in_scale, W, H):
         entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
         d = W - entry.effective_weight()
         rows = ((d @ H) * d).sum(1)
-        entry.objective, entry.row_objective = float(rows.sum()), rows.cpu()
-        if not math.isfinite(entry.objective):
-            raise NonFiniteError(f"the layer objective of {name} with {method}:{spec} is not finite: its weights, Hessian or "
-                                 "quantized weights hold NaN or infinity")
-        if dev.type != "cpu":
-            entry.qweight = qw.to("cpu")
-            entry.in_scale = None if in_scale is None else in_scale.cpu()
-        keys[name].append(f"{method}:{spec}")
-        entries[name].append(entry)
+        pending.append((name, f"{method}:{spec}", entry, rows, rows.sum()))
+
+    @stage("objectives and copies", wait_first=False)
+    def settle() -> None:
+        """The pending entries' objectives read at once, checked finite, and the entries kept (on the CPU)."""
+        if not pending:
+            return
+        totals = torch.stack([p[4] for p in pending]).tolist()
+        rows = torch.stack([p[3] for p in pending]).cpu()
+        for (name, key, entry, _, _), total, r in zip(pending, totals, rows):
+            if not math.isfinite(total):
+                pending.clear()
+                raise NonFiniteError(f"the layer objective of {name} with {key} is not finite: its weights, Hessian or "
+                                     "quantized weights hold NaN or infinity")
+            entry.objective, entry.row_objective = total, r.clone()
+            if dev.type != "cpu":
+                entry.qweight = entry.qweight.to("cpu")
+                entry.in_scale = None if entry.in_scale is None else entry.in_scale.cpu()
+            keys[name].append(key)
+            entries[name].append(entry)
+        pending.clear()
 
     # one low-rank factor per distinct input Hessian (q/k/v and gate/up share theirs)
     factors: dict[int, Optional[torch.Tensor]] = {}
@@ -627,6 +644,7 @@ def build_bank(
                     add(ref.name, Method.AWQ, spec, quantize_layer(W, H, Method.AWQ, spec).qweight, None, W, H)
                 if Method.AWQ_GPTQ in methods:
                     add(ref.name, Method.AWQ_GPTQ, spec, plain_gptq[str(spec)], None, W, H)
+        settle()
 
     blocks: dict[int, list] = {}
     for ref in refs:  # the unit of work (and of claims between workers): one decoder block's linears
@@ -734,8 +752,9 @@ class Stages:
             torch.cuda.synchronize(self.dev)
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
+    def __call__(self, name: str, wait_first: bool = True):
+        if wait_first:  # else the GPU work queued before it is counted here too
+            self._sync()
         t0 = time.perf_counter()
         try:
             yield

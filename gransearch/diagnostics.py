@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .algorithms.rtn import rtn
 from .arch import arch_of, block_linears, layer_kind, linear_weight
 from .calibrate import BlockRunner, collect_block_stats, hooks
+from .errors import check_float_model
 from .evaluate import layer_objective
 from .qlinear import fake_quant_activation
 from .spec import ActSpec, PerChannel, PerTensor, QuantSpec
@@ -130,7 +131,7 @@ def diagnose(
     ``weight_bits`` (asymmetric), measured in output space with the layer's Hessian.
     """
     # long on purpose: two passes per block share one block's statistics and hooks
-
+    check_float_model(model, "diagnosing outliers")
     info = arch_of(model)
     runner = BlockRunner(model, calib, batch_size, device, info)
     out: list[LayerDiag] = []

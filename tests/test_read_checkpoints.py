@@ -193,5 +193,10 @@ def test_cli_reads_an_asymmetric_checkpoint_in_memory_and_from_disk(cli_assets, 
     assert main(["eval", "--model", q, "--from-disk"] + common) == 0
     disk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert mem["perplexity"] == disk["perplexity"] and math.isfinite(mem["perplexity"])
-    assert main(["quantize", "--model", q, "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval"] + common) == 2
-    assert "already quantized" in capsys.readouterr().err
+    refused = [["quantize", "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval"],
+               ["optimize", "--budget-like", "w4g64", "--trials", "2", "--out", str(tmp_path / "run")],
+               ["diagnose", "--out", str(tmp_path / "diag")],
+               ["ablate", "weights", "--out", str(tmp_path / "abl")]]
+    for argv in refused:
+        assert main(argv + ["--model", q, "--data", text, "--seqlen", "32", "--max-windows", "4", "--quiet"]) == 2, argv[0]
+        assert "already quantized" in capsys.readouterr().err, argv[0]
