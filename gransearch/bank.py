@@ -520,16 +520,17 @@ def build_bank(
     stage = Stages(dev)
 
     # each entry's objective stays on the device until its layer is done: one transfer per layer, not
-    # one wait per entry (on a GPU every read of a number waits for the queue behind it). So add() is
-    # no timed stage (a stage waits for the GPU at its edges); settle() waits for the queue instead,
-    # and on a GPU its seconds hold the objectives' products with the roundings queued among them
+    # one wait per entry (on a GPU every read of a number waits for the queue behind it). So on a GPU
+    # add() is no timed stage (a stage waits for the GPU at its edges); settle() waits for the queue
+    # instead, and its seconds hold the objectives' products with the roundings queued among them
     pending: list[tuple[str, str, BankEntry, torch.Tensor, torch.Tensor]] = []
 
     def add(name, method, spec, qw, in_scale, W, H):
-        entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
-        d = W - entry.effective_weight()
-        rows = ((d @ H) * d).sum(1)
-        pending.append((name, f"{method}:{spec}", entry, rows, rows.sum()))
+        with stage.unless_gpu("objectives and copies"):
+            entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
+            d = W - entry.effective_weight()
+            rows = ((d @ H) * d).sum(1)
+            pending.append((name, f"{method}:{spec}", entry, rows, rows.sum()))
 
     @stage("objectives and copies", wait_first=False)
     def settle() -> None:
@@ -761,6 +762,11 @@ class Stages:
         finally:
             self._sync()
             self.add(name, time.perf_counter() - t0)
+
+    def unless_gpu(self, name: str):
+        """Stage ``name`` where timing it costs no wait (not on a GPU, whose queued work is then
+        counted by the next stage that waits for it); a context manager either way."""
+        return contextlib.nullcontext() if self.dev.type == "cuda" else self(name)
 
     def add(self, name: str, seconds: float) -> None:
         """Counts ``seconds`` to stage ``name`` (timed by the caller)."""
