@@ -29,14 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 
 import torch
 
-from vs_llmcompressor import calib_loader, commit, cpu_only_workaround
+from vs_llmcompressor import calib_loader, checked_rows, import_llmcompressor, open_record, provenance, read_record, save_record
 
 ROWS = ("sym", "asym", "w8c", "mixed", "gptq-actorder")
 IGNORED = "model.layers.0.self_attn.q_proj"
@@ -89,36 +87,15 @@ def main() -> None:
     ap.add_argument("--print", action="store_true", help="only print the table of --out")
     args = ap.parse_args()
     if args.print:
-        with open(args.out) as fh:
-            print_table(json.load(fh))
-        return
-    rows = args.rows.split(",")
-    if bad := [r for r in rows if r not in ROWS]:
-        raise SystemExit(f"unknown rows {bad}: choose from {', '.join(ROWS)}")
-    try:
-        import llmcompressor
-        from llmcompressor import oneshot
-    except ImportError:
-        raise SystemExit("llm-compressor is not installed in this Python: run `bash scripts/llmcompressor_env.sh` and use "
-                         ".venv-llmc/bin/python") from None
-    import compressed_tensors
-    import transformers
+        return print_table(read_record(args.out))
+    rows = checked_rows(args.rows, ROWS)
+    oneshot = import_llmcompressor()
 
     import gransearch as gs
-    from gransearch._files import atomic_write
 
-    cpu_only_workaround()
     settings = {"model": "smollm2-135m", "test_tokens": args.test_tokens, "n_calib": args.n_calib, "seqlen": 512}
-    record = {"settings": settings, "rows": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as fh:
-            old = json.load(fh)
-        if old.get("settings") != settings:
-            raise SystemExit(f"{args.out} holds a run with other settings ({old.get('settings')}): give --out another file")
-        record = old
-    record.update(machine=f"{platform.machine()}, {os.cpu_count()} cores", commit=commit(), command="python benchmarks/read_llmcompressor.py " + " ".join(sys.argv[1:]),
-                  versions={"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-                            "transformers": transformers.__version__, "torch": torch.__version__})
+    record = open_record(args.out, settings)
+    record.update(provenance("read_llmcompressor.py"))
     _, tok = gs.load_model("smollm2-135m")
     test = gs.load_tokens("wiki-sample", tok, "test")[: args.test_tokens]
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
@@ -151,8 +128,7 @@ def main() -> None:
             del ours
             out["from_disk_ppl"] = ppl(gs.offload.DiskModel(folder))
         record["rows"][row] = out
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        atomic_write(args.out, json.dumps(record, indent=1))
+        save_record(args.out, record)
         print(f"{row}: {json.dumps(out)}", flush=True)
     print_table(record)
 

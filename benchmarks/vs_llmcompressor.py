@@ -73,6 +73,61 @@ def commit() -> str:
         return "unknown"
 
 
+def checked_rows(text: str, known) -> list[str]:
+    rows = text.split(",")
+    if bad := [r for r in rows if r not in known]:
+        raise SystemExit(f"unknown rows {bad}: choose from {', '.join(known)}")
+    return rows
+
+
+def import_llmcompressor():
+    """llm-compressor's ``oneshot`` (with :func:`cpu_only_workaround` applied), or the way to install it."""
+    try:
+        from llmcompressor import oneshot
+    except ImportError:
+        raise SystemExit("llm-compressor is not installed in this Python: run `bash scripts/llmcompressor_env.sh` and use "
+                         ".venv-llmc/bin/python (llm-compressor pins its own transformers and compressed-tensors)") from None
+    cpu_only_workaround()
+    return oneshot
+
+
+def save_record(out: str, record: dict) -> None:
+    """Whole or not at all: a killed run keeps its finished rows."""
+    from gransearch._files import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, json.dumps(record, indent=1))
+
+
+def read_record(out: str) -> dict:
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def open_record(out: str, settings: dict) -> dict:
+    """The record in ``out`` to resume when it was made with ``settings``; a new one if there is none."""
+    if not os.path.exists(out):
+        return {"settings": settings, "rows": {}}
+    old = read_record(out)
+    if old.get("settings") != settings:
+        raise SystemExit(f"{out} holds a run with other settings ({old.get('settings')}): give --out another file")
+    return old
+
+
+def provenance(script: str) -> dict:
+    """Where and with what a record's last run was made."""
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+
+    import gransearch as gs
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "commit": commit(),
+            "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
+                         "transformers": transformers.__version__, "gransearch": gs.__version__},
+            "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:])}
+
+
 def weight_args(symmetric: bool, channel: bool = False) -> dict:
     if channel:
         return {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "channel"}
@@ -203,44 +258,18 @@ def main() -> None:
     ap.add_argument("--print", action="store_true", help="only print the table of --out (no llm-compressor needed)")
     args = ap.parse_args()
     if args.print:
-        with open(args.out) as fh:
-            print_table(json.load(fh))
-        return
-    rows = args.rows.split(",")
-    if bad := [r for r in rows if r not in ROWS]:
-        raise SystemExit(f"unknown rows {bad}: choose from {', '.join(ROWS)}")
-    try:
-        import llmcompressor
-        from llmcompressor import oneshot
-    except ImportError:
-        raise SystemExit("llm-compressor is not installed in this Python: run `bash scripts/llmcompressor_env.sh` and use "
-                         ".venv-llmc/bin/python (llm-compressor pins its own transformers and compressed-tensors)") from None
-    import compressed_tensors
-    import transformers
-
-    cpu_only_workaround()
+        return print_table(read_record(args.out))
+    rows = checked_rows(args.rows, ROWS)
+    oneshot = import_llmcompressor()
 
     import gransearch as gs
 
     settings = {"model": args.model, "n_calib": args.n_calib, "seqlen": args.seqlen, "test_tokens": args.test_tokens, "group_size": GROUP}
-    record = {"settings": settings, "rows": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as fh:
-            old = json.load(fh)
-        if old.get("settings") == settings:
-            record = old
-        else:
-            raise SystemExit(f"{args.out} holds a run with other settings ({old.get('settings')}): give --out another file")
-    record.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", commit=commit(),
-                  versions={"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
-                            "transformers": transformers.__version__, "gransearch": gs.__version__},
-                  command="python benchmarks/vs_llmcompressor.py " + " ".join(sys.argv[1:]))
+    record = open_record(args.out, settings)
+    record.update(provenance("vs_llmcompressor.py"))
 
-    def save():  # whole or not at all: a killed run keeps its finished rows
-        from gransearch._files import atomic_write
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        atomic_write(args.out, json.dumps(record, indent=1))
+    def save():
+        save_record(args.out, record)
 
     _, tok = gs.load_model(args.model)
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, args.seqlen, seed=0)
