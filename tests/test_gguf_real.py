@@ -67,9 +67,11 @@ def _mixed(model):
 def test_smollm_gguf_is_scored_by_llamacpp_as_torch_scores_it(tmp_path, plan_kind):
     """llama.cpp's perplexity of the written file is within 1% of gransearch's in-torch perplexity of
     the same plan. Rounding activations as llama.cpp's CPU dot products do (8 bits, blocks of 32)
-    moves torch to within 0.2% of llama.cpp (measured: 0.03% to 0.16% depending on the windows; the
-    rest is arithmetic we do not emulate: F16 attention, summation order). The file's tensor bytes
-    are the gguf profile's count."""
+    keeps torch within 0.5% of llama.cpp. How close depends on the machine, though llama.cpp's and
+    plain torch's perplexities do not (docs/gguf.md): 0.03% to 0.16% on the machine that measured it
+    first, 0.21% on an AMD EPYC with AVX-512 (both Q4_0 and the mixed plan here, 4 windows); the rest
+    is arithmetic we do not emulate (F16 attention, summation order). The file's tensor bytes are
+    the gguf profile's count."""
     model, tok = gs.load_model("smollm2-135m")
     G.round_embeddings(model, "Q8_0")
     gs.quantize(model, "w4g32s" if plan_kind == "Q4_0" else _mixed(model), None, method="rtn", verbose=False)
@@ -84,7 +86,7 @@ def test_smollm_gguf_is_scored_by_llamacpp_as_torch_scores_it(tmp_path, plan_kin
     cpp = gs.llamacpp.perplexity(saved.path, test, seqlen=512, max_windows=4, verbose=False)
     assert cpp.n_tokens == ours.n_tokens
     assert abs(cpp.ppl / ours.ppl - 1) < 0.01, (ours.ppl, cpp.ppl)
-    assert abs(cpp.ppl / emulated.ppl - 1) < 2e-3, (emulated.ppl, cpp.ppl)
+    assert abs(cpp.ppl / emulated.ppl - 1) < 5e-3, (emulated.ppl, cpp.ppl)
     assert torch.isfinite(torch.tensor(cpp.ppl))
 
 
