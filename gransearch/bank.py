@@ -470,10 +470,8 @@ def build_bank(
     from .offload import DiskModel
 
     source = model if isinstance(model, DiskModel) else None
-    if source is None:
-        check_float_model(model, "a candidate bank")
-    else:
-        source.check_float("a candidate bank")
+    check_float_model(model, "a candidate bank")
+    if source is not None:
         model = source.model
         if fisher_windows:
             log.warning("a bank built from disk has no output Fisher (it needs a backward pass through the whole model): "
@@ -523,23 +521,23 @@ def build_bank(
     # one wait per entry (on a GPU every read of a number waits for the queue behind it). So on a GPU
     # add() is no timed stage (a stage waits for the GPU at its edges); settle() waits for the queue
     # instead, and its seconds hold the objectives' products with the roundings queued among them
-    pending: list[tuple[str, str, BankEntry, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[str, str, BankEntry, torch.Tensor]] = []  # (layer, method:spec, entry, row objectives)
 
     def add(name, method, spec, qw, in_scale, W, H):
         with stage.unless_gpu("objectives and copies"):
             entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
             d = W - entry.effective_weight()
             rows = ((d @ H) * d).sum(1)
-            pending.append((name, f"{method}:{spec}", entry, rows, rows.sum()))
+            pending.append((name, f"{method}:{spec}", entry, rows))
 
     @stage("objectives and copies", wait_first=False)
     def settle() -> None:
         """The pending entries' objectives read at once, checked finite, and the entries kept (on the CPU)."""
         if not pending:
             return
-        totals = torch.stack([p[4] for p in pending]).tolist()
+        totals = torch.stack([p[3].sum() for p in pending]).tolist()
         rows = torch.stack([p[3] for p in pending]).cpu()
-        for (name, key, entry, _, _), total, r in zip(pending, totals, rows):
+        for (name, key, entry, _), total, r in zip(pending, totals, rows):
             if not math.isfinite(total):
                 pending.clear()
                 raise NonFiniteError(f"the layer objective of {name} with {key} is not finite: its weights, Hessian or "

@@ -96,7 +96,10 @@ def check_token_ids(ids: torch.Tensor, vocab_size: Optional[int], what: str) -> 
 def check_float_model(model, what: str) -> None:
     """Refuse a model whose linears are already quantized (loaded from a quantized checkpoint, or
     quantized before) where ``what`` needs the float weights: quantizing it again would round rounded
-    weights, and a search would score candidates against them."""
+    weights, and a search would score candidates against them. A model read from disk
+    (:class:`~gransearch.offload.DiskModel`) answers for itself (its ``check_float``)."""
+    if hasattr(model, "check_float"):
+        return model.check_float(what)
     quantized = [n for n, m in model.named_modules()
                  if type(m).__name__ in ("QuantLinear", "CompressedLinear") or hasattr(m, "weight_packed")]
     if quantized or getattr(getattr(model, "config", None), "quantization_config", None) is not None:

@@ -310,10 +310,7 @@ def quantize(
         source = DiskModel(os.fspath(model))
     elif isinstance(model, DiskModel):
         source = model
-    if source is not None:
-        source.check_float("quantizing")
-    else:
-        check_float_model(model, "quantizing")
+    check_float_model(source or model, "quantizing")
     if source is not None and save is None:
         raise ValueError("a model read from disk block by block is never whole in memory, so its quantized blocks must be "
                          "written as they are made: pass save=DIR (CLI: --save DIR)")

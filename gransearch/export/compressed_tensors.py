@@ -226,15 +226,15 @@ class CheckpointScheme:
         for targets, spec in self.groups:
             for t in targets:
                 by_target[t] = spec  # a later group's identical target wins, as in compressed-tensors
-        exact = sorted(t for t in by_target if not t.startswith("re:"))
+        names = sorted(t for t in by_target if not t.startswith("re:"))  # exact names and class names
         patterns = sorted(t for t in by_target if t.startswith("re:"))
         out: dict[str, QuantSpec] = {}
         for name, module in model.named_modules():
             if not name or any(_matches(name, module, t) for t in self.ignore):
                 continue
-            hit = next((t for t in exact + patterns if _name_matches(name, t)), None)
+            hit = next((t for t in names + patterns if _name_matches(name, t)), None)
             if hit is None:
-                hit = next((t for t in exact if _class_matches(module, t)), None)
+                hit = next((t for t in names if _class_matches(module, t)), None)
             if hit is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
                 continue  # no weight (an activation a pattern also matches): nothing of it is stored
             if not isinstance(module, nn.Linear):
