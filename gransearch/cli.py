@@ -211,26 +211,49 @@ def _eval_from_disk(args, mode: str):
 
 
 def _quantize_mode(args) -> str:
-    """``from disk, block by block`` when asked (``--from-disk``) or when a local model folder's
-    float32 weights would take more than half the memory available now; else ``in memory``."""
+    """``from disk, block by block`` when asked (``--from-disk``) or when the model's float32 weights
+    (a local folder's, or a hub id's as the hub lists them) would take more than half the memory
+    available now; else ``in memory``."""
     import os
 
-    if args.from_disk:
-        if not os.path.isdir(args.model):
-            raise ValueError(f"--from-disk reads a local model folder (config.json + safetensors); {args.model!r} is not one")
-        return "from disk, block by block (--from-disk)"
-    if not os.path.isdir(args.model):
-        return "in memory"
-    from gransearch.offload import float32_nbytes
+    from gransearch.models import is_hub_id
 
-    try:
-        need = float32_nbytes(args.model)
-    except (FileNotFoundError, ValueError):
+    if args.from_disk:
+        if not (os.path.isdir(args.model) or is_hub_id(args.model)):
+            raise ValueError(f"--from-disk reads a model folder (config.json + safetensors) or a hub id's snapshot; "
+                             f"{args.model!r} is neither")
+        return "from disk, block by block (--from-disk)"
+    need = _float32_nbytes(args.model)
+    if need is None:
         return "in memory"
     avail = _available_memory()
     if avail is not None and need > avail / 2:
         return f"from disk, block by block (its float32 weights, {need / 1e9:.1f} GB, exceed half the {avail / 1e9:.1f} GB available)"
     return "in memory"
+
+
+def _float32_nbytes(model: str):
+    """Bytes of ``model``'s float weights in float32: from a local folder's safetensors headers, or
+    from the hub's listing of a hub id's safetensors (nothing downloaded); None when unknown."""
+    import os
+
+    from gransearch.models import is_hub_id
+    from gransearch.offload import float32_nbytes
+
+    if os.path.isdir(model):
+        try:
+            return float32_nbytes(model)
+        except (FileNotFoundError, ValueError):
+            return None
+    if not is_hub_id(model):
+        return None
+    try:
+        import huggingface_hub
+
+        meta = huggingface_hub.get_safetensors_metadata(model)
+        return 4 * sum(n for dtype, n in meta.parameter_count.items() if dtype in ("F32", "F16", "BF16"))
+    except Exception:  # offline, or no safetensors listing: the model is loaded whole as asked
+        return None
 
 
 def _available_memory():
@@ -476,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, metavar="F32.gguf",
                    help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder one block at a time (a float model, or a weight-only compressed-tensors checkpoint "
-                        "gransearch wrote; models larger than memory; chosen by itself when its float32 weights exceed half "
+                   help="read the model folder (or a hub id's snapshot) one block at a time (a float model, or a weight-only "
+                        "compressed-tensors checkpoint gransearch or llm-compressor wrote; models larger than memory; chosen by itself when its float32 weights exceed half "
                         "the available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -507,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype of the saved floating-point tensors (default: the model's published dtype)")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder one block at a time and write --save as blocks finish (models larger than memory; "
+                   help="read the model folder (or a hub id's snapshot) one block at a time and write --save as blocks finish (models larger than memory; "
                         "chosen by itself when the float32 weights exceed half the available memory)")
     _add_gguf_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -556,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder one block at a time: the bank, every trial, the finalists (written to OUT/finals "
+                   help="read the model folder (or a hub id's snapshot) one block at a time: the bank, every trial, the finalists (written to OUT/finals "
                         "and measured as written) and --save (models larger than memory; chosen by itself when the float32 "
                         "weights exceed half the available memory)")
     p.add_argument("--quiet", action="store_true")

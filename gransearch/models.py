@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional, Union
@@ -27,7 +28,7 @@ from ._files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "gguf_source", "PACKAGED_MODELS"]
+__all__ = ["load_model", "cache_dir", "file_sha256", "packaged_gguf", "gguf_source", "is_hub_id", "model_folder", "PACKAGED_MODELS"]
 
 # name -> (PyPI package holding the file, GGUF file name or None when the package assembles it, pip command)
 PACKAGED_MODELS = {
@@ -169,6 +170,51 @@ def _resolve(name_or_path: str) -> str:
     return target
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a model folder needs: configs, safetensors weights, tokenizer files (never pickled weights)
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub repository id (``owner/name``) and is no local path."""
+    return bool(_HUB_ID.match(name)) and not os.path.exists(name)
+
+
+def model_folder(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """A local folder holding ``name_or_path``: the folder itself, or a hub id's snapshot (its
+    configs, safetensors weights and tokenizer files; its code too when ``trust_remote_code``),
+    downloaded once into the Hugging Face cache. With no network, ``HF_HUB_OFFLINE=1`` uses a
+    snapshot already cached."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if not is_hub_id(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r} is neither a model folder (config.json + safetensors) nor a hub id "
+                                "(owner/name)")
+    import huggingface_hub
+
+    patterns = _HUB_FILES + (["*.py"] if trust_remote_code else [])
+    try:
+        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=patterns)
+    except Exception as exc:  # offline, unknown or gated repository: one message with the ways out
+        raise OSError(f"could not fetch {name_or_path!r} from the hub ({type(exc).__name__}: {exc}). Check the id and "
+                      "your access (HF_TOKEN), set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, "
+                      "or give a local model folder") from exc
+
+
+def _hub_compressed_tensors(repo: str) -> bool:
+    """Whether a hub repository's config.json declares a compressed-tensors checkpoint (fetches that
+    one file; False when it cannot be fetched, and transformers then says why)."""
+    import huggingface_hub
+
+    try:
+        with open(huggingface_hub.hf_hub_download(repo, "config.json"), encoding="utf-8") as fh:
+            qc = json.load(fh).get("quantization_config") or {}
+    except Exception as exc:
+        log.debug("config.json of %s not fetched (%s): transformers loads it", repo, exc)
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
 def _readable_checkpoint(folder: str) -> bool:
     """Whether ``folder`` is a quantized checkpoint gransearch reads itself (compressed-tensors
     weight-only pack-quantized); other quantized checkpoints are left to transformers (logged)."""
@@ -201,8 +247,9 @@ def load_model(
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: ``"smollm2-135m"`` (the packaged GGUF), a path to a ``.gguf`` file, a local
-    model directory, or a hub id (needs network). A compressed-tensors weight-only checkpoint (one
-    :func:`gransearch.save_quantized` or llm-compressor wrote) is read by
+    model directory, or a hub id (needs network, or ``HF_HUB_OFFLINE=1`` and a cached copy). A
+    compressed-tensors weight-only checkpoint (one :func:`gransearch.save_quantized` or llm-compressor
+    wrote; a hub id's too, from its snapshot) is read by
     :func:`gransearch.load_quantized`: its layers hold the stored codes, computing in ``dtype``. ``dtype``: a torch dtype or its name
     (``"float32"``, ``"bfloat16"``, ``"float16"``). ``device``: where to put the model (default
     CPU). Remote code is refused unless ``trust_remote_code=True``.
@@ -217,6 +264,8 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
     src = _resolve(name_or_path)
+    if is_hub_id(src) and _hub_compressed_tensors(src):  # read by gransearch from the snapshot, as a local folder
+        src = model_folder(src, trust_remote_code)
     quantized = _readable_checkpoint(src)
     try:
         if quantized:  # read by gransearch: exact codes, and asymmetric schemes transformers does not reload

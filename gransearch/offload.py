@@ -175,8 +175,9 @@ class DiskModel:
             if dtype not in _DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
             dtype = _DTYPES[dtype]
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder!r} is not a model folder (config.json and safetensors weights)")
+        from .models import model_folder
+
+        folder = model_folder(folder, trust_remote_code)  # a hub id: its snapshot in the Hugging Face cache
         self.folder = os.path.abspath(folder)
         self.dtype = dtype
         self.files = checkpoint_files(folder)
@@ -394,8 +395,8 @@ def open_folder(folder: str, what: str, dtype: str = "float32", trust_remote_cod
 
     if dtype != "float32":
         raise ValueError(f"{what} from disk computes in float32 (--dtype float32)")
-    return (DiskModel(folder, trust_remote_code=trust_remote_code),
-            AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+    dm = DiskModel(folder, trust_remote_code=trust_remote_code)
+    return dm, AutoTokenizer.from_pretrained(dm.folder, trust_remote_code=trust_remote_code)
 
 
 def counted(model, float_dtype, float_dtype_of_model: bool):

@@ -130,6 +130,7 @@ def _edit(folder, change):
     (lambda qc: qc["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int", "strategy": "token"}),
      "quantizes activations"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"), "actorder='group'"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="dynamic"), "actorder='dynamic'"),
     (lambda qc: qc["config_groups"]["group_0"].update(format="int-quantized"), "format 'int-quantized'"),
     (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantized KV cache"),
     (lambda qc: qc.update(quantization_status="frozen"), "only compressed checkpoints"),
@@ -192,3 +193,85 @@ def test_cli_reads_an_asymmetric_checkpoint_in_memory_and_from_disk(cli_assets, 
     for argv in refused:
         assert main(argv + ["--model", q, "--data", text, "--seqlen", "32", "--max-windows", "4", "--quiet"]) == 2, argv[0]
         assert "already quantized" in capsys.readouterr().err, argv[0]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A hub whose repositories are local folders (``{repo id: folder}``), answering as
+    huggingface_hub's ``snapshot_download``/``hf_hub_download``/``get_safetensors_metadata`` do:
+    the snapshot's path, a file's path, or an error for a repository it does not hold. Records the
+    file patterns each snapshot asked for."""
+    import huggingface_hub
+
+    repos, asked = {}, []
+
+    def folder(repo_id):
+        if repo_id not in repos:
+            raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not on this hub")
+        return repos[repo_id]
+
+    def snapshot_download(repo_id, allow_patterns=None, **_):
+        asked.append(list(allow_patterns or []))
+        return folder(repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **_: f"{folder(repo_id)}/{filename}")
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata",
+                        lambda repo_id, **_: type("Meta", (), {"parameter_count": {"BF16": 10**12, "I32": 5}})())
+    return repos, asked
+
+
+def test_a_hub_checkpoint_is_read_by_gransearch_from_its_snapshot(fake_hub, cli_assets, tmp_path, capsys):
+    """A hub id of a compressed-tensors checkpoint goes through gransearch's reader (transformers
+    does not reload asymmetric ones), in memory and from disk, with only configs, safetensors and
+    tokenizer files fetched; a float hub model is read from disk from its snapshot too."""
+    from gransearch.cli import main
+
+    repos, asked = fake_hub
+    model_dir, _, text = cli_assets
+    q = str(tmp_path / "q")
+    common = ["--data", text, "--seqlen", "32", "--max-windows", "4", "--json", "--quiet"]
+    assert main(["quantize", "--model", model_dir, "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval", "--save", q] + common) == 0
+    repos.update({"someone/tiny-w4g32-asym": q, "someone/tiny": model_dir})
+    capsys.readouterr()
+
+    model, _ = gs.load_model("someone/tiny-w4g32-asym")
+    want = gs.load_quantized(q)
+    assert sum(isinstance(m, gs.QuantLinear) for m in model.modules()) == 14
+    ids = token_stream(256, seed=5)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want(ids).logits)
+    assert all("*.safetensors" in p and not any(x in p for x in ("*.bin", "*.pt", "*.py", "*")) for p in asked)
+
+    assert main(["eval", "--model", "someone/tiny-w4g32-asym", "--from-disk"] + common) == 0
+    disk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--model", q] + common) == 0
+    mem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert disk["perplexity"] == mem["perplexity"]
+
+    # a float hub model quantized block by block from its snapshot: the same checkpoint as from the folder
+    out = [str(tmp_path / "hub-q"), str(tmp_path / "dir-q")]
+    for src, dst in zip(("someone/tiny", model_dir), out):
+        assert main(["quantize", "--model", src, "--from-disk", "--spec", "w4g32", "--method", "rtn", "--skip-fp-eval",
+                     "--save", dst] + common) == 0
+    from safetensors.torch import load_file
+
+    a, b = ({k: load_file(f)[k] for k, f in gs.offload.checkpoint_files(d).items()} for d in out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_ids_that_cannot_be_fetched_say_what_to_do(fake_hub, cli_assets, capsys):
+    from gransearch.cli import _quantize_mode, main
+
+    _, _, text = cli_assets
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        gs.load_quantized("someone/missing")
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        gs.offload.DiskModel("someone/missing")
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        gs.offload.DiskModel("no/such/folder")
+    assert main(["eval", "--model", "no/such/folder", "--from-disk", "--data", text, "--quiet"]) == 2
+    assert "is neither" in capsys.readouterr().err
+    # a hub model larger than memory (as the hub lists its float weights) is read from disk without being asked
+    args = type("Args", (), {"model": "someone/huge", "from_disk": False})()
+    assert _quantize_mode(args).startswith("from disk, block by block (its float32 weights, 4000.0 GB")

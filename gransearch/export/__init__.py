@@ -258,7 +258,7 @@ def _persistent(model: nn.Module, bname: str) -> bool:
 
 
 def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool = False) -> nn.Module:
-    """The compressed-tensors checkpoint in ``folder``, its quantized linears as
+    """The compressed-tensors checkpoint in ``folder`` (or a hub id's), its quantized linears as
     :class:`~gransearch.qlinear.QuantLinear` holding the stored codes, scales and zeros exactly.
     Compute runs in ``dtype`` (default: the stored float dtype).
 
@@ -269,6 +269,9 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models import model_folder
+
+    folder = model_folder(folder, trust_remote_code)  # a hub id: its snapshot in the Hugging Face cache
     cfg_doc, scheme = ct.parse_config(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):

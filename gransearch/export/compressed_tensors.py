@@ -289,8 +289,8 @@ def parse_config(folder: str) -> tuple[dict, CheckpointScheme]:
             raise ValueError(f"{path}: config group {gname} quantizes activations; gransearch reads weight-only schemes: "
                              "load it with transformers")
         w = group.get("weights") or {}
-        if w.get("actorder") == "group":
-            raise ValueError(f"{path}: config group {gname} has actorder='group', whose per-column group index (weight_g_idx) "
+        if w.get("actorder") in ("group", "dynamic"):  # "dynamic": compressed-tensors' alias of "group"
+            raise ValueError(f"{path}: config group {gname} has actorder={w['actorder']!r}, whose per-column group index (weight_g_idx) "
                              "gransearch's layers do not hold: load it with transformers, or quantize with actorder='static'")
         try:
             spec = spec_of(w)
