@@ -201,9 +201,10 @@ def model_folder(name_or_path: str, trust_remote_code: bool = False) -> str:
                       "or give a local model folder") from exc
 
 
-def _hub_compressed_tensors(repo: str) -> bool:
-    """Whether a hub repository's config.json declares a compressed-tensors checkpoint (fetches that
-    one file; False when it cannot be fetched, and transformers then says why)."""
+def _hub_quantized(repo: str) -> bool:
+    """Whether a hub repository's config.json declares a checkpoint gransearch may read itself
+    (compressed-tensors or GPTQ; fetches that one file; False when it cannot be fetched, and
+    transformers then says why)."""
     import huggingface_hub
 
     try:
@@ -212,12 +213,12 @@ def _hub_compressed_tensors(repo: str) -> bool:
     except Exception as exc:
         log.debug("config.json of %s not fetched (%s): transformers loads it", repo, exc)
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("compressed-tensors", "gptq")
 
 
 def _readable_checkpoint(folder: str) -> bool:
     """Whether ``folder`` is a quantized checkpoint gransearch reads itself (compressed-tensors
-    weight-only pack-quantized); other quantized checkpoints are left to transformers (logged)."""
+    weight-only pack-quantized, or GPTQ); other quantized checkpoints are left to transformers (logged)."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         return False
@@ -226,12 +227,13 @@ def _readable_checkpoint(folder: str) -> bool:
             qc = json.load(fh).get("quantization_config")
         except (ValueError, AttributeError):
             return False
-    if not qc:
+    from .export import gptq, read_scheme
+
+    if not qc and not gptq.is_gptq(folder):  # AutoGPTQ keeps its config in quantize_config.json
         return False
-    from .export import compressed_tensors as ct
 
     try:
-        ct.parse_config(folder)
+        read_scheme(folder)
     except ValueError as exc:
         log.info("%s is quantized in a layout gransearch does not read (%s): transformers loads it", folder, exc)
         return False
@@ -264,7 +266,7 @@ def load_model(
             raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
     src = _resolve(name_or_path)
-    if is_hub_id(src) and _hub_compressed_tensors(src):  # read by gransearch from the snapshot, as a local folder
+    if is_hub_id(src) and _hub_quantized(src):  # read by gransearch from the snapshot, as a local folder
         src = model_folder(src, trust_remote_code)
     quantized = _readable_checkpoint(src)
     try:

@@ -182,18 +182,20 @@ class DiskModel:
         self.dtype = dtype
         self.files = checkpoint_files(folder)
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        self.quantized: dict = {}  # {linear name: spec} of a compressed-tensors checkpoint, dequantized as read
+        self.quantized: dict = {}  # {linear name: spec} of a quantized checkpoint, dequantized as read
         scheme = None
-        if getattr(self.config, "quantization_config", None) is not None:
-            from .export import compressed_tensors as ct
+        from .export import gptq, read_scheme
 
+        if getattr(self.config, "quantization_config", None) is not None or gptq.is_gptq(folder):
             try:
-                _, scheme = ct.parse_config(folder)
+                _, scheme = read_scheme(folder)
             except ValueError as exc:
                 raise ValueError(f"{folder} is quantized in a layout gransearch does not read ({exc}); gransearch reads weight-only "
-                                 "compressed-tensors pack-quantized checkpoints: load it whole with transformers, or read the "
-                                 "float model") from None
-            del self.config.quantization_config
+                                 "compressed-tensors pack-quantized and GPTQ checkpoints: load it whole with transformers, or "
+                                 "read the float model") from None
+            if hasattr(self.config, "quantization_config"):
+                del self.config.quantization_config
+        self.scheme = scheme
         published = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         self.model = empty_model(self.config, dtype, trust_remote_code)
         if scheme is not None:
@@ -277,15 +279,12 @@ class DiskModel:
         return nbytes
 
     def _read_quantized(self, names: list[str]) -> None:
-        """Quantized linears of a compressed-tensors checkpoint: their codes dequantized into the
-        linear's weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
-        from .export import compressed_tensors as ct
-
-        keys = [f"{n}.{k}" for n in names for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                                                    "weight_g_idx") if f"{n}.{k}" in self.files]
+        """Quantized linears of a quantized checkpoint: their codes dequantized into the linear's
+        weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
+        keys = [f"{n}.{k}" for n in names for k in self.scheme.suffixes if f"{n}.{k}" in self.files]
         stored = self.read_tensors(keys)  # the block's layers at once: each file opened once
         for name in names:
-            qw = ct.layer_from_tensors(stored, name, self.quantized[name])
+            qw = self.scheme.layer(stored, name, self.quantized[name])
             mod = get_module(self.model, name)
             mod._parameters["weight"] = nn.Parameter(qw.dequantize(self.dtype), requires_grad=False)
 

@@ -28,7 +28,8 @@ from . import compressed_tensors as ct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_quantized", "load_quantized", "load_in_transformers", "SavedModel", "ShardedWriter", "FORMATS", "float_dtype_of"]
+__all__ = ["save_quantized", "load_quantized", "load_in_transformers", "read_scheme", "SavedModel", "ShardedWriter", "FORMATS",
+           "float_dtype_of"]
 
 FORMATS = ("compressed-tensors",)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -257,22 +258,36 @@ def _persistent(model: nn.Module, bname: str) -> bool:
     return leaf not in getattr(mod, "_non_persistent_buffers_set", set())
 
 
+def read_scheme(folder: str):
+    """``(config.json, scheme)`` of a quantized checkpoint gransearch reads: GPTQ's layout
+    (:mod:`gransearch.export.gptq`) when its config says ``quant_method: gptq``, else
+    compressed-tensors ``pack-quantized`` (:func:`compressed_tensors.parse_config`). The scheme's
+    ``resolve(model)`` gives ``{layer: spec}``, its ``layer(tensors, name, spec)`` a stored layer, and
+    its ``suffixes`` name a layer's tensors. Anything else is refused with the reason."""
+    from . import gptq
+
+    if gptq.is_gptq(folder):
+        return gptq.parse_config(folder)
+    return ct.parse_config(folder)
+
+
 def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool = False) -> nn.Module:
-    """The compressed-tensors checkpoint in ``folder`` (or a hub id's), its quantized linears as
+    """The quantized checkpoint in ``folder`` (or a hub id's), its quantized linears as
     :class:`~gransearch.qlinear.QuantLinear` holding the stored codes, scales and zeros exactly.
     Compute runs in ``dtype`` (default: the stored float dtype).
 
-    It reads what :func:`save_quantized` writes and the weight-only ``pack-quantized`` checkpoints of
+    It reads what :func:`save_quantized` writes, the weight-only ``pack-quantized`` checkpoints of
     other tools (llm-compressor's W4A16/W8A16 schemes, symmetric or not, per channel or group, their
-    ``Linear`` targets and ignore lists); anything else (activation quantization, ``actorder='group'``,
-    sparsity, other formats) is refused with the reason."""
+    ``Linear`` targets and ignore lists) and GPTQ-format checkpoints (GPTQModel, AutoGPTQ: v1 and v2
+    zero points, ``desc_act=False`` or per channel); anything else (activation quantization,
+    ``actorder='group'``, ``desc_act`` with groups, sparsity, other formats) is refused with the reason."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import model_folder
 
     folder = model_folder(folder, trust_remote_code)  # a hub id: its snapshot in the Hugging Face cache
-    cfg_doc, scheme = ct.parse_config(folder)
+    cfg_doc, scheme = read_scheme(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -287,12 +302,15 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
         tensors.update(load_file(path))
     for name, spec in layers.items():
         lin = get_module(model, name)
-        qw = ct.layer_from_tensors(tensors, name, spec)
+        qw = scheme.layer(tensors, name, spec)
         bias = tensors.get(f"{name}.bias")
-        if bias is not None:
+        if bias is not None and lin.bias is None:
+            if bool(bias.any()):
+                raise ValueError(f"{folder}: {name} stores a bias, which the model's layer does not have")
+        elif bias is not None:
             lin.bias.data = bias.to(fdt)
         set_module(model, name, QuantLinear.from_float(lin, qw))
-        for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias"):
+        for k in (*scheme.suffixes, "bias"):
             tensors.pop(f"{name}.{k}", None)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in layers and not k.endswith(("qweight", "scales", "qzeros"))]

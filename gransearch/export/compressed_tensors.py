@@ -188,9 +188,15 @@ class CheckpointScheme:
     groups: list[tuple[list[str], QuantSpec]]
     ignore: list[str]
 
+    suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")  # a layer's tensors
+
     @property
     def specs(self) -> list[QuantSpec]:
         return [spec for _, spec in self.groups]
+
+    def layer(self, tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec):
+        """The stored layer ``name`` (:func:`layer_from_tensors`)."""
+        return layer_from_tensors(tensors, name, spec)
 
     def _exact(self) -> Optional[dict[str, QuantSpec]]:
         """``{layer: spec}`` when every target is ``re:^<escaped name>$`` (what gransearch writes), else ``None``."""

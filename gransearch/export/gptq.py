@@ -1,0 +1,207 @@
+"""Reading GPTQ-format checkpoints (GPTQModel, AutoGPTQ): ``qweight``, ``qzeros``, ``scales``, ``g_idx``.
+
+So that a model quantized by GPTQModel is scored with gransearch's perplexity, read block by block
+or inspected layer by layer, exactly as stored. Checked against GPTQModel 7.3's own packing and
+dequantization (``benchmarks/read_gptqmodel.py`` reads checkpoints GPTQModel wrote; the tests here
+write the layout by hand):
+
+* ``qweight``: int32 ``[in*b/32, out]``, the unsigned codes ``c`` in ``[0, 2^b - 1]`` packed along
+  the *input* dimension as one dense bit stream per column (element ``i`` starts at bit ``i*b``;
+  3-bit elements straddle words), the same stream compressed-tensors packs along rows.
+* ``scales``: ``[groups, out]`` (float16); ``qzeros``: int32 ``[groups, out*b/32]``, the zero points
+  packed the same way along the *output* dimension; ``g_idx``: int32 ``[in]``, the group of each
+  input column.
+* ``w[o, i] = scales[g, o] * (c[i, o] - z[g, o])`` with ``g = g_idx[i]``: gransearch's
+  ``w = (c - z) * scale`` with the grids transposed. A symmetric checkpoint (``sym``) stores
+  ``z = 2^(b-1)``, which is what gransearch's symmetric specs mean, so it reads as one.
+* ``checkpoint_format`` ``gptq`` (v1, the default GPTQModel writes and AutoGPTQ's only one) stores
+  ``z - 1``; GPTQModel writes it by subtracting ``0x11111111`` (4-bit) from each packed int32 word
+  and reads it back by adding that constant, so a zero point of 0 borrows from its neighbour and
+  comes back exactly. gransearch reads it the same way: for 2, 4 and 8 bits the word-wise add,
+  for 3 bits (fields straddle words) ``(field + 1) mod 2^b`` per field, as GPTQModel does.
+  ``gptq_v2`` stores ``z`` itself.
+
+Not read, each refused with the reason: ``desc_act`` checkpoints with groups (their ``g_idx`` is a
+permutation: a layer's groups are not contiguous columns, which ``QuantLinear`` cannot hold; per
+channel their ``g_idx`` is all zeros and reads), other packing words than int32, GPTQModel's
+planar layouts and other formats (``marlin``, ``bitblas`` ...), and groups that do not divide a
+layer's input width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import get_module
+from ..spec import PerChannel, PerGroup, QuantSpec
+from .compressed_tensors import unpack_int32
+
+__all__ = ["GPTQScheme", "parse_config", "layer_from_tensors", "SUFFIXES"]
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+FORMATS = {"gptq": 1, "gptq_v2": 2}
+
+
+def _quant_config(folder: str) -> tuple[dict, dict, str]:
+    """``(config.json, its GPTQ quantization config, where that came from)``: config.json's
+    ``quantization_config``, else AutoGPTQ's separate ``quantize_config.json``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no config.json: not a saved model folder")
+    with open(path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        return cfg, qc, path
+    side = os.path.join(folder, "quantize_config.json")
+    if os.path.isfile(side):
+        with open(side, encoding="utf-8") as fh:
+            return cfg, {"quant_method": "gptq", **json.load(fh)}, side
+    return cfg, {}, path
+
+
+def is_gptq(folder: str) -> bool:
+    """Whether ``folder``'s config declares a GPTQ checkpoint (``quant_method`` ``gptq``)."""
+    try:
+        _, qc, _ = _quant_config(folder)
+    except (OSError, ValueError):
+        return False
+    return str(qc.get("quant_method", "")).lower() == "gptq"
+
+
+@dataclass
+class GPTQScheme:
+    """A GPTQ checkpoint's quantization config, checked to be one gransearch reads, and its
+    quantized layers as the safetensors headers list them: ``layers`` maps a layer name to its
+    ``(qweight shape, scales shape)``."""
+
+    bits: int
+    group_size: int
+    sym: bool
+    version: int
+    layers: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    suffixes = SUFFIXES
+
+    def layer_spec(self, name: str, in_f: int, out_f: int) -> QuantSpec:
+        """The spec of the stored layer ``name`` of a ``[out_f, in_f]`` linear: bits from the packed
+        rows (GPTQModel's ``dynamic`` overrides may differ from the config's), groups from the scales."""
+        (rows, cols), (n_groups, s_cols) = self.layers[name]
+        if cols != out_f or s_cols != out_f or (rows * 32) % in_f:
+            raise ValueError(f"{name}: qweight {(rows, cols)} and scales {(n_groups, s_cols)} do not fit a [{out_f}, {in_f}] linear")
+        bits = rows * 32 // in_f
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"{name}: {bits}-bit codes; gransearch reads GPTQ's 2, 3, 4 and 8 bits")
+        if n_groups == 1:
+            gran = PerChannel()
+        elif in_f % n_groups == 0:
+            gran = PerGroup(in_f // n_groups)
+        else:
+            raise ValueError(f"{name}: {n_groups} groups do not divide the {in_f} input columns evenly (a partial last group); "
+                             "gransearch's groups tile the row: load it with GPTQModel, or quantize with a group size that "
+                             f"divides {in_f}")
+        return QuantSpec(bits, gran, symmetric=self.sym)
+
+    def resolve(self, model: nn.Module) -> dict[str, QuantSpec]:
+        """``{linear name: spec}`` of ``model``'s layers the checkpoint stores quantized."""
+        out = {}
+        for name in self.layers:
+            try:
+                module = get_module(model, name)
+            except AttributeError:
+                raise ValueError(f"the checkpoint quantizes {name}, which the model does not have") from None
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"the checkpoint quantizes {name} ({type(module).__name__}); gransearch reads quantized linear "
+                                 "layers only")
+            out[name] = self.layer_spec(name, module.in_features, module.out_features)
+        if not out:
+            raise ValueError("the checkpoint stores no quantized layer (no *.qweight tensor)")
+        return out
+
+    def layer(self, tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec):
+        return layer_from_tensors(tensors, name, spec, self.version)
+
+
+def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
+    """``(config.json, its scheme)`` of a GPTQ checkpoint, refused with the reason when it is one
+    gransearch does not read (see the module docstring)."""
+    from safetensors import safe_open
+
+    from ..offload import checkpoint_files
+
+    cfg, qc, path = _quant_config(folder)
+    if str(qc.get("quant_method", "")).lower() != "gptq":
+        raise ValueError(f"{path}: not a GPTQ checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: checkpoint_format {fmt!r}; gransearch reads GPTQ's own layouts ({', '.join(FORMATS)}): "
+                         "load it with GPTQModel")
+    pack = str(qc.get("pack_dtype") or "int32").replace("torch.", "")
+    if pack != "int32":
+        raise ValueError(f"{path}: codes packed in {pack} words; gransearch reads int32 packing (GPTQModel's default)")
+    bits, group_size = int(qc.get("bits", 4)), int(qc.get("group_size", -1))
+    sym = bool(qc.get("sym", True))
+    layers: dict[str, list] = {}
+    for tname, file in checkpoint_files(folder).items():
+        stem, _, suffix = tname.rpartition(".")
+        if suffix in ("qweight", "scales"):
+            layers.setdefault(stem, [None, None, file])[0 if suffix == "qweight" else 1] = tname
+    shapes = {}
+    for stem, (qw, sc, file) in sorted(layers.items()):
+        if qw is None or sc is None:
+            raise ValueError(f"{folder}: {stem} has {'qweight' if qw else 'scales'} but not {'scales' if qw else 'qweight'}")
+        with safe_open(file, framework="pt") as fh:
+            shapes[stem] = (tuple(fh.get_slice(qw).get_shape()), tuple(fh.get_slice(sc).get_shape()))
+    if qc.get("desc_act") and group_size not in (-1, 0):
+        raise ValueError(f"{path}: desc_act=True with groups of {group_size}: each layer's g_idx assigns its input columns "
+                         "to groups out of order, which gransearch's layers do not hold (its groups are contiguous "
+                         "columns): load it with GPTQModel, or quantize with desc_act=False (GPTQModel's act_group_aware "
+                         "keeps most of the gain)")
+    return cfg, GPTQScheme(bits, group_size, sym, FORMATS[fmt], shapes)
+
+
+def _v1_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The zero points of a v1 checkpoint (stored minus one), decoded as GPTQModel decodes them."""
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # word-wise add of 1 in every field, carries included (GPTQModel's v1 -> v2)
+        one = sum(1 << (bits * j) for j in range(32 // bits))
+        words = (qzeros.to(torch.int64) & 0xFFFFFFFF) + one
+        return unpack_int32(words & 0xFFFFFFFF, bits, n)
+    return (unpack_int32(qzeros, bits, n).to(torch.int16) + 1).bitwise_and(mask).to(torch.uint8)
+
+
+def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec, version: int = 1):
+    """The :class:`~gransearch.quantizer.QuantizedWeight` GPTQ stores under ``name``: the codes,
+    the scales in their stored dtype and (asymmetric) the zero points, exactly."""
+    from ..quantizer import QuantizedWeight
+
+    try:
+        qweight, qzeros, scales = (tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales"))
+    except KeyError as exc:
+        raise ValueError(f"{name}: the checkpoint lacks {exc.args[0]}") from None
+    bits = spec.bits
+    in_f = qweight.shape[0] * 32 // bits
+    out_f = scales.shape[1]
+    n_groups = scales.shape[0]
+    if tuple(qzeros.shape) != (n_groups, math.ceil(out_f * bits / 32)) or not scales.is_floating_point():
+        raise ValueError(f"{name}: qzeros {tuple(qzeros.shape)} and scales {tuple(scales.shape)} ({scales.dtype}) do not fit a "
+                         f"[{out_f}, {in_f}] {spec} layer")
+    g_idx = tensors.get(f"{name}.g_idx")
+    size = in_f // n_groups
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(in_f) // size):
+        raise ValueError(f"{name}: g_idx assigns input columns to groups out of order (desc_act), which gransearch's layers do "
+                         "not hold: load it with GPTQModel")
+    codes = unpack_int32(qweight, bits, in_f, dim=0).t().contiguous()
+    zero = _v1_zeros(qzeros, bits, out_f) if version == 1 else unpack_int32(qzeros, bits, out_f)
+    zero = zero.t().contiguous()
+    if spec.symmetric:
+        if bool((zero != 1 << (bits - 1)).any()):
+            raise ValueError(f"{name}: the config says sym=True but the stored zero points are not all {1 << (bits - 1)}")
+        zero = None
+    return QuantizedWeight(codes, scales.t().contiguous(), zero, spec)

@@ -1,0 +1,182 @@
+"""Reading GPTQ-format checkpoints (GPTQModel, AutoGPTQ). The checkpoints here are packed by hand,
+bit by bit in plain Python, from the layout GPTQModel documents in its code (codes packed along
+the input into int32 words, zero points along the output, v1 zero points stored minus one with
+GPTQModel's word-wise subtraction); benchmarks/read_gptqmodel.py reads ones GPTQModel wrote."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import gransearch as gs
+
+from .conftest import save_tiny_model
+from .tiny import token_stream
+
+
+def _pack(values: torch.Tensor, bits: int) -> list[int]:
+    """Unsigned ``bits``-bit values as one little-endian bit stream of 32-bit words (element ``j``
+    at bit ``j * bits``), each word as an unsigned Python int."""
+    words = [0] * math.ceil(len(values) * bits / 32)
+    for j, v in enumerate(values.tolist()):
+        for b in range(bits):
+            if (int(v) >> b) & 1:
+                pos = j * bits + b
+                words[pos // 32] |= 1 << (pos % 32)
+    return words
+
+
+def _int32(words) -> torch.Tensor:
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int):
+    """GPTQ tensors of ``w`` [out, in] quantized by min-max rounding, and the weight they hold."""
+    out_f, in_f = w.shape
+    group = in_f if group == -1 else group
+    top = (1 << bits) - 1
+    blocks = w.reshape(out_f, in_f // group, group)
+    if sym:
+        scale = (blocks.abs().amax(-1) / (top // 2 + 1)).clamp_min(1e-6).half()
+        zero = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int64)
+    else:
+        lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / top).clamp_min(1e-6).half()
+        zero = torch.round(-lo / scale.float()).long().clamp(0, top)
+        zero[::3, 0] = 0  # zero points of 0: v1 stores -1, which borrows from the next field
+    codes = torch.clamp(torch.round(blocks / scale.float()[..., None]) + zero[..., None], 0, top).long().reshape(out_f, in_f)
+    want = ((codes.reshape(out_f, -1, group) - zero[..., None]) * scale.float()[..., None]).reshape(out_f, in_f)
+    qweight = torch.stack([_int32(_pack(codes[o], bits)) for o in range(out_f)], 1)  # [in*bits/32, out]
+    rows = []
+    for g in range(zero.shape[1]):
+        z = zero[:, g]
+        if version == 1 and 32 % bits:  # 3 bits: each field minus one, modulo 2^bits (GPTQModel)
+            words = _pack((z - 1) % (1 << bits), bits)
+        elif version == 1:  # each word minus 0x11111111 (4-bit), borrows carried across fields (GPTQModel)
+            words = [(x - sum(1 << (bits * k) for k in range(32 // bits))) % (1 << 32) for x in _pack(z, bits)]
+        else:
+            words = _pack(z, bits)
+        rows.append(_int32(words))
+    tensors = {"qweight": qweight, "qzeros": torch.stack(rows), "scales": scale.t().contiguous(),
+               "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
+    return tensors, want
+
+
+def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_config=True, **qc_extra):
+    """A tiny llama (the CLI assets' float model, tokenizer included) saved in GPTQ's layout;
+    returns ``{layer: the weight it holds}``."""
+    model_dir = cli_assets[0]
+    shutil.copytree(model_dir, folder)
+    from safetensors.torch import load_file
+
+    (folder / "model.safetensors").unlink()
+    floats = load_file(f"{model_dir}/model.safetensors")
+    tensors, want = {}, {}
+    for key, t in floats.items():
+        name = key.removesuffix(".weight")
+        if ".layers." in key and key.endswith("proj.weight"):
+            layer, want[name] = _gptq_layer(t, bits, group, sym, version)
+            tensors.update({f"{name}.{k}": v for k, v in layer.items()})
+        else:
+            tensors[key] = t
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
+          "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "pack_dtype": "int32", **qc_extra}
+    if quant_config:
+        cfg["quantization_config"] = qc
+    else:  # AutoGPTQ: the settings in quantize_config.json beside a plain config
+        (folder / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return want
+
+
+@pytest.mark.parametrize("bits, group, sym, version", [(4, 32, False, 1), (4, 32, True, 1), (3, 32, False, 1), (8, -1, True, 1),
+                                                       (2, 32, False, 2), (4, 64, False, 2)])
+def test_reads_gptq_checkpoints_exactly(tmp_path, cli_assets, bits, group, sym, version):
+    want = _write(tmp_path / "q", cli_assets, bits, group, sym, version)
+    model = gs.load_quantized(str(tmp_path / "q"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+    assert set(layers) == set(want) and len(layers) == 14
+    for name, m in layers.items():  # one group as wide as the row is a channel
+        gran = "c" if group in (-1, m.in_features) else f"g{group}"
+        assert str(m.spec) == f"w{bits}{gran}{'s' if sym else ''}", name
+        assert m.scales.dtype == torch.float16
+        assert torch.equal(m.quantized_weight().dequantize(torch.float32), want[name]), name
+
+    # the same through gs.load_model (what every command's --model uses) and block by block from disk
+    ids = token_stream(1024, vocab=model.config.vocab_size, seed=3)
+    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    assert math.isfinite(ppl)
+    loaded, _ = gs.load_model(str(tmp_path / "q"))
+    assert sum(isinstance(m, gs.QuantLinear) for m in loaded.modules()) == 14
+    disk = gs.offload.DiskModel(str(tmp_path / "q"))
+    assert set(disk.quantized) == set(want)
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    with pytest.raises(ValueError, match="already quantized"):
+        gs.quantize(loaded, "w4g32", None, method="rtn", verbose=False)
+    # float16 scales, integer zero points: written again as compressed-tensors, bit for bit
+    gs.save_quantized(model, str(tmp_path / "ct"))
+    back = gs.load_quantized(str(tmp_path / "ct"))
+    for name, m in layers.items():
+        assert torch.equal(back.get_submodule(name).quantized_weight().dequantize(torch.float32), want[name]), name
+
+
+def test_autogptq_quantize_config_json_reads(tmp_path, cli_assets):
+    want = _write(tmp_path / "q", cli_assets, quant_config=False)
+    model = gs.load_quantized(str(tmp_path / "q"))
+    m = model.get_submodule(next(iter(want)))
+    assert torch.equal(m.quantized_weight().dequantize(torch.float32), want[next(iter(want))])
+    assert set(gs.offload.DiskModel(str(tmp_path / "q")).quantized) == set(want)
+
+
+def _edit_config(folder, **change):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensor(folder, key, change):
+    from safetensors.torch import load_file
+
+    t = load_file(str(folder / "model.safetensors"))
+    t[key] = change(t[key])
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+LAYER = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("config, tensor, message", [
+    ({"desc_act": True}, None, "desc_act=True with groups of 32"),
+    ({"checkpoint_format": "marlin"}, None, "checkpoint_format 'marlin'"),
+    ({"pack_dtype": "int16"}, None, "packed in int16 words"),
+    ({}, ("g_idx", lambda g: g.flip(0)), f"{LAYER}: g_idx assigns input columns to groups out of order"),
+    ({"sym": True}, None, "sym=True but the stored zero points are not all 8"),
+    ({}, ("scales", lambda s: s[:3]), f"{LAYER}: 3 groups do not divide the 128 input columns"),
+])
+def test_what_is_not_read_is_refused_with_the_reason(tmp_path, cli_assets, config, tensor, message):
+    folder = tmp_path / "q"
+    _write(folder, cli_assets)
+    _edit_config(folder, **config)
+    if tensor:
+        _edit_tensor(folder, f"{LAYER}.{tensor[0]}", tensor[1])
+    with pytest.raises(ValueError, match=message):
+        gs.load_quantized(str(folder))
+    with pytest.raises(ValueError, match=message):  # from disk: when the config is read, or the layer's block
+        _read_all(folder)
+
+
+def _read_all(folder):
+    disk = gs.offload.DiskModel(str(folder))
+    gs.offload.perplexity(disk, token_stream(256, vocab=disk.config.vocab_size), seqlen=64, batch_size=2, verbose=False)
+
+
+def test_desc_act_per_channel_reads(tmp_path, cli_assets):
+    """Act-order per channel stores g_idx all zeros: one group, in order; it reads."""
+    want = _write(tmp_path / "q", cli_assets, bits=4, group=-1, sym=True, desc_act=True)
+    model = gs.load_quantized(str(tmp_path / "q"))
+    assert all(torch.equal(model.get_submodule(n).quantized_weight().dequantize(torch.float32), w) for n, w in want.items())
