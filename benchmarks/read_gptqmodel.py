@@ -138,7 +138,7 @@ def main() -> None:
     if args.print:
         return print_table(read_record(args.out))
     rows = checked_rows(args.rows, ROWS)
-    gptqmodel = import_gptqmodel()
+    import_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     import gransearch as gs

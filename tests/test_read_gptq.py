@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 import gransearch as gs
 
-from .conftest import save_tiny_model
 from .tiny import token_stream
 
 
