@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --llamacpp: also the KL divergence per token from this (unquantized) GGUF, decoded by llama.cpp")
     p.add_argument("--from-disk", action="store_true",
                    help="read the model folder (or a hub id's snapshot) one block at a time (a float model, or a weight-only "
-                        "compressed-tensors checkpoint gransearch or llm-compressor wrote; models larger than memory; chosen by itself when its float32 weights exceed half "
-                        "the available memory)")
+                        "compressed-tensors checkpoint gransearch or llm-compressor wrote, or a GPTQ one; models larger than "
+                        "memory; chosen by itself when its float32 weights exceed half the available memory)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -530,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="dtype of the saved floating-point tensors (default: the model's published dtype)")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder (or a hub id's snapshot) one block at a time and write --save as blocks finish (models larger than memory; "
-                        "chosen by itself when the float32 weights exceed half the available memory)")
+                   help="read the model folder (or a hub id's snapshot) one block at a time and write --save as blocks finish "
+                        "(models larger than memory; chosen by itself when the float32 weights exceed half the available memory)")
     _add_gguf_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -579,9 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--from-disk", action="store_true",
-                   help="read the model folder (or a hub id's snapshot) one block at a time: the bank, every trial, the finalists (written to OUT/finals "
-                        "and measured as written) and --save (models larger than memory; chosen by itself when the float32 "
-                        "weights exceed half the available memory)")
+                   help="read the model folder (or a hub id's snapshot) one block at a time: the bank, every trial, the finalists "
+                        "(written to OUT/finals and measured as written) and --save (models larger than memory; chosen by itself "
+                        "when the float32 weights exceed half the available memory)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_optimize)
 

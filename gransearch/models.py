@@ -251,7 +251,7 @@ def load_model(
     ``name_or_path``: ``"smollm2-135m"`` (the packaged GGUF), a path to a ``.gguf`` file, a local
     model directory, or a hub id (needs network, or ``HF_HUB_OFFLINE=1`` and a cached copy). A
     compressed-tensors weight-only checkpoint (one :func:`gransearch.save_quantized` or llm-compressor
-    wrote; a hub id's too, from its snapshot) is read by
+    wrote) or a GPTQ one (GPTQModel, AutoGPTQ), a hub id's too (from its snapshot), is read by
     :func:`gransearch.load_quantized`: its layers hold the stored codes, computing in ``dtype``. ``dtype``: a torch dtype or its name
     (``"float32"``, ``"bfloat16"``, ``"float16"``). ``device``: where to put the model (default
     CPU). Remote code is refused unless ``trust_remote_code=True``.

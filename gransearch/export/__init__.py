@@ -7,6 +7,8 @@ when given, the tokenizer. ``transformers.AutoModelForCausalLM.from_pretrained(f
 (with ``compressed-tensors`` installed) and vLLM serves it when every layer is in the ``vllm``
 profile (:mod:`gransearch.profiles`). :func:`load_quantized` reads it back with bit-identical codes.
 The layout and how our codes map to compressed-tensors' are in :mod:`.compressed_tensors`.
+:func:`load_quantized` also reads other tools' weight-only checkpoints: llm-compressor's
+compressed-tensors ones and GPTQModel's or AutoGPTQ's GPTQ-format ones (:mod:`.gptq`).
 """
 
 from __future__ import annotations
