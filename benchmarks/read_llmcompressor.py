@@ -26,7 +26,6 @@ tokens of the wiki-sample test split: the claim is equality, not a perplexity le
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -34,7 +33,8 @@ import time
 
 import torch
 
-from vs_llmcompressor import calib_loader, checked_rows, import_llmcompressor, open_record, provenance, read_record, save_record
+from vs_llmcompressor import (calib_loader, checked_rows, import_llmcompressor, open_record, provenance, read_record, reading_args,
+                              reading_setup, save_record)
 
 ROWS = ("sym", "asym", "w8c", "mixed", "gptq-actorder")
 IGNORED = "model.layers.0.self_attn.q_proj"
@@ -79,13 +79,7 @@ def same_weights(folder: str, ours) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--test-tokens", type=int, default=16384)
-    ap.add_argument("--n-calib", type=int, default=32, help="calibration windows of 512 tokens (gptq-actorder)")
-    ap.add_argument("--out", default="docs/data/interop/llmcompressor-read.json")
-    ap.add_argument("--print", action="store_true", help="only print the table of --out")
-    args = ap.parse_args()
+    args = reading_args(__doc__, ROWS, "docs/data/interop/llmcompressor-read.json")
     if args.print:
         return print_table(read_record(args.out))
     rows = checked_rows(args.rows, ROWS)
@@ -93,15 +87,9 @@ def main() -> None:
 
     import gransearch as gs
 
-    settings = {"model": "smollm2-135m", "test_tokens": args.test_tokens, "n_calib": args.n_calib, "seqlen": 512}
+    settings, _, _, calib, ppl = reading_setup(args)
     record = open_record(args.out, settings)
     record.update(provenance("read_llmcompressor.py"))
-    _, tok = gs.load_model("smollm2-135m")
-    test = gs.load_tokens("wiki-sample", tok, "test")[: args.test_tokens]
-    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
-
-    def ppl(model) -> float:
-        return gs.perplexity(model, test, seqlen=512, batch_size=4, verbose=False).ppl
 
     for row in rows:
         if row in record["rows"]:

@@ -80,6 +80,35 @@ def checked_rows(text: str, known) -> list[str]:
     return rows
 
 
+def reading_args(doc: str, rows, out: str):
+    """The command line of the scripts that read another tool's checkpoints (read_llmcompressor.py,
+    read_gptqmodel.py): rows, test tokens, calibration windows, the record, or only its table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(rows))
+    ap.add_argument("--test-tokens", type=int, default=16384)
+    ap.add_argument("--n-calib", type=int, default=32, help="calibration windows of 512 tokens")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--print", action="store_true", help="only print the table of --out")
+    return ap.parse_args()
+
+
+def reading_setup(args):
+    """``(settings, tokenizer, test ids, calibration windows, perplexity function)`` of those scripts:
+    SmolLM2-135M, the first ``--test-tokens`` wiki-sample test tokens, ``--n-calib`` x 512 training
+    tokens (seed 0)."""
+    import gransearch as gs
+
+    settings = {"model": "smollm2-135m", "test_tokens": args.test_tokens, "n_calib": args.n_calib, "seqlen": 512}
+    _, tok = gs.load_model("smollm2-135m")
+    test = gs.load_tokens("wiki-sample", tok, "test")[: args.test_tokens]
+    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
+
+    def ppl(model) -> float:
+        return gs.perplexity(model, test, seqlen=512, batch_size=4, verbose=False).ppl
+
+    return settings, tok, test, calib, ppl
+
+
 def import_llmcompressor():
     """llm-compressor's ``oneshot`` (with :func:`cpu_only_workaround` applied), or the way to install it."""
     try:

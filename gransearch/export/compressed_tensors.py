@@ -267,14 +267,19 @@ def _matches(name: str, module: nn.Module, target: str) -> bool:
     return _name_matches(name, target) or _class_matches(module, target)
 
 
-def parse_config(folder: str) -> tuple[dict, CheckpointScheme]:
-    """``(config.json, its scheme)`` of a compressed-tensors checkpoint, refused with the reason when
-    it holds anything gransearch does not read (activation quantization, other formats, g_idx ...)."""
+def model_config(folder: str) -> tuple[dict, str]:
+    """``(config.json's contents, its path)`` of a model folder; a clear error where there is none."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} has no config.json: not a saved model folder")
     with open(path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+        return json.load(fh), path
+
+
+def parse_config(folder: str) -> tuple[dict, CheckpointScheme]:
+    """``(config.json, its scheme)`` of a compressed-tensors checkpoint, refused with the reason when
+    it holds anything gransearch does not read (activation quantization, other formats, g_idx ...)."""
+    cfg, path = model_config(folder)
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else None

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..arch import get_module
 from ..spec import PerChannel, PerGroup, QuantSpec
-from .compressed_tensors import unpack_int32
+from .compressed_tensors import model_config, unpack_int32
 
 __all__ = ["GPTQScheme", "parse_config", "layer_from_tensors", "SUFFIXES"]
 
@@ -51,11 +51,7 @@ FORMATS = {"gptq": 1, "gptq_v2": 2}
 def _quant_config(folder: str) -> tuple[dict, dict, str]:
     """``(config.json, its GPTQ quantization config, where that came from)``: config.json's
     ``quantization_config``, else AutoGPTQ's separate ``quantize_config.json``."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no config.json: not a saved model folder")
-    with open(path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+    cfg, path = model_config(folder)
     qc = cfg.get("quantization_config")
     if isinstance(qc, dict) and qc:
         return cfg, qc, path
