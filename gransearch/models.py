@@ -216,28 +216,28 @@ def _hub_quantized(repo: str) -> bool:
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("compressed-tensors", "gptq")
 
 
-def _readable_checkpoint(folder: str) -> bool:
-    """Whether ``folder`` is a quantized checkpoint gransearch reads itself (compressed-tensors
-    weight-only pack-quantized, or GPTQ); other quantized checkpoints are left to transformers (logged)."""
+def _readable_checkpoint(folder: str) -> tuple[bool, Optional[str]]:
+    """``(whether gransearch reads the quantized checkpoint in folder itself, why not)``: it reads
+    compressed-tensors weight-only pack-quantized and GPTQ ones; the reason is given for a quantized
+    checkpoint it refuses (left to transformers), ``None`` for a float model."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        return False
+        return False, None
     with open(path, encoding="utf-8") as fh:
         try:
             qc = json.load(fh).get("quantization_config")
         except (ValueError, AttributeError):
-            return False
+            return False, None
     from .export import gptq, read_scheme
 
     if not qc and not gptq.is_gptq(folder):  # AutoGPTQ keeps its config in quantize_config.json
-        return False
-
+        return False, None
     try:
         read_scheme(folder)
     except ValueError as exc:
         log.info("%s is quantized in a layout gransearch does not read (%s): transformers loads it", folder, exc)
-        return False
-    return True
+        return False, str(exc)
+    return True, None
 
 
 def load_model(
@@ -268,7 +268,7 @@ def load_model(
     src = _resolve(name_or_path)
     if is_hub_id(src) and _hub_quantized(src):  # read by gransearch from the snapshot, as a local folder
         src = model_folder(src, trust_remote_code)
-    quantized = _readable_checkpoint(src)
+    quantized, refused = _readable_checkpoint(src)
     try:
         if quantized:  # read by gransearch: exact codes, and asymmetric schemes transformers does not reload
             from .export import load_quantized
@@ -282,6 +282,11 @@ def load_model(
             f"could not load model {name_or_path!r} ({exc}). Use 'smollm2-135m' (packaged), a .gguf "
             "file, a local directory with config.json, or a hub id when the hub is reachable"
         ) from exc
+    except (ImportError, ValueError) as exc:
+        if refused is None:
+            raise
+        raise ValueError(f"{name_or_path!r} is quantized in a layout gransearch does not read ({refused}), and transformers "
+                         f"could not load it either ({exc})") from exc
     model.eval()
     if device is not None:
         model.to(device)

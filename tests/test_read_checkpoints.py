@@ -79,7 +79,7 @@ def test_reads_what_compressed_tensors_writes_exactly(tmp_path, dtype):
     assert set(disk.quantized) == set(want)
     assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
     # gs.load_model sends it to load_quantized (the CLI test below loads one through it, tokenizer included)
-    assert gs.models._readable_checkpoint(str(tmp_path))
+    assert gs.models._readable_checkpoint(str(tmp_path)) == (True, None)
 
 
 def test_reads_what_transformers_dequantizes(tmp_path):

@@ -174,6 +174,21 @@ def _read_all(folder):
     gs.offload.perplexity(disk, token_stream(256, vocab=disk.config.vocab_size), seqlen=64, batch_size=2, verbose=False)
 
 
+def test_a_refused_checkpoint_transformers_cannot_load_says_both_reasons(tmp_path, cli_assets, monkeypatch):
+    """gs.load_model leaves a checkpoint gransearch refuses to transformers; when that fails too
+    (GPTQ there needs optimum or GPTQModel), the error gives gransearch's reason beside transformers'."""
+    import transformers
+
+    _write(tmp_path / "q", cli_assets, desc_act=True)
+
+    def missing(*_, **__):
+        raise ImportError("Loading a GPTQ quantized model requires optimum")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+    with pytest.raises(ValueError, match=r"desc_act=True with groups of 32.*transformers could not load it either \(Loading a GPTQ"):
+        gs.load_model(str(tmp_path / "q"))
+
+
 def test_desc_act_per_channel_reads(tmp_path, cli_assets):
     """Act-order per channel stores g_idx all zeros: one group, in order; it reads."""
     want = _write(tmp_path / "q", cli_assets, bits=4, group=-1, sym=True, desc_act=True)
