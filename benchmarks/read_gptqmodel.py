@@ -21,7 +21,8 @@ unless the row says v2). Then, in the same process:
   ``dequantize_weight``, its scales taken as float32 so that neither side rounds). That float16 model's
   perplexity is not measured: float16 matmuls are slow on the CPU.
 
-Rows: ``asym`` 4-bit asymmetric groups of 64; ``sym`` symmetric; ``w8c`` 8-bit per channel;
+Rows (GPTQModel's defaults otherwise, its ``act_group_aware`` ordering included where there are
+groups): ``asym`` 4-bit asymmetric groups of 64; ``sym`` symmetric; ``w8c`` 8-bit per channel;
 ``w3g64`` 3-bit asymmetric groups of 64 (codes straddle int32 words); ``v2-asym`` ``asym`` saved in
 GPTQModel's v2 zero-point format; ``desc-act-channel`` act-order per channel (its ``g_idx`` is all
 zeros, so it reads); ``desc-act-g64`` act-order with groups of 64, which gransearch refuses (its
@@ -47,10 +48,10 @@ from vs_llmcompressor import checked_rows, commit, open_record, read_record, rea
 ROWS = {
     "asym": dict(bits=4, group_size=64, sym=False),
     "sym": dict(bits=4, group_size=64, sym=True),
-    "w8c": dict(bits=8, group_size=-1, sym=True),
+    "w8c": dict(bits=8, group_size=-1, sym=True, act_group_aware=False),  # GPTQModel's default ordering needs groups
     "w3g64": dict(bits=3, group_size=64, sym=False),
     "v2-asym": dict(bits=4, group_size=64, sym=False, format="gptq_v2"),
-    "desc-act-channel": dict(bits=4, group_size=-1, sym=True, desc_act=True),
+    "desc-act-channel": dict(bits=4, group_size=-1, sym=True, desc_act=True, act_group_aware=False),
     "desc-act-g64": dict(bits=4, group_size=64, sym=True, desc_act=True),
 }
 
