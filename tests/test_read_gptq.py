@@ -64,9 +64,10 @@ def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int)
     return tensors, want
 
 
-def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_config=True, **qc_extra):
+def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_config=True, dynamic=None, **qc_extra):
     """A tiny llama (the CLI assets' float model, tokenizer included) saved in GPTQ's layout;
-    returns ``{layer: the weight it holds}``."""
+    ``dynamic``: ``{layer name suffix: (bits, group)}`` written instead of the config's, as
+    GPTQModel's per-module overrides do. Returns ``{layer: the weight it holds}``."""
     model_dir = cli_assets[0]
     shutil.copytree(model_dir, folder)
     from safetensors.torch import load_file
@@ -77,7 +78,8 @@ def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_con
     for key, t in floats.items():
         name = key.removesuffix(".weight")
         if ".layers." in key and key.endswith("proj.weight"):
-            layer, want[name] = _gptq_layer(t, bits, group, sym, version)
+            b, g = next((v for k, v in (dynamic or {}).items() if name.endswith(k)), (bits, group))
+            layer, want[name] = _gptq_layer(t, b, g, sym, version)
             tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         else:
             tensors[key] = t
@@ -122,6 +124,17 @@ def test_reads_gptq_checkpoints_exactly(tmp_path, cli_assets, bits, group, sym, 
     back = gs.load_quantized(str(tmp_path / "ct"))
     for name, m in layers.items():
         assert torch.equal(back.get_submodule(name).quantized_weight().dequantize(torch.float32), want[name]), name
+
+
+def test_per_module_overrides_read_from_the_shapes(tmp_path, cli_assets):
+    """GPTQModel's ``dynamic`` overrides give some modules other bits or groups than the config's:
+    each layer's bits come from its packed rows and its groups from its scales."""
+    want = _write(tmp_path / "q", cli_assets, bits=4, group=32, dynamic={"down_proj": (8, -1), "v_proj": (3, 64)})
+    model = gs.load_quantized(str(tmp_path / "q"))
+    specs = {n: str(m.spec) for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+    assert specs["model.layers.1.mlp.down_proj"] == "w8c" and specs["model.layers.0.self_attn.v_proj"] == "w3c"
+    assert specs["model.layers.0.mlp.up_proj"] == "w4g32"
+    assert all(torch.equal(model.get_submodule(n).quantized_weight().dequantize(torch.float32), w) for n, w in want.items())
 
 
 def test_autogptq_quantize_config_json_reads(tmp_path, cli_assets):
