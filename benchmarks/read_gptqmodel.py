@@ -40,6 +40,7 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,9 +75,12 @@ def import_gptqmodel():
         sys.modules.update({"torchvision": tv, "torchvision.transforms": tr, "torchvision.transforms.functional": fn})
     try:
         import gptqmodel
+        from gptqmodel.looper import loop_processor
     except ImportError:
         raise SystemExit("GPTQModel is not installed in this Python: run `bash scripts/gptqmodel_env.sh` and use "
                          ".venv-gptqmodel/bin/python") from None
+    # its per-layer logs go to ./logs by default (the checkout): a temporary folder instead
+    loop_processor._PROJECT_LOG_DIR = Path(tempfile.mkdtemp(prefix="gptqmodel-logs-"))
     return gptqmodel
 
 
