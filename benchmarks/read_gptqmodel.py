@@ -199,14 +199,11 @@ def print_table(record: dict) -> None:
         s = r["saved"]
         saved = f"{s['checkpoint_format']}, {s['bits']}-bit, group {s['group_size']}, sym={s['sym']}, desc_act={s['desc_act']}"
         if "refused" in r:
-            print(f"| {row} | {saved} | refused | {r['gptqmodel_ppl']:.4f} | - | - | - | - |")
+            print(f"| {row} | {saved} | refused: {r['refused'].split(':')[1].strip()} | {r['gptqmodel_ppl']:.4f} | - | - | - | - |")
             continue
         w = r["weights"]
         print(f"| {row} | {saved} | {', '.join(r['specs'])} | {r['gptqmodel_ppl']:.4f} | {r['load_quantized_ppl']:.4f} | "
               f"{r['load_quantized_fp32_ppl']:.4f} | {r['from_disk_ppl']:.4f} | {w['equal']:,} of {w['of']:,} ({w['layers']} layers) |")
-    for row, r in record["rows"].items():
-        if "refused" in r:
-            print(f"\n{row}: {r['refused']}")
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
     if qc.get("desc_act") and group_size not in (-1, 0):
         raise ValueError(f"{path}: desc_act=True with groups of {group_size}: each layer's g_idx assigns its input columns "
                          "to groups out of order, which gransearch's layers do not hold (its groups are contiguous "
-                         "columns): load it with GPTQModel, or quantize with desc_act=False (GPTQModel's act_group_aware "
-                         "keeps most of the gain)")
+                         "columns): load it with GPTQModel, or quantize with desc_act=False (GPTQModel's default "
+                         "act_group_aware ordering keeps g_idx in order)")
     return cfg, GPTQScheme(bits, group_size, sym, FORMATS[fmt], shapes)
 
 
