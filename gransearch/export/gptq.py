@@ -42,7 +42,7 @@ from ..arch import get_module
 from ..spec import PerChannel, PerGroup, QuantSpec
 from .compressed_tensors import model_config, unpack_int32
 
-__all__ = ["GPTQScheme", "parse_config", "layer_from_tensors", "SUFFIXES"]
+__all__ = ["GPTQScheme", "is_gptq", "parse_config", "layer_from_tensors", "SUFFIXES"]
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
