@@ -220,17 +220,9 @@ def _readable_checkpoint(folder: str) -> tuple[bool, Optional[str]]:
     """``(whether gransearch reads the quantized checkpoint in folder itself, why not)``: it reads
     compressed-tensors weight-only pack-quantized and GPTQ ones; the reason is given for a quantized
     checkpoint it refuses (left to transformers), ``None`` for a float model."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return False, None
-    with open(path, encoding="utf-8") as fh:
-        try:
-            qc = json.load(fh).get("quantization_config")
-        except (ValueError, AttributeError):
-            return False, None
-    from .export import gptq, read_scheme
+    from .export import quantization_method, read_scheme
 
-    if not qc and not gptq.is_gptq(folder):  # AutoGPTQ keeps its config in quantize_config.json
+    if quantization_method(folder) is None:
         return False, None
     try:
         read_scheme(folder)

@@ -184,9 +184,9 @@ class DiskModel:
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         self.quantized: dict = {}  # {linear name: spec} of a quantized checkpoint, dequantized as read
         scheme = None
-        from .export import gptq, read_scheme
+        from .export import quantization_method, read_scheme
 
-        if getattr(self.config, "quantization_config", None) is not None or gptq.is_gptq(folder):
+        if quantization_method(folder) is not None:
             try:
                 _, scheme = read_scheme(folder)
             except ValueError as exc:

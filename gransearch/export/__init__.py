@@ -30,7 +30,7 @@ from . import compressed_tensors as ct
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_quantized", "load_quantized", "load_in_transformers", "read_scheme", "SavedModel", "ShardedWriter", "FORMATS",
+__all__ = ["save_quantized", "load_quantized", "load_in_transformers", "quantization_method", "read_scheme", "SavedModel", "ShardedWriter", "FORMATS",
            "float_dtype_of"]
 
 FORMATS = ("compressed-tensors",)
@@ -260,6 +260,19 @@ def _persistent(model: nn.Module, bname: str) -> bool:
     return leaf not in getattr(mod, "_non_persistent_buffers_set", set())
 
 
+def quantization_method(folder: str) -> Optional[str]:
+    """The ``quant_method`` of the checkpoint in ``folder`` (``"compressed-tensors"``, ``"gptq"`` ...,
+    from config.json's ``quantization_config`` or AutoGPTQ's ``quantize_config.json``); ``None`` for
+    a float model or a folder without a readable config."""
+    from . import gptq
+
+    try:
+        _, qc, _ = gptq.quant_config(folder)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(qc.get("quant_method") or "?").lower() if qc else None
+
+
 def read_scheme(folder: str):
     """``(config.json, scheme)`` of a quantized checkpoint gransearch reads: GPTQ's layout
     (:mod:`gransearch.export.gptq`) when its config says ``quant_method: gptq``, else
@@ -268,7 +281,7 @@ def read_scheme(folder: str):
     its ``suffixes`` name a layer's tensors. Anything else is refused with the reason."""
     from . import gptq
 
-    if gptq.is_gptq(folder):
+    if quantization_method(folder) == "gptq":
         return gptq.parse_config(folder)
     return ct.parse_config(folder)
 

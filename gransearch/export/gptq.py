@@ -42,15 +42,16 @@ from ..arch import get_module
 from ..spec import PerChannel, PerGroup, QuantSpec
 from .compressed_tensors import model_config, unpack_int32
 
-__all__ = ["GPTQScheme", "is_gptq", "parse_config", "layer_from_tensors", "SUFFIXES"]
+__all__ = ["GPTQScheme", "quant_config", "parse_config", "layer_from_tensors", "SUFFIXES"]
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
 
 
-def _quant_config(folder: str) -> tuple[dict, dict, str]:
-    """``(config.json, its GPTQ quantization config, where that came from)``: config.json's
-    ``quantization_config``, else AutoGPTQ's separate ``quantize_config.json``."""
+def quant_config(folder: str) -> tuple[dict, dict, str]:
+    """``(config.json, its quantization config, where that came from)``: config.json's
+    ``quantization_config`` (any method), else AutoGPTQ's separate ``quantize_config.json`` (GPTQ),
+    else ``{}``."""
     cfg, path = model_config(folder)
     qc = cfg.get("quantization_config")
     if isinstance(qc, dict) and qc:
@@ -60,15 +61,6 @@ def _quant_config(folder: str) -> tuple[dict, dict, str]:
         with open(side, encoding="utf-8") as fh:
             return cfg, {"quant_method": "gptq", **json.load(fh)}, side
     return cfg, {}, path
-
-
-def is_gptq(folder: str) -> bool:
-    """Whether ``folder``'s config declares a GPTQ checkpoint (``quant_method`` ``gptq``)."""
-    try:
-        _, qc, _ = _quant_config(folder)
-    except (OSError, ValueError):
-        return False
-    return str(qc.get("quant_method", "")).lower() == "gptq"
 
 
 @dataclass
@@ -131,7 +123,7 @@ def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
 
     from ..offload import checkpoint_files
 
-    cfg, qc, path = _quant_config(folder)
+    cfg, qc, path = quant_config(folder)
     if str(qc.get("quant_method", "")).lower() != "gptq":
         raise ValueError(f"{path}: not a GPTQ checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
