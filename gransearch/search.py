@@ -199,8 +199,8 @@ class _DiskAssembler:
 def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof):
     """The model read from disk (a :class:`~gransearch.offload.DiskModel`), after refusing what a
     search from disk does not do; ``None`` for a model in memory."""
+    check_float_model(model, "a search")  # a DiskModel answers for itself
     if not isinstance(model, DiskModel):
-        check_float_model(model, "a search")
         return None
     if proxy != "ppl" or objective_fn is not None:
         raise ValueError("a search of a model read from disk measures perplexity (proxy='ppl', no objective_fn)")
@@ -208,7 +208,6 @@ def _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, ban
         raise ValueError("a search of a model read from disk keeps its bank on disk: give bank_dir")
     if final_ids is not None and n_final > 0 and not (final_dir or bank_dir):
         raise ValueError("a search of a model read from disk writes its finalists' checkpoints: give final_dir")
-    model.check_float("a search")
     if prof.format == "gguf":
         raise ValueError("the gguf profile needs the model in memory (llama.cpp's quantizer and the Q8_0 embedding)")
     return model
