@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from vs_llmcompressor import checked_rows, commit, open_record, read_record, reading_args, reading_setup, save_record
+from vs_llmcompressor import checked_rows, commit, keep_row, open_record, read_record, reading_args, reading_setup
 
 ROWS = {
     "asym": dict(bits=4, group_size=64, sym=False),
@@ -182,9 +182,7 @@ def main() -> None:
                 del ours
                 out["load_quantized_fp32_ppl"] = ppl(gs.load_quantized(folder, dtype=torch.float32))
                 out["from_disk_ppl"] = ppl(gs.offload.DiskModel(folder))
-        record["rows"][row] = out
-        save_record(args.out, record)
-        print(f"{row}: {json.dumps(out)}", flush=True)
+        keep_row(args.out, record, row, out)
     print_table(record)
 
 

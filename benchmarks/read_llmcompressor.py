@@ -33,8 +33,8 @@ import time
 
 import torch
 
-from vs_llmcompressor import (calib_loader, checked_rows, import_llmcompressor, open_record, provenance, read_record, reading_args,
-                              reading_setup, save_record)
+from vs_llmcompressor import (calib_loader, checked_rows, import_llmcompressor, keep_row, open_record, provenance, read_record,
+                              reading_args, reading_setup)
 
 ROWS = ("sym", "asym", "w8c", "mixed", "gptq-actorder")
 IGNORED = "model.layers.0.self_attn.q_proj"
@@ -115,9 +115,7 @@ def main() -> None:
             out["weights"] = same_weights(folder, ours)
             del ours
             out["from_disk_ppl"] = ppl(gs.offload.DiskModel(folder))
-        record["rows"][row] = out
-        save_record(args.out, record)
-        print(f"{row}: {json.dumps(out)}", flush=True)
+        keep_row(args.out, record, row, out)
     print_table(record)
 
 

@@ -128,6 +128,13 @@ def save_record(out: str, record: dict) -> None:
     atomic_write(out, json.dumps(record, indent=1))
 
 
+def keep_row(out: str, record: dict, row: str, result: dict) -> None:
+    """A finished row into the record, the record saved (a killed run resumes after it), the row printed."""
+    record["rows"][row] = result
+    save_record(out, record)
+    print(f"{row}: {json.dumps(result)}", flush=True)
+
+
 def read_record(out: str) -> dict:
     with open(out) as fh:
         return json.load(fh)
@@ -344,9 +351,7 @@ def main() -> None:
         if levels is not None:
             out["levels"] = agreement(levels, our_levels(model))
         del model
-        record["rows"][row] = out
-        save()
-        print(f"{row}: {json.dumps(out)}", flush=True)
+        keep_row(args.out, record, row, out)
     print_table(record)
 
 
