@@ -25,8 +25,9 @@ Rows (GPTQModel's defaults otherwise, its ``act_group_aware`` ordering included 
 groups): ``asym`` 4-bit asymmetric groups of 64; ``sym`` symmetric; ``w8c`` 8-bit per channel;
 ``w3g64`` 3-bit asymmetric groups of 64 (codes straddle int32 words); ``v2-asym`` ``asym`` saved in
 GPTQModel's v2 zero-point format; ``desc-act-channel`` act-order per channel (its ``g_idx`` is all
-zeros, so it reads); ``desc-act-g64`` act-order with groups of 64, which gransearch refuses (its
-``g_idx`` permutes the groups): that row records GPTQModel's perplexity and gransearch's message.
+zeros, so it reads); ``desc-act-g64`` act-order with groups of 64 (its ``g_idx`` scatters each group's
+columns along the row; gransearch reads it with that group index). A row gransearch refuses
+records GPTQModel's perplexity and gransearch's message.
 Groups of 64, not 128: SmolLM2's 576-wide inputs do not divide into 128. Not w4g32: the packaged
 model was stored as Q4_1, which flatters groups of 32. The test text is the first ``--test-tokens``
 tokens of the wiki-sample test split: the claim is equality, not a perplexity level.

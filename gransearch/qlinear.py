@@ -87,6 +87,7 @@ class QuantLinear(nn.Module):
         else:
             self.qzeros = None
         self.register_buffer("act_scale", None)
+        self.register_buffer("g_idx", None)  # a GPTQ desc_act layer's group of each input column (QuantizedWeight.g_idx)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
         else:
@@ -136,6 +137,8 @@ class QuantLinear(nn.Module):
         bufs = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             bufs["qzeros"] = self.qzeros
+        if self.g_idx is not None:
+            bufs["g_idx"] = self.g_idx
         return QuantizedWeight.from_packed(bufs, self.spec, (self.out_features, self.in_features))
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -147,11 +150,8 @@ class QuantLinear(nn.Module):
         return w
 
     def stored_nbytes(self) -> int:
-        """Bytes of the packed weight buffers (codes, scales, zeros); the bias is not counted."""
-        n = self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
-        if self.qzeros is not None:
-            n += self.qzeros.numel() * self.qzeros.element_size()
-        return n
+        """Bytes of the packed weight buffers (codes, scales, zeros, a ``g_idx``); the bias is not counted."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros, self.g_idx) if t is not None)
 
     def _apply(self, fn, *args, **kwargs):  # keep the cache consistent with .to()/.cuda()
         self._w_cache = None
@@ -159,12 +159,10 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # packed buffers have data-dependent sizes: adopt the incoming shapes
-        for name in ("qweight", "scales", "qzeros", "act_scale"):
+        for name in ("qweight", "scales", "qzeros", "act_scale", "g_idx"):
             key = prefix + name
-            if key in state_dict and getattr(self, name, None) is not None:
+            if key in state_dict and (getattr(self, name, None) is not None or name in ("act_scale", "g_idx")):
                 setattr(self, name, torch.empty_like(state_dict[key]))
-            elif key in state_dict and name == "act_scale":
-                self.act_scale = torch.empty_like(state_dict[key])
         self._w_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -180,4 +178,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", act={self.act_spec}" if self.act_spec is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}{act}"
+        order = ", g_idx (groups in activation order)" if self.g_idx is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}{order}{act}"

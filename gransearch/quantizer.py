@@ -317,6 +317,12 @@ class QuantizedWeight:
     per-tensor; a layer read from another tool's checkpoint keeps that file's float dtype); ``zero``: uint8 of the same shape, or ``None`` for symmetric specs, or the float16
     offsets ``min`` for ``float_zero`` specs (``w = code * scale + min``).
 
+    ``g_idx``: ``None`` (gransearch's layout: group ``j`` is the ``j``-th run of ``size`` columns),
+    or, for a grouped layer read from a GPTQ checkpoint quantized with ``desc_act=True``, the int32
+    group of each input column ``[in]``: GPTQ formed its groups in activation order, so a group's
+    columns are scattered along the row; each group still holds ``size`` columns. Such a weight is
+    read and evaluated exactly but has no layout in compressed-tensors or GGUF (their writers refuse it).
+
     Example::
 
         >>> import torch, gransearch as gs
@@ -329,6 +335,7 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero: Optional[torch.Tensor]
     spec: QuantSpec
+    g_idx: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -350,6 +357,10 @@ class QuantizedWeight:
         """The weight the codes represent, ``[out, in]``: ``(code - zero) * scale``, or ``code * scale
         + min`` for ``float_zero`` specs (ggml's arithmetic, so a GGUF reader gets these exact values)."""
         out_f, in_f = self.shape
+        if self.g_idx is not None:  # groups scattered along the row: each column takes its group's parameters
+            cols = self.g_idx.to(device=self.scale.device, dtype=torch.long)
+            z = self.zero_float()[:, cols]
+            return ((self.codes.float() - z) * self.scale.float()[:, cols]).to(dtype)
         grouped = self.spec.granularity.grouped
         c = self.codes.view(out_f, in_f // self.spec.granularity.width(in_f), -1).float() if grouped else self.codes.float()
 
@@ -383,15 +394,18 @@ class QuantizedWeight:
         out, r0 = [], 0
         for n in sizes:
             rows = slice(r0, r0 + n)
-            out.append(QuantizedWeight(self.codes[rows], self.scale[rows], None if self.zero is None else self.zero[rows], self.spec))
+            out.append(QuantizedWeight(self.codes[rows], self.scale[rows], None if self.zero is None else self.zero[rows], self.spec, self.g_idx))
             r0 += n
         return out
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """The stored buffers: ``qweight`` (packed codes), ``scales`` and, if asymmetric, ``qzeros``."""
+        """The stored buffers: ``qweight`` (packed codes), ``scales``, if asymmetric ``qzeros`` and,
+        for a GPTQ ``desc_act`` layer, ``g_idx``."""
         out = {"qweight": pack_codes(self.codes, self.spec.bits), "scales": self.scale.contiguous()}
         if self.zero is not None:  # float offsets are kept as they are (float16)
             out["qzeros"] = self.zero.contiguous() if self.float_zero else pack_codes(self.zero, self.spec.bits)
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx.to(torch.int32).contiguous()
         return out
 
     @classmethod
@@ -412,14 +426,14 @@ class QuantizedWeight:
             zero = buffers["qzeros"].to(torch.float16).view(scale.shape)
         elif not spec.symmetric:
             zero = unpack_codes(buffers["qzeros"], spec.bits, scale.numel()).view(scale.shape)
-        return cls(codes, scale, zero, spec)
+        return cls(codes, scale, zero, spec, buffers.get("g_idx"))
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored (packed codes + float16 scales + packed zeros)."""
+        """Bytes as stored (packed codes + float16 scales + packed zeros, + the int32 ``g_idx``)."""
         from .cost import layer_nbytes
 
-        return layer_nbytes(self.shape, self.spec)
+        return layer_nbytes(self.shape, self.spec) + (4 * self.shape[1] if self.g_idx is not None else 0)
 
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(
@@ -427,6 +441,7 @@ class QuantizedWeight:
             self.scale.to(device),
             None if self.zero is None else self.zero.to(device),
             self.spec,
+            None if self.g_idx is None else self.g_idx.to(device),
         )
 
 

@@ -32,10 +32,15 @@ def _int32(words) -> torch.Tensor:
     return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
-def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int):
-    """GPTQ tensors of ``w`` [out, in] quantized by min-max rounding, and the weight they hold."""
+def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int, order=None):
+    """GPTQ tensors of ``w`` [out, in] quantized by min-max rounding, and the weight they hold.
+    ``order``: the column order of ``desc_act`` (GPTQ forms each group of consecutive columns in
+    that order and stores ``g_idx[order[k]] = k // group``); the codes stay in the input's order."""
     out_f, in_f = w.shape
     group = in_f if group == -1 else group
+    g_idx = torch.arange(in_f) // group
+    if order is not None:  # quantize the columns in ``order``, then put everything back in the input's order
+        w = w[:, order]
     top = (1 << bits) - 1
     blocks = w.reshape(out_f, in_f // group, group)
     if sym:
@@ -48,6 +53,9 @@ def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int)
         zero[::3, 0] = 0  # zero points of 0: v1 stores -1, which borrows from the next field
     codes = torch.clamp(torch.round(blocks / scale.float()[..., None]) + zero[..., None], 0, top).long().reshape(out_f, in_f)
     want = ((codes.reshape(out_f, -1, group) - zero[..., None]) * scale.float()[..., None]).reshape(out_f, in_f)
+    if order is not None:
+        inv = torch.argsort(order)
+        codes, want, g_idx = codes[:, inv], want[:, inv], g_idx[inv]
     qweight = torch.stack([_int32(_pack(codes[o], bits)) for o in range(out_f)], 1)  # [in*bits/32, out]
     rows = []
     for g in range(zero.shape[1]):
@@ -60,14 +68,16 @@ def _gptq_layer(w: torch.Tensor, bits: int, group: int, sym: bool, version: int)
             words = _pack(z, bits)
         rows.append(_int32(words))
     tensors = {"qweight": qweight, "qzeros": torch.stack(rows), "scales": scale.t().contiguous(),
-               "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
+               "g_idx": g_idx.to(torch.int32)}
     return tensors, want
 
 
-def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_config=True, dynamic=None, **qc_extra):
+def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_config=True, dynamic=None, desc_act=False, **qc_extra):
     """A tiny llama (the CLI assets' float model, tokenizer included) saved in GPTQ's layout;
     ``dynamic``: ``{layer name suffix: (bits, group)}`` written instead of the config's, as
-    GPTQModel's per-module overrides do. Returns ``{layer: the weight it holds}``."""
+    GPTQModel's per-module overrides do; ``desc_act``: each layer's columns quantized in a random
+    order of their own. Returns ``{layer: the weight it holds}``."""
+    gen = torch.Generator().manual_seed(5)
     model_dir = cli_assets[0]
     shutil.copytree(model_dir, folder)
     from safetensors.torch import load_file
@@ -79,13 +89,14 @@ def _write(folder, cli_assets, bits=4, group=32, sym=False, version=1, quant_con
         name = key.removesuffix(".weight")
         if ".layers." in key and key.endswith("proj.weight"):
             b, g = next((v for k, v in (dynamic or {}).items() if name.endswith(k)), (bits, group))
-            layer, want[name] = _gptq_layer(t, b, g, sym, version)
+            order = torch.randperm(t.shape[1], generator=gen) if desc_act else None
+            layer, want[name] = _gptq_layer(t, b, g, sym, version, order)
             tensors.update({f"{name}.{k}": v for k, v in layer.items()})
         else:
             tensors[key] = t
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((folder / "config.json").read_text())
-    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": False,
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": desc_act,
           "checkpoint_format": "gptq" if version == 1 else "gptq_v2", "pack_dtype": "int32", **qc_extra}
     if quant_config:
         cfg["quantization_config"] = qc
@@ -163,10 +174,11 @@ LAYER = "model.layers.0.mlp.down_proj"
 
 
 @pytest.mark.parametrize("config, tensor, message", [
-    ({"desc_act": True}, None, "desc_act=True with groups of 32"),
     ({"checkpoint_format": "marlin"}, None, "checkpoint_format 'marlin'"),
     ({"pack_dtype": "int16"}, None, "packed in int16 words"),
-    ({}, ("g_idx", lambda g: g.flip(0)), f"{LAYER}: g_idx assigns input columns to groups out of order"),
+    ({}, ("g_idx", lambda g: g.clamp(max=2)), f"{LAYER}: g_idx does not give each of the 4 groups 32 columns"),
+    ({}, ("g_idx", lambda g: g - 1), f"{LAYER}: g_idx does not give each of the 4 groups 32 columns"),
+    ({}, ("g_idx", lambda g: g[:-1]), rf"{LAYER}: g_idx \(127,\) does not fit 128 input columns"),
     ({"sym": True}, None, "sym=True but the stored zero points are not all 8"),
     ({}, ("scales", lambda s: s[:3]), f"{LAYER}: 3 groups do not divide the 128 input columns"),
 ])
@@ -192,13 +204,13 @@ def test_a_refused_checkpoint_transformers_cannot_load_says_both_reasons(tmp_pat
     (GPTQ there needs optimum or GPTQModel), the error gives gransearch's reason beside transformers'."""
     import transformers
 
-    _write(tmp_path / "q", cli_assets, desc_act=True)
+    _write(tmp_path / "q", cli_assets, checkpoint_format="marlin")
 
     def missing(*_, **__):
         raise ImportError("Loading a GPTQ quantized model requires optimum")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
-    with pytest.raises(ValueError, match=r"desc_act=True with groups of 32.*transformers could not load it either \(Loading a GPTQ"):
+    with pytest.raises(ValueError, match=r"checkpoint_format 'marlin'.*transformers could not load it either \(Loading a GPTQ"):
         gs.load_model(str(tmp_path / "q"))
 
 
@@ -207,3 +219,37 @@ def test_desc_act_per_channel_reads(tmp_path, cli_assets):
     want = _write(tmp_path / "q", cli_assets, bits=4, group=-1, sym=True, desc_act=True)
     model = gs.load_quantized(str(tmp_path / "q"))
     assert all(torch.equal(model.get_submodule(n).quantized_weight().dequantize(torch.float32), w) for n, w in want.items())
+
+
+@pytest.mark.parametrize("bits, sym, version", [(4, False, 1), (3, True, 2)])
+def test_desc_act_with_groups_reads_with_its_group_index(tmp_path, cli_assets, bits, sym, version):
+    """desc_act=True with groups: each group is ``group`` consecutive columns of the activation
+    order, so g_idx scatters it along the row. The layer reads with its g_idx and holds the weight
+    exactly, in memory and from disk; writers that have no layout for it refuse it by name."""
+    want = _write(tmp_path / "q", cli_assets, bits=bits, group=32, sym=sym, version=version, desc_act=True)
+    model = gs.load_quantized(str(tmp_path / "q"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, gs.QuantLinear)}
+    assert set(layers) == set(want)
+    for name, m in layers.items():
+        assert str(m.spec) == f"w{bits}g32{'s' if sym else ''}" and m.g_idx is not None, name
+        assert torch.equal(m.quantized_weight().dequantize(torch.float32), want[name]), name
+        in_order = gs.QuantizedWeight(m.quantized_weight().codes, m.quantized_weight().scale, m.quantized_weight().zero, m.spec)
+        assert not torch.equal(in_order.dequantize(torch.float32), want[name])  # the group index is what makes it right
+        assert m.stored_nbytes() == m.quantized_weight().nbytes == gs.layer_nbytes((m.out_features, m.in_features), m.spec) + 4 * m.in_features
+
+    ids = token_stream(1024, vocab=model.config.vocab_size, seed=3)
+    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    disk = gs.offload.DiskModel(str(tmp_path / "q"))
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+
+    # a state_dict round trip keeps the group index
+    fresh = gs.load_quantized(str(tmp_path / "q"))
+    name = next(iter(want))
+    fresh.get_submodule(name).g_idx = None
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.get_submodule(name).g_idx, layers[name].g_idx)
+
+    with pytest.raises(ValueError, match=r"model\.layers\.0\..*groups are in activation order.*compressed-tensors no longer stores"):
+        gs.save_quantized(model, str(tmp_path / "ct"))
+    with pytest.raises(ValueError, match=r"groups are in activation order.*GGUF"):
+        gs.save_gguf(model, str(tmp_path / "m.gguf"))

@@ -294,8 +294,9 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
     It reads what :func:`save_quantized` writes, the weight-only ``pack-quantized`` checkpoints of
     other tools (llm-compressor's W4A16/W8A16 schemes, symmetric or not, per channel or group, their
     ``Linear`` targets and ignore lists) and GPTQ-format checkpoints (GPTQModel, AutoGPTQ: v1 and v2
-    zero points, ``desc_act=False`` or per channel); anything else (activation quantization,
-    ``actorder='group'``, ``desc_act`` with groups, sparsity, other formats) is refused with the reason."""
+    zero points, ``desc_act`` included: its layers keep their ``g_idx``); anything else (activation
+    quantization, compressed-tensors' removed ``actorder='group'``, sparsity, other formats) is refused
+    with the reason."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -89,6 +89,9 @@ def layer_tensors(name: str, qw) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear (a :class:`~gransearch.quantizer.QuantizedWeight`)."""
     spec = qw.spec
     _check(spec, name)
+    if qw.g_idx is not None:
+        raise ValueError(f"{name}: its groups are in activation order (a GPTQ desc_act layer's g_idx), which compressed-tensors "
+                         "no longer stores (actorder='group' was removed in 0.20): evaluate it here, or quantize the float model with gransearch (static groups) to export")
     out_f, in_f = qw.shape
     try:
         scale = qw.scale_float16().cpu()

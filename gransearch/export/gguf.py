@@ -411,6 +411,9 @@ def _gguf_tensors(model: nn.Module, arch: str, embd_type: str, float_type: str, 
         qk_heads = (n_head if leaf == "q_proj" else n_kv if leaf == "k_proj" else None) if permute and hf.endswith(".weight") else None
         if isinstance(obj, QuantLinear):
             q = obj.quantized_weight()
+            if getattr(q, "g_idx", None) is not None:
+                raise ValueError(f"{mname}: its groups are in activation order (a GPTQ desc_act layer's g_idx), which GGUF's "
+                                 "blocks of consecutive columns cannot store: quantize the float model for GGUF instead")
             t = ggml_type_of(q.spec)
             if t is None:
                 raise ValueError(f"{mname} is quantized as {q.spec}, which GGUF cannot store: quantize GGUF layers with "

@@ -21,11 +21,17 @@ write the layout by hand):
   for 3 bits (fields straddle words) ``(field + 1) mod 2^b`` per field, as GPTQModel does.
   ``gptq_v2`` stores ``z`` itself.
 
-Not read, each refused with the reason: ``desc_act`` checkpoints with groups (their ``g_idx`` is a
-permutation: a layer's groups are not contiguous columns, which ``QuantLinear`` cannot hold; per
-channel their ``g_idx`` is all zeros and reads), other packing words than int32, GPTQModel's
-planar layouts and other formats (``marlin``, ``bitblas`` ...), and groups that do not divide a
-layer's input width.
+``desc_act=True`` with groups: GPTQ quantized the columns in activation order and formed each group
+of ``group_size`` consecutive columns *in that order*, so ``g_idx`` scatters a group's columns along
+the row. Such a layer is read with its ``g_idx`` (:attr:`QuantizedWeight.g_idx
+<gransearch.quantizer.QuantizedWeight>`): evaluated exactly, but not written again as
+compressed-tensors or GGUF, which have no layout for it. A ``g_idx`` in order (``desc_act=False``,
+GPTQModel's ``act_group_aware`` or ``static_groups``) is gransearch's own layout and is dropped;
+per channel ``g_idx`` is all zeros. A ``g_idx`` whose groups do not each hold ``group_size`` columns
+is refused.
+
+Not read, each refused with the reason: other packing words than int32, GPTQModel's planar layouts
+and other formats (``marlin``, ``bitblas`` ...), and groups that do not divide a layer's input width.
 """
 
 from __future__ import annotations
@@ -146,11 +152,6 @@ def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
             raise ValueError(f"{folder}: {stem} has {'qweight' if qw else 'scales'} but not {'scales' if qw else 'qweight'}")
         with safe_open(file, framework="pt") as fh:
             shapes[stem] = (tuple(fh.get_slice(qw).get_shape()), tuple(fh.get_slice(sc).get_shape()))
-    if qc.get("desc_act") and group_size not in (-1, 0):
-        raise ValueError(f"{path}: desc_act=True with groups of {group_size}: each layer's g_idx assigns its input columns "
-                         "to groups out of order, which gransearch's layers do not hold (its groups are contiguous "
-                         "columns): load it with GPTQModel, or quantize with desc_act=False (GPTQModel's default "
-                         "act_group_aware ordering keeps g_idx in order)")
     return cfg, GPTQScheme(bits, group_size, sym, FORMATS[fmt], shapes)
 
 
@@ -180,11 +181,7 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
     if tuple(qzeros.shape) != (n_groups, math.ceil(out_f * bits / 32)) or not scales.is_floating_point():
         raise ValueError(f"{name}: qzeros {tuple(qzeros.shape)} and scales {tuple(scales.shape)} ({scales.dtype}) do not fit a "
                          f"[{out_f}, {in_f}] {spec} layer")
-    g_idx = tensors.get(f"{name}.g_idx")
-    size = in_f // n_groups
-    if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(in_f) // size):
-        raise ValueError(f"{name}: g_idx assigns input columns to groups out of order (desc_act), which gransearch's layers do "
-                         "not hold: load it with GPTQModel")
+    g_idx = _group_index(tensors.get(f"{name}.g_idx"), name, in_f, n_groups)
     codes = unpack_int32(qweight, bits, in_f, dim=0).t().contiguous()
     zero = _v1_zeros(qzeros, bits, out_f) if version == 1 else unpack_int32(qzeros, bits, out_f)
     zero = zero.t().contiguous()
@@ -192,4 +189,24 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
         if bool((zero != 1 << (bits - 1)).any()):
             raise ValueError(f"{name}: the config says sym=True but the stored zero points are not all {1 << (bits - 1)}")
         zero = None
-    return QuantizedWeight(codes, scales.t().contiguous(), zero, spec)
+    return QuantizedWeight(codes, scales.t().contiguous(), zero, spec, g_idx)
+
+
+def _group_index(g_idx, name: str, in_f: int, n_groups: int):
+    """A layer's ``g_idx`` as :class:`~gransearch.quantizer.QuantizedWeight` holds it: ``None`` when
+    it is in order (group ``j`` = columns ``[j*size, (j+1)*size)``), else the int32 group of each
+    column, checked to give every group ``size`` columns (what GPTQ's ``desc_act`` writes)."""
+    size = in_f // n_groups
+    if g_idx is None or n_groups == 1:
+        if g_idx is not None and bool(g_idx.any()):
+            raise ValueError(f"{name}: one group per row, but g_idx names other groups")
+        return None
+    g = g_idx.to(torch.int64)
+    if tuple(g.shape) != (in_f,):
+        raise ValueError(f"{name}: g_idx {tuple(g.shape)} does not fit {in_f} input columns")
+    if torch.equal(g, torch.arange(in_f) // size):
+        return None
+    if bool(((g < 0) | (g >= n_groups)).any()) or bool((torch.bincount(g, minlength=n_groups) != size).any()):
+        raise ValueError(f"{name}: g_idx does not give each of the {n_groups} groups {size} columns (values outside "
+                         f"[0, {n_groups}) or groups of other sizes), which is not a GPTQ group layout")
+    return g.to(torch.int32)
