@@ -39,6 +39,7 @@ from .spec import QuantSpec
 
 __all__ = [
     "QuantizedWeight",
+    "group_index",
     "check_weight",
     "block_view",
     "qparams",
@@ -309,6 +310,27 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # the quantized weight
 
 
+def group_index(g_idx: Optional[torch.Tensor], in_f: int, n_groups: int, what: str = "g_idx") -> Optional[torch.Tensor]:
+    """A stored per-column group index (GPTQ's ``g_idx``, compressed-tensors' ``weight_g_idx``) as
+    :class:`QuantizedWeight` holds it: ``None`` when there is none, when it is in order (group ``j``
+    is columns ``[j*size, (j+1)*size)``: gransearch's own layout) or unset (compressed-tensors'
+    ``-1``), else the int32 group of each of the ``in_f`` columns, checked to give each of the
+    ``n_groups`` groups ``in_f / n_groups`` columns. A ``ValueError`` says what does not fit
+    (``what``: the tensor's name in the checkpoint)."""
+    if g_idx is None:
+        return None
+    g = g_idx.to(torch.int64)
+    if tuple(g.shape) != (in_f,):
+        raise ValueError(f"{what} {tuple(g.shape)} does not fit {in_f} input columns")
+    size = in_f // n_groups
+    if bool((g == -1).all()) or torch.equal(g, torch.arange(in_f) // size):
+        return None
+    if bool(((g < 0) | (g >= n_groups)).any()) or bool((torch.bincount(g.clamp(0, n_groups - 1), minlength=n_groups) != size).any()):
+        raise ValueError(f"{what} does not give each of the {n_groups} groups {size} columns (values outside [0, {n_groups}) or "
+                         "groups of other sizes), which is not a GPTQ group layout")
+    return g.to(torch.int32)
+
+
 @dataclass
 class QuantizedWeight:
     """An integer-quantized ``[out, in]`` weight.
@@ -318,10 +340,11 @@ class QuantizedWeight:
     offsets ``min`` for ``float_zero`` specs (``w = code * scale + min``).
 
     ``g_idx``: ``None`` (gransearch's layout: group ``j`` is the ``j``-th run of ``size`` columns),
-    or, for a grouped layer read from a GPTQ checkpoint quantized with ``desc_act=True``, the int32
-    group of each input column ``[in]``: GPTQ formed its groups in activation order, so a group's
-    columns are scattered along the row; each group still holds ``size`` columns. Such a weight is
-    read and evaluated exactly but has no layout in compressed-tensors or GGUF (their writers refuse it).
+    or, for a grouped layer read from a checkpoint whose GPTQ formed its groups in activation order
+    (GPTQ's ``desc_act=True``, compressed-tensors' old ``actorder="group"``), the int32 group of each
+    input column ``[in]``: a group's columns are scattered along the row, and each group still holds
+    ``size`` columns (:func:`group_index`). Such a weight is read and evaluated exactly but has no
+    layout in compressed-tensors (since 0.19) or GGUF: their writers refuse it.
 
     Example::
 

@@ -129,8 +129,6 @@ def _edit(folder, change):
 @pytest.mark.parametrize("change, message", [
     (lambda qc: qc["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int", "strategy": "token"}),
      "quantizes activations"),
-    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"), "actorder='group'"),
-    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="dynamic"), "actorder='dynamic'"),
     (lambda qc: qc["config_groups"]["group_0"].update(format="int-quantized"), "format 'int-quantized'"),
     (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "quantized KV cache"),
     (lambda qc: qc.update(quantization_status="frozen"), "only compressed checkpoints"),
@@ -143,6 +141,53 @@ def test_what_is_not_read_is_refused_with_the_reason(tmp_path, change, message):
         gs.load_quantized(str(tmp_path))
     with pytest.raises(ValueError, match="does not read"):
         gs.offload.DiskModel(str(tmp_path))
+
+
+def test_actorder_group_reads_with_its_group_index(tmp_path):
+    """compressed-tensors before 0.19 wrote ``actorder="group"``: GPTQ formed each group of consecutive
+    columns in activation order and ``weight_g_idx[i]`` names column ``i``'s group (0.10's
+    ``_process_quantization`` sorts the columns by it). Written here by hand: each layer quantized in
+    a random column order, its codes put back in the input's order. gransearch reads it exactly,
+    in memory and from disk; writing it again is refused (compressed-tensors no longer loads it)."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    floats = copy.deepcopy(model)
+    gs.quantize(model, "w4g32", None, method="rtn", verbose=False)
+    gs.save_quantized(model, str(tmp_path))
+    spec = gs.QuantSpec.parse("w4g32")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    want = {}
+    for name, m in floats.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            order = torch.randperm(m.in_features, generator=gen)
+            inv = torch.argsort(order)
+            q = gs.rtn(m.weight.detach()[:, order], spec)  # groups of 32 consecutive columns of the order
+            want[name] = q.dequantize(torch.float32)[:, inv]
+            tensors.update(ct.layer_tensors(name, gs.QuantizedWeight(q.codes[:, inv], q.scale, q.zero, spec)))
+            tensors[f"{name}.weight_g_idx"] = (torch.arange(m.in_features) // 32)[inv].to(torch.int32)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _edit(tmp_path, lambda qc: qc["config_groups"]["group_0"]["weights"].update(actorder="group"))
+
+    ours = gs.load_quantized(str(tmp_path))
+    for name, w in want.items():
+        m = gs.arch.get_module(ours, name)
+        assert m.g_idx is not None and torch.equal(m.quantized_weight().dequantize(torch.float32), w), name
+    ids = token_stream(1024, seed=3)
+    ppl = gs.perplexity(ours, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    disk = gs.offload.DiskModel(str(tmp_path))
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    with pytest.raises(ValueError, match=r"groups are in activation order .*actorder='group' was removed"):
+        gs.save_quantized(ours, str(tmp_path / "again"))
+
+    # a weight_g_idx that does not make groups of 32 is named
+    tensors["model.layers.0.mlp.up_proj.weight_g_idx"][:5] = 0
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj: weight_g_idx does not give each of the \d+ groups 32 columns"):
+        gs.load_quantized(str(tmp_path))
 
 
 def test_a_stored_tensor_that_does_not_fit_its_scheme_is_named(tmp_path):

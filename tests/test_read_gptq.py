@@ -249,7 +249,7 @@ def test_desc_act_with_groups_reads_with_its_group_index(tmp_path, cli_assets, b
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.get_submodule(name).g_idx, layers[name].g_idx)
 
-    with pytest.raises(ValueError, match=r"model\.layers\.0\..*groups are in activation order.*compressed-tensors no longer stores"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\..*groups are in activation order.*compressed-tensors no longer loads"):
         gs.save_quantized(model, str(tmp_path / "ct"))
     with pytest.raises(ValueError, match=r"groups are in activation order.*GGUF"):
         gs.save_gguf(model, str(tmp_path / "m.gguf"))

@@ -18,6 +18,8 @@ the files in ``tests/test_export.py``):
   ``[out, in]``.
 
 Per-tensor specs have no packed zero-point layout there and no vLLM kernel: they are refused.
+Layers whose groups are in activation order (a ``g_idx``) are read (``actorder="group"``, which
+compressed-tensors 0.19 and later no longer load, and GPTQ's ``desc_act``) but not written.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def layer_tensors(name: str, qw) -> dict[str, torch.Tensor]:
     spec = qw.spec
     _check(spec, name)
     if qw.g_idx is not None:
-        raise ValueError(f"{name}: its groups are in activation order (a GPTQ desc_act layer's g_idx), which compressed-tensors "
-                         "no longer stores (actorder='group' was removed in 0.20): evaluate it here, or quantize the float model with gransearch (static groups) to export")
+        raise ValueError(f"{name}: its groups are in activation order (a g_idx, read from a GPTQ desc_act or an old actorder='group' "
+                         "checkpoint), which compressed-tensors no longer loads (actorder='group' was removed by 0.19): evaluate it "
+                         "here, or quantize the float model with gransearch to export it")
     out_f, in_f = qw.shape
     try:
         scale = qw.scale_float16().cpu()
@@ -109,12 +112,11 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
     """The :class:`~gransearch.quantizer.QuantizedWeight` stored under ``name`` (bit-identical codes,
     scales in their stored dtype: float16 from gransearch, the model's dtype from llm-compressor).
     Zero points are read packed along the output (compressed-tensors' layout) or, as older
-    compressed-tensors wrote them, unpacked signed int8."""
-    from ..quantizer import QuantizedWeight
+    compressed-tensors wrote them, unpacked signed int8. A ``weight_g_idx`` (``actorder="group"``,
+    which compressed-tensors wrote before 0.19 and no longer loads) is kept as the weight's
+    ``g_idx``: column ``i`` takes the scale and zero point of group ``weight_g_idx[i]``."""
+    from ..quantizer import QuantizedWeight, group_index
 
-    if f"{name}.weight_g_idx" in tensors:
-        raise ValueError(f"{name}: the checkpoint stores a per-column group index (weight_g_idx, actorder='group'), which "
-                         "gransearch's layers do not hold: load it with transformers")
     try:
         out_f, in_f = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
         packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
@@ -142,7 +144,11 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
         zero = z.to(torch.uint8)
     else:
         raise ValueError(f"{name}: weight_zero_point {tuple(zp.shape)} ({zp.dtype}) fits neither the packed nor the unpacked layout")
-    return QuantizedWeight(codes, scale, zero, spec)
+    try:  # actorder="group" (compressed-tensors before 0.19): column i takes group weight_g_idx[i]'s parameters
+        g_idx = group_index(tensors.get(f"{name}.weight_g_idx"), in_f, want[1], "weight_g_idx")
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return QuantizedWeight(codes, scale, zero, spec, g_idx)
 
 
 def scheme_of(spec: QuantSpec) -> dict:
@@ -303,9 +309,6 @@ def parse_config(folder: str) -> tuple[dict, CheckpointScheme]:
             raise ValueError(f"{path}: config group {gname} quantizes activations; gransearch reads weight-only schemes: "
                              "load it with transformers")
         w = group.get("weights") or {}
-        if w.get("actorder") in ("group", "dynamic"):  # "dynamic": compressed-tensors' alias of "group"
-            raise ValueError(f"{path}: config group {gname} has actorder={w['actorder']!r}, whose per-column group index (weight_g_idx) "
-                             "gransearch's layers do not hold: load it with transformers, or quantize with actorder='static'")
         try:
             spec = spec_of(w)
         except ValueError as exc:

@@ -168,7 +168,7 @@ def _v1_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec, version: int = 1):
     """The :class:`~gransearch.quantizer.QuantizedWeight` GPTQ stores under ``name``: the codes,
     the scales in their stored dtype and (asymmetric) the zero points, exactly."""
-    from ..quantizer import QuantizedWeight
+    from ..quantizer import QuantizedWeight, group_index
 
     try:
         qweight, qzeros, scales = (tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales"))
@@ -181,7 +181,10 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
     if tuple(qzeros.shape) != (n_groups, math.ceil(out_f * bits / 32)) or not scales.is_floating_point():
         raise ValueError(f"{name}: qzeros {tuple(qzeros.shape)} and scales {tuple(scales.shape)} ({scales.dtype}) do not fit a "
                          f"[{out_f}, {in_f}] {spec} layer")
-    g_idx = _group_index(tensors.get(f"{name}.g_idx"), name, in_f, n_groups)
+    try:
+        g_idx = group_index(tensors.get(f"{name}.g_idx"), in_f, n_groups)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
     codes = unpack_int32(qweight, bits, in_f, dim=0).t().contiguous()
     zero = _v1_zeros(qzeros, bits, out_f) if version == 1 else unpack_int32(qzeros, bits, out_f)
     zero = zero.t().contiguous()
@@ -191,22 +194,3 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
         zero = None
     return QuantizedWeight(codes, scales.t().contiguous(), zero, spec, g_idx)
 
-
-def _group_index(g_idx, name: str, in_f: int, n_groups: int):
-    """A layer's ``g_idx`` as :class:`~gransearch.quantizer.QuantizedWeight` holds it: ``None`` when
-    it is in order (group ``j`` = columns ``[j*size, (j+1)*size)``), else the int32 group of each
-    column, checked to give every group ``size`` columns (what GPTQ's ``desc_act`` writes)."""
-    size = in_f // n_groups
-    if g_idx is None or n_groups == 1:
-        if g_idx is not None and bool(g_idx.any()):
-            raise ValueError(f"{name}: one group per row, but g_idx names other groups")
-        return None
-    g = g_idx.to(torch.int64)
-    if tuple(g.shape) != (in_f,):
-        raise ValueError(f"{name}: g_idx {tuple(g.shape)} does not fit {in_f} input columns")
-    if torch.equal(g, torch.arange(in_f) // size):
-        return None
-    if bool(((g < 0) | (g >= n_groups)).any()) or bool((torch.bincount(g, minlength=n_groups) != size).any()):
-        raise ValueError(f"{name}: g_idx does not give each of the {n_groups} groups {size} columns (values outside "
-                         f"[0, {n_groups}) or groups of other sizes), which is not a GPTQ group layout")
-    return g.to(torch.int32)
