@@ -200,6 +200,13 @@ class DiskModel:
         self.model = empty_model(self.config, dtype, trust_remote_code)
         if scheme is not None:
             self.quantized = scheme.resolve(self.model)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        # a quantized head (GPTQModel's lm_head=True, a compressed-tensors target) is its own tensor even
+        # where the config ties it: untied here, read when the head scores (head_weight)
+        self.head_name = next((n for n, m in self.model.named_modules() if m is head), None) if head is not None else None
+        self.head_quantized = self.head_name is not None and self.head_name in self.quantized
+        if self.head_quantized and getattr(self.config, "tie_word_embeddings", False):
+            head.weight = nn.Parameter(torch.empty(head.weight.shape, dtype=head.weight.dtype, device="meta"), requires_grad=False)
         if published is not None:  # what a checkpoint written from it stores floats in (save_quantized's default)
             self.model.config.dtype = published
         self.info = arch_of(self.model)
@@ -221,8 +228,7 @@ class DiskModel:
         # an untied output head is not read: nothing quantized from disk runs it, and a checkpoint
         # written from here copies it from its file (read_tensor)
         self.unread = set()
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if head is not None and not getattr(self.config, "tie_word_embeddings", False):
+        if head is not None and (self.head_quantized or not getattr(self.config, "tie_word_embeddings", False)):
             self.unread = {n for n, p in self.model.named_parameters() if any(p is q for q in head.parameters())}
         # a tied head is the embedding (tie_weights below): its table is read once
         self._read([n for n in params if self._block_of(n) is None and n in self.files and n not in self.unread and not self._tied(n)])
@@ -233,7 +239,20 @@ class DiskModel:
             raise ValueError(f"{folder}: parameters outside the blocks were not read: {still[:5]}")
 
     def _tied(self, name: str) -> bool:
-        return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False))
+        return name == "lm_head.weight" and bool(getattr(self.config, "tie_word_embeddings", False)) and not self.head_quantized
+
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """The output head's weight where it is not in memory: a quantized head's codes dequantized in
+        ``dtype`` (as :func:`gransearch.load_quantized`'s layer computes it), an untied float head read
+        from its file; ``None`` when the head is in memory (tied to the embedding)."""
+        head = self.model.get_output_embeddings()
+        if not head.weight.is_meta:
+            return None
+        if self.head_quantized:
+            name = self.head_name
+            stored = self.read_tensors([f"{name}.{k}" for k in self.scheme.suffixes if f"{name}.{k}" in self.files])
+            return self.scheme.layer(stored, name, self.quantized[name]).dequantize(self.dtype)
+        return self.read_tensor(_head_name(self))
 
     def _block_of(self, name: str) -> Optional[int]:
         prefix = self.info.blocks + "."
@@ -508,7 +527,8 @@ def _score_final_states(model: DiskModel, runner, w: torch.Tensor, batch_size: i
     hf = model.model
     base, head, cap = _head_parts(hf)
     dev, home = runner.device, runner.home
-    hw = model.read_tensor(_head_name(model)).to(dev) if head.weight.is_meta else None
+    hw = model.head_weight()
+    hw = None if hw is None else hw.to(dev)
     hb = None if getattr(head, "bias", None) is None or head.bias.is_meta else head.bias.to(dev, torch.float32)
 
     def logits(x):  # in the states' dtype, as the model in memory computes them (float32 unless dtype says otherwise)

@@ -3,6 +3,7 @@ bit by bit in plain Python, from the layout GPTQModel documents in its code (cod
 the input into int32 words, zero points along the output, v1 zero points stored minus one with
 GPTQModel's word-wise subtraction); benchmarks/read_gptqmodel.py reads ones GPTQModel wrote."""
 
+import copy
 import json
 import math
 import shutil
@@ -253,3 +254,48 @@ def test_desc_act_with_groups_reads_with_its_group_index(tmp_path, cli_assets, b
         gs.save_quantized(model, str(tmp_path / "ct"))
     with pytest.raises(ValueError, match=r"groups are in activation order.*GGUF"):
         gs.save_gguf(model, str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_head_is_read_and_scores_in_memory_and_from_disk(tmp_path, tied):
+    """GPTQModel's ``lm_head=True`` stores the head quantized, beside the float embedding, even where
+    the config ties them: the head is its own layer then, in memory and from disk (which scored the
+    embedding instead, or failed for an untied head, before)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    tensors, want = {}, {}
+    for key, t in model.state_dict().items():
+        name = key.removesuffix(".weight")
+        if key.endswith("proj.weight") or key == "lm_head.weight":
+            layer, want[name] = _gptq_layer(t.contiguous(), 4, 32, False, 1)
+            tensors.update({f"{name}.{k}": v for k, v in layer.items()})
+        else:
+            tensors[key] = t.contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    doc = json.loads((tmp_path / "config.json").read_text())
+    doc["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False, "lm_head": True}
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+
+    ours = gs.load_quantized(str(tmp_path))
+    assert isinstance(ours.lm_head, gs.QuantLinear) and torch.equal(ours.lm_head.dequantized_weight(), want["lm_head"])
+    assert torch.equal(ours.model.embed_tokens.weight, model.model.embed_tokens.weight)  # not the head's codes
+    ids = token_stream(1024, vocab=256, seed=3)
+    ppl = gs.perplexity(ours, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    # the same model with float layers holding the read weights: the head's codes are what scores
+    ref = copy.deepcopy(model)
+    for name, w in want.items():
+        ref.get_submodule(name).weight = torch.nn.Parameter(w)
+    assert ppl == pytest.approx(gs.perplexity(ref, ids, seqlen=64, batch_size=2, verbose=False).ppl, rel=1e-5)
+    disk = gs.offload.DiskModel(str(tmp_path))
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    assert disk.head_quantized
+    # written again as compressed-tensors, the head stays its own quantized layer
+    gs.save_quantized(ours, str(tmp_path / "ct"))
+    back = gs.load_quantized(str(tmp_path / "ct"))
+    assert not back.config.tie_word_embeddings and torch.equal(back.lm_head.dequantized_weight(), want["lm_head"])
+    assert torch.equal(back.model.embed_tokens.weight, model.model.embed_tokens.weight)

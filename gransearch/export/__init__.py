@@ -332,7 +332,10 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in layers and not k.endswith(("qweight", "scales", "qzeros"))]
     if unexpected:
         raise ValueError(f"{folder}: tensors the model does not have: {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, QuantLinear):  # a quantized head is its own tensor, whatever the config said: keep it untied
+        model.config.tie_word_embeddings = False
+    elif getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing:
