@@ -87,7 +87,7 @@ class QuantLinear(nn.Module):
         else:
             self.qzeros = None
         self.register_buffer("act_scale", None)
-        self.register_buffer("g_idx", None)  # a GPTQ desc_act layer's group of each input column (QuantizedWeight.g_idx)
+        self.register_buffer("g_idx", None)  # groups in activation order: each input column's group (QuantizedWeight.g_idx)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
         else:

@@ -423,7 +423,7 @@ class QuantizedWeight:
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The stored buffers: ``qweight`` (packed codes), ``scales``, if asymmetric ``qzeros`` and,
-        for a GPTQ ``desc_act`` layer, ``g_idx``."""
+        for groups in activation order, ``g_idx``."""
         out = {"qweight": pack_codes(self.codes, self.spec.bits), "scales": self.scale.contiguous()}
         if self.zero is not None:  # float offsets are kept as they are (float16)
             out["qzeros"] = self.zero.contiguous() if self.float_zero else pack_codes(self.zero, self.spec.bits)

@@ -412,7 +412,7 @@ def _gguf_tensors(model: nn.Module, arch: str, embd_type: str, float_type: str, 
         if isinstance(obj, QuantLinear):
             q = obj.quantized_weight()
             if getattr(q, "g_idx", None) is not None:
-                raise ValueError(f"{mname}: its groups are in activation order (a g_idx, read from a GPTQ desc_act checkpoint), which GGUF's "
+                raise ValueError(f"{mname}: its groups are in activation order (a g_idx, from a GPTQ desc_act or actorder='group' checkpoint), which GGUF's "
                                  "blocks of consecutive columns cannot store: quantize the float model for GGUF instead")
             t = ggml_type_of(q.spec)
             if t is None:

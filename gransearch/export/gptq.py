@@ -193,4 +193,3 @@ def layer_from_tensors(tensors: dict[str, torch.Tensor], name: str, spec: QuantS
             raise ValueError(f"{name}: the config says sym=True but the stored zero points are not all {1 << (bits - 1)}")
         zero = None
     return QuantizedWeight(codes, scales.t().contiguous(), zero, spec, g_idx)
-
