@@ -32,7 +32,6 @@ Perplexity on the first ``--test-tokens`` wiki-sample test tokens.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import time
 
 import torch
 
-from vs_llmcompressor import checked_rows, commit, keep_row, open_record, read_record
+from vs_llmcompressor import checked_rows, commit, keep_row, open_record, read_record, reading_args
 
 ROWS = {"asym": dict(symmetric=False), "sym": dict(symmetric=True)}
 GROUP = 64
@@ -105,12 +104,7 @@ def with_weights(weights: dict[str, torch.Tensor]):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--test-tokens", type=int, default=16384)
-    ap.add_argument("--out", default="docs/data/interop/ct-actorder-group.json")
-    ap.add_argument("--print", action="store_true", help="only print the table of --out")
-    args = ap.parse_args()
+    args = reading_args(__doc__, ROWS, "docs/data/interop/ct-actorder-group.json", calib=False)
     if args.print:
         return print_table(read_record(args.out))
     rows = checked_rows(args.rows, ROWS)

@@ -80,13 +80,15 @@ def checked_rows(text: str, known) -> list[str]:
     return rows
 
 
-def reading_args(doc: str, rows, out: str):
+def reading_args(doc: str, rows, out: str, calib: bool = True):
     """The command line of the scripts that read another tool's checkpoints (read_llmcompressor.py,
-    read_gptqmodel.py): rows, test tokens, calibration windows, the record, or only its table."""
+    read_gptqmodel.py, read_ct_actorder_group.py): rows, test tokens, calibration windows (where the
+    tool calibrates: ``calib``), the record, or only its table."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--rows", default=",".join(rows))
     ap.add_argument("--test-tokens", type=int, default=16384)
-    ap.add_argument("--n-calib", type=int, default=32, help="calibration windows of 512 tokens")
+    if calib:
+        ap.add_argument("--n-calib", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--out", default=out)
     ap.add_argument("--print", action="store_true", help="only print the table of --out")
     return ap.parse_args()
