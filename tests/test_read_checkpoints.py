@@ -145,10 +145,11 @@ def test_what_is_not_read_is_refused_with_the_reason(tmp_path, change, message):
 
 def test_actorder_group_reads_with_its_group_index(tmp_path):
     """compressed-tensors before 0.19 wrote ``actorder="group"``: GPTQ formed each group of consecutive
-    columns in activation order and ``weight_g_idx[i]`` names column ``i``'s group (0.10's
-    ``_process_quantization`` sorts the columns by it). Written here by hand: each layer quantized in
-    a random column order, its codes put back in the input's order. gransearch reads it exactly,
-    in memory and from disk; writing it again is refused (compressed-tensors no longer loads it)."""
+    columns in activation order and ``weight_g_idx[i]`` names column ``i``'s group (its
+    ``_process_quantization`` sorts the columns by it; benchmarks/read_ct_actorder_group.py checks
+    the reading against 0.18 itself). Written here by hand: each layer quantized in a random column
+    order, its codes put back in the input's order. gransearch reads it exactly, in memory and from
+    disk; writing it again is refused (compressed-tensors no longer loads it)."""
     import copy
 
     from safetensors.torch import load_file, save_file
