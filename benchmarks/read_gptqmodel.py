@@ -55,6 +55,8 @@ ROWS = {
     "v2-asym": dict(bits=4, group_size=64, sym=False, format="gptq_v2"),
     "desc-act-channel": dict(bits=4, group_size=-1, sym=True, desc_act=True, act_group_aware=False),
     "desc-act-g64": dict(bits=4, group_size=64, sym=True, desc_act=True),
+    "awq-asym": dict(method="awq", format="gemm", bits=4, group_size=64, sym=False),
+    "awq-sym": dict(method="awq", format="gemm", bits=4, group_size=64, sym=True),
 }
 
 
@@ -97,12 +99,16 @@ def provenance() -> dict:
 
 
 def their_weights(model) -> dict[str, torch.Tensor]:
-    """GPTQModel's dequantization of every quantized layer, ``[out, in]`` float32."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    """GPTQModel's dequantization of every quantized layer, ``[out, in]`` float32 (an AWQ layer's
+    by GPTQModel's ``dequantize_gemm``, what its torch kernel multiplies by)."""
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear, BaseQuantLinear
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, BaseQuantLinear):
+        if isinstance(m, AWQuantLinear):
+            out[name] = dequantize_gemm(m.qweight, m.qzeros, m.scales.float(), m.bits, m.group_size).t().float()
+        elif isinstance(m, BaseQuantLinear):
             scales = m.scales
             m.scales = scales.float()
             try:
@@ -163,13 +169,15 @@ def main() -> None:
             with open(os.path.join(folder, "config.json")) as fh:
                 cfg = json.load(fh)
             qcfg = cfg["quantization_config"]
-            out["saved"] = {k: qcfg.get(k) for k in ("checkpoint_format", "bits", "group_size", "sym", "desc_act", "pack_dtype")}
+            out["saved"] = {k: qcfg.get(k) for k in ("quant_method", "checkpoint_format", "format", "bits", "group_size", "sym", "desc_act",
+                                                     "pack_dtype")}
             out["float_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype")
-            theirs = GPTQModel.load(folder, device="cpu", backend=BACKEND.TORCH)  # its default: the saved float dtype
+            backend = BACKEND.AWQ_TORCH if ROWS[row].get("method") == "awq" else BACKEND.TORCH
+            theirs = GPTQModel.load(folder, device="cpu", backend=backend)  # its default: the saved float dtype
             out["gptqmodel_ppl"] = ppl(theirs.model)
             out["gptqmodel_scale_dtype"] = str(next(iter(their_scales(theirs.model))))
             del theirs
-            theirs = GPTQModel.load(folder, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)  # the stored scales as stored
+            theirs = GPTQModel.load(folder, device="cpu", backend=backend, dtype=torch.float16)  # the stored scales as stored
             their_w = their_weights(theirs.model)
             del theirs
             try:
@@ -196,7 +204,8 @@ def print_table(record: dict) -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for row, r in record["rows"].items():
         s = r["saved"]
-        saved = f"{s['checkpoint_format']}, {s['bits']}-bit, group {s['group_size']}, sym={s['sym']}, desc_act={s['desc_act']}"
+        layout = s.get("checkpoint_format") or f"{s.get('quant_method')} {s.get('format')}"
+        saved = f"{layout}, {s['bits']}-bit, group {s['group_size']}, sym={s['sym']}, desc_act={s['desc_act']}"
         if "refused" in r:
             print(f"| {row} | {saved} | refused: {r['refused'].split(':')[1].strip()} | {r['gptqmodel_ppl']:.4f} | - | - | - | - |")
             continue

@@ -203,7 +203,7 @@ def model_folder(name_or_path: str, trust_remote_code: bool = False) -> str:
 
 def _hub_quantized(repo: str) -> bool:
     """Whether a hub repository's config.json declares a checkpoint gransearch may read itself
-    (compressed-tensors or GPTQ; fetches that one file; False when it cannot be fetched, and
+    (compressed-tensors, GPTQ or AWQ; fetches that one file; False when it cannot be fetched, and
     transformers then says why)."""
     import huggingface_hub
 
@@ -213,12 +213,12 @@ def _hub_quantized(repo: str) -> bool:
     except Exception as exc:
         log.debug("config.json of %s not fetched (%s): transformers loads it", repo, exc)
         return False
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("compressed-tensors", "gptq")
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("compressed-tensors", "gptq", "awq")
 
 
 def _readable_checkpoint(folder: str) -> tuple[bool, Optional[str]]:
     """``(whether gransearch reads the quantized checkpoint in folder itself, why not)``: it reads
-    compressed-tensors weight-only pack-quantized and GPTQ ones; the reason is given for a quantized
+    compressed-tensors weight-only pack-quantized, GPTQ and AWQ (GEMM) ones; the reason is given for a quantized
     checkpoint it refuses (left to transformers), ``None`` for a float model."""
     from .export import quantization_method, read_scheme
 
@@ -243,7 +243,7 @@ def load_model(
     ``name_or_path``: ``"smollm2-135m"`` (the packaged GGUF), a path to a ``.gguf`` file, a local
     model directory, or a hub id (needs network, or ``HF_HUB_OFFLINE=1`` and a cached copy). A
     compressed-tensors weight-only checkpoint (one :func:`gransearch.save_quantized` or llm-compressor
-    wrote) or a GPTQ one (GPTQModel, AutoGPTQ), a hub id's too (from its snapshot), is read by
+    wrote), a GPTQ one (GPTQModel, AutoGPTQ) or an AWQ one (AutoAWQ's GEMM layout), a hub id's too (from its snapshot), is read by
     :func:`gransearch.load_quantized`: its layers hold the stored codes, computing in ``dtype``. ``dtype``: a torch dtype or its name
     (``"float32"``, ``"bfloat16"``, ``"float16"``). ``device``: where to put the model (default
     CPU). Remote code is refused unless ``trust_remote_code=True``.

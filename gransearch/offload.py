@@ -191,7 +191,7 @@ class DiskModel:
                 _, scheme = read_scheme(folder)
             except ValueError as exc:
                 raise ValueError(f"{folder} is quantized in a layout gransearch does not read ({exc}); gransearch reads weight-only "
-                                 "compressed-tensors pack-quantized and GPTQ checkpoints: load it whole with transformers, or "
+                                 "compressed-tensors pack-quantized, GPTQ and AWQ (GEMM) checkpoints: load it whole with transformers, or "
                                  "read the float model") from None
             if hasattr(self.config, "quantization_config"):
                 del self.config.quantization_config

@@ -8,7 +8,8 @@ when given, the tokenizer. ``transformers.AutoModelForCausalLM.from_pretrained(f
 profile (:mod:`gransearch.profiles`). :func:`load_quantized` reads it back with bit-identical codes.
 The layout and how our codes map to compressed-tensors' are in :mod:`.compressed_tensors`.
 :func:`load_quantized` also reads other tools' weight-only checkpoints: llm-compressor's
-compressed-tensors ones and GPTQModel's or AutoGPTQ's GPTQ-format ones (:mod:`.gptq`).
+compressed-tensors ones, GPTQModel's or AutoGPTQ's GPTQ-format ones (:mod:`.gptq`) and AWQ ones in
+AutoAWQ's GEMM layout (:mod:`.awq`).
 """
 
 from __future__ import annotations
@@ -275,14 +276,18 @@ def quantization_method(folder: str) -> Optional[str]:
 
 def read_scheme(folder: str):
     """``(config.json, scheme)`` of a quantized checkpoint gransearch reads: GPTQ's layout
-    (:mod:`gransearch.export.gptq`) when its config says ``quant_method: gptq``, else
-    compressed-tensors ``pack-quantized`` (:func:`compressed_tensors.parse_config`). The scheme's
-    ``resolve(model)`` gives ``{layer: spec}``, its ``layer(tensors, name, spec)`` a stored layer, and
-    its ``suffixes`` name a layer's tensors. Anything else is refused with the reason."""
-    from . import gptq
+    (:mod:`gransearch.export.gptq`) when its config says ``quant_method: gptq``, AWQ's GEMM layout
+    (:mod:`gransearch.export.awq`) for ``awq``, else compressed-tensors ``pack-quantized``
+    (:func:`compressed_tensors.parse_config`). The scheme's ``resolve(model)`` gives ``{layer: spec}``,
+    its ``layer(tensors, name, spec)`` a stored layer, and its ``suffixes`` name a layer's tensors.
+    Anything else is refused with the reason."""
+    from . import awq, gptq
 
-    if quantization_method(folder) == "gptq":
+    method = quantization_method(folder)
+    if method == "gptq":
         return gptq.parse_config(folder)
+    if method == "awq":
+        return awq.parse_config(folder)
     return ct.parse_config(folder)
 
 
@@ -293,8 +298,9 @@ def load_quantized(folder: str, device=None, dtype=None, trust_remote_code: bool
 
     It reads what :func:`save_quantized` writes, the weight-only ``pack-quantized`` checkpoints of
     other tools (llm-compressor's W4A16/W8A16 schemes, symmetric or not, per channel or group, their
-    ``Linear`` targets and ignore lists) and GPTQ-format checkpoints (GPTQModel, AutoGPTQ: v1 and v2
-    zero points, ``desc_act`` included: its layers keep their ``g_idx``); anything else (activation
+    ``Linear`` targets and ignore lists), AWQ checkpoints in AutoAWQ's GEMM layout, and GPTQ-format
+    checkpoints (GPTQModel, AutoGPTQ: v1 and v2 zero points, ``desc_act`` included: its layers keep
+    their ``g_idx``); anything else (activation
     quantization, compressed-tensors' removed ``actorder='group'``, sparsity, other formats) is refused
     with the reason."""
     from safetensors.torch import load_file

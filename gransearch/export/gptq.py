@@ -48,7 +48,7 @@ from ..arch import get_module
 from ..spec import PerChannel, PerGroup, QuantSpec
 from .compressed_tensors import model_config, unpack_int32
 
-__all__ = ["GPTQScheme", "quant_config", "parse_config", "layer_from_tensors", "SUFFIXES"]
+__all__ = ["GPTQScheme", "quant_config", "parse_config", "stored_layers", "layer_from_tensors", "SUFFIXES"]
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -92,14 +92,7 @@ class GPTQScheme:
         bits = rows * 32 // in_f
         if bits not in (2, 3, 4, 8):
             raise ValueError(f"{name}: {bits}-bit codes; gransearch reads GPTQ's 2, 3, 4 and 8 bits")
-        if n_groups == 1:
-            gran = PerChannel()
-        elif in_f % n_groups == 0:
-            gran = PerGroup(in_f // n_groups)
-        else:
-            raise ValueError(f"{name}: {n_groups} groups do not divide the {in_f} input columns evenly (a partial last group); "
-                             "gransearch's groups tile the row: load it with GPTQModel, or quantize with a group size that "
-                             f"divides {in_f}")
+        gran = group_granularity(name, n_groups, in_f, "GPTQModel")
         return QuantSpec(bits, gran, symmetric=self.sym)
 
     def resolve(self, model: nn.Module) -> dict[str, QuantSpec]:
@@ -122,13 +115,20 @@ class GPTQScheme:
         return layer_from_tensors(tensors, name, spec, self.version)
 
 
+def group_granularity(name: str, n_groups: int, in_f: int, tool: str):
+    """Per channel for one group per row, else groups of ``in_f / n_groups`` columns; a partial last
+    group (``n_groups`` not dividing ``in_f``) is refused, naming ``tool`` to load it with."""
+    if n_groups == 1:
+        return PerChannel()
+    if in_f % n_groups == 0:
+        return PerGroup(in_f // n_groups)
+    raise ValueError(f"{name}: {n_groups} groups do not divide the {in_f} input columns evenly (a partial last group); "
+                     f"gransearch's groups tile the row: load it with {tool}, or quantize with a group size that divides {in_f}")
+
+
 def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
     """``(config.json, its scheme)`` of a GPTQ checkpoint, refused with the reason when it is one
     gransearch does not read (see the module docstring)."""
-    from safetensors import safe_open
-
-    from ..offload import checkpoint_files
-
     cfg, qc, path = quant_config(folder)
     if str(qc.get("quant_method", "")).lower() != "gptq":
         raise ValueError(f"{path}: not a GPTQ checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
@@ -141,6 +141,16 @@ def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
         raise ValueError(f"{path}: codes packed in {pack} words; gransearch reads int32 packing (GPTQModel's default)")
     bits, group_size = int(qc.get("bits", 4)), int(qc.get("group_size", -1))
     sym = bool(qc.get("sym", True))
+    return cfg, GPTQScheme(bits, group_size, sym, FORMATS[fmt], stored_layers(folder))
+
+
+def stored_layers(folder: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{layer: (qweight shape, scales shape)}`` of the packed layers the safetensors headers of
+    ``folder`` list (GPTQ's and AWQ's tensor names), read without loading a tensor."""
+    from safetensors import safe_open
+
+    from ..offload import checkpoint_files
+
     layers: dict[str, list] = {}
     for tname, file in checkpoint_files(folder).items():
         stem, _, suffix = tname.rpartition(".")
@@ -152,7 +162,7 @@ def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
             raise ValueError(f"{folder}: {stem} has {'qweight' if qw else 'scales'} but not {'scales' if qw else 'qweight'}")
         with safe_open(file, framework="pt") as fh:
             shapes[stem] = (tuple(fh.get_slice(qw).get_shape()), tuple(fh.get_slice(sc).get_shape()))
-    return cfg, GPTQScheme(bits, group_size, sym, FORMATS[fmt], shapes)
+    return shapes
 
 
 def _v1_zeros(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
