@@ -161,7 +161,8 @@ def main() -> None:
         t0 = time.perf_counter()
         qc = QuantizeConfig(**ROWS[row], offload_to_disk=False)  # its disk offload breaks on the CPU with transformers 5.24
         model = GPTQModel.load(src, qc, device="cpu")
-        model.quantize(calib, batch_size=4, tokenizer=tok)
+        backend = BACKEND.AWQ_TORCH if ROWS[row].get("method") == "awq" else BACKEND.TORCH  # CPU kernels (AWQ's default packs for CUDA)
+        model.quantize(calib, batch_size=4, tokenizer=tok, backend=backend)
         out = {"commit": record["commit"], "config": ROWS[row], "gptqmodel_seconds": round(time.perf_counter() - t0, 1)}
         with tempfile.TemporaryDirectory() as folder:
             model.save(folder)
@@ -172,7 +173,6 @@ def main() -> None:
             out["saved"] = {k: qcfg.get(k) for k in ("quant_method", "checkpoint_format", "format", "bits", "group_size", "sym", "desc_act",
                                                      "pack_dtype")}
             out["float_dtype"] = cfg.get("dtype") or cfg.get("torch_dtype")
-            backend = BACKEND.AWQ_TORCH if ROWS[row].get("method") == "awq" else BACKEND.TORCH
             theirs = GPTQModel.load(folder, device="cpu", backend=backend)  # its default: the saved float dtype
             out["gptqmodel_ppl"] = ppl(theirs.model)
             out["gptqmodel_scale_dtype"] = str(next(iter(their_scales(theirs.model))))
