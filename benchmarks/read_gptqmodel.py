@@ -204,8 +204,10 @@ def print_table(record: dict) -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for row, r in record["rows"].items():
         s = r["saved"]
-        layout = s.get("checkpoint_format") or f"{s.get('quant_method')} {s.get('format')}"
-        saved = f"{layout}, {s['bits']}-bit, group {s['group_size']}, sym={s['sym']}, desc_act={s['desc_act']}"
+        layout = s.get("checkpoint_format") or s.get("format")
+        layout = f"awq {layout}" if s.get("quant_method") == "awq" else layout
+        sym = s["sym"] if s.get("sym") is not None else r["config"].get("sym")  # GPTQModel's AWQ config says zero_point instead
+        saved = f"{layout}, {s['bits']}-bit, group {s['group_size']}, sym={sym}, desc_act={s['desc_act']}"
         if "refused" in r:
             print(f"| {row} | {saved} | refused: {r['refused'].split(':')[1].strip()} | {r['gptqmodel_ppl']:.4f} | - | - | - | - |")
             continue
