@@ -1,14 +1,15 @@
-"""gransearch reading GPTQModel's checkpoints: the same weights, the same perplexity.
+"""gransearch reading GPTQModel's checkpoints (GPTQ and AWQ): the same weights, the same perplexity.
 
     bash scripts/gptqmodel_env.sh    # .venv-gptqmodel: GPTQModel 7.3.6 (CPU) + gransearch
-    .venv-gptqmodel/bin/python benchmarks/read_gptqmodel.py [--rows asym,sym,w8c,w3g64,v2-asym,desc-act-channel,desc-act-g64]
+    .venv-gptqmodel/bin/python benchmarks/read_gptqmodel.py [--rows asym,sym,w8c,w3g64,v2-asym,desc-act-channel,desc-act-g64,awq-asym,awq-sym]
                                                            [--out docs/data/interop/gptqmodel-read.json]
     .venv/bin/python benchmarks/read_gptqmodel.py --print    # the table of the committed record
 
 Each row quantizes SmolLM2-135M with GPTQModel (``GPTQModel.load`` of the float folder
 ``gs.load_model`` converts the packaged GGUF to, ``quantize`` on ``--n-calib`` x 512 wiki-sample
-training tokens, ``save``: GPTQ's ``qweight``/``qzeros``/``scales``/``g_idx`` layout, v1 zero points
-unless the row says v2). Then, in the same process:
+training tokens with GPTQModel's CPU torch kernel, ``save``: GPTQ's ``qweight``/``qzeros``/``scales``/``g_idx``
+layout, v1 zero points unless the row says v2; AWQ's GEMM layout for the ``awq`` rows). Then, in the
+same process:
 
 * ``GPTQModel``: the perplexity of GPTQModel's own loading of the folder (``GPTQModel.load`` on the
   CPU, its torch kernel, in the dtype it saved the model's floats in: bfloat16, to which it also
@@ -26,7 +27,8 @@ groups): ``asym`` 4-bit asymmetric groups of 64; ``sym`` symmetric; ``w8c`` 8-bi
 ``w3g64`` 3-bit asymmetric groups of 64 (codes straddle int32 words); ``v2-asym`` ``asym`` saved in
 GPTQModel's v2 zero-point format; ``desc-act-channel`` act-order per channel (its ``g_idx`` is all
 zeros, so it reads); ``desc-act-g64`` act-order with groups of 64 (its ``g_idx`` scatters each group's
-columns along the row; gransearch reads it with that group index). A row gransearch refuses
+columns along the row; gransearch reads it with that group index); ``awq-asym`` and ``awq-sym``
+GPTQModel's AWQ, 4-bit groups of 64, saved in AutoAWQ's GEMM layout. A row gransearch refuses
 records GPTQModel's perplexity and gransearch's message.
 Groups of 64, not 128: SmolLM2's 576-wide inputs do not divide into 128. Not w4g32: the packaged
 model was stored as Q4_1, which flatters groups of 32. The test text is the first ``--test-tokens``
