@@ -4,7 +4,6 @@ output dimension, eight per int32 word, the fields holding output columns 0, 2, 
 their eight); benchmarks/read_gptqmodel.py's awq rows read ones GPTQModel wrote."""
 
 import json
-import math
 import shutil
 
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import gransearch as gs
 
-from .tiny import token_stream
+from .tiny import check_reads_everywhere
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -82,13 +81,7 @@ def test_reads_awq_gemm_checkpoints_exactly(tmp_path, cli_assets, sym, keys):
         assert str(m.spec) == f"w4g32{'s' if sym else ''}", name
         assert torch.equal(m.quantized_weight().dequantize(torch.float32), want[name]), name
 
-    ids = token_stream(1024, vocab=model.config.vocab_size, seed=3)
-    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
-    assert math.isfinite(ppl)
-    loaded, _ = gs.load_model(str(tmp_path / "q"))
-    assert sum(isinstance(m, gs.QuantLinear) for m in loaded.modules()) == 14
-    disk = gs.offload.DiskModel(str(tmp_path / "q"))
-    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    check_reads_everywhere(tmp_path / "q", model, 14)
     # float16 scales, integer zero points: written again as compressed-tensors, bit for bit
     gs.save_quantized(model, str(tmp_path / "ct"))
     back = gs.load_quantized(str(tmp_path / "ct"))

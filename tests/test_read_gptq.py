@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import gransearch as gs
 
-from .tiny import token_stream
+from .tiny import check_reads_everywhere, token_stream
 
 
 def _pack(values: torch.Tensor, bits: int) -> list[int]:
@@ -120,17 +120,9 @@ def test_reads_gptq_checkpoints_exactly(tmp_path, cli_assets, bits, group, sym, 
         assert m.scales.dtype == torch.float16
         assert torch.equal(m.quantized_weight().dequantize(torch.float32), want[name]), name
 
-    # the same through gs.load_model (what every command's --model uses) and block by block from disk
-    ids = token_stream(1024, vocab=model.config.vocab_size, seed=3)
-    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
-    assert math.isfinite(ppl)
-    loaded, _ = gs.load_model(str(tmp_path / "q"))
-    assert sum(isinstance(m, gs.QuantLinear) for m in loaded.modules()) == 14
-    disk = gs.offload.DiskModel(str(tmp_path / "q"))
-    assert set(disk.quantized) == set(want)
-    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    check_reads_everywhere(tmp_path / "q", model, 14)
     with pytest.raises(ValueError, match="already quantized"):
-        gs.quantize(loaded, "w4g32", None, method="rtn", verbose=False)
+        gs.quantize(model, "w4g32", None, method="rtn", verbose=False)
     # float16 scales, integer zero points: written again as compressed-tensors, bit for bit
     gs.save_quantized(model, str(tmp_path / "ct"))
     back = gs.load_quantized(str(tmp_path / "ct"))

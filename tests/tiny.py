@@ -49,3 +49,24 @@ def token_stream(n: int = 4096, vocab: int = VOCAB, seed: int = 0) -> torch.Tens
     noise = torch.randint(0, vocab, (n,), generator=g)
     keep = torch.rand(n, generator=g) < 0.7
     return torch.where(keep, base, noise)
+
+
+def check_reads_everywhere(folder, model, n_layers: int) -> float:
+    """A quantized checkpoint in ``folder``, read as ``model`` (``gs.load_quantized``), reads the
+    same through ``gs.load_model`` (every command's ``--model``) and scores the same block by block
+    from disk; returns its perplexity on a tiny token stream."""
+    import math
+
+    import pytest
+
+    import gransearch as gs
+
+    ids = token_stream(1024, vocab=model.config.vocab_size, seed=3)
+    ppl = gs.perplexity(model, ids, seqlen=64, batch_size=2, verbose=False).ppl
+    assert math.isfinite(ppl)
+    loaded, _ = gs.load_model(str(folder))
+    assert sum(isinstance(m, gs.QuantLinear) for m in loaded.modules()) == n_layers
+    disk = gs.offload.DiskModel(str(folder))
+    assert len(disk.quantized) == n_layers
+    assert gs.offload.perplexity(disk, ids, seqlen=64, batch_size=2, verbose=False).ppl == pytest.approx(ppl, rel=1e-5)
+    return ppl

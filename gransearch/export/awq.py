@@ -31,7 +31,7 @@ import torch
 
 from ..spec import QuantSpec
 from .compressed_tensors import unpack_int32
-from .gptq import GPTQScheme, group_granularity, quant_config, stored_layers
+from .gptq import GPTQScheme, group_granularity, method_config, stored_layers
 
 __all__ = ["AWQScheme", "parse_config", "layer_from_tensors", "ORDER"]
 
@@ -58,9 +58,7 @@ class AWQScheme(GPTQScheme):
 def parse_config(folder: str) -> tuple[dict, AWQScheme]:
     """``(config.json, its scheme)`` of an AWQ checkpoint, refused with the reason when it is one
     gransearch does not read (see the module docstring)."""
-    cfg, qc, path = quant_config(folder)
-    if str(qc.get("quant_method", "")).lower() != "awq":
-        raise ValueError(f"{path}: not an AWQ checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
+    cfg, qc, path = method_config(folder, "awq", "an AWQ")
     layout = str(qc.get("version") or qc.get("format") or "gemm").lower()
     if layout != "gemm":
         raise ValueError(f"{path}: AWQ layout {layout!r}; gransearch reads AutoAWQ's GEMM layout: load it with AutoAWQ or GPTQModel, "

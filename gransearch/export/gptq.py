@@ -126,12 +126,19 @@ def group_granularity(name: str, n_groups: int, in_f: int, tool: str):
                      f"gransearch's groups tile the row: load it with {tool}, or quantize with a group size that divides {in_f}")
 
 
+def method_config(folder: str, method: str, what: str) -> tuple[dict, dict, str]:
+    """:func:`quant_config` of a checkpoint whose ``quant_method`` is ``method``; refused, naming
+    ``what`` it is not, otherwise."""
+    cfg, qc, path = quant_config(folder)
+    if str(qc.get("quant_method", "")).lower() != method:
+        raise ValueError(f"{path}: not {what} checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
+    return cfg, qc, path
+
+
 def parse_config(folder: str) -> tuple[dict, GPTQScheme]:
     """``(config.json, its scheme)`` of a GPTQ checkpoint, refused with the reason when it is one
     gransearch does not read (see the module docstring)."""
-    cfg, qc, path = quant_config(folder)
-    if str(qc.get("quant_method", "")).lower() != "gptq":
-        raise ValueError(f"{path}: not a GPTQ checkpoint" + (f" (quant_method {qc.get('quant_method')!r})" if qc else ""))
+    cfg, qc, path = method_config(folder, "gptq", "a GPTQ")
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
     if fmt not in FORMATS:
         raise ValueError(f"{path}: checkpoint_format {fmt!r}; gransearch reads GPTQ's own layouts ({', '.join(FORMATS)}): "
