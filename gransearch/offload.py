@@ -249,9 +249,7 @@ class DiskModel:
         if not head.weight.is_meta:
             return None
         if self.head_quantized:
-            name = self.head_name
-            stored = self.read_tensors([f"{name}.{k}" for k in self.scheme.suffixes if f"{name}.{k}" in self.files])
-            return self.scheme.layer(stored, name, self.quantized[name]).dequantize(self.dtype)
+            return self._stored_weights([self.head_name])[self.head_name].dequantize(self.dtype)
         return self.read_tensor(_head_name(self))
 
     def _block_of(self, name: str) -> Optional[int]:
@@ -300,12 +298,16 @@ class DiskModel:
     def _read_quantized(self, names: list[str]) -> None:
         """Quantized linears of a quantized checkpoint: their codes dequantized into the linear's
         weight, in ``dtype`` (what :func:`gransearch.load_quantized`'s layers compute with)."""
-        keys = [f"{n}.{k}" for n in names for k in self.scheme.suffixes if f"{n}.{k}" in self.files]
-        stored = self.read_tensors(keys)  # the block's layers at once: each file opened once
-        for name in names:
-            qw = self.scheme.layer(stored, name, self.quantized[name])
+        for name, qw in self._stored_weights(names).items():
             mod = get_module(self.model, name)
             mod._parameters["weight"] = nn.Parameter(qw.dequantize(self.dtype), requires_grad=False)
+
+    def _stored_weights(self, names: list[str]) -> dict:
+        """``{name: QuantizedWeight}`` of quantized layers as the checkpoint stores them, their tensors
+        read at once (each file opened once)."""
+        keys = [f"{n}.{k}" for n in names for k in self.scheme.suffixes if f"{n}.{k}" in self.files]
+        stored = self.read_tensors(keys)
+        return {name: self.scheme.layer(stored, name, self.quantized[name]) for name in names}
 
     def check_float(self, what: str) -> None:
         """Refuse a quantized checkpoint where ``what`` needs the float model."""

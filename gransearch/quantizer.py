@@ -325,7 +325,7 @@ def group_index(g_idx: Optional[torch.Tensor], in_f: int, n_groups: int, what: s
     size = in_f // n_groups
     if bool((g == -1).all()) or torch.equal(g, torch.arange(in_f) // size):
         return None
-    if bool(((g < 0) | (g >= n_groups)).any()) or bool((torch.bincount(g.clamp(0, n_groups - 1), minlength=n_groups) != size).any()):
+    if bool(((g < 0) | (g >= n_groups)).any()) or bool((torch.bincount(g, minlength=n_groups) != size).any()):
         raise ValueError(f"{what} does not give each of the {n_groups} groups {size} columns (values outside [0, {n_groups}) or "
                          "groups of other sizes), which is not a GPTQ group layout")
     return g.to(torch.int32)
