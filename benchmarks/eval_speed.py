@@ -37,6 +37,33 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def warm_up(model, calib, device, spec: str = "w4g64", in_place: bool = False) -> bool:
+    """On a GPU, one untimed uniform GPTQ of ``model`` (of a copy unless ``in_place``) on 8
+    calibration windows, then an empty CUDA-graph cache: the timed runs after it pay neither for the
+    process's first use of the device (CUDA context, cuBLAS and cuSOLVER handles, kernels loaded on
+    first call), which a real run pays once, nor get graphs another run captured (each captures its
+    own, as in a fresh process; see :func:`fresh_graphs`). Does nothing on the CPU; returns whether
+    it ran."""
+    if device is None or torch.device(device).type != "cuda":
+        return False
+    import copy
+
+    import gransearch as gs
+
+    work = model if in_place else copy.deepcopy(model)
+    gs.quantize(work, spec, calib[:8], method="gptq", objective=False, device=device, verbose=False)
+    sync(device)
+    fresh_graphs()
+    return True
+
+
+def fresh_graphs() -> None:
+    """Empty GPTQ's cache of captured CUDA graphs, so that the next timed run captures its own."""
+    from gransearch.algorithms.gptq import set_cuda_graphs
+
+    set_cuda_graphs(set_cuda_graphs(False))
+
+
 def speed(model_name: str, n_windows: int, repeats: int, batch: int, seqlen: int, device=None) -> None:
     import gransearch as gs
 
