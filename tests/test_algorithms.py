@@ -98,6 +98,54 @@ def test_gptq_matches_plain_column_by_column(spec, seed):
     assert torch.equal(res.qweight.dequantize()[:, 7], torch.zeros(20))  # dead input: weight 0
 
 
+def _lazy_batch_as_written_before(W1, Hinv1, S1, Z1, C1, maxq, group):
+    """The column loop as it was before its zeros were split once per batch (commit db5f4ff)."""
+    per_row = isinstance(maxq, torch.Tensor)
+    Err1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        if group is not None and i % group.g == 0:
+            group.take(W1, i, S1, Z1, True)
+        s, z, w, d = S1[:, i], Z1[:, i], W1[:, i], Hinv1[i, i]
+        c = torch.minimum(quantize_codes(w, s, z, float("inf")), maxq) if per_row else quantize_codes(w, s, z, maxq)
+        q = (c - z) * s
+        C1[:, i] = c
+        err = (w - q) / d
+        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Err1
+
+
+@pytest.mark.parametrize("case", ["columns", "ties", "per-row maxq", "groups", "groups float zero"])
+def test_lazy_batch_is_quantize_codes_column_by_column(case):
+    """The column loop's own arithmetic (zeros split once per batch or group, outputs written in
+    place) gives the same codes, errors and updated weights, bit for bit, as the loop written with
+    quantize_codes per column: GPTQ's codes on the CPU are pinned."""
+    from gransearch.algorithms.gptq import _Groups, _lazy_batch
+
+    g = torch.Generator().manual_seed(len(case))
+    rows, width = 40, 48
+    W = torch.randn(rows, width, generator=g) * 0.05
+    Hinv = torch.linalg.cholesky(hessian_of(correlated_inputs(d=width, outliers=(2, 30))) + torch.eye(width), upper=True)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(Hinv), upper=True)
+    S = torch.rand(rows, width, generator=g) * 0.01 + 1e-3
+    Z = torch.rand(rows, width, generator=g) * 15  # fractions: a float zero's rounding is exercised too
+    maxq, group = 15, None
+    if case == "ties":  # every w / s is k + 0.5 and the zeros are odd: rounding before or after adding them differs
+        Hinv, S = torch.eye(width), torch.full((rows, width), 2.0**-7)
+        W, Z = (torch.randint(-6, 6, (rows, width), generator=g) + 0.5) * S, torch.full((rows, width), 7.0)
+    if case == "per-row maxq":
+        maxq = torch.tensor([7.0, 15.0] * (rows // 2))
+    if case.startswith("groups"):
+        group = _Groups(16, gs.QuantSpec.parse("w4g16" + ("" if case == "groups" else "f")), None)
+    got, want = [[t.clone() for t in (W, S, Z, torch.zeros(rows, width))] for _ in range(2)]
+    e_got = _lazy_batch(got[0], Hinv, got[1], got[2], got[3], maxq, group, True)
+    e_want = _lazy_batch_as_written_before(want[0], Hinv, want[1], want[2], want[3], maxq, group)
+    assert torch.equal(e_got, e_want)
+    for a, b in zip(got, want):  # updated weights, scales, zeros, codes
+        assert torch.equal(a, b)
+    assert got[3].max() > 0 and not torch.equal(got[0], W)  # the loop did work
+
+
 def test_gptq_dead_columns_and_shape_errors():
     h = hessian_of(correlated_inputs())
     h[5, :] = 0
