@@ -16,10 +16,10 @@
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
 # Seconds each step took (2026-11-27; the first SmolLM2 step also converts the GGUF): on one H100,
-# graphs 21, quantize_speed 64, readme_search 150; on one H200, gpu_tests 25, scale_search 242,
-# scale_quantize 76 (after scale_search wrote the model), search_cost 48, launches 17, export_gpu
-# 269 (its dequantize row ran on the CPU then; fixed). On a machine without network,
-# scripts/gpu_prepare.sh makes what it needs.
+# gpu_tests 29, graphs 21, quantize_speed 39 to 64, search_cost 60 to 96 (warmed up: longer),
+# readme_search 77; on one H200, gpu_tests 21, scale_search 242, scale_quantize 76 (after
+# scale_search wrote the model), search_cost 48 to 52, launches 17, export_gpu 69, quantize_speed
+# 24, readme_search 66. On a machine without network, scripts/gpu_prepare.sh makes what it needs.
 set -u
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 STEPS=${2:-all}

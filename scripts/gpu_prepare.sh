@@ -12,11 +12,13 @@
 #   call 1, carrying .whl .dev/data .dev/part1 .dev/boot.sh:
 #       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT gpu_tests
 #   call 2, carrying .dev/part2 .dev/boot.sh:
-#       source .dev/boot.sh; LIMIT_export_gpu=200 bash benchmarks/gpu_suite.sh $OUT search_cost,export_gpu,quantize_speed,readme_search
-# (search_cost: the bank after its shared-input GPTQ stacks; export_gpu: the dequantize row on the
-# GPU; quantize_speed and readme_search: the H100's figures again on the same card.)
+#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT quantize_speed,search_cost
+# (quantize_speed: GPTQ's column loop with fewer operations per column, against its floor;
+# search_cost: the bank of K = 12 against one uniform GPTQ, and the trial, on another machine.)
 # Measured before: on an H100, gpu_tests,graphs,quantize_speed,export_gpu,search_cost,readme_search;
-# on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu.
+# on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu,quantize_speed,
+# readme_search. A call of the two steps above took 140 s on an H100 (the machine's start not
+# counted); the first call, with its start, about 90 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
