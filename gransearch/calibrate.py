@@ -46,7 +46,7 @@ class LayerStats:
     abs_sum: Optional[torch.Tensor] = None  # [in]
     sq_sum: Optional[torch.Tensor] = None  # float64 [in]: sum x_j^2, kept without the Hessian too
     abs_max: Optional[torch.Tensor] = None  # [in]
-    token_max: list = field(default_factory=list)  # per-token max |x| chunks
+    token_max: list = field(default_factory=list)  # per-token max |x| chunks, on the inputs' device until host_token_max()
     with_moments: bool = False
     moments: Optional[torch.Tensor] = None  # float64 sums of x, x^2, x^3, x^4 over every element
 
@@ -63,7 +63,7 @@ class LayerStats:
         self.abs_sum += a.sum(0, dtype=torch.float64)
         self.sq_sum += (a * a).sum(0, dtype=torch.float64)
         torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
-        self.token_max.append(a.amax(1).cpu())
+        self.token_max.append(a.amax(1))  # kept where x is: a copy to the host here would wait for the GPU every batch
         if self.with_hessian:
             _add_gram_upper(self.acc, x)
         if self.with_moments:
@@ -119,7 +119,15 @@ class LayerStats:
 
     @property
     def token_maxima(self) -> torch.Tensor:
-        return torch.cat(self.token_max) if self.token_max else torch.zeros(0)
+        """The max ``|x|`` of every token seen, in order (on the CPU)."""
+        self.host_token_max()
+        return self.token_max[0] if self.token_max else torch.zeros(0)
+
+    def host_token_max(self) -> None:
+        """The per-token maxima gathered so far, moved to the host in one transfer (one wait for
+        the GPU per pass, not one per batch); :func:`collect_block_stats` calls it after its pass."""
+        if self.token_max and (len(self.token_max) > 1 or self.token_max[0].device.type != "cpu"):
+            self.token_max = [torch.cat(self.token_max).cpu()]
 
     def to(self, device) -> "LayerStats":
         for k in ("acc", "abs_sum", "sq_sum", "abs_max"):
@@ -381,6 +389,8 @@ def collect_block_stats(
         for ref in refs:
             handles.append(ref.module.register_forward_pre_hook(make_hook(ref)))
         runner.run(index, advance=advance, on_batch=next_batch)
+    for st in stats.values():  # before the aliases: each statistic once
+        st.host_token_max()
     for name, owner in alias.items():
         stats[name] = stats[owner]
     for ref in refs:  # in block order: the first layer whose inputs went bad is the one to name
