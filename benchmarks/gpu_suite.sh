@@ -10,7 +10,8 @@
 # graphs          one block's GPTQ solves (SmolLM2-135M's shapes), eager against CUDA graphs
 # quantize_speed  whole-model GPTQ w4g64 on SmolLM2 against its floor (docs/scale.md)
 # export_gpu      the compressed-tensors export loaded by transformers on the GPU (docs/export.md)
-# search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation
+# search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation; then both
+#                 under torch.profiler (search-profile.txt: how much of each bank stage the GPU computed)
 # launches        one block's AWQ searches: the loop against the stacked grid, timed on the GPU
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
@@ -60,7 +61,8 @@ if want export_gpu; then
     --out "$WORK/export" --record "$OUT/export-gpu.json"
 fi
 if want search_cost; then
-  STEP_DIR=$ROOT/benchmarks step search_cost "$(limit search_cost 400)" "$PY" search_cost.py --device cuda
+  STEP_DIR=$ROOT/benchmarks step search_cost "$(limit search_cost 400)" "$PY" search_cost.py --device cuda \
+    --profile "$OUT/search-profile.txt"
 fi
 if want launches; then
   STEP_DIR=$ROOT/benchmarks step launches "$(limit launches 180)" "$PY" launches.py --device cuda --record "$OUT/launches.json"

@@ -1,6 +1,6 @@
 """Cost of the search: bank construction against one uniform GPTQ, trial time against one evaluation.
 
-    python benchmarks/search_cost.py [--n-calib 128] [--trials 10] [--device cuda]
+    python benchmarks/search_cost.py [--n-calib 128] [--trials 10] [--device cuda] [--profile FILE]
 
 Bank: K = 12 candidates per layer (rtn, gptq, awq x 3, 4 bits x per-channel, groups of 64), built by
 ``build_bank`` (one calibration pass, one Cholesky per layer, one AWQ search per group and spec),
@@ -12,7 +12,10 @@ the GPU). The trials run twice on the same bank: with the study in memory, and w
 file in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows
 say what the storage adds to a trial. On CUDA the bank is built a second time with its GPTQ layer
 by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to show what
-solving q/k/v and gate/up as one stack saves.
+solving q/k/v and gate/up as one stack saves. On a GPU the device is warmed up first (one untimed
+uniform GPTQ), so that no timed run pays for the process's start-up. ``--profile FILE``: then one
+uniform GPTQ and one bank again, under ``torch.profiler``, and where their time goes
+(:func:`profile_runs`): on a GPU, how much of each bank stage the GPU spent computing.
 """
 
 from __future__ import annotations
@@ -23,10 +26,104 @@ import os
 import tempfile
 import time
 
+import torch
+
 import gransearch as gs
 from gransearch.bank import build_bank
 
 from eval_speed import fresh_graphs, machine, sync, warm_up  # noqa: E402  (same folder)
+
+
+STAGE = "gransearch: "  # the profiler ranges of gransearch.bank.Stages
+
+
+def _device_us(e, self_only: bool) -> float:
+    """An averaged profiler event's device time in microseconds (torch renamed cuda_* to device_*)."""
+    for name in (("self_device_time_total", "self_cuda_time_total") if self_only else ("device_time_total", "cuda_time_total")):
+        v = getattr(e, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def first_blocks(model, n: int):
+    """A copy of ``model`` with its first ``n`` decoder blocks only (the profiler's event tables grow
+    with the work: a whole model's GPTQ kernels would take it minutes to sort)."""
+    from gransearch.arch import arch_of, get_blocks, get_module
+
+    info = arch_of(model)
+    blocks = get_blocks(model, info)
+    parent, _, attr = info.blocks.rpartition(".")
+    holder = get_module(model, parent) if parent else model
+    setattr(holder, attr, torch.nn.ModuleList(list(blocks)[:n]))  # the copy below takes n blocks, not all
+    try:
+        small = copy.deepcopy(model)
+    finally:
+        setattr(holder, attr, blocks)
+    small.config.num_hidden_layers = n
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = list(small.config.layer_types)[:n]
+    return small
+
+
+def profile_runs(runs: dict, dev, path: str, top: int = 20) -> str:
+    """Each of ``runs`` (name -> function) once under ``torch.profiler`` (the CPU, and CUDA on a GPU),
+    each after an empty CUDA-graph cache; writes to ``path`` and returns, per run: the wall time under
+    the profiler, the GPU's kernel time (what it computed: the rest of the wall time it waited for
+    the host), the kernel launches, graph replays, host waits and copies the CUDA runtime saw, each
+    bank stage's wall and kernel time (the ranges gransearch.bank.Stages opens), and the operations
+    with the most host time and the most kernel time. The profiler's own overhead is in these walls:
+    the timed rows of the main table are without it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev is not None and torch.device(dev).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = [f"# torch.profiler of search_cost.py's runs on {dev or 'cpu'}; machine: {machine()}"]
+    for name, fn in runs.items():
+        fresh_graphs()
+        sync(dev)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            wall = time.perf_counter() - t0
+        ev = prof.key_averages()
+        kernel_s = sum(_device_us(e, True) for e in ev) / 1e6
+        count = {}
+        for e in ev:
+            for key, test in (("kernel launches", lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")),
+                              ("graph replays", lambda n: n == "cudaGraphLaunch"),
+                              ("host waits", lambda n: "Synchronize" in n),
+                              ("copies", lambda n: n.startswith("cudaMemcpy"))):
+                if test(e.key):
+                    count[key] = count.get(key, 0) + e.count
+        out.append(f"\n## {name}: {wall:.2f} s wall under the profiler, {kernel_s:.2f} s of GPU kernels "
+                   f"({kernel_s / wall:.0%} busy)" if cuda else f"\n## {name}: {wall:.2f} s wall under the profiler (CPU)")
+        if cuda:
+            out.append("CUDA runtime calls: " + ", ".join(f"{k} {count.get(k, 0):,}" for k in ("kernel launches", "graph replays", "host waits", "copies")))
+        stages = [e for e in ev if e.key.startswith(STAGE)]
+        if stages:
+            out.append("\n| stage (profiler range) | entered | wall s | GPU kernel s |\n|---|---:|---:|---:|")
+            for e in sorted(stages, key=lambda e: -e.cpu_time_total):
+                out.append(f"| {e.key[len(STAGE):]} | {e.count} | {e.cpu_time_total / 1e6:.2f} | {_device_us(e, False) / 1e6:.2f} |")
+            by = {e.key[len(STAGE):]: e for e in stages}
+            if "blocks" in by:  # what the blocks spent outside their stages (the bank's "other" row)
+                inner = [e for n, e in by.items() if n not in ("blocks", "output fisher", "store")]
+                wall_o = (by["blocks"].cpu_time_total - sum(e.cpu_time_total for e in inner)) / 1e6
+                dev_o = (_device_us(by["blocks"], False) - sum(_device_us(e, False) for e in inner)) / 1e6
+                out.append(f"| in the blocks, outside these stages (RTN and AWQ roundings, Python) | | {wall_o:.2f} | {dev_o:.2f} |")
+        for what, sort in (("host time", "self_cpu_time_total"), ("GPU kernel time", "self_device_time_total")):
+            if what == "GPU kernel time" and not cuda:
+                continue
+            rows = sorted((e for e in ev if not e.key.startswith(STAGE)),
+                          key=lambda e: -(e.self_cpu_time_total if sort == "self_cpu_time_total" else _device_us(e, True)))[:top]
+            out.append(f"\nthe {top} operations with the most {what}:\n| operation | calls | host self s | GPU self s |\n|---|---:|---:|---:|")
+            out += [f"| {e.key[:80]} | {e.count:,} | {e.self_cpu_time_total / 1e6:.3f} | {_device_us(e, True) / 1e6:.3f} |" for e in rows]
+    text = "\n".join(out) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    return text
 
 
 def main() -> None:
@@ -36,6 +133,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--device", default=None, help="cpu (default) or cuda")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="afterwards, one uniform GPTQ and one bank of the model's first --profile-blocks blocks under "
+                         "torch.profiler: where their time goes, written to FILE")
+    ap.add_argument("--profile-blocks", type=int, default=2)
     args = ap.parse_args()
     dev = args.device
     print(f"machine: {machine()}")
@@ -106,6 +207,18 @@ def main() -> None:
     for name, r in (("in memory", res), ("in SQLite", on_disk)):
         print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
               + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items()))
+    if args.profile:
+        small = first_blocks(model, args.profile_blocks)
+
+        def uniform():
+            gs.quantize(copy.deepcopy(small), "w4g64", calib, method="gptq", objective=False, device=dev, verbose=False)
+
+        def bank_again():
+            build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
+
+        n = args.profile_blocks
+        profile_runs({f"one uniform GPTQ w4g64, first {n} blocks": uniform, f"bank of K = {k}, first {n} blocks": bank_again}, dev, args.profile)
+        print(f"\nprofile (where the time of one uniform GPTQ and one bank of the first {n} blocks goes): {args.profile}")
 
 
 if __name__ == "__main__":

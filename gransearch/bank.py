@@ -649,6 +649,7 @@ def build_bank(
     for ref in refs:  # the unit of work (and of claims between workers): one decoder block's linears
         blocks.setdefault(block_index(ref.name) or 0, []).append(ref)
 
+    @torch.profiler.record_function("gransearch: blocks")
     def build_block(b: int) -> None:
         t_block = time.perf_counter()
         if per_block is not None:
@@ -740,7 +741,10 @@ def build_bank(
 
 class Stages:
     """Seconds per stage of timed work (``stage("name")`` as a context manager or decorator), waiting
-    for the GPU at each boundary so that its queued work is counted where it was queued."""
+    for the GPU at each boundary so that its queued work is counted where it was queued. Each stage
+    is also a ``torch.profiler`` range named ``gransearch: <stage>``, so a profile of the work says
+    how much of each stage's wall time the GPU spent computing (``benchmarks/search_cost.py
+    --profile``)."""
 
     def __init__(self, dev: torch.device):
         self.dev = torch.device(dev)
@@ -756,7 +760,8 @@ class Stages:
             self._sync()
         t0 = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"gransearch: {name}"):
+                yield
         finally:
             self._sync()
             self.add(name, time.perf_counter() - t0)

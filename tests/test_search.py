@@ -178,6 +178,35 @@ def test_search_never_exceeds_budget_and_matches_stored_bytes():
     assert all(any(p.nbytes <= nb and p.ppl <= v for p in res.pareto) for nb, v in done)
 
 
+def test_bank_stages_are_profiler_ranges(monkeypatch):
+    """A bank build opens each of its stages, and each block, as a torch.profiler range
+    ``gransearch: <stage>`` (benchmarks/search_cost.py --profile reads them on a GPU), as often as
+    the stage timer is entered. (torch.profiler.record_function is replaced by a recorder here: the
+    real profiler takes seconds to sort the events of even a tiny bank.)"""
+    import collections
+    import contextlib
+
+    opened = collections.Counter()
+
+    class Recorder(contextlib.ContextDecorator):
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            opened[self.name] += 1
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.profiler, "record_function", Recorder)
+    bank = build_bank(tiny_model("llama"), calib(), ("rtn", "gptq", "awq"), (4,), ("channel",), verbose=False)
+    ranges = {k[len("gransearch: "):]: n for k, n in opened.items() if k.startswith("gransearch: ")}
+    assert set(bank.stage_seconds) - {"other (rtn and awq rounding, python)"} <= set(ranges)
+    assert {"blocks", "statistics", "gptq", "awq scale search", "objectives and copies"} <= set(ranges)
+    n_blocks = len({n.split(".")[2] for n in bank.layers})
+    assert ranges["blocks"] == ranges["statistics"] == n_blocks
+
+
 def test_budget_errors_name_the_feasible_range():
     model = tiny_model("llama")
     with pytest.raises(BudgetError, match="below the smallest possible model.*feasible range"):
