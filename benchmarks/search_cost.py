@@ -35,6 +35,12 @@ from eval_speed import fresh_graphs, machine, sync, warm_up  # noqa: E402  (same
 
 
 STAGE = "gransearch: "  # the profiler ranges of gransearch.bank.Stages
+RUNTIME_CALLS = {  # CUDA runtime calls the profiler records on the host, counted per run
+    "kernel launches": lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"),
+    "graph replays": lambda n: n == "cudaGraphLaunch",
+    "host waits": lambda n: "Synchronize" in n,
+    "copies": lambda n: n.startswith("cudaMemcpy"),
+}
 
 
 def _device_us(e, self_only: bool) -> float:
@@ -89,18 +95,10 @@ def profile_runs(runs: dict, dev, path: str, top: int = 20) -> str:
             wall = time.perf_counter() - t0
         ev = prof.key_averages()
         kernel_s = sum(_device_us(e, True) for e in ev) / 1e6
-        count = {}
-        for e in ev:
-            for key, test in (("kernel launches", lambda n: n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")),
-                              ("graph replays", lambda n: n == "cudaGraphLaunch"),
-                              ("host waits", lambda n: "Synchronize" in n),
-                              ("copies", lambda n: n.startswith("cudaMemcpy"))):
-                if test(e.key):
-                    count[key] = count.get(key, 0) + e.count
         out.append(f"\n## {name}: {wall:.2f} s wall under the profiler, {kernel_s:.2f} s of GPU kernels "
                    f"({kernel_s / wall:.0%} busy)" if cuda else f"\n## {name}: {wall:.2f} s wall under the profiler (CPU)")
         if cuda:
-            out.append("CUDA runtime calls: " + ", ".join(f"{k} {count.get(k, 0):,}" for k in ("kernel launches", "graph replays", "host waits", "copies")))
+            out.append("CUDA runtime calls: " + ", ".join(f"{k} {sum(e.count for e in ev if test(e.key)):,}" for k, test in RUNTIME_CALLS.items()))
         stages = [e for e in ev if e.key.startswith(STAGE)]
         if stages:
             out.append("\n| stage (profiler range) | entered | wall s | GPU kernel s |\n|---|---:|---:|---:|")
@@ -112,11 +110,9 @@ def profile_runs(runs: dict, dev, path: str, top: int = 20) -> str:
                 wall_o = (by["blocks"].cpu_time_total - sum(e.cpu_time_total for e in inner)) / 1e6
                 dev_o = (_device_us(by["blocks"], False) - sum(_device_us(e, False) for e in inner)) / 1e6
                 out.append(f"| in the blocks, outside these stages (RTN and AWQ roundings, Python) | | {wall_o:.2f} | {dev_o:.2f} |")
-        for what, sort in (("host time", "self_cpu_time_total"), ("GPU kernel time", "self_device_time_total")):
-            if what == "GPU kernel time" and not cuda:
-                continue
-            rows = sorted((e for e in ev if not e.key.startswith(STAGE)),
-                          key=lambda e: -(e.self_cpu_time_total if sort == "self_cpu_time_total" else _device_us(e, True)))[:top]
+        orders = {"host time": lambda e: e.self_cpu_time_total, **({"GPU kernel time": lambda e: _device_us(e, True)} if cuda else {})}
+        for what, key in orders.items():
+            rows = sorted((e for e in ev if not e.key.startswith(STAGE)), key=key, reverse=True)[:top]
             out.append(f"\nthe {top} operations with the most {what}:\n| operation | calls | host self s | GPU self s |\n|---|---:|---:|---:|")
             out += [f"| {e.key[:80]} | {e.count:,} | {e.self_cpu_time_total / 1e6:.3f} | {_device_us(e, True) / 1e6:.3f} |" for e in rows]
     text = "\n".join(out) + "\n"
