@@ -28,7 +28,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,10 @@ from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, l
 from .claims import held, try_claim
 from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device, check_float_model
-from .evaluate import layer_objective
 from .plan import model_fingerprint, weights_fingerprint
 from .profiles import get_profile
-from .quantizer import QuantizedWeight
+from .algorithms.rtn import rtn
+from .quantizer import QuantizedWeight, check_params, check_weight
 from .sensitivity import output_fisher
 from .methods import GPTQOptions, Method
 from .spec import QuantSpec, as_granularity, parse_spec
@@ -60,6 +60,48 @@ log = logging.getLogger(__name__)
 STACK_SHARED_INPUTS: Optional[bool] = None
 
 __all__ = ["Bank", "BankEntry", "BankSize", "StoredEntry", "bank_config", "bank_for", "bank_size", "build_bank", "pareto_front"]
+
+
+OBJECTIVE_BATCH_BYTES = 512 * 2**20  # stacked (GPU) bank: the float32 rows one batch of entries' objectives holds, all temporaries
+
+
+@dataclass
+class _Part:
+    """Rows ``r0:r1`` of a rounding ``stack`` (several weights rounded as one), and that part's weight."""
+
+    qweight: QuantizedWeight
+    stack: QuantizedWeight
+    r0: int
+    r1: int
+
+    @classmethod
+    def whole(cls, q: QuantizedWeight) -> "_Part":
+        return cls(q, q, 0, q.shape[0])
+
+
+def _parts(q: QuantizedWeight, sizes: Sequence[int]) -> list[_Part]:
+    """The parts of a rounding of stacked weights of ``sizes`` rows each."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [_Part(w, q, r0, r1) for w, r0, r1 in zip(q.split_rows(sizes), bounds[:-1], bounds[1:])]
+
+
+def _own_rows(q: QuantizedWeight, r0: int, r1: int) -> QuantizedWeight:
+    """Rows ``r0:r1`` of ``q`` in buffers of their own (a weight whose blocks span rows is only ever whole)."""
+    rows = slice(None) if (r0, r1) == (0, q.shape[0]) else slice(r0, r1)
+    return QuantizedWeight(q.codes[rows].clone(), q.scale[rows].clone(), None if q.zero is None else q.zero[rows].clone(), q.spec,
+                           None if q.g_idx is None else q.g_idx.clone())
+
+
+@dataclass
+class _Queued:
+    """A bank entry made but not yet kept: its layer, key, the float weight it is measured against and
+    where its rounding lies."""
+
+    name: str
+    key: str
+    entry: "BankEntry"
+    W: torch.Tensor
+    part: _Part
 
 
 @dataclass
@@ -332,6 +374,11 @@ def _store_layer(folder: str, i: int, row: list[BankEntry]) -> str:
         tensors[f"{j}.rows"] = e.row_objective.contiguous()
         if e.in_scale is not None:
             tensors[f"{j}.in_scale"] = e.in_scale.contiguous()
+    seen = set()  # safetensors refuses buffers shared between names (AWQ and AWQ+GPTQ share their input scales)
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
     digest = _write_safetensors(tensors, file)
     for j, e in enumerate(row):
         e.source = StoredEntry(file, f"{j}.", tuple(e.qweight.shape), e.qweight.spec)
@@ -517,38 +564,126 @@ def build_bank(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     stage = Stages(dev)
 
-    # each entry's objective stays on the device until its layer is done: one transfer per layer, not
-    # one wait per entry (on a GPU every read of a number waits for the queue behind it). So on a GPU
-    # add() is no timed stage (a stage waits for the GPU at its edges); settle() waits for the queue
-    # instead, and its seconds hold the objectives' products with the roundings queued among them
-    pending: list[tuple[str, str, BankEntry, torch.Tensor]] = []  # (layer, method:spec, entry, row objectives)
+    # Entries are queued on the device and kept (on the CPU) when their group of layers is done: their
+    # objectives, the checks skipped on the way (finite weights, float16-range scales) and the layers'
+    # output energies come over in one transfer per group, not one wait each (on a GPU every read of a
+    # number waits for the queue behind it). So on a GPU the roundings are no timed stage (a stage
+    # waits for the GPU at its edges); settle() waits for the queue instead, and its seconds hold the
+    # objectives' products with the roundings queued among them. Stacked (on CUDA, or as
+    # STACK_SHARED_INPUTS says), a group's objectives are a few products over all its entries' rows
+    # (OBJECTIVE_BATCH_BYTES at a time) instead of a chain of small ones per entry.
+    stacked = dev.type == "cuda" if STACK_SHARED_INPUTS is None else STACK_SHARED_INPUTS
+    queued: list[_Queued] = []
+    checks: list[tuple[torch.Tensor, Callable[[], None]]] = []  # 0-d "bad" flags, read with the objectives, and what raises then
+    energies: list[tuple[str, torch.Tensor]] = []  # (layer, tr(W H W^T) as a 0-d tensor)
 
-    def add(name, method, spec, qw, in_scale, W, H):
-        with stage.unless_gpu("objectives and copies"):
-            entry = BankEntry(qw, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
-            d = W - entry.effective_weight()
-            rows = ((d @ H) * d).sum(1)
-            pending.append((name, f"{method}:{spec}", entry, rows))
+    def queue(name, method, spec, part: "_Part", in_scale, W) -> None:
+        entry = BankEntry(part.qweight, in_scale, prof.nbytes(tuple(W.shape), spec), 0.0)
+        queued.append(_Queued(name, f"{method}:{spec}", entry, W, part))
+
+    def check_later(q: QuantizedWeight) -> None:
+        """The float16-range check of an unchecked rounding, read with the objectives."""
+        bad = ~torch.isfinite(q.scale).all()
+        if q.float_zero:
+            bad = bad | ~torch.isfinite(q.zero).all()
+        checks.append((bad, lambda: check_params(q.scale.float(), q.zero.float() if q.float_zero else None)))
+
+    def rtn_parts(mats: list, spec) -> list["_Part"]:
+        """RTN of each weight in ``mats`` (one input width) as one rounding of their stacked rows: bit for
+        bit the separate roundings, as no block crosses a row (per-tensor specs are rounded one by one)."""
+        if spec.granularity.spans_rows or len(mats) == 1:
+            stacks = [(rtn(m, spec, check=False), [m.shape[0]]) for m in mats]
+        else:
+            stacks = [(rtn(torch.cat(mats), spec, check=False), [m.shape[0] for m in mats])]
+        out = []
+        for q, sizes in stacks:
+            check_later(q)
+            out += _parts(q, sizes)
+        return out
+
+    def objective_rows(H: torch.Tensor) -> list[torch.Tensor]:
+        """Each queued entry's per-row objective ``((W - Q) H (W - Q)^T)_jj`` on the device."""
+        if not stacked:  # entry by entry: the CPU's pinned numbers
+            out = []
+            for q in queued:
+                d = q.W - q.entry.effective_weight()
+                out.append(((d @ H) * d).sum(1))
+            return out
+        deq: dict[int, torch.Tensor] = {}  # each stacked rounding dequantized once
+
+        def eff(q: _Queued) -> torch.Tensor:
+            p = q.part
+            if id(p.stack) not in deq:
+                deq[id(p.stack)] = p.stack.dequantize()
+            w = deq[id(p.stack)][p.r0 : p.r1]
+            return w if q.entry.in_scale is None else w / q.entry.in_scale.unsqueeze(0)
+
+        last = {id(q.part.stack): k for k, q in enumerate(queued)}  # where each dequantized stack can go
+        out, i = [], 0
+        while i < len(queued):  # as many entries at once as OBJECTIVE_BATCH_BYTES holds (at least one)
+            j, nbytes = i, 0
+            while j < len(queued) and (j == i or nbytes + 16 * queued[j].W.numel() <= OBJECTIVE_BATCH_BYTES):
+                nbytes += 16 * queued[j].W.numel()  # float32: the weight, its rounding, the difference, d @ H
+                j += 1
+            batch = queued[i:j]
+            d = torch.cat([q.W for q in batch]) - torch.cat([eff(q) for q in batch])
+            out += list(((d @ H) * d).sum(1).split([q.W.shape[0] for q in batch]))
+            for k in [k for k in deq if last[k] < j]:
+                del deq[k]
+            i = j
+        return out
 
     @stage("objectives and copies", wait_first=False)
-    def settle() -> None:
-        """The pending entries' objectives read at once, checked finite, and the entries kept (on the CPU)."""
-        if not pending:
-            return
-        totals = torch.stack([p[3].sum() for p in pending]).tolist()
-        rows = torch.stack([p[3] for p in pending]).cpu()
-        for (name, key, entry, _), total, r in zip(pending, totals, rows):
-            if not math.isfinite(total):
-                pending.clear()
-                raise NonFiniteError(f"the layer objective of {name} with {key} is not finite: its weights, Hessian or "
-                                     "quantized weights hold NaN or infinity")
-            entry.objective, entry.row_objective = total, r.clone()
-            if dev.type != "cpu":
-                entry.qweight = entry.qweight.to("cpu")
-                entry.in_scale = None if entry.in_scale is None else entry.in_scale.cpu()
-            keys[name].append(key)
-            entries[name].append(entry)
-        pending.clear()
+    def settle(H: torch.Tensor) -> None:
+        """The queued entries' objectives, checks and energies read in one transfer; the entries kept
+        (on the CPU, each stacked rounding brought over once)."""
+        rows = objective_rows(H)
+        sizes = [r.numel() for r in rows]
+        flat = torch.cat(rows)
+        if stacked:  # each entry's total in one sum over the batch
+            seg = torch.repeat_interleave(torch.arange(len(rows), device=flat.device), torch.tensor(sizes, device=flat.device))
+            totals = torch.zeros(len(rows), dtype=flat.dtype, device=flat.device).index_add_(0, seg, flat)
+        else:  # the CPU's pinned sums, entry by entry
+            totals = torch.stack([r.sum() for r in rows])
+        parts = [flat.float(), totals.float()] + ([torch.stack([e for _, e in energies]).float()] if energies else [])
+        parts += [torch.stack([bad for bad, _ in checks]).float()] if checks else []
+        host = torch.cat(parts).cpu()  # the one wait of the group
+        stacks: dict[int, QuantizedWeight] = {}
+        for q in queued:
+            stacks.setdefault(id(q.part.stack), q.part.stack)
+        on_host = {k: s.to("cpu") for k, s in stacks.items()}
+        scales: dict[int, torch.Tensor] = {}
+        for q in queued:
+            if q.entry.in_scale is not None and id(q.entry.in_scale) not in scales:
+                scales[id(q.entry.in_scale)] = q.entry.in_scale.cpu()
+        n, m = sum(sizes), len(rows)
+        with torch.profiler.record_function("gransearch: on the host"):  # from here on only host memory is touched
+            try:
+                vals = host[n:].tolist()  # the totals, energies and check flags
+                for (_, raise_now), bad in zip(checks, vals[m + len(energies) :]):
+                    if bad:
+                        raise_now()  # a weight that is not finite, or a scale beyond float16: the check skipped before
+                for (name, _), v in zip(energies, vals[m : m + len(energies)]):
+                    energy[name] = v
+                users: dict[int, int] = {}
+                for q in queued:
+                    users[id(q.part.stack)] = users.get(id(q.part.stack), 0) + 1
+                for q, r, total in zip(queued, host[:n].split(sizes), vals[:m]):
+                    if not math.isfinite(total):
+                        raise NonFiniteError(f"the layer objective of {q.name} with {q.key} is not finite: its weights, Hessian or "
+                                             "quantized weights hold NaN or infinity")
+                    e, p = q.entry, q.part
+                    e.objective, e.row_objective = total, r.clone()
+                    if users[id(p.stack)] == 1 and (p.r0, p.r1) == (0, p.stack.shape[0]):
+                        e.qweight = on_host[id(p.stack)]  # a rounding of its own: nothing more to copy
+                    else:  # the entry's own rows (a stored layer file holds no shared buffers)
+                        e.qweight = _own_rows(on_host[id(p.stack)], p.r0, p.r1)
+                    if e.in_scale is not None:
+                        e.in_scale = scales[id(e.in_scale)]
+                    keys[q.name].append(q.key)
+                    entries[q.name].append(e)
+            finally:
+                queued.clear(), checks.clear(), energies.clear()
 
     # one low-rank factor per distinct input Hessian (q/k/v and gate/up share theirs)
     factors: dict[int, Optional[torch.Tensor]] = {}
@@ -576,74 +711,95 @@ def build_bank(
             act = stats[gnames[0]].abs_mean.to(dev)
             grid = awq_grid_scales(act, awq_grid)  # the same for every spec
             for spec in code_specs[gnames[0]]:
-                res = awq_search_hessian(act, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]), grid=grid)
+                # unchecked: a weight that is not finite gives non-finite losses, and the search then raises what the check would
+                res = awq_search_hessian(act, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]), grid=grid, check=False)
                 for n in gnames:
                     awq_scales[(n, str(spec))] = res.scales
 
     opts = GPTQOptions(damp=damp, act_order=act_order)
 
-    def plain_gptq_of(group: list, Ws: list) -> dict[str, dict[str, QuantizedWeight]]:
+    def plain_gptq_of(group: list, Ws: list) -> dict[str, list["_Part"]]:
         """Plain GPTQ of every spec of the layers in ``group`` (weights ``Ws``), which read one input
         (one Hessian): the same rounding as quantize_layer(W, H, Method.GPTQ, spec), solved as one stack
-        of rows on one factorisation (tests/test_algorithms.py checks the two agree). Layer name -> spec
-        -> weight."""
+        of rows on one factorisation (tests/test_algorithms.py checks the two agree). Spec -> one part
+        per layer."""
         sps = code_specs[group[0].name]
         name = "+".join(r.name for r in group)
         H = stats[group[0].name].hessian.to(dev)
         with stage("gptq"):
             prep = gptq_prepare(H, damp=damp, act_order=act_order, name=name)
             results = gptq_many(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, sps, damp=damp, act_order=act_order, prepared=prep, name=name)
-        parts = [r.qweight.split_rows([W.shape[0] for W in Ws]) for r in results]  # [spec][layer]
-        return {r.name: {str(sp): parts[k][j] for k, sp in enumerate(sps)} for j, r in enumerate(group)}
+        return {str(sp): _parts(r.qweight, [W.shape[0] for W in Ws]) for sp, r in zip(sps, results)}
 
     def gptq_groups(refs: list) -> list[list]:
-        """The block's layers grouped for :func:`plain_gptq_of`: on CUDA (or as ``STACK_SHARED_INPUTS``
-        says) the layers that share a Hessian and their specs go together, as in ``gs.quantize``, which
-        cuts the column loops (launch-bound on a GPU) from 7 to 4 per Llama block; else one by one,
-        which keeps the CPU's pinned codes (a taller stack may round a tie the other way)."""
-        stack = dev.type == "cuda" if STACK_SHARED_INPUTS is None else STACK_SHARED_INPUTS
-        if not stack:
+        """The block's layers grouped for :func:`plain_gptq_of` and :func:`build_group`: stacked (on CUDA,
+        or as ``STACK_SHARED_INPUTS`` says) the layers that share a Hessian and their specs go together,
+        as in ``gs.quantize``, which cuts the column loops (launch-bound on a GPU) from 7 to 4 per Llama
+        block; else one by one, which keeps the CPU's pinned codes (a taller stack may round a tie the
+        other way)."""
+        if not stacked:
             return [[r] for r in refs]
         groups: dict[tuple, list] = {}
         for r in refs:
-            sps = code_specs[r.name]
-            key = (id(stats[r.name]), tuple(map(str, sps))) if not any(sp.granularity.spans_rows for sp in sps) else (r.name,)
+            sps = specs[r.name]
+            spans = any(not getattr(sp, "is_ggml", False) and sp.granularity.spans_rows for sp in sps)  # a per-tensor scale: alone
+            key = (r.name,) if spans else (id(stats[r.name]), tuple(map(str, sps)))
             groups.setdefault(key, []).append(r)
         return list(groups.values())
 
-    def build_layer(ref, W: torch.Tensor, plain_gptq: dict[str, QuantizedWeight]) -> None:
-        H = stats[ref.name].hessian.to(dev)
-        energy[ref.name] = layer_objective(W, torch.zeros_like(W), H)
-        for spec in specs[ref.name]:
-            if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):  # llama.cpp's quantizer, weighted by diag(H)
-                add(ref.name, Method.LLAMACPP, spec, quantize_layer(W, H, Method.LLAMACPP, spec, name=ref.name).qweight, None, W, H)
-            if getattr(spec, "is_ggml", False):
-                continue  # only llama.cpp makes its K-quants
-            if Method.RTN in methods:
-                add(ref.name, Method.RTN, spec, quantize_layer(W, H, Method.RTN, spec).qweight, None, W, H)
-            if Method.GPTQ in methods:
-                add(ref.name, Method.GPTQ, spec, plain_gptq[str(spec)], None, W, H)
-            if use_awq and (ref.name, str(spec)) in awq_scales:
-                s = awq_scales[(ref.name, str(spec))]
-                Ws = W * s.unsqueeze(0)
-                Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
-                if clips_after_awq(ref.name):
-                    F = factor_of(ref.name)
-                    Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
-                    with stage("awq clip search"):
-                        Ws = apply_clip(Ws, spec, clip_ratios_hessian(Ws, Hs, spec, factor=Fs))
-                if Method.AWQ in methods:
-                    add(ref.name, Method.AWQ, spec, quantize_layer(Ws, Hs, Method.AWQ, spec).qweight, s, W, H)
-                if Method.AWQ_GPTQ in methods:
-                    add(ref.name, Method.AWQ_GPTQ, spec, quantize_layer(Ws, Hs, Method.AWQ_GPTQ, spec, opts, name=ref.name).qweight, s, W, H)
-            elif use_awq:
-                # no valid fold (e.g. v -> o under grouped-query attention): quantize() leaves the
-                # layer unscaled and unclipped, so AWQ is RTN there and AWQ+GPTQ is GPTQ
-                if Method.AWQ in methods:
-                    add(ref.name, Method.AWQ, spec, quantize_layer(W, H, Method.AWQ, spec).qweight, None, W, H)
-                if Method.AWQ_GPTQ in methods:
-                    add(ref.name, Method.AWQ_GPTQ, spec, plain_gptq[str(spec)], None, W, H)
-        settle()
+    def build_group(group: list, Ws: list, plain_gptq: dict[str, list["_Part"]]) -> None:
+        """Every entry of the layers in ``group`` (one input, one Hessian; weights ``Ws``): per spec, the
+        RTN of their weights and of their AWQ-scaled weights as one rounding, then the entries queued
+        in each layer's order (llama.cpp, RTN, GPTQ, AWQ, AWQ+GPTQ) and settled together."""
+        H = stats[group[0].name].hessian.to(dev)
+        for ref, W in zip(group, Ws):
+            checks.append((~torch.isfinite(W).all(), lambda W=W, ref=ref: check_weight(W, specs[ref.name][0], ref.name)))
+            energies.append((ref.name, ((W @ H) * W).sum()))  # tr(W H W^T): the float layer's output energy
+        for spec in specs[group[0].name]:
+            ggml = getattr(spec, "is_ggml", False)
+            awq = {}  # layer -> (AWQ scales, scaled and clipped weight, its Hessian)
+            if use_awq and not ggml:
+                for ref, W in zip(group, Ws):
+                    s = awq_scales.get((ref.name, str(spec)))
+                    if s is None:
+                        continue
+                    Wsc = W * s.unsqueeze(0)
+                    Hs = H / s.unsqueeze(0) / s.unsqueeze(1)  # Hessian of the scaled inputs x / s
+                    if clips_after_awq(ref.name):
+                        F = factor_of(ref.name)
+                        Fs = None if F is None else F / s.unsqueeze(1)  # its factor: D^-1 F
+                        with stage("awq clip search"):
+                            Wsc = apply_clip(Wsc, spec, clip_ratios_hessian(Wsc, Hs, spec, factor=Fs))
+                    awq[ref.name] = (s, Wsc, Hs)
+            # RTN, and AWQ where a layer has no valid fold (e.g. v -> o under grouped-query attention:
+            # quantize() leaves it unscaled and unclipped, so its AWQ is RTN and its AWQ+GPTQ is GPTQ)
+            plain = [] if ggml else [i for i, r in enumerate(group) if Method.RTN in methods or (Method.AWQ in methods and r.name not in awq)]
+            scaled = [i for i, r in enumerate(group) if r.name in awq] if Method.AWQ in methods else []
+            rounded = rtn_parts([Ws[i] for i in plain] + [awq[group[i].name][1] for i in scaled], spec) if plain or scaled else []
+            rtn_of = dict(zip(plain, rounded[: len(plain)]))
+            awq_of = dict(zip(scaled, rounded[len(plain) :]))
+            for i, (ref, W) in enumerate(zip(group, Ws)):
+                if Method.LLAMACPP in methods and Method.LLAMACPP.accepts(spec):  # llama.cpp's quantizer, weighted by diag(H)
+                    queue(ref.name, Method.LLAMACPP, spec, _Part.whole(quantize_layer(W, H, Method.LLAMACPP, spec, name=ref.name).qweight), None, W)
+                if ggml:
+                    continue  # only llama.cpp makes its K-quants
+                if Method.RTN in methods:
+                    queue(ref.name, Method.RTN, spec, rtn_of[i], None, W)
+                if Method.GPTQ in methods:
+                    queue(ref.name, Method.GPTQ, spec, plain_gptq[str(spec)][i], None, W)
+                if ref.name in awq:
+                    s, Wsc, Hs = awq[ref.name]
+                    if Method.AWQ in methods:
+                        queue(ref.name, Method.AWQ, spec, awq_of[i], s, W)
+                    if Method.AWQ_GPTQ in methods:
+                        q = quantize_layer(Wsc, Hs, Method.AWQ_GPTQ, spec, opts, name=ref.name).qweight
+                        queue(ref.name, Method.AWQ_GPTQ, spec, _Part.whole(q), s, W)
+                elif use_awq:
+                    if Method.AWQ in methods:
+                        queue(ref.name, Method.AWQ, spec, rtn_of[i], None, W)
+                    if Method.AWQ_GPTQ in methods:
+                        queue(ref.name, Method.AWQ_GPTQ, spec, plain_gptq[str(spec)][i], None, W)
+        settle(H)
 
     blocks: dict[int, list] = {}
     for ref in refs:  # the unit of work (and of claims between workers): one decoder block's linears
@@ -659,9 +815,8 @@ def build_bank(
             awq_block(b)
         for group in gptq_groups(blocks[b]):
             Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]
-            gptqs = plain_gptq_of(group, Ws) if use_gptq else {}
-            for ref, W in zip(group, Ws):
-                build_layer(ref, W, gptqs.get(ref.name, {}))
+            build_group(group, Ws, plain_gptq_of(group, Ws) if use_gptq else {})
+            for ref in group:
                 if prune == "dominated":
                     keep = pareto_front([e.nbytes for e in entries[ref.name]], [e.objective for e in entries[ref.name]])
                     keys[ref.name] = [keys[ref.name][j] for j in keep]

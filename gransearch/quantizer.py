@@ -109,9 +109,8 @@ def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
     element is within half a step of its level.
     """
     s16 = scale.to(torch.float16)
-    low = s16.float() < scale
-    if scale.is_cuda or bool(low.any()):  # no host sync on a GPU (and capturable in a CUDA graph)
-        s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    low = s16.float() < scale  # no test of low.any(): that read would wait for a GPU (and break a CUDA graph)
+    s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
     return s16.float().clamp_min(_FP16_TINY)
 
 

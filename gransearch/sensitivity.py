@@ -28,13 +28,15 @@ from .errors import NonFiniteError, nonfinite_cause
 
 __all__ = ["output_fisher"]
 
+FISHER_GPU_TOKENS = 4096  # on a GPU, the tokens of one forward and backward pass (the windows per pass follow)
+
 
 def output_fisher(
     model: nn.Module,
     calib: torch.Tensor,
     *,
     n_windows: Optional[int] = 16,
-    batch_size: int = 2,
+    batch_size: Optional[int] = None,
     device=None,
     verbose: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -42,7 +44,10 @@ def output_fisher(
 
     ``calib``: token windows ``[n, seqlen]`` (the first ``n_windows`` are used); ``L`` is the summed
     next-token cross-entropy. Runs on ``device`` (the model is moved there and back) or where the
-    model is. Parameters get no gradients and are not modified.
+    model is. Parameters get no gradients and are not modified. ``batch_size``: windows per forward
+    and backward pass; by default 2 on the CPU, and on a GPU as many as hold ``FISHER_GPU_TOKENS``
+    tokens (at least 2), where each pass is a chain of small kernels for a small model. Each token's
+    gradient is its own window's, so the batch changes only the order of the float32 sums.
     """
     # long on purpose: hooks, gradient flags and the device move must be undone in one finally block
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.shape[0] == 0:
@@ -51,6 +56,8 @@ def output_fisher(
     refs = model_linears(model)
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
+    if batch_size is None:
+        batch_size = max(2, FISHER_GPU_TOKENS // windows.shape[1]) if dev.type == "cuda" else 2
     flags = [p.requires_grad for p in model.parameters()]
     acc: dict[str, torch.Tensor] = {}
     handles = []
@@ -96,8 +103,11 @@ def output_fisher(
     missing = [r.name for r in refs if r.name not in acc]
     if missing:
         raise RuntimeError(f"no gradient reached {missing[0]} (and {len(missing) - 1} more): is the layer used by the forward pass?")
-    for r in refs:  # in model order: name the first layer whose output gradients went bad
-        if not bool(torch.isfinite(acc[r.name]).all()):
+    # every layer's sums come over at once (on a GPU one wait, not one per layer and check)
+    host = torch.cat([acc[r.name] for r in refs]).cpu().split([acc[r.name].numel() for r in refs])
+    for r, v in zip(refs, host):  # in model order: name the first layer whose output gradients went bad
+        if not bool(torch.isfinite(v).all()):
             cause = nonfinite_cause(model, "the loss or an activation overflowed (try float32)")
             raise NonFiniteError(f"the output Fisher of {r.name} is not finite: {cause}")
-    return {name: (v / n_tok).cpu() for name, v in acc.items()}
+    by_name = {r.name: v for r, v in zip(refs, host)}
+    return {name: by_name[name] / n_tok for name in acc}  # in the order the gradients arrived, as always

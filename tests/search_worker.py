@@ -19,16 +19,16 @@ if __name__ == "__main__":
     bank_dir = sys.argv[6] if len(sys.argv) > 6 else None
     torch.set_num_threads(1)  # every worker computes alike, whatever the machine's core count
     slow = float(os.environ.get("GS_TEST_SLOW_BANK", "0"))
-    if slow:  # test instrumentation: each RTN candidate of the bank takes longer, so that workers overlap
+    if slow:  # test instrumentation: each RTN rounding of the bank takes longer, so that workers overlap
         import gransearch.bank as bank_module
 
-        real = bank_module.quantize_layer
+        real = bank_module.rtn
 
         def slowed(*a, **k):
             time.sleep(slow)
             return real(*a, **k)
 
-        bank_module.quantize_layer = slowed
+        bank_module.rtn = slowed
     torch.manual_seed(0)
     model = tiny_model("llama")
     fn = fake_objective(model, sleep)

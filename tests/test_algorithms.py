@@ -271,12 +271,26 @@ def test_awq_grid_stacked_is_the_loop(monkeypatch, spec, rank):
     sp = gs.QuantSpec.parse(spec)
     loop = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=False)
     stacked = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=True)
-    monkeypatch.setattr(awq, "GRID_BATCH_BYTES", 3 * 16 * 40 * 64)  # three grid points a step
+    monkeypatch.setattr(awq, "GRID_BATCH_BYTES", 3 * 16 * 64 * 64)  # three grid points a step (the group's 64 rows stacked)
     stepped = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=rank, batch=True)
     assert loop.ratio == stacked.ratio == stepped.ratio and torch.equal(loop.scales, stacked.scales)
     assert torch.allclose(torch.tensor(stacked.losses), torch.tensor(loop.losses), rtol=1e-5)
     assert stepped.losses == stacked.losses
     assert len(set(loop.losses)) > 1  # a grid that chooses something
+
+
+def test_awq_grid_scales_are_awq_scales_point_by_point():
+    """The grid's scales, computed for all points at once, are each point's awq_scales bit for bit
+    (the CPU's pinned codes rest on them), ratio 0 (all ones) and 1/2 included."""
+    from gransearch.algorithms.awq import awq_grid_scales, awq_scales
+
+    act = correlated_inputs(n=256).abs().mean(0)
+    act[3] = 0.0  # floored at 1e-4
+    for n_grid in (1, 2, 20):
+        grid = awq_grid_scales(act, n_grid)
+        assert len(grid) == n_grid
+        for k, s in enumerate(grid):
+            assert torch.equal(s, awq_scales(act, k / n_grid)), (n_grid, k)
 
 
 @pytest.mark.parametrize("spec", ["w3g16", "w4c", "w4g16s", "w2g32", "w4g32f", "w3t"])

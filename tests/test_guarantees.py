@@ -175,6 +175,23 @@ def test_gguf_cache_key_is_the_content_not_the_name(tmp_path, monkeypatch):
 CANDS = (("rtn", "gptq", "awq"), (3, 4), ("channel", 16))
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_stored_bank_of_every_method_is_the_bank_in_memory(tmp_path, monkeypatch, stacked):
+    """A stored bank of all four methods (AWQ and AWQ+GPTQ entries share their input scales; stacked,
+    the layers of a group share their roundings' buffers) is written, and reads back as the bank
+    built in memory, entry for entry."""
+    from gransearch import bank as bank_mod
+
+    monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
+    cands = (("rtn", "gptq", "awq", "awq+gptq"), (4,), ("channel", 16))
+    stored = bank_for(tiny_model("llama"), calib(), str(tmp_path / "bank"), *cands, fisher_windows=0, verbose=False)
+    mem = build_bank(tiny_model("llama"), calib(), *cands, fisher_windows=0, verbose=False)
+    assert stored.keys == mem.keys and any(k.startswith("awq+gptq:") for k in mem.keys[0])
+    for rs, rm in zip(stored.entries, mem.entries):
+        for a, b in zip(rs, rm):
+            assert torch.equal(a.effective_weight(), b.effective_weight()) and a.objective == b.objective
+
+
 def test_corrupted_bank_file_is_named_and_rebuilt(tmp_path, caplog):
     model = tiny_model("llama")
     folder = tmp_path / "bank"
@@ -215,6 +232,29 @@ def test_nan_weights_raise_and_name_the_layer(param, first_layer):
     with pytest.raises(NonFiniteError, match=first_layer):
         gs.optimize(model, budget_bytes=budget_between(tiny_model("llama")), calib=calib(), eval_ids=token_stream(1024), seqlen=32,
                     methods=("rtn",), bits=BITS, granularities=GRANS, n_trials=3, verbose=False)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_bank_checks_read_with_the_objectives_still_raise(monkeypatch, stacked):
+    """The bank rounds unchecked and reads its checks with the objectives, once per group of layers:
+    a weight that is not finite, or one whose scales leave the float16 range, still raises the
+    check's own error, naming the layer, whether the group is one layer (CPU) or stacked (CUDA)."""
+    from gransearch import bank as bank_mod
+
+    monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
+    model = tiny_model("llama")
+    down = model.model.layers[1].mlp.down_proj  # the last linear: its output reaches no calibrated input
+    with torch.no_grad():
+        down.weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*contains 1 NaN"):
+        build_bank(model, calib(), ("rtn",), (4,), ("channel",), fisher_windows=0, verbose=False)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[2, 3] = 3e6  # its row's 4-bit scale: 2 * 3e6 / 15 > 65504
+    with pytest.raises(ValueError, match="float16 range"):
+        build_bank(model, calib(), ("rtn",), (4,), ("channel",), fisher_windows=0, verbose=False)
+    ok = build_bank(model, calib(), ("rtn",), (8,), ("channel",), fisher_windows=0, verbose=False)  # 2 * 3e6 / 255 fits
+    assert len(ok.layers) == len(ok.entries)
 
 
 def test_nan_in_the_head_alone_is_caught_before_the_knapsack():

@@ -341,6 +341,9 @@ def test_bank_entries_are_consistent(kind):
             method, spec = key.split(":")
             assert e.nbytes == gs.layer_nbytes(tuple(W.shape), gs.QuantSpec.parse(spec))
             assert e.objective == pytest.approx(gs.layer_objective(W, e.effective_weight(), H), rel=1e-4, abs=1e-6)
+            if method == "rtn":  # rounded in one stack with the AWQ-scaled weight: bit for bit its own rounding
+                q = gs.rtn(W, gs.QuantSpec.parse(spec))
+                assert torch.equal(e.qweight.codes, q.codes) and torch.equal(e.qweight.scale, q.scale), (name, key)
             if method == "awq" and e.in_scale is not None:
                 n_awq += 1
                 assert e.in_scale.shape == (W.shape[1],)
@@ -355,9 +358,11 @@ def test_bank_entries_are_consistent(kind):
 
 @pytest.mark.parametrize("grans, stacked_solves", [(("channel", 16), 4), (("tensor", 16), 7)])
 def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkeypatch, grans, stacked_solves):
-    """The bank's GPTQ of q/k/v and gate/up as one stacked solve (what CUDA does) gives every entry
-    the codes of the layer-by-layer solves (what the CPU does). With a per-tensor candidate (one
-    scale over the rows: not stackable) each layer keeps its one solve of all its specs."""
+    """The bank stacked as CUDA builds it (q/k/v and gate/up in one GPTQ solve, their weights and
+    AWQ-scaled weights in one RTN rounding per spec, their objectives in a few products) gives every
+    entry the codes of the layer-by-layer build (what the CPU does), and its objectives up to float32
+    rounding. With a per-tensor candidate (one scale over the rows: not stackable) each layer keeps
+    its one solve of all its specs."""
     from gransearch import bank as bank_mod
 
     model = tiny_model("llama")
@@ -371,7 +376,7 @@ def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkey
     monkeypatch.setattr(bank_mod, "gptq_many", counted)
     for stacked in (False, True):
         monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
-        banks[stacked] = build_bank(model, calib(), ("rtn", "gptq", "awq+gptq"), (3, 4), grans, fisher_windows=0,
+        banks[stacked] = build_bank(model, calib(), ("rtn", "gptq", "awq", "awq+gptq"), (3, 4), grans, fisher_windows=0,
                                     verbose=False)
     one, fused = banks[False], banks[True]
     blocks = len({gs.arch.block_index(n) for n in one.layers})

@@ -35,8 +35,12 @@ def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def awq_grid_scales(act_mean: torch.Tensor, n_grid: int) -> list[torch.Tensor]:
     """The scales of every grid point, ``awq_scales(act_mean, k / n_grid)`` for ``k < n_grid``: they
-    depend on the activations alone, so a caller searching several specs computes them once."""
-    return [awq_scales(act_mean, k / n_grid) for k in range(n_grid)]
+    depend on the activations alone, so a caller searching several specs computes them once. Each
+    point's power is taken as :func:`awq_scales` takes it, the rest for all points at once: the same
+    numbers, in a few operations instead of seven per point (each a kernel on a GPU)."""
+    a = act_mean.float()
+    s = torch.stack([a.pow(k / n_grid) for k in range(n_grid)]).clamp(min=1e-4)
+    return list((s / (s.amax(1, keepdim=True) * s.amin(1, keepdim=True)).sqrt()).unbind(0))
 
 
 @dataclass
@@ -54,6 +58,7 @@ def awq_search(
     loss_fn: Callable[[list[torch.Tensor]], Union[float, torch.Tensor]],
     n_grid: int = 20,
     grid: Optional[Sequence[torch.Tensor]] = None,
+    check: bool = True,
 ) -> AWQSearch:
     """Grid search of the scaling exponent.
 
@@ -63,7 +68,7 @@ def awq_search(
     the loss curve. Tensor losses are read once, after the whole grid: on a GPU the grid then runs
     without waiting for the device at every point. ``grid``: :func:`awq_grid_scales`, if computed.
     """
-    scales = _checked_grid(act_mean, weights, spec, n_grid, grid)
+    scales = _checked_grid(act_mean, weights, spec, n_grid, grid, check)
     losses = []
     for s in scales:
         cands = [rtn(w.float() * s, spec, check=False).dequantize() / s for w in weights]
@@ -73,9 +78,11 @@ def awq_search(
     return _best_of_grid([float(v) for v in losses], scales, weights, spec, n_grid)
 
 
-def _checked_grid(act_mean, weights, spec: QuantSpec, n_grid: int, grid) -> list[torch.Tensor]:
-    """The weights checked once (not at every grid point), and the grid's scales on their device."""
-    for w in weights:
+def _checked_grid(act_mean, weights, spec: QuantSpec, n_grid: int, grid, check: bool = True) -> list[torch.Tensor]:
+    """The weights checked once (not at every grid point; ``check=False``: not at all, a weight that
+    is not finite then gives non-finite losses, which :func:`_best_of_grid` explains), and the grid's
+    scales on their device."""
+    for w in weights if check else ():
         check_weight(w, spec)
     return [s.to(weights[0].device) for s in (grid if grid is not None else awq_grid_scales(act_mean, n_grid))]
 
@@ -94,22 +101,23 @@ def _best_of_grid(losses: list[float], scales: Sequence[torch.Tensor], weights, 
     return AWQSearch(best[2].clone(), best[1], losses)  # its own tensor: a shared grid's scales serve other searches
 
 
-GRID_BATCH_BYTES = 256 * 2**20  # the stacked grid points' weights one batched step holds (float32, all temporaries)
+GRID_BATCH_BYTES = 2**30  # the stacked grid points' weights one batched step holds (float32, all temporaries)
 
 
 @torch.no_grad()
 def _awq_search_batched(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
                         batch_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_grid: int,
-                        grid: Optional[Sequence[torch.Tensor]] = None) -> AWQSearch:
+                        grid: Optional[Sequence[torch.Tensor]] = None, check: bool = True) -> AWQSearch:
     """:func:`awq_search` with the grid points stacked: each step scales, rounds and measures as many
     points as ``GRID_BATCH_BYTES`` holds, in one set of kernels instead of one per point (on a GPU,
     where a layer's search is otherwise a chain of small launches). ``batch_error(w, cands)``: the
     error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
     rounding are the loop's, element for element; the errors differ from the loop's only in the
     order of float32 sums. Not for specs whose blocks span rows (per-tensor)."""
-    scales = _checked_grid(act_mean, weights, spec, n_grid, grid)
+    scales = _checked_grid(act_mean, weights, spec, n_grid, grid, check)
     dev = weights[0].device
-    ws = [w.float() for w in weights]
+    # the group's weights as one stack of rows: no block crosses a row, and its error is the sum of theirs
+    ws = [torch.cat([w.float() for w in weights])] if len(weights) > 1 else [weights[0].float()]
     per_point = 4 * 4 * max(w.numel() for w in ws)  # float32: the scaled weight, its rounding, the difference, one spare
     step = max(1, min(n_grid, GRID_BATCH_BYTES // per_point))
     losses = torch.zeros(n_grid, dtype=torch.float64, device=dev)
@@ -207,6 +215,7 @@ def hessian_factor(H: torch.Tensor, rank: int) -> torch.Tensor:
 def awq_search_hessian(
     act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, spec: QuantSpec, n_grid: int = 20, rank: int | None = None,
     factor: torch.Tensor | None = None, batch: Optional[bool] = None, grid: Optional[Sequence[torch.Tensor]] = None,
+    check: bool = True,
 ) -> AWQSearch:
     """AWQ's scale search with the group's *linear-output* error ``sum_k tr(dW_k H dW_k^T)``.
 
@@ -216,7 +225,8 @@ def awq_search_hessian(
     ``factor``: such a factor computed once by the caller. ``batch``: evaluate the grid points
     stacked (:func:`_awq_search_batched`; default: on a GPU, where the loop is launch-bound; the CPU
     keeps the loop, whose float32 sums its pinned codes were made with). ``grid``:
-    :func:`awq_grid_scales` of ``act_mean``, when the caller searches several specs.
+    :func:`awq_grid_scales` of ``act_mean``, when the caller searches several specs. ``check=False``:
+    the caller has checked the weights (or checks them later); on a GPU each check waits for it.
     """
     ws = [w.float() for w in weights]
     if factor is None and rank is not None and rank < H.shape[0]:
@@ -227,12 +237,12 @@ def awq_search_hessian(
     if factor is not None:
         F = factor
         if batch:
-            return _awq_search_batched(act_mean, ws, spec, lambda w, c: ((w - c) @ F).pow(2).sum((1, 2)), n_grid, grid)
-        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid, grid)
+            return _awq_search_batched(act_mean, ws, spec, lambda w, c: ((w - c) @ F).pow(2).sum((1, 2)), n_grid, grid, check)
+        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid, grid, check)
     Hf = H.float()
     if batch:
-        return _awq_search_batched(act_mean, ws, spec, lambda w, c: (((w - c) @ Hf) * (w - c)).sum((1, 2)), n_grid, grid)
-    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid, grid)
+        return _awq_search_batched(act_mean, ws, spec, lambda w, c: (((w - c) @ Hf) * (w - c)).sum((1, 2)), n_grid, grid, check)
+    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid, grid, check)
 
 
 @torch.no_grad()
@@ -287,15 +297,18 @@ def clip_ratios_hessian(
             stacked = blocks.repeat(len(rs), 1)
             s, z = qparams(stacked, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
             q = dequantize_codes(quantize_codes(stacked, s, z, spec.maxq), s, z).reshape(len(rs), *w.shape)
-            errs = err_of(q).unbind(0)
+            E = err_of(q)  # [len(rs), blocks, 1]
+            k = E.argmin(0, keepdim=True)  # each block's first least error among these ratios, as the loop keeps it
+            errs, rs = [E.gather(0, k)[0]], [torch.tensor(rs, dtype=E.dtype, device=w.device)[k[0]]]
         else:
             s, z = qparams(blocks, spec.bits, spec.symmetric, rs[0], spec.float_zero, check=False)
             errs = [err_of(dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape))]
-        for ratio, e in zip(rs, errs):
+        for ratio, e in zip(rs, errs):  # a ratio, or (stacked) each block's best ratio of the step
+            ratio = ratio if isinstance(ratio, torch.Tensor) else torch.full_like(e, ratio)
             if best_err is None:
-                best_err, best_r = e, torch.full_like(e, ratio)
+                best_err, best_r = e, ratio
             else:
                 better = e < best_err
                 best_err = torch.where(better, e, best_err)
-                best_r = torch.where(better, torch.full_like(best_r, ratio), best_r)
+                best_r = torch.where(better, ratio, best_r)
     return best_r

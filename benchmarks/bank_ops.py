@@ -1,0 +1,169 @@
+"""Operations of the candidate bank, stage by stage (each one kernel on a GPU, where the bank waits on them).
+
+    python benchmarks/bank_ops.py [--blocks 2] [--against DIR]
+
+The bank of ``benchmarks/search_cost.py`` (K = 12: rtn, gptq, awq x 3, 4 bits x per-channel, groups
+of 64, 128 calibration windows of 512 tokens) built on the CPU for the first ``--blocks`` decoder
+blocks of SmolLM2-135M the way a GPU builds it: q/k/v and gate/up stacked (one GPTQ solve, their
+objectives together), AWQ's grid points and clip ratios stacked, and the output Fisher's windows
+batched as on a GPU (``FISHER_GPU_TOKENS``; a checkout without it ran 2 windows a pass there). A
+dispatch mode counts, per bank stage (the ``gransearch: <stage>`` profiler ranges of
+:class:`gransearch.bank.Stages`), the aten operations that are not views (on a GPU each launches at
+least one kernel) and the scalar reads (``.item()``, ``float()``: on a GPU each waits for the queue
+behind it). No GPU is needed. Caveats: on a GPU, GPTQ's column loop is replayed from CUDA graphs,
+so its operations there are graph nodes, not launches; ``.tolist()`` and copies to the host are no
+dispatched operations, so the one transfer per group of layers that settles the bank's entries (and
+one per AWQ search, which reads its losses) is not in the count.
+
+``--against DIR``: the same count with the gransearch of another checkout (``git worktree add DIR
+COMMIT``), in a child process, and whether both banks hold the same codes, the same keys and the
+same objectives (to a relative 1e-5: a stacked product may round differently in the last bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGE = "gransearch: "  # the profiler ranges of gransearch.bank
+
+
+class StageOps(TorchDispatchMode):
+    """Counts operations (not views) and scalar reads under the innermost open ``gransearch: ``
+    profiler range (the bank's stages, its blocks, and the host-side part of settling entries), which
+    the dispatcher shows as operations of the ``profiler`` namespace."""
+
+    OUTSIDE = "outside the bank's blocks"
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list = []  # (handle, range name)
+        self.ops: dict[str, int] = {}
+        self.reads: dict[str, int] = {}
+
+    def where(self) -> str:
+        names = [n for _, n in self.stack if n is not None]
+        return names[-1] if names else self.OUTSIDE
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "profiler":
+            if "enter" in func.__name__:
+                name = args[0] if args and isinstance(args[0], str) else ""
+                self.stack.append((out, name[len(STAGE):] if name.startswith(STAGE) else None))
+            elif "exit" in func.__name__ and self.stack:
+                self.stack.pop()
+            return out
+        where = self.where()
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads[where] = self.reads.get(where, 0) + 1
+        elif not func.is_view:
+            self.ops[where] = self.ops.get(where, 0) + 1
+        return out
+
+
+def count(root: str, n_blocks: int) -> dict:
+    """Operations and scalar reads per stage, and digests of the bank, with the gransearch in ``root``."""
+    sys.path.insert(0, root)
+    sys.path.insert(1, HERE)
+    import gransearch as gs
+    from gransearch import bank as bank_mod
+    from gransearch import sensitivity
+    from search_cost import first_blocks  # noqa: E402  (same folder)
+
+    model, tok = gs.load_model("smollm2-135m")
+    calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
+    small = first_blocks(model, n_blocks)
+    mode = StageOps()
+    searches = bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher
+    bank_mod.STACK_SHARED_INPUTS = True  # as on a GPU: q/k/v and gate/up in one GPTQ solve, objectives stacked,
+    bank_mod.awq_search_hessian = functools.partial(searches[0], batch=True)  # AWQ's grid and clip ratios stacked,
+    bank_mod.clip_ratios_hessian = functools.partial(searches[1], batch=True)
+    tokens = getattr(sensitivity, "FISHER_GPU_TOKENS", None)  # the Fisher's windows per pass on a GPU
+    bank_mod.output_fisher = functools.partial(searches[2], batch_size=max(2, tokens // calib.shape[1]) if tokens else 2)
+    try:
+        with mode:
+            bank = bank_mod.build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False)
+    finally:
+        bank_mod.STACK_SHARED_INPUTS = None
+        bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches
+    codes = hashlib.sha256()
+    for row in bank.entries:
+        for e in row:
+            q = e.quantized()
+            for t in (q.codes, q.scale, q.zero, e.in_scale):
+                if t is not None:
+                    codes.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return {"ops": mode.ops, "reads": mode.reads, "codes": codes.hexdigest()[:16], "keys": bank.keys,
+            "objectives": [[e.objective for e in row] for row in bank.entries]}
+
+
+def _order(stages) -> list[str]:
+    first = ["statistics", "awq scale search", "awq clip search", "gptq", "objectives and copies", "on the host",
+             "blocks", "output fisher"]
+    return [s for s in first if s in stages] + sorted(s for s in stages if s not in first)
+
+
+LABELS = {"blocks": "in the blocks, outside their stages (RTN and AWQ roundings)",
+          "on the host": "on the host, settling entries (CPU memory: no GPU kernels on a GPU)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--against", default=None, help="another checkout's root, counted in a child process")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child's output
+    args = ap.parse_args()
+    root = os.path.dirname(HERE)
+    if args.json:
+        print(json.dumps(count(os.environ["BANK_OPS_ROOT"], args.blocks)))
+        return
+    now = count(root, args.blocks)
+    before = None
+    if args.against:
+        env = dict(os.environ, BANK_OPS_ROOT=os.path.abspath(args.against))
+        done = subprocess.run([sys.executable, __file__, "--json", "--blocks", str(args.blocks)], env=env, capture_output=True,
+                              text=True, check=True)
+        before = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"## Bank of K = 12 (search_cost.py's), first {args.blocks} blocks of SmolLM2-135M: operations per stage "
+          f"(each a kernel on a GPU) and scalar reads (each a wait on a GPU), torch {torch.__version__}")
+    head = "| stage | operations | scalar reads |"
+    if before:
+        head += f" {args.against}: operations | scalar reads | ratio of operations |"
+    print(head + "\n|---|---:|---:|" + ("---:|---:|---:|" if before else ""))
+    stages = _order(set(now["ops"]) | set(now["reads"]) | (set(before["ops"]) | set(before["reads"]) if before else set()))
+    tot = [0, 0, 0, 0]
+    for s in stages:
+        o, r = now["ops"].get(s, 0), now["reads"].get(s, 0)
+        tot[0] += o
+        tot[1] += r
+        line = f"| {LABELS.get(s, s)} | {o:,} | {r:,} |"
+        if before:
+            bo, br = before["ops"].get(s, 0), before["reads"].get(s, 0)
+            tot[2] += bo
+            tot[3] += br
+            line += f" {bo:,} | {br:,} | {o / bo:.3f} |" if bo else f" {bo:,} | {br:,} | |"
+        print(line)
+    last = f"| all | {tot[0]:,} | {tot[1]:,} |"
+    if before:
+        last += f" {tot[2]:,} | {tot[3]:,} | {tot[0] / tot[2]:.3f} |"
+    print(last)
+    if before:
+        same_codes = now["codes"] == before["codes"] and now["keys"] == before["keys"]
+        worst = max(abs(a - b) / max(abs(b), 1e-30) for ra, rb in zip(now["objectives"], before["objectives"]) for a, b in zip(ra, rb))
+        print(f"\nsame keys, codes, scales, zeros and AWQ scales: {same_codes}; largest relative difference of a layer objective: {worst:.1e}")
+        if not same_codes or worst > 1e-5:
+            raise SystemExit("the two banks differ")
+
+
+if __name__ == "__main__":
+    main()
