@@ -18,6 +18,8 @@ one per AWQ search, which reads its losses) is not in the count.
 ``--against DIR``: the same count with the gransearch of another checkout (``git worktree add DIR
 COMMIT``), in a child process, and whether both banks hold the same codes, the same keys and the
 same objectives (to a relative 1e-5: a stacked product may round differently in the last bits).
+``--as cpu``: the bank as the CPU builds it (nothing forced); against another checkout its codes,
+objectives (per row too) and output Fisher must then be equal bit for bit.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ class StageOps(TorchDispatchMode):
         return out
 
 
-def count(root: str, n_blocks: int) -> dict:
-    """Operations and scalar reads per stage, and digests of the bank, with the gransearch in ``root``."""
+def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
+    """Operations and scalar reads per stage, and digests of the bank, with the gransearch in ``root``
+    (``as_gpu=False``: the bank as the CPU builds it, nothing forced)."""
     sys.path.insert(0, root)
     sys.path.insert(1, HERE)
     import gransearch as gs
@@ -90,6 +93,9 @@ def count(root: str, n_blocks: int) -> dict:
     bank_mod.clip_ratios_hessian = functools.partial(searches[1], batch=True)
     tokens = getattr(sensitivity, "FISHER_GPU_TOKENS", None)  # the Fisher's windows per pass on a GPU
     bank_mod.output_fisher = functools.partial(searches[2], batch_size=max(2, tokens // calib.shape[1]) if tokens else 2)
+    if not as_gpu:
+        bank_mod.STACK_SHARED_INPUTS = None
+        bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches
     try:
         with mode:
             bank = bank_mod.build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False)
@@ -103,7 +109,13 @@ def count(root: str, n_blocks: int) -> dict:
             for t in (q.codes, q.scale, q.zero, e.in_scale):
                 if t is not None:
                     codes.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return {"ops": mode.ops, "reads": mode.reads, "codes": codes.hexdigest()[:16], "keys": bank.keys,
+    rows = hashlib.sha256()  # the per-row objectives
+    for row in bank.entries:
+        for e in row:
+            rows.update(e.row_objective.contiguous().view(torch.uint8).numpy().tobytes())
+    fisher = hashlib.sha256(b"".join(bank.fisher[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(bank.fisher)))
+    return {"ops": mode.ops, "reads": mode.reads, "codes": codes.hexdigest()[:16], "fisher": fisher.hexdigest()[:16], "rows": rows.hexdigest()[:16],
+            "keys": bank.keys,
             "objectives": [[e.objective for e in row] for row in bank.entries]}
 
 
@@ -121,21 +133,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--against", default=None, help="another checkout's root, counted in a child process")
+    ap.add_argument("--as", dest="as_", choices=("gpu", "cpu"), default="gpu",
+                    help="gpu (default): the bank as a GPU builds it; cpu: as the CPU does, whose banks must then be equal bit for bit")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child's output
     args = ap.parse_args()
     root = os.path.dirname(HERE)
     if args.json:
-        print(json.dumps(count(os.environ["BANK_OPS_ROOT"], args.blocks)))
+        print(json.dumps(count(os.environ["BANK_OPS_ROOT"], args.blocks, args.as_ == "gpu")))
         return
-    now = count(root, args.blocks)
+    now = count(root, args.blocks, args.as_ == "gpu")
     before = None
     if args.against:
         env = dict(os.environ, BANK_OPS_ROOT=os.path.abspath(args.against))
-        done = subprocess.run([sys.executable, __file__, "--json", "--blocks", str(args.blocks)], env=env, capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run([sys.executable, __file__, "--json", "--blocks", str(args.blocks), "--as", args.as_], env=env,
+                              capture_output=True, text=True, check=True)
         before = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"## Bank of K = 12 (search_cost.py's), first {args.blocks} blocks of SmolLM2-135M: operations per stage "
-          f"(each a kernel on a GPU) and scalar reads (each a wait on a GPU), torch {torch.__version__}")
+    print(f"## Bank of K = 12 (search_cost.py's), first {args.blocks} blocks of SmolLM2-135M, built as the {args.as_.upper()} builds "
+          f"it: operations per stage (each a kernel on a GPU) and scalar reads (each a wait on a GPU), torch {torch.__version__}")
     head = "| stage | operations | scalar reads |"
     if before:
         head += f" {args.against}: operations | scalar reads | ratio of operations |"
@@ -160,8 +174,10 @@ def main() -> None:
     if before:
         same_codes = now["codes"] == before["codes"] and now["keys"] == before["keys"]
         worst = max(abs(a - b) / max(abs(b), 1e-30) for ra, rb in zip(now["objectives"], before["objectives"]) for a, b in zip(ra, rb))
-        print(f"\nsame keys, codes, scales, zeros and AWQ scales: {same_codes}; largest relative difference of a layer objective: {worst:.1e}")
-        if not same_codes or worst > 1e-5:
+        exact = now["fisher"] == before["fisher"] and now["rows"] == before["rows"]
+        print(f"\nsame keys, codes, scales, zeros and AWQ scales: {same_codes}; largest relative difference of a layer objective: "
+              f"{worst:.1e}; per-row objectives and output Fisher equal bit for bit: {exact}")
+        if not same_codes or worst > (1e-5 if args.as_ == "gpu" else 0.0) or (args.as_ == "cpu" and not exact):
             raise SystemExit("the two banks differ")
 
 
