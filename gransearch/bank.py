@@ -606,7 +606,7 @@ def build_bank(
         if not stacked:  # entry by entry: the CPU's pinned numbers
             out = []
             for q in queued:
-                d = q.W - q.entry.effective_weight()
+                d = q.W - q.entry.effective_weight().to(q.W.device)  # llama.cpp's roundings are made on the host
                 out.append(((d @ H) * d).sum(1))
             return out
         deq: dict[int, torch.Tensor] = {}  # each stacked rounding dequantized once
@@ -614,7 +614,7 @@ def build_bank(
         def eff(q: _Queued) -> torch.Tensor:
             p = q.part
             if id(p.stack) not in deq:
-                deq[id(p.stack)] = p.stack.dequantize()
+                deq[id(p.stack)] = p.stack.dequantize().to(q.W.device)  # llama.cpp's roundings are made on the host
             w = deq[id(p.stack)][p.r0 : p.r1]
             return w if q.entry.in_scale is None else w / q.entry.in_scale.unsqueeze(0)
 

@@ -459,3 +459,24 @@ def test_cli_optimize_gguf_profile_saves_a_searched_gguf(cli_assets, tmp_path):
     assert g["ppl_llamacpp"] > 1 and path.exists()
     plan = gs.QuantPlan.load(str(out / "plan.json"))
     assert {G.ggml_type_of(lp.spec) for lp in plan.layers.values()} <= {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL"}
+
+
+@needs_llamacpp
+def test_bank_with_llamacpp_entries_stacked_is_the_layer_by_layer_bank(monkeypatch):
+    """The bank stacked as CUDA builds it, with llama.cpp's K-quants among the candidates (rounded on
+    the host, one layer at a time, whatever the stacking): the same keys and codes as the CPU's
+    layer-by-layer bank, objectives up to float32 rounding."""
+    from gransearch import bank as bank_mod
+
+    model = tiny_model("llama-wide")
+    banks = {}
+    for stacked in (False, True):
+        monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
+        banks[stacked] = bank_mod.build_bank(model, calib_windows(), ("rtn", "gptq", "awq", "llamacpp"), (4,), (32,), profile="gguf",
+                                             fisher_windows=0, verbose=False)
+    one, fused = banks[False], banks[True]
+    assert one.keys == fused.keys and any(k == "llamacpp:Q4_K" for k in one.keys[0])
+    for i, name in enumerate(one.layers):
+        for key, a, b in zip(one.keys[i], one.entries[i], fused.entries[i]):
+            assert torch.equal(a.effective_weight(), b.effective_weight()), (name, key)
+            assert a.objective == pytest.approx(b.objective, rel=1e-5), (name, key)

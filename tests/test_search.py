@@ -475,26 +475,35 @@ def test_bank_on_disk_round_trips_and_is_reused(tmp_path, monkeypatch):
     assert calls == [1]
 
 
-def test_assembler_cache_gives_the_uncached_weights(tmp_path):
-    """The trial assembler's entry cache (on by itself on a GPU; forced here on the CPU with a tiny
-    byte budget, so entries are evicted and read again from the stored bank) puts the same weights
-    into the model as reading each entry afresh."""
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_assembler_cache_gives_the_uncached_weights(tmp_path, kind):
+    """The trial assembler's cache (on by itself on a GPU; forced here on the CPU) puts the same
+    weights into the model as reading each entry afresh: with a tiny byte budget it keeps unpacked
+    entries, evicts them and reads them again from the stored bank; with room for every entry's
+    float weight it keeps those, and a layer then reads its kept tensor itself (GPT-2's Conv1D
+    weights too, which are stored transposed)."""
     from gransearch.bank import bank_for
     from gransearch.search import _Assembler
 
-    model = tiny_model("llama")
-    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), verbose=False)
+    model = tiny_model(kind)
+    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq"), (3, 4), ("channel", 16), fisher_windows=0, verbose=False)
     one = bank.entries[0][0].to("cpu").resident_nbytes
-    plain, cached = _Assembler(model, bank), _Assembler(model, bank, cache_bytes=3 * one)
-    assert not plain.cache_bytes and cached.cache_bytes
+    every = sum(len(row) * e.quantized().codes.numel() * 4 for row, e in zip(bank.entries, (r[0] for r in bank.entries)))
+    plain, small, whole = _Assembler(model, bank), _Assembler(model, bank, cache_bytes=3 * one), _Assembler(model, bank, cache_bytes=every)
+    assert not plain.cache_bytes and not small.keeps_weights and whole.keeps_weights
+    assert not _Assembler(model, bank, cache_bytes=every - 1).keeps_weights
     rng = np.random.default_rng(0)
     for _ in range(4):
         choice = [int(rng.integers(len(k))) for k in bank.keys]
-        a, b = plain.load(choice), cached.load(choice)
-        for n in bank.layers:
-            assert torch.equal(linear_weight(get_module(a, n)), linear_weight(get_module(b, n)))
-        assert 0 < cached.cached <= 3 * one + max(e.resident_nbytes for e in cached.cache.values())
-        assert cached.cached == sum(e.resident_nbytes for e in cached.cache.values())
+        a, b, c = plain.load(choice), small.load(choice), whole.load(choice)
+        for i, n in enumerate(bank.layers):
+            w = linear_weight(get_module(a, n))
+            assert torch.equal(w, linear_weight(get_module(b, n))) and torch.equal(w, linear_weight(get_module(c, n)))
+            assert get_module(c, n).weight.data_ptr() == whole.cache[(i, choice[i])].data_ptr()  # no copy
+        assert 0 < small.cached <= 3 * one + max(e.resident_nbytes for e in small.cache.values())
+        assert small.cached == sum(e.resident_nbytes for e in small.cache.values())
+        assert whole.cached == sum(w.numel() * 4 for w in whole.cache.values()) <= every
+    assert torch.equal(plain.model(torch.arange(8)[None]).logits, whole.model(torch.arange(8)[None]).logits)
 
 
 def test_seeded_tiny_search_is_pinned():
