@@ -187,3 +187,38 @@ def test_stacked_awq_grid_on_gpu_chooses_the_loops_scales_and_clips(spec):
     assert torch.allclose(torch.tensor(loop.losses), torch.tensor(stacked.losses), rtol=1e-4)
     a, b = clip_ratios_hessian(W, H, sp, factor=F, batch=False), clip_ratios_hessian(W, H, sp, factor=F)
     assert (a == b).float().mean() > 0.99
+
+
+def test_output_fisher_batched_on_gpu_is_the_cpus():
+    """On a GPU the output Fisher takes FISHER_GPU_TOKENS a pass (here every window at once), the CPU
+    2 windows: each token's gradient is its own window's, so they agree up to float32 sums."""
+    from gransearch.sensitivity import output_fisher
+
+    model = tiny_model("llama")
+    windows = calib()[:8]
+    cpu = output_fisher(model, windows, n_windows=8, verbose=False)
+    gpu = output_fisher(model, windows, n_windows=8, device="cuda", verbose=False)
+    assert list(gpu) == list(cpu)
+    for name in cpu:
+        assert gpu[name].device.type == "cpu" and torch.allclose(gpu[name], cpu[name], rtol=1e-3, atol=1e-12), name
+
+
+def test_trial_assembler_on_gpu_keeps_weights_and_gives_the_cpus():
+    """On a GPU a small bank's float weights fit the assembler's cache: it keeps them and points the
+    layers at them, with the weights the CPU's assembler copies in."""
+    import numpy as np
+
+    from gransearch.arch import linear_weight
+    from gransearch.search import _Assembler
+
+    model = tiny_model("llama")
+    bank = build_bank(model, calib(), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), fisher_windows=0, verbose=False)
+    cpu, gpu = _Assembler(model, bank), _Assembler(model, bank, device="cuda")
+    assert gpu.keeps_weights
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        choice = [int(rng.integers(len(k))) for k in bank.keys]
+        a, b = cpu.load(choice), gpu.load(choice)
+        for i, n in enumerate(bank.layers):
+            assert torch.equal(linear_weight(get_module(a, n)), linear_weight(get_module(b, n)).cpu()), n
+            assert get_module(b, n).weight.data_ptr() == gpu.cache[(i, choice[i])].data_ptr()
