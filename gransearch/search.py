@@ -56,6 +56,7 @@ from .evaluate import windows as eval_windows_of
 from .offload import DiskModel, counted
 from .offload import perplexity as disk_perplexity
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
+from .quantizer import QuantizedWeight
 from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
                     worker_id)
 
@@ -128,11 +129,12 @@ class _Assembler:
 
     On a GPU the entries a trial uses are kept there, up to ``cache_bytes`` (default: a quarter of
     the device's memory), least recently used first out. When every entry's float weight fits in
-    that (a small model: the bank of 12 of SmolLM2-135M takes 5.1 GB in float32), the weights themselves
-    are kept, in the model's dtype and layout, and a later trial choosing the same entry points the
-    layer at its kept weight: nothing is computed or copied. Otherwise the unpacked codes (one byte
-    per weight) and scales are kept, and a later trial dequantizes them on the device instead of
-    reading, unpacking and dequantizing the entry on the CPU and copying the float weight over.
+    that (a small model: the bank of 12 of SmolLM2-135M takes 5.1 GB in float32), the weights
+    themselves are kept, in the model's dtype and layout, and a later trial choosing the same entry
+    points the layer at its kept weight: nothing is computed or copied. The entries a trial uses
+    first are made together (:meth:`_keep_all`). Otherwise the unpacked codes (one byte per weight)
+    and scales are kept, and a later trial dequantizes them on the device instead of reading,
+    unpacking and dequantizing the entry on the CPU and copying the float weight over.
     """
 
     def __init__(self, model: nn.Module, bank: Bank, device=None, cache_bytes: Optional[int] = None):
@@ -167,24 +169,49 @@ class _Assembler:
             return e
         return self._cached((i, c), lambda: e.to(self.device), lambda hit: hit.resident_nbytes)
 
+    def _as_param(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """A float ``[out, in]`` weight as layer ``i``'s weight parameter holds it (dtype, layout)."""
+        return (w if isinstance(self.mods[i], nn.Linear) else w.t()).to(self.mods[i].weight.dtype).contiguous()
+
     def _weight(self, i: int, c: int) -> torch.Tensor:
         """Entry ``c`` of layer ``i`` as the layer's weight parameter holds it (dtype, device, layout)."""
-        def make():
-            w = self.bank.entries[i][c].to(self.device).effective_weight()
-            p = self.mods[i].weight
-            return (w if isinstance(self.mods[i], nn.Linear) else w.t()).to(p.dtype).contiguous()
+        return self._cached((i, c), lambda: self._as_param(i, self.bank.entries[i][c].to(self.device).effective_weight()),
+                            lambda w: w.numel() * w.element_size())
 
-        return self._cached((i, c), make, lambda w: w.numel() * w.element_size())
+    def _keep_all(self, missing: list[tuple[int, int]]) -> None:
+        """The kept weights of the ``missing`` entries (every one fits: nothing is evicted), those of one
+        spec and input width dequantized as one stack of rows: one copy to the device per buffer and one
+        dequantization for all of them, not one per layer (a trial of new entries, such as a uniform
+        plan, changes every layer). Entries whose blocks span rows, ggml blocks and scattered groups
+        are made one by one."""
+        stacks: dict[tuple, list] = {}
+        for i, c in missing:
+            q = self.bank.entries[i][c].quantized()  # on the host (read from disk if stored)
+            alone = getattr(q.spec, "is_ggml", False) or q.spec.granularity.spans_rows or q.g_idx is not None
+            stacks.setdefault(("alone", i, c) if alone else (str(q.spec), q.shape[1], q.scale.dtype), []).append((i, c, q))
+        for key, items in stacks.items():
+            if key[0] == "alone":
+                self._weight(*items[0][:2])
+                continue
+            qs = [q for _, _, q in items]
+            zero = None if qs[0].zero is None else torch.cat([q.zero for q in qs])
+            both = QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scale for q in qs]), zero, qs[0].spec).to(self.device)
+            for (i, c, _), w in zip(items, both.dequantize().split([q.shape[0] for q in qs])):
+                s = self.bank.entries[i][c].in_scale
+                w = self._as_param(i, w if s is None else w.div_(s.to(self.device).unsqueeze(0)))  # in place: no dead rows kept
+                self._cached((i, c), lambda w=w: w, lambda w: w.numel() * w.element_size())
 
     @torch.no_grad()
     def load(self, choice: Sequence[int]) -> nn.Module:
-        for i, c in enumerate(choice):
-            if self.current[i] != c:
-                if self.keeps_weights:
-                    self.mods[i].weight.data = self._weight(i, c)  # the layer now reads the kept tensor
-                else:
-                    linear_weight(self.mods[i]).copy_(self._entry(i, c).effective_weight())
-                self.current[i] = c
+        changed = [(i, c) for i, c in enumerate(choice) if self.current[i] != c]
+        if self.keeps_weights:
+            self._keep_all([(i, c) for i, c in changed if (i, c) not in self.cache])
+        for i, c in changed:
+            if self.keeps_weights:
+                self.mods[i].weight.data = self._weight(i, c)  # the layer now reads the kept tensor
+            else:
+                linear_weight(self.mods[i]).copy_(self._entry(i, c).effective_weight())
+            self.current[i] = c
         return self.model
 
 

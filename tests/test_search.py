@@ -486,12 +486,22 @@ def test_assembler_cache_gives_the_uncached_weights(tmp_path, kind):
     from gransearch.search import _Assembler
 
     model = tiny_model(kind)
-    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq"), (3, 4), ("channel", 16), fisher_windows=0, verbose=False)
+    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), fisher_windows=0,
+                    verbose=False)
     one = bank.entries[0][0].to("cpu").resident_nbytes
     every = sum(len(row) * e.quantized().codes.numel() * 4 for row, e in zip(bank.entries, (r[0] for r in bank.entries)))
     plain, small, whole = _Assembler(model, bank), _Assembler(model, bank, cache_bytes=3 * one), _Assembler(model, bank, cache_bytes=every)
     assert not plain.cache_bytes and not small.keeps_weights and whole.keeps_weights
     assert not _Assembler(model, bank, cache_bytes=every - 1).keeps_weights
+    # a plan of new entries (a uniform one changes every layer): one dequantization per input width, not per layer
+    calls = []
+    real = gs.QuantizedWeight.dequantize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gs.QuantizedWeight, "dequantize", lambda self, *a, **k: calls.append(self.shape) or real(self, *a, **k))
+        c = whole.load([bank.index(i, "rtn:w4c") for i in range(len(bank.layers))])
+    assert len(calls) == len({e.quantized().shape[1] for e in (row[0] for row in bank.entries)}) < len(bank.layers)
+    for n in bank.layers:
+        assert torch.equal(linear_weight(get_module(c, n)), linear_weight(get_module(plain.load(whole.current), n)))
     rng = np.random.default_rng(0)
     for _ in range(4):
         choice = [int(rng.integers(len(k))) for k in bank.keys]
