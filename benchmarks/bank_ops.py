@@ -87,21 +87,24 @@ def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), 128, 512, seed=0)
     small = first_blocks(model, n_blocks)
     mode = StageOps()
-    searches = bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher
+    scale_search = "awq_search_hessian_specs" if hasattr(bank_mod, "awq_search_hessian_specs") else "awq_search_hessian"  # older checkouts: one spec a call
+    searches = getattr(bank_mod, scale_search), bank_mod.clip_ratios_hessian, bank_mod.output_fisher
     bank_mod.STACK_SHARED_INPUTS = True  # as on a GPU: q/k/v and gate/up in one GPTQ solve, objectives stacked,
-    bank_mod.awq_search_hessian = functools.partial(searches[0], batch=True)  # AWQ's grid and clip ratios stacked,
+    setattr(bank_mod, scale_search, functools.partial(searches[0], batch=True))  # AWQ's grid and clip ratios stacked,
     bank_mod.clip_ratios_hessian = functools.partial(searches[1], batch=True)
     tokens = getattr(sensitivity, "FISHER_GPU_TOKENS", None)  # the Fisher's windows per pass on a GPU
     bank_mod.output_fisher = functools.partial(searches[2], batch_size=max(2, tokens // calib.shape[1]) if tokens else 2)
     if not as_gpu:
         bank_mod.STACK_SHARED_INPUTS = None
-        bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches
+        setattr(bank_mod, scale_search, searches[0])
+        bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches[1:]
     try:
         with mode:
             bank = bank_mod.build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False)
     finally:
         bank_mod.STACK_SHARED_INPUTS = None
-        bank_mod.awq_search_hessian, bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches
+        setattr(bank_mod, scale_search, searches[0])
+        bank_mod.clip_ratios_hessian, bank_mod.output_fisher = searches[1:]
     codes = hashlib.sha256()
     for row in bank.entries:
         for e in row:

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._files import atomic_write, sha256_file
-from .algorithms.awq import apply_clip, awq_grid_scales, awq_search_hessian, clip_ratios_hessian, hessian_factor
+from .algorithms.awq import apply_clip, awq_grid_scales, awq_search_hessian_specs, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
 from .allocate import candidate_specs, check_candidates
@@ -710,9 +710,11 @@ def build_bank(
             H = stats[gnames[0]].hessian.to(dev)
             act = stats[gnames[0]].abs_mean.to(dev)
             grid = awq_grid_scales(act, awq_grid)  # the same for every spec
-            for spec in code_specs[gnames[0]]:
-                # unchecked: a weight that is not finite gives non-finite losses, and the search then raises what the check would
-                res = awq_search_hessian(act, ws, H, spec, n_grid=awq_grid, factor=factor_of(gnames[0]), grid=grid, check=False)
+            sps = code_specs[gnames[0]]
+            # every spec's grid before any loss is read (on a GPU one wait per group, not per spec); unchecked: a
+            # weight that is not finite gives non-finite losses, and the search then raises what the check would
+            found = awq_search_hessian_specs(act, ws, H, sps, n_grid=awq_grid, factor=factor_of(gnames[0]), grid=grid, check=False)
+            for spec, res in zip(sps, found):
                 for n in gnames:
                     awq_scales[(n, str(spec))] = res.scales
 

@@ -279,6 +279,24 @@ def test_awq_grid_stacked_is_the_loop(monkeypatch, spec, rank):
     assert len(set(loop.losses)) > 1  # a grid that chooses something
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_awq_search_of_several_specs_is_each_specs_search(batch):
+    """The bank's search of every spec of a group (stacked: all grids queued, the losses read once)
+    gives each spec's own search, a per-tensor spec (always the loop) among them."""
+    from gransearch.algorithms.awq import awq_grid_scales, awq_search_hessian, awq_search_hessian_specs
+
+    x = correlated_inputs(n=512)
+    h = hessian_of(x)
+    g = torch.Generator().manual_seed(8)
+    ws = [torch.randn(24, 64, generator=g) * 0.1, torch.randn(40, 64, generator=g) * 0.1]
+    specs = [gs.QuantSpec.parse(s) for s in ("w3g16", "w4c", "w3t", "w4g32f")]
+    grid = awq_grid_scales(x.abs().mean(0), 20)
+    many = awq_search_hessian_specs(x.abs().mean(0), ws, h, specs, rank=8, batch=batch, grid=grid)
+    for sp, res in zip(specs, many):
+        one = awq_search_hessian(x.abs().mean(0), ws, h, sp, rank=8, batch=batch, grid=grid)
+        assert res.ratio == one.ratio and torch.equal(res.scales, one.scales) and res.losses == one.losses, sp
+
+
 def test_awq_grid_scales_are_awq_scales_point_by_point():
     """The grid's scales, computed for all points at once, are each point's awq_scales bit for bit
     (the CPU's pinned codes rest on them), ratio 0 (all ones) and 1/2 included."""

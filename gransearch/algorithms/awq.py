@@ -24,7 +24,7 @@ from ..quantizer import block_view, check_weight, dequantize_codes, qparams, qua
 from ..spec import QuantSpec
 from .rtn import rtn
 
-__all__ = ["awq_scales", "awq_grid_scales", "awq_search", "awq_search_hessian", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
+__all__ = ["awq_scales", "awq_grid_scales", "awq_search", "awq_search_hessian", "awq_search_hessian_specs", "awq_clip_ratios", "clip_ratios_hessian", "apply_clip", "hessian_factor", "AWQSearch"]
 
 
 def awq_scales(act_mean: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -104,16 +104,16 @@ def _best_of_grid(losses: list[float], scales: Sequence[torch.Tensor], weights, 
 GRID_BATCH_BYTES = 2**30  # the stacked grid points' weights one batched step holds (float32, all temporaries)
 
 
-@torch.no_grad()
-def _awq_search_batched(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
-                        batch_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_grid: int,
-                        grid: Optional[Sequence[torch.Tensor]] = None, check: bool = True) -> AWQSearch:
-    """:func:`awq_search` with the grid points stacked: each step scales, rounds and measures as many
-    points as ``GRID_BATCH_BYTES`` holds, in one set of kernels instead of one per point (on a GPU,
-    where a layer's search is otherwise a chain of small launches). ``batch_error(w, cands)``: the
-    error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
+def _batched_losses(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
+                    batch_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_grid: int,
+                    grid: Optional[Sequence[torch.Tensor]] = None, check: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`awq_search`'s losses with the grid points stacked: each step scales, rounds and measures
+    as many points as ``GRID_BATCH_BYTES`` holds, in one set of kernels instead of one per point (on
+    a GPU, where a layer's search is otherwise a chain of small launches). ``batch_error(w, cands)``:
+    the error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
     rounding are the loop's, element for element; the errors differ from the loop's only in the
-    order of float32 sums. Not for specs whose blocks span rows (per-tensor)."""
+    order of float32 sums. Not for specs whose blocks span rows (per-tensor). Returns the losses
+    ``[n_grid]`` (float64, on the device: not read) and the grid's scales."""
     scales = _checked_grid(act_mean, weights, spec, n_grid, grid, check)
     dev = weights[0].device
     # the group's weights as one stack of rows: no block crosses a row, and its error is the sum of theirs
@@ -127,7 +127,7 @@ def _awq_search_batched(act_mean: torch.Tensor, weights: Sequence[torch.Tensor],
             x = (w.unsqueeze(0) * S).reshape(-1, w.shape[1])  # [g * out, in]: blocks never cross rows
             cands = rtn(x, spec, check=False).dequantize().reshape(S.shape[0], *w.shape) / S
             losses[k0 : k0 + S.shape[0]] += batch_error(w, cands).double()
-    return _best_of_grid(losses.tolist(), scales, weights, spec, n_grid)
+    return losses, scales
 
 
 def _grouped(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,26 +223,56 @@ def awq_search_hessian(
     reference measures the error after the attention or MLP block instead. Used by the search bank.
     ``rank``: measure with the top-``rank`` eigen-factor of ``H`` (``||dW F||^2``), much cheaper;
     ``factor``: such a factor computed once by the caller. ``batch``: evaluate the grid points
-    stacked (:func:`_awq_search_batched`; default: on a GPU, where the loop is launch-bound; the CPU
+    stacked (:func:`_batched_losses`; default: on a GPU, where the loop is launch-bound; the CPU
     keeps the loop, whose float32 sums its pinned codes were made with). ``grid``:
     :func:`awq_grid_scales` of ``act_mean``, when the caller searches several specs. ``check=False``:
     the caller has checked the weights (or checks them later); on a GPU each check waits for it.
     """
+    return awq_search_hessian_specs(act_mean, weights, H, [spec], n_grid, rank, factor, batch, grid, check)[0]
+
+
+@torch.no_grad()
+def awq_search_hessian_specs(
+    act_mean: torch.Tensor, weights: Sequence[torch.Tensor], H: torch.Tensor, specs: Sequence[QuantSpec], n_grid: int = 20,
+    rank: int | None = None, factor: torch.Tensor | None = None, batch: Optional[bool] = None,
+    grid: Optional[Sequence[torch.Tensor]] = None, check: bool = True,
+) -> list[AWQSearch]:
+    """:func:`awq_search_hessian` for each of ``specs``, with the same results. Stacked (on a GPU),
+    every spec's grid is queued before any loss is read, and the losses are read at once: one wait
+    for the device, not one per spec."""
     ws = [w.float() for w in weights]
     if factor is None and rank is not None and rank < H.shape[0]:
         factor = hessian_factor(H, rank)
     if batch is None:
         batch = ws[0].device.type == "cuda"
-    batch = batch and not spec.granularity.spans_rows
     if factor is not None:
         F = factor
-        if batch:
-            return _awq_search_batched(act_mean, ws, spec, lambda w, c: ((w - c) @ F).pow(2).sum((1, 2)), n_grid, grid, check)
-        return awq_search(act_mean, ws, spec, lambda cands: sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands)), n_grid, grid, check)
-    Hf = H.float()
-    if batch:
-        return _awq_search_batched(act_mean, ws, spec, lambda w, c: (((w - c) @ Hf) * (w - c)).sum((1, 2)), n_grid, grid, check)
-    return awq_search(act_mean, ws, spec, lambda cands: sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands)), n_grid, grid, check)
+
+        def batch_error(w, c):
+            return ((w - c) @ F).pow(2).sum((1, 2))
+
+        def loop_loss(cands):
+            return sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands))
+    else:
+        Hf = H.float()
+
+        def batch_error(w, c):
+            return (((w - c) @ Hf) * (w - c)).sum((1, 2))
+
+        def loop_loss(cands):
+            return sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands))
+    out: list[Optional[AWQSearch]] = [None] * len(specs)
+    queued = []  # (index, losses on the device, grid scales)
+    for k, spec in enumerate(specs):
+        if batch and not spec.granularity.spans_rows:
+            queued.append((k, *_batched_losses(act_mean, ws, spec, batch_error, n_grid, grid, check)))
+        else:
+            out[k] = awq_search(act_mean, ws, spec, loop_loss, n_grid, grid, check)
+    if queued:
+        values = torch.stack([losses for _, losses, _ in queued]).tolist()  # the one read
+        for (k, _, scales), v in zip(queued, values):
+            out[k] = _best_of_grid(v, scales, ws, specs[k], n_grid)
+    return out
 
 
 @torch.no_grad()
