@@ -1,11 +1,13 @@
 """The candidate bank: every (layer, candidate) quantized once, in memory or on disk.
 
 Calibrate once (Hessians and ``mean|x|`` of every linear's input, unquantized inputs), then
-quantize every (layer, candidate) once: RTN; GPTQ with one Cholesky factorisation per layer shared
-by all its GPTQ candidates, solved together as one stack of rows (on CUDA, the layers that read
-one input, q/k/v and gate/up, share one stack too); AWQ with one scale search per
+quantize every (layer, candidate) once: GPTQ with one Cholesky factorisation per layer shared by
+all its GPTQ candidates, solved together as one stack of rows; AWQ with one scale search per
 scaling group and spec, using the group's linear-output error computed from the Hessian (no second
-activation pass). Each entry keeps its packed weight, exact stored bytes and layer objective
+activation pass); RTN of a layer's weight and of its AWQ-scaled weight as one rounding per spec.
+On CUDA the layers that read one input (q/k/v; gate/up) share those stacks too, and their
+objectives are computed together (each CUDA kernel launch costs about as much as a small one's
+work). Each entry keeps its packed weight, exact stored bytes and layer objective
 ``tr((W - Q) H (W - Q)^T)`` (with its per-output-row terms, which the output Fisher turns into
 estimated loss increases for the knapsack).
 

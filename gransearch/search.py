@@ -195,8 +195,8 @@ class _Assembler:
                 continue
             qs = [q for _, _, q in items]
             zero = None if qs[0].zero is None else torch.cat([q.zero for q in qs])
-            both = QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scale for q in qs]), zero, qs[0].spec).to(self.device)
-            for (i, c, _), w in zip(items, both.dequantize().split([q.shape[0] for q in qs])):
+            stacked = QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scale for q in qs]), zero, qs[0].spec).to(self.device)
+            for (i, c, _), w in zip(items, stacked.dequantize().split([q.shape[0] for q in qs])):
                 s = self.bank.entries[i][c].in_scale
                 w = self._as_param(i, w if s is None else w.div_(s.to(self.device).unsqueeze(0)))  # in place: no dead rows kept
                 self._cached((i, c), lambda w=w: w, lambda w: w.numel() * w.element_size())
