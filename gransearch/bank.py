@@ -643,7 +643,8 @@ def build_bank(
         sizes = [r.numel() for r in rows]
         flat = torch.cat(rows)
         if stacked:  # each entry's total in one sum over the batch
-            seg = torch.repeat_interleave(torch.arange(len(rows), device=flat.device), torch.tensor(sizes, device=flat.device))
+            seg = torch.repeat_interleave(torch.arange(len(rows), device=flat.device), torch.tensor(sizes, device=flat.device),
+                                          output_size=flat.numel())  # its size given: not read back from the device
             totals = torch.zeros(len(rows), dtype=flat.dtype, device=flat.device).index_add_(0, seg, flat)
         else:  # the CPU's pinned sums, entry by entry
             totals = torch.stack([r.sum() for r in rows])

@@ -323,13 +323,16 @@ def clip_ratios_hessian(
     for k0 in range(0, len(ratios), step):  # shrinking only lowers scales: the caller's quantization checks their range
         rs = ratios[k0 : k0 + step]
         if batch:
-            r = torch.tensor(rs, device=w.device).repeat_interleave(blocks.shape[0]).unsqueeze(1)  # [len(rs) * n_blocks, 1]
+            # the ratios made on the device (a tensor copied from the host would wait for the GPU's queue), in float64 as
+            # Python computes 1 - i / n_grid, then float32 as torch.tensor(ratios) would round them: the same numbers
+            rt = (1.0 - torch.arange(k0, k0 + len(rs), dtype=torch.float64, device=w.device) / n_grid).float()
+            r = rt.repeat_interleave(blocks.shape[0]).unsqueeze(1)  # [len(rs) * n_blocks, 1]
             stacked = blocks.repeat(len(rs), 1)
             s, z = qparams(stacked, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
             q = dequantize_codes(quantize_codes(stacked, s, z, spec.maxq), s, z).reshape(len(rs), *w.shape)
             E = err_of(q)  # [len(rs), blocks, 1]
             k = E.argmin(0, keepdim=True)  # each block's first least error among these ratios, as the loop keeps it
-            errs, rs = [E.gather(0, k)[0]], [torch.tensor(rs, dtype=E.dtype, device=w.device)[k[0]]]
+            errs, rs = [E.gather(0, k)[0]], [rt.to(E.dtype)[k[0]]]
         else:
             s, z = qparams(blocks, spec.bits, spec.symmetric, rs[0], spec.float_zero, check=False)
             errs = [err_of(dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape))]
