@@ -31,7 +31,7 @@ from gransearch.bank import build_bank  # noqa: E402
 from gransearch.quantizer import QuantizedWeight  # noqa: E402
 from gransearch.search import _Assembler  # noqa: E402
 
-from bank_ops import StageOps  # noqa: E402  (same folder: counts operations, views aside)
+from launches import Launches  # noqa: E402  (same folder: counts operations, views aside)
 from search_cost import first_blocks  # noqa: E402
 
 
@@ -64,9 +64,9 @@ def main() -> None:
         counts = []
         for choice in trials.values():
             moved.clear()
-            with StageOps() as mode:
+            with Launches() as n:
                 asm.load(choice)
-            counts.append((sum(mode.ops.values()), sum(moved)))
+            counts.append((n.n, sum(moved)))
         rows[form], models[form] = counts, asm.model
     a, b = models.values()
     same = all(torch.equal(linear_weight(get_module(a, n)), linear_weight(get_module(b, n))) for n in bank.layers)

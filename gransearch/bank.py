@@ -41,6 +41,7 @@ from ._files import atomic_write, sha256_file
 from .algorithms.awq import apply_clip, awq_grid_scales, awq_search_hessian_specs, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
+from .algorithms.rtn import rtn
 from .allocate import candidate_specs, check_candidates
 from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .claims import held, try_claim
@@ -48,7 +49,6 @@ from .data import tokens_sha256
 from .errors import BankError, NonFiniteError, check_device, check_float_model
 from .plan import model_fingerprint, weights_fingerprint
 from .profiles import get_profile
-from .algorithms.rtn import rtn
 from .quantizer import QuantizedWeight, check_params, check_weight
 from .sensitivity import output_fisher
 from .methods import GPTQOptions, Method
@@ -652,8 +652,10 @@ def build_bank(
         parts += [torch.stack([bad for bad, _ in checks]).float()] if checks else []
         host = torch.cat(parts).cpu()  # the one wait of the group
         stacks: dict[int, QuantizedWeight] = {}
+        users: dict[int, int] = {}  # entries per stacked rounding
         for q in queued:
             stacks.setdefault(id(q.part.stack), q.part.stack)
+            users[id(q.part.stack)] = users.get(id(q.part.stack), 0) + 1
         on_host = {k: s.to("cpu") for k, s in stacks.items()}
         scales: dict[int, torch.Tensor] = {}
         for q in queued:
@@ -668,9 +670,6 @@ def build_bank(
                         raise_now()  # a weight that is not finite, or a scale beyond float16: the check skipped before
                 for (name, _), v in zip(energies, vals[m : m + len(energies)]):
                     energy[name] = v
-                users: dict[int, int] = {}
-                for q in queued:
-                    users[id(q.part.stack)] = users.get(id(q.part.stack), 0) + 1
                 for q, r, total in zip(queued, host[:n].split(sizes), vals[:m]):
                     if not math.isfinite(total):
                         raise NonFiniteError(f"the layer objective of {q.name} with {q.key} is not finite: its weights, Hessian or "

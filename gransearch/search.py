@@ -124,6 +124,10 @@ def trial_cache_bytes(device_bytes: int) -> int:
     return device_bytes // 4
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class _Assembler:
     """Puts bank entries into a working copy of the model (float weights, nothing packed).
 
@@ -150,7 +154,7 @@ class _Assembler:
         self.cache_bytes = cache_bytes or 0
         self.cache: "collections.OrderedDict[tuple[int, int], object]" = collections.OrderedDict()  # entries, or weights
         self.cached = 0
-        weights = sum(len(row) * linear_weight(m).numel() * linear_weight(m).element_size() for row, m in zip(bank.entries, self.mods))
+        weights = sum(len(row) * _tensor_bytes(linear_weight(m)) for row, m in zip(bank.entries, self.mods))
         self.keeps_weights = bool(self.cache_bytes) and weights <= self.cache_bytes
 
     def _cached(self, key: tuple[int, int], make, nbytes) -> object:
@@ -175,8 +179,7 @@ class _Assembler:
 
     def _weight(self, i: int, c: int) -> torch.Tensor:
         """Entry ``c`` of layer ``i`` as the layer's weight parameter holds it (dtype, device, layout)."""
-        return self._cached((i, c), lambda: self._as_param(i, self.bank.entries[i][c].to(self.device).effective_weight()),
-                            lambda w: w.numel() * w.element_size())
+        return self._cached((i, c), lambda: self._as_param(i, self.bank.entries[i][c].to(self.device).effective_weight()), _tensor_bytes)
 
     def _keep_all(self, missing: list[tuple[int, int]]) -> None:
         """The kept weights of the ``missing`` entries (every one fits: nothing is evicted), those of one
@@ -199,7 +202,7 @@ class _Assembler:
             for (i, c, _), w in zip(items, stacked.dequantize().split([q.shape[0] for q in qs])):
                 s = self.bank.entries[i][c].in_scale
                 w = self._as_param(i, w if s is None else w.div_(s.to(self.device).unsqueeze(0)))  # in place: no dead rows kept
-                self._cached((i, c), lambda w=w: w, lambda w: w.numel() * w.element_size())
+                self._cached((i, c), lambda w=w: w, _tensor_bytes)
 
     @torch.no_grad()
     def load(self, choice: Sequence[int]) -> nn.Module:
