@@ -94,10 +94,15 @@ def main() -> None:
 
 def graphs_against_eager(model, spec: str, dev) -> None:
     """One block's GPTQ solves (its weights, a random well-conditioned Hessian per input width),
-    eager against CUDA graphs, in this process: seconds and whether the codes are identical."""
+    in this process: eager against CUDA graphs (whether the codes are identical), and the graphs
+    with the column loop's multiply-adds (the default on a GPU) against the separate operations the
+    CPU runs (how many codes differ)."""
+    import importlib
+
     from gransearch.algorithms.gptq import set_cuda_graphs
     from gransearch.arch import block_linears, linear_weight
 
+    gptq_mod = importlib.import_module("gransearch.algorithms.gptq")
     sp = gs.QuantSpec.parse(spec)
     refs = list(block_linears(model, 0))
     g = torch.Generator().manual_seed(0)
@@ -108,21 +113,31 @@ def graphs_against_eager(model, spec: str, dev) -> None:
             X = torch.randn(2 * n, n, generator=g)
             hess[n] = (2 * X.T @ X / X.shape[0]).to(dev)
     Ws = [linear_weight(r.module).detach().float().to(dev) for r in refs]
+    modes = {"eager (one launch per operation)": (False, None),
+             "CUDA graphs (one replay per lazy batch)": (True, None),
+             "CUDA graphs, the CPU's separate operations (no multiply-adds)": (True, False)}
     times, codes = {}, {}
-    for mode in (False, True, False, True):  # warm both, keep the second of each
-        old = set_cuda_graphs(mode)
-        sync(dev)
-        t0 = time.perf_counter()
-        codes[mode] = [gs.gptq(W, hess[W.shape[1]], sp).qweight.codes for W in Ws]
-        sync(dev)
-        times[mode] = time.perf_counter() - t0
-        set_cuda_graphs(old)
-    same = all(torch.equal(a, b) for a, b in zip(codes[False], codes[True]))
+    for name in list(modes) * 2:  # warm each, keep the second
+        graphs, fused = modes[name]
+        old, old_fused = set_cuda_graphs(graphs), gptq_mod.FUSED_MULTIPLY_ADDS
+        gptq_mod.FUSED_MULTIPLY_ADDS = fused
+        try:
+            sync(dev)
+            t0 = time.perf_counter()
+            codes[name] = [gs.gptq(W, hess[W.shape[1]], sp).qweight.codes for W in Ws]
+            sync(dev)
+            times[name] = time.perf_counter() - t0
+        finally:
+            set_cuda_graphs(old)
+            gptq_mod.FUSED_MULTIPLY_ADDS = old_fused
+    eager, graphed, separate = list(modes)
+    same = all(torch.equal(a, b) for a, b in zip(codes[eager], codes[graphed]))
+    differ = sum(int((a != b).sum()) for a, b in zip(codes[graphed], codes[separate]))
+    total = sum(c.numel() for c in codes[graphed])
     print(f"\n## One block's {len(Ws)} GPTQ solves ({spec}), eager against CUDA graphs, same process")
     print("| column loop | seconds | ratio |\n|---|---:|---:|")
-    print(f"| eager (one launch per operation) | {times[False]:.3f} | 1.00 |")
-    print(f"| CUDA graphs (one replay per lazy batch) | {times[True]:.3f} | {times[True] / times[False]:.2f} |")
-    print(f"codes identical: {same}")
+    print("\n".join(f"| {name} | {times[name]:.3f} | {times[name] / times[eager]:.2f} |" for name in modes))
+    print(f"codes identical, eager and graphs: {same}; codes that differ between multiply-adds and separate operations: {differ:,} of {total:,}")
 
 
 if __name__ == "__main__":

@@ -4,23 +4,28 @@
 
 Bank: K = 12 candidates per layer (rtn, gptq, awq x 3, 4 bits x per-channel, groups of 64), built by
 ``build_bank`` (one calibration pass, one Cholesky per layer, one AWQ search per group and spec),
-against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same calibration tokens,
-in the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
-evaluation of the same validation slice. ``--device cuda``: every step runs on the GPU (the
-model stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on
-the GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite
-file in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows
-say what the storage adds to a trial. On CUDA the bank is built a second time with its GPTQ layer
-by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to show what
-solving q/k/v and gate/up as one stack saves. On a GPU the device is warmed up first (one untimed
-uniform GPTQ), so that no timed run pays for the process's start-up. ``--profile FILE``: then one
-uniform GPTQ and one bank again, under ``torch.profiler``, and where their time goes
-(:func:`profile_runs`): on a GPU, how much of each bank stage the GPU spent computing.
+against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same calibration tokens, in
+the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
+evaluation of the same validation slice. ``--device cuda``: every step runs on the GPU (the model
+stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on the
+GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite file
+in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows say
+what the storage adds to a trial, and a third time in memory (what the first search paid once per
+process is gone then); then the same evaluation is timed as a bare copy, as the trial loop's
+assembled model, reporting to Optuna and inside the stage timer (:func:`evaluation_gap`), to say
+where a trial's evaluation stage differs from a bare one. On CUDA the bank is built a second time
+with its GPTQ layer by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to
+show what solving q/k/v and gate/up as one stack saves. On a GPU the device is warmed up first (one
+untimed uniform GPTQ), so that no timed run pays for the process's start-up. ``--profile FILE``:
+then one uniform GPTQ and one bank again, and the two evaluations (bare and the trial model's) under
+``torch.profiler``, and where their time goes (:func:`profile_runs`): on a GPU, how much of each
+bank stage the GPU spent computing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import tempfile
@@ -70,6 +75,70 @@ def first_blocks(model, n: int):
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = list(small.config.layer_types)[:n]
     return small
+
+
+def evaluation_gap(model, bank, res, val, dev, windows: int, repeats: int = 5) -> tuple[list[tuple[str, float]], dict]:
+    """Why a trial's evaluation stage can take longer than a bare evaluation: the same perplexity
+    (``windows`` x 512 tokens, batch 4), each the median of ``repeats`` runs after one untimed run,
+    of (1) a bare copy of the float model, (2) the model as the trial loop assembles it for the best
+    trial's plan, (3) that model reporting every batch to an in-memory Optuna trial (``trial.report``
+    and ``should_prune``, as ``optimize`` does), and (4) inside the trial loop's stage timer (a wait
+    for the GPU and a profiler range around it), and (5) each run right after assembling the other
+    of the two best trials' plans, as consecutive trials run (untimed). Returns the ``(row, seconds)`` and, for
+    :func:`profile_runs`, a bare evaluation and the trial model's (reporting) as functions."""
+    import statistics
+
+    import optuna
+
+    from gransearch.bank import Stages
+    from gransearch.search import _Assembler
+
+    def run(mdl, reporting=None):
+        gs.perplexity(mdl, val, seqlen=512, batch_size=4, max_windows=windows, verbose=False,
+                      on_window=reporting() if reporting else None)
+
+    def timed(mdl, reporting=None, stage=None, before=None):
+        def once():
+            if before is not None:
+                before()
+            sync(dev)
+            t0 = time.perf_counter()
+            with stage("evaluation") if stage is not None else contextlib.nullcontext():
+                run(mdl, reporting)
+            sync(dev)
+            return time.perf_counter() - t0
+
+        once()
+        return statistics.median(once() for _ in range(repeats))
+
+    done = sorted((t for t in res.study.trials if t.value is not None), key=lambda t: t.value)
+    plans = [[bank.index(i, k) for i, k in enumerate(t.user_attrs["keys"])] for t in done[:2]]
+    assembler = _Assembler(model, bank, dev)
+    trial_model = assembler.load(plans[0])
+    turn = [0]
+
+    def switch():  # the other plan: the layers it changes read other weights, as in consecutive trials
+        turn[0] += 1
+        assembler.load(plans[turn[0] % len(plans)])
+    bare = copy.deepcopy(model).to(dev) if dev else model
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner())
+
+    def report():  # each evaluation reports to a trial of its own, as in the trial loop
+        trial = study.ask()
+
+        def on_window(step, running_nll):
+            trial.report(running_nll, step)
+            trial.should_prune()
+        return on_window
+
+    rows = [("a bare copy of the float model", timed(bare)),
+            ("the trial loop's model of the best plan (assembled)", timed(trial_model)),
+            ("the same, reporting each batch to an Optuna trial", timed(trial_model, report)),
+            ("the same, inside the trial loop's stage timer", timed(trial_model, report, Stages(assembler.device))),
+            ("the same, each run after assembling the other of the two best plans", timed(trial_model, report, Stages(assembler.device), switch))]
+    assembler.load(plans[0])
+    return rows, {"a bare evaluation": lambda: run(bare), "the trial model's evaluation, reporting": lambda: run(trial_model, report)}
 
 
 def profile_runs(runs: dict, dev, path: str, top: int = 20) -> str:
@@ -185,6 +254,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # the same trials with the study in a SQLite file, as the CLI keeps it
         on_disk = search(f"sqlite:///{os.path.join(tmp, 'study.db')}")
     t_loop_db = on_disk.search_seconds / on_disk.n_trials
+    again = search()  # a third time, in memory: what a search pays once per process (first calls, imports) is gone
+    t_loop_again = again.search_seconds / again.n_trials
     t_trials = t_all / res.n_trials  # as measured so far: optimize's setup (model copy, warm-start knapsacks) shared out
     t_loop = res.search_seconds / res.n_trials  # the trial loop alone
     print(f"\n## Search cost: {args.model} on {dev or 'cpu'}, calibration {args.n_calib} x 512, K = {k} candidates per layer, {len(bank.layers)} layers")
@@ -197,12 +268,17 @@ def main() -> None:
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.2f} | {t_trials / t_eval:.2f} |")
     print(f"| of which the trial loop alone (setup of {t_all - res.search_seconds:.2f} s left out) | {t_loop:.2f} | {t_loop / t_eval:.2f} |")
     print(f"| the trial loop with the study in SQLite (as the CLI runs it) | {t_loop_db:.2f} | {t_loop_db / t_eval:.2f} |")
+    print(f"| the trial loop in memory again (the process's third search) | {t_loop_again:.2f} | {t_loop_again / t_eval:.2f} |")
     print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
     if t_apart is not None:
         print(f"bank stages, GPTQ layer by layer (of {t_apart:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in apart.stage_seconds.items()))
-    for name, r in (("in memory", res), ("in SQLite", on_disk)):
+    for name, r in (("in memory", res), ("in SQLite", on_disk), ("in memory, third search", again)):
         print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
               + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items()))
+    gap, evals = evaluation_gap(model, bank, res, val, dev, args.eval_windows)
+    print(f"\n## Where a trial's evaluation differs from a bare one ({args.eval_windows} x 512 tokens, median of 5)")
+    print("| evaluation | seconds | ratio |\n|---|---:|---:|")
+    print("\n".join(f"| {name} | {s:.3f} | {s / gap[0][1]:.2f} |" for name, s in gap))
     if args.profile:
         small = first_blocks(model, args.profile_blocks)
 
@@ -213,7 +289,8 @@ def main() -> None:
             build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
 
         n = args.profile_blocks
-        profile_runs({f"one uniform GPTQ w4g64, first {n} blocks": uniform, f"bank of K = {k}, first {n} blocks": bank_again}, dev, args.profile)
+        profile_runs({f"one uniform GPTQ w4g64, first {n} blocks": uniform, f"bank of K = {k}, first {n} blocks": bank_again, **evals},
+                     dev, args.profile)
         print(f"\nprofile (where the time of one uniform GPTQ and one bank of the first {n} blocks goes): {args.profile}")
 
 

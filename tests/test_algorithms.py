@@ -146,6 +146,42 @@ def test_lazy_batch_is_quantize_codes_column_by_column(case):
     assert got[3].max() > 0 and not torch.equal(got[0], W)  # the loop did work
 
 
+def test_gptq_multiply_adds_save_two_operations_a_column_and_keep_the_codes(monkeypatch):
+    """The GPU's form of the column loop (``FUSED_MULTIPLY_ADDS``, forced here on the CPU) takes two
+    operations fewer per column and rounds each product into its sum: the same codes but where a
+    value falls within a rounding of a tie, the same loss within float32's rounding. The CPU's
+    default stays the separate operations (pinned above)."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gptq_mod = importlib.import_module("gransearch.algorithms.gptq")  # the module (the package exports the function)
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    x = correlated_inputs(d=128, outliers=(3, 70))
+    H = hessian_of(x)
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(4)) * 0.05
+    out = {}
+    for fused in (False, True):
+        monkeypatch.setattr(gptq_mod, "FUSED_MULTIPLY_ADDS", fused)
+        with Ops() as ops:
+            r = gs.gptq(W.clone(), H, gs.QuantSpec.parse("w4g32"), act_order=True)
+        out[fused] = (ops.n, r)
+    monkeypatch.setattr(gptq_mod, "FUSED_MULTIPLY_ADDS", None)  # the default: on CUDA only
+    assert not gptq_mod._fused("cpu") and gptq_mod._fused("cuda")
+    (n_plain, plain), (n_fused, fused) = out[False], out[True]
+    assert n_plain - n_fused == 2 * W.shape[1]
+    same = (plain.qweight.codes == fused.qweight.codes).float().mean()
+    assert same >= 0.999
+    assert fused.loss == pytest.approx(plain.loss, rel=1e-3)
+
+
 def test_gptq_dead_columns_and_shape_errors():
     h = hessian_of(correlated_inputs())
     h[5, :] = 0

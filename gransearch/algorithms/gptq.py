@@ -311,7 +311,7 @@ def _solve_columns(W, Hinv, S, Z, maxq, block_size, group: Optional[_Groups] = N
             W1 = W[:, i1:i2].clone()
             Err1 = _lazy_batch(W1, Hinv[i1:i2, i1:i2], S[:, i1:i2], Z[:, i1:i2], codes[:, i1:i2], maxq, group, True)
         loss += Err1.pow(2).sum(1) / 2  # (w - q)^2 / d^2 / 2 per column, summed once per batch
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
     return codes, loss
 
 
@@ -326,8 +326,13 @@ def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bo
     Each column does :func:`~gransearch.quantizer.quantize_codes`'s arithmetic, operation for
     operation, with the zeros' integer and fractional parts split once per batch (per group when
     the loop takes the groups) instead of once per column, and the codes and errors written into
-    their outputs: 11 operations a column instead of 15, each a kernel launch on a GPU."""
+    their outputs: 10 operations a column instead of 15, each a kernel launch on a GPU. Where
+    :data:`FUSED_MULTIPLY_ADDS` says so (on CUDA by default), the error's numerator and the rank-one
+    update of the batch's later columns are multiply-adds (``addcmul``, ``addr_``): 8 operations, the
+    product no longer rounded before the sum, so a code may fall on the other side of a tie than on
+    the CPU, whose codes stay those of the separate operations."""
     per_row = isinstance(maxq, torch.Tensor)
+    fused = _fused(W1.device)
     Err1 = torch.zeros_like(W1)
     Zr1, Zf1 = torch.empty_like(Z1), torch.empty_like(Z1)  # round(zero) and zero - round(zero)
     if group is None:
@@ -338,17 +343,24 @@ def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bo
             j = slice(i, i + group.g)
             _split_zeros(Z1[:, j], Zr1[:, j], Zf1[:, j])
         s, z, w, d, c = S1[:, i], Z1[:, i], W1[:, i], Hinv1[i, i], C1[:, i]
-        t = w / s
-        t += Zf1[:, i]
+        t = torch.addcdiv(Zf1[:, i], w, s)  # w / s + (zero - round(zero)): one operation, the same numbers
         torch.round(t, out=t)
         t += Zr1[:, i]
         if per_row:
             torch.minimum(t.clamp_(0, float("inf")), maxq, out=c)
         else:
             torch.clamp(t, 0, maxq, out=c)
-        err = torch.div(w - (c - z) * s, d, out=Err1[:, i])
-        W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        if fused:  # w - (c - z) s and the rank-one update as multiply-adds
+            err = torch.addcmul(w, c - z, s, value=-1, out=Err1[:, i]).div_(d)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        else:
+            err = torch.div(w - (c - z) * s, d, out=Err1[:, i])
+            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))  # not -=, whose assignment copies the view onto itself
     return Err1
+
+
+def _fused(device) -> bool:
+    return torch.device(device).type == "cuda" if FUSED_MULTIPLY_ADDS is None else FUSED_MULTIPLY_ADDS
 
 
 def _split_zeros(Z: torch.Tensor, Zr: torch.Tensor, Zf: torch.Tensor) -> None:
@@ -358,6 +370,10 @@ def _split_zeros(Z: torch.Tensor, Zr: torch.Tensor, Zf: torch.Tensor) -> None:
 
 
 _CUDA_GRAPHS = os.environ.get("GRANSEARCH_CUDA_GRAPHS", "1") != "0"
+
+# GPTQ's column loop with multiply-adds (see _lazy_batch): None on CUDA only (where each operation is a
+# kernel launch or a graph node), True everywhere (to count or compare on the CPU), False nowhere
+FUSED_MULTIPLY_ADDS: Optional[bool] = None
 
 
 def cuda_graphs_enabled() -> bool:
@@ -387,7 +403,7 @@ class _GraphedBatch:
     @classmethod
     def get(cls, rows: int, width: int, maxq, group: Optional[_Groups], device) -> "_GraphedBatch":
         per_row = isinstance(maxq, torch.Tensor)
-        key = (rows, width, str(device), per_row, None if per_row else int(maxq), group)
+        key = (rows, width, str(device), per_row, None if per_row else int(maxq), group, _fused(device))
         hit = cls.cache.pop(key, None)
         if hit is None:
             hit = cls(rows, width, per_row, None if per_row else maxq, group, device)
