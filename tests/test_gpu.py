@@ -148,6 +148,22 @@ def test_gptq_cuda_graphs_give_the_eager_codes(spec, act_order):
     assert (eager.zero is None) == (graphed.zero is None) and (eager.zero is None or torch.equal(eager.zero, graphed.zero))
 
 
+def test_gptq_multiply_adds_on_gpu_keep_the_separate_operations_codes(monkeypatch):
+    """On CUDA the column loop's multiply-adds are on by default; against the CPU's separate
+    operations on the same GPU they may move a code across a tie, no more."""
+    import importlib
+
+    gptq_mod = importlib.import_module("gransearch.algorithms.gptq")
+    W, H = (t.cuda() for t in _correlated_problem(seed=3))
+    sp = gs.QuantSpec.parse("w4g32")
+    assert gptq_mod._fused(W.device)
+    fused = gs.gptq(W, H, sp, act_order=True)
+    monkeypatch.setattr(gptq_mod, "FUSED_MULTIPLY_ADDS", False)
+    separate = gs.gptq(W, H, sp, act_order=True)
+    assert (fused.qweight.codes == separate.qweight.codes).float().mean() > 0.999
+    assert fused.loss == pytest.approx(separate.loss, rel=1e-3)
+
+
 def test_gptq_many_with_cuda_graphs_equals_one_by_one():
     W, H = (t.cuda() for t in _correlated_problem(seed=1))
     specs = [gs.QuantSpec.parse(s) for s in ("w3c", "w4c", "w8c", "w4g32")]
