@@ -323,39 +323,39 @@ def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bo
     """One lazy batch of the column loop on ``W1`` ``[rows, B]`` (updated in place); writes the codes
     into ``C1`` (and the group parameters into ``S1``, ``Z1``) and returns the scaled errors.
 
-    Each column does :func:`~gransearch.quantizer.quantize_codes`'s arithmetic, operation for
-    operation, with the zeros' integer and fractional parts split once per batch (per group when
-    the loop takes the groups) instead of once per column, and the codes and errors written into
-    their outputs: 10 operations a column instead of 15, each a kernel launch on a GPU. Where
+    Each column gives :func:`~gransearch.quantizer.quantize_codes`'s codes and errors bit for bit,
+    with the zeros' integer and fractional parts split once per batch (per group when the loop takes
+    the groups) instead of once per column, the codes and errors written into their outputs, and
+    the zero's integer part added to the codes once per batch: each column clamps to the bounds less
+    it (:func:`_split_zeros` says why that is exact). 9 operations a column instead of 15, each a
+    kernel launch on a GPU. Where
     :data:`FUSED_MULTIPLY_ADDS` says so (on CUDA by default), the error's numerator and the rank-one
-    update of the batch's later columns are multiply-adds (``addcmul``, ``addr_``): 8 operations, the
+    update of the batch's later columns are multiply-adds (``addcmul``, ``addr_``): 7 operations, the
     product no longer rounded before the sum, so a code may fall on the other side of a tie than on
     the CPU, whose codes stay those of the separate operations."""
-    per_row = isinstance(maxq, torch.Tensor)
     fused = _fused(W1.device)
     Err1 = torch.zeros_like(W1)
-    Zr1, Zf1 = torch.empty_like(Z1), torch.empty_like(Z1)  # round(zero) and zero - round(zero)
+    # round(zero), zero - round(zero), and the codes' bounds less round(zero): -round(zero), maxq - round(zero)
+    Zr1, Zf1, Lo1, Hi1 = (torch.empty_like(Z1) for _ in range(4))
     if group is None:
-        _split_zeros(Z1, Zr1, Zf1)
+        _split_zeros(Z1, Zr1, Zf1, Lo1, Hi1, maxq)
     for i in range(W1.shape[1]):
         if group is not None and i % group.g == 0:  # batches start at group boundaries
             group.take(W1, i, S1, Z1, check)
             j = slice(i, i + group.g)
-            _split_zeros(Z1[:, j], Zr1[:, j], Zf1[:, j])
-        s, z, w, d, c = S1[:, i], Z1[:, i], W1[:, i], Hinv1[i, i], C1[:, i]
+            _split_zeros(Z1[:, j], Zr1[:, j], Zf1[:, j], Lo1[:, j], Hi1[:, j], maxq)
+        s, w, d, c = S1[:, i], W1[:, i], Hinv1[i, i], C1[:, i]
         t = torch.addcdiv(Zf1[:, i], w, s)  # w / s + (zero - round(zero)): one operation, the same numbers
         torch.round(t, out=t)
-        t += Zr1[:, i]
-        if per_row:
-            torch.minimum(t.clamp_(0, float("inf")), maxq, out=c)
-        else:
-            torch.clamp(t, 0, maxq, out=c)
-        if fused:  # w - (c - z) s and the rank-one update as multiply-adds
-            err = torch.addcmul(w, c - z, s, value=-1, out=Err1[:, i]).div_(d)
+        torch.clamp(t, Lo1[:, i], Hi1[:, i], out=c)  # the code less round(zero), added back once per batch (below)
+        q = c - Zf1[:, i]  # code - zero
+        if fused:  # w - q s and the rank-one update as multiply-adds
+            err = torch.addcmul(w, q, s, value=-1, out=Err1[:, i]).div_(d)
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
         else:
-            err = torch.div(w - (c - z) * s, d, out=Err1[:, i])
+            err = torch.div(w - q * s, d, out=Err1[:, i])
             W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))  # not -=, whose assignment copies the view onto itself
+    C1 += Zr1
     return Err1
 
 
@@ -363,10 +363,16 @@ def _fused(device) -> bool:
     return torch.device(device).type == "cuda" if FUSED_MULTIPLY_ADDS is None else FUSED_MULTIPLY_ADDS
 
 
-def _split_zeros(Z: torch.Tensor, Zr: torch.Tensor, Zf: torch.Tensor) -> None:
-    """``Zr = round(Z)``, ``Zf = Z - Zr``: the two parts :func:`quantize_codes` adds around its rounding."""
+def _split_zeros(Z: torch.Tensor, Zr: torch.Tensor, Zf: torch.Tensor, Lo: torch.Tensor, Hi: torch.Tensor, maxq) -> None:
+    """``Zr = round(Z)``, ``Zf = Z - Zr``: the two parts :func:`quantize_codes` adds around its
+    rounding; ``Lo = -Zr``, ``Hi = maxq - Zr``: the bounds of a code less ``Zr``. All exact: ``Zf``
+    is the difference of two floats at most 0.5 apart (a multiple of the zero's last place, or
+    Sterbenz's lemma below 1), the rest are sums of integers, so ``clamp(round(x) + Zr, 0, maxq)`` is
+    ``clamp(round(x), Lo, Hi) + Zr`` and ``code - Z`` is ``(code - Zr) - Zf``, bit for bit."""
     torch.round(Z, out=Zr)
     torch.sub(Z, Zr, out=Zf)
+    torch.neg(Zr, out=Lo)
+    torch.add(Lo, maxq.unsqueeze(1) if isinstance(maxq, torch.Tensor) else maxq, out=Hi)
 
 
 _CUDA_GRAPHS = os.environ.get("GRANSEARCH_CUDA_GRAPHS", "1") != "0"
