@@ -328,11 +328,11 @@ def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bo
     the groups) instead of once per column, the codes and errors written into their outputs, and
     the zero's integer part added to the codes once per batch: each column clamps to the bounds less
     it (:func:`_split_zeros` says why that is exact). 9 operations a column instead of 15, each a
-    kernel launch on a GPU. Where
-    :data:`FUSED_MULTIPLY_ADDS` says so (on CUDA by default), the error's numerator and the rank-one
-    update of the batch's later columns are multiply-adds (``addcmul``, ``addr_``): 7 operations, the
-    product no longer rounded before the sum, so a code may fall on the other side of a tie than on
-    the CPU, whose codes stay those of the separate operations."""
+    kernel launch on a GPU. Where :data:`FUSED_MULTIPLY_ADDS` says so (on CUDA by default), the
+    error's numerator and the rank-one update of the batch's later columns are multiply-adds
+    (``addcmul``, ``addr_``): 7 operations, the product no longer rounded before the sum, so a code
+    may fall on the other side of a tie than on the CPU, whose codes stay those of the separate
+    operations."""
     fused = _fused(W1.device)
     Err1 = torch.zeros_like(W1)
     # round(zero), zero - round(zero), and the codes' bounds less round(zero): -round(zero), maxq - round(zero)
