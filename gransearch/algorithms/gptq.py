@@ -399,9 +399,9 @@ def set_cuda_graphs(enabled: bool) -> bool:
 
 class _GraphedBatch:
     """One lazy batch of :func:`_lazy_batch` captured as a CUDA graph over static buffers, replayed
-    for every batch of the same shape and quantizer (a column loop is ~10 small kernels per column:
+    for every batch of the same shape and quantizer (a column loop is 7 small kernels per column:
     launching them one by one from Python is what bounds GPTQ on a GPU). Graphs are kept in a small
-    LRU cache keyed by shape, device and quantizer."""
+    LRU cache keyed by shape, device, quantizer and arithmetic (multiply-adds or not)."""
 
     cache: "OrderedDict[tuple, _GraphedBatch]" = OrderedDict()
     max_cached = 16
