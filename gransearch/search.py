@@ -187,22 +187,26 @@ class _Assembler:
         dequantization for all of them, not one per layer (a trial of new entries, such as a uniform
         plan, changes every layer). Entries whose blocks span rows, ggml blocks and scattered groups
         are made one by one."""
+        def keep(i: int, c: int, w: torch.Tensor) -> None:  # w: the entry's dequantized rows on the device, divided in place
+            s = self.bank.entries[i][c].in_scale
+            w = self._as_param(i, w if s is None else w.div_(s.to(self.device).unsqueeze(0)))  # in place: no dead rows kept
+            self._cached((i, c), lambda: w, _tensor_bytes)
+
         stacks: dict[tuple, list] = {}
         for i, c in missing:
-            q = self.bank.entries[i][c].quantized()  # on the host (read from disk if stored)
+            q = self.bank.entries[i][c].quantized()  # on the host (read from disk if stored): once
             alone = getattr(q.spec, "is_ggml", False) or q.spec.granularity.spans_rows or q.g_idx is not None
             stacks.setdefault(("alone", i, c) if alone else (str(q.spec), q.shape[1], q.scale.dtype), []).append((i, c, q))
         for key, items in stacks.items():
             if key[0] == "alone":
-                self._weight(*items[0][:2])
+                i, c, q = items[0]
+                keep(i, c, q.to(self.device).dequantize())
                 continue
             qs = [q for _, _, q in items]
             zero = None if qs[0].zero is None else torch.cat([q.zero for q in qs])
             stacked = QuantizedWeight(torch.cat([q.codes for q in qs]), torch.cat([q.scale for q in qs]), zero, qs[0].spec).to(self.device)
             for (i, c, _), w in zip(items, stacked.dequantize().split([q.shape[0] for q in qs])):
-                s = self.bank.entries[i][c].in_scale
-                w = self._as_param(i, w if s is None else w.div_(s.to(self.device).unsqueeze(0)))  # in place: no dead rows kept
-                self._cached((i, c), lambda w=w: w, _tensor_bytes)
+                keep(i, c, w)
 
     @torch.no_grad()
     def load(self, choice: Sequence[int]) -> nn.Module:

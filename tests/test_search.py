@@ -486,7 +486,8 @@ def test_assembler_cache_gives_the_uncached_weights(tmp_path, kind):
     from gransearch.search import _Assembler
 
     model = tiny_model(kind)
-    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16), fisher_windows=0,
+    # per-tensor entries too: their blocks span rows, so the kept weights make them one by one
+    bank = bank_for(model, calib(), str(tmp_path / "bank"), ("rtn", "gptq", "awq"), (3, 4), ("channel", 16, "tensor"), fisher_windows=0,
                     verbose=False)
     one = bank.entries[0][0].to("cpu").resident_nbytes
     every = sum(len(row) * e.quantized().codes.numel() * 4 for row, e in zip(bank.entries, (r[0] for r in bank.entries)))
@@ -503,8 +504,8 @@ def test_assembler_cache_gives_the_uncached_weights(tmp_path, kind):
     for n in bank.layers:
         assert torch.equal(linear_weight(get_module(c, n)), linear_weight(get_module(plain.load(whole.current), n)))
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        choice = [int(rng.integers(len(k))) for k in bank.keys]
+    tensor = [bank.index(i, "rtn:w3t") for i in range(len(bank.layers))]
+    for choice in [tensor] + [[int(rng.integers(len(k))) for k in bank.keys] for _ in range(4)]:
         a, b, c = plain.load(choice), small.load(choice), whole.load(choice)
         for i, n in enumerate(bank.layers):
             w = linear_weight(get_module(a, n))
