@@ -10,8 +10,9 @@ batched as on a GPU (``FISHER_GPU_TOKENS``; a checkout without it ran 2 windows 
 GPTQ's column loop with a GPU's multiply-adds (``FUSED_MULTIPLY_ADDS``, where the checkout has it). A
 dispatch mode counts, per bank stage (the ``gransearch: <stage>`` profiler ranges of
 :class:`gransearch.bank.Stages`), the aten operations that are not views (on a GPU each launches at
-least one kernel) and the scalar reads (``.item()``, ``float()``: on a GPU each waits for the queue
-behind it). No GPU is needed. Caveats: on a GPU, GPTQ's column loop is replayed from CUDA graphs,
+least one kernel), the scalar reads (``.item()``, ``float()``: on a GPU each waits for the queue
+behind it) and the operations' memory traffic (the bytes of their tensor arguments and results,
+each once: what a memory-bound kernel moves at least). No GPU is needed. Caveats: on a GPU, GPTQ's column loop is replayed from CUDA graphs,
 so its operations there are graph nodes, not launches; ``.tolist()`` and copies to the host are no
 dispatched operations, so the one transfer per group of layers that settles the bank's entries (and
 one per AWQ search, which reads its losses) is not in the count.
@@ -55,6 +56,7 @@ class StageOps(TorchDispatchMode):
         self.stack: list = []  # (handle, range name)
         self.ops: dict[str, int] = {}
         self.reads: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
 
     def where(self) -> str:
         names = [n for _, n in self.stack if n is not None]
@@ -74,7 +76,30 @@ class StageOps(TorchDispatchMode):
             self.reads[where] = self.reads.get(where, 0) + 1
         elif not func.is_view:
             self.ops[where] = self.ops.get(where, 0) + 1
+            self.bytes[where] = self.bytes.get(where, 0) + (0 if func in NO_DATA else _traffic(args, kwargs, out))
         return out
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
+
+
+def _traffic(args, kwargs, out) -> int:
+    """An operation's memory traffic, estimated: the bytes of its tensor arguments (read) and results
+    (written), each once (a broadcast argument at its own size; an in-place result counted as read and
+    written). What a memory-bound kernel moves at least; a matrix product that rereads its operands
+    moves more."""
+    return sum(t.numel() * t.element_size() for t in _tensors((args, kwargs or {}, out)))
+
+
+NO_DATA = {torch.ops.aten._unsafe_view.default}  # a view the dispatcher does not mark as one: it moves nothing
 
 
 def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
@@ -134,7 +159,7 @@ def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
         for e in row:
             rows.update(e.row_objective.contiguous().view(torch.uint8).numpy().tobytes())
     fisher = hashlib.sha256(b"".join(bank.fisher[k].contiguous().view(torch.uint8).numpy().tobytes() for k in sorted(bank.fisher)))
-    return {"ops": mode.ops, "reads": mode.reads, "codes": codes.hexdigest()[:16], "fisher": fisher.hexdigest()[:16], "rows": rows.hexdigest()[:16],
+    return {"ops": mode.ops, "reads": mode.reads, "bytes": mode.bytes, "codes": codes.hexdigest()[:16], "fisher": fisher.hexdigest()[:16], "rows": rows.hexdigest()[:16],
             "keys": bank.keys, "entries": entries, "fused": fused and as_gpu,
             "objectives": [[e.objective for e in row] for row in bank.entries]}
 
@@ -169,27 +194,34 @@ def main() -> None:
                               capture_output=True, text=True, check=True)
         before = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"## Bank of K = 12 (search_cost.py's), first {args.blocks} blocks of SmolLM2-135M, built as the {args.as_.upper()} builds "
-          f"it: operations per stage (each a kernel on a GPU) and scalar reads (each a wait on a GPU), torch {torch.__version__}")
-    head = "| stage | operations | scalar reads |"
+          f"it: operations per stage (each a kernel on a GPU), scalar reads (each a wait on a GPU) and the operations' memory "
+          f"traffic (GB, estimated: each tensor argument read and each result written once), torch {torch.__version__}")
+    head = "| stage | operations | scalar reads | traffic GB |"
     if before:
-        head += f" {args.against}: operations | scalar reads | ratio of operations |"
-    print(head + "\n|---|---:|---:|" + ("---:|---:|---:|" if before else ""))
+        head += f" {args.against}: operations | scalar reads | traffic GB | ratio of operations | ratio of traffic |"
+    print(head + "\n|---|---:|---:|---:|" + ("---:|---:|---:|---:|---:|" if before else ""))
     stages = _order(set(now["ops"]) | set(now["reads"]) | (set(before["ops"]) | set(before["reads"]) if before else set()))
-    tot = [0, 0, 0, 0]
+    tot = [0, 0, 0, 0, 0, 0]
+
+    def ratio(a, b) -> str:
+        return f"{a / b:.3f}" if b else ""
+
     for s in stages:
-        o, r = now["ops"].get(s, 0), now["reads"].get(s, 0)
+        o, r, b = now["ops"].get(s, 0), now["reads"].get(s, 0), now["bytes"].get(s, 0)
         tot[0] += o
         tot[1] += r
-        line = f"| {LABELS.get(s, s)} | {o:,} | {r:,} |"
+        tot[2] += b
+        line = f"| {LABELS.get(s, s)} | {o:,} | {r:,} | {b / 1e9:.2f} |"
         if before:
-            bo, br = before["ops"].get(s, 0), before["reads"].get(s, 0)
-            tot[2] += bo
-            tot[3] += br
-            line += f" {bo:,} | {br:,} | {o / bo:.3f} |" if bo else f" {bo:,} | {br:,} | |"
+            bo, br, bb = before["ops"].get(s, 0), before["reads"].get(s, 0), before.get("bytes", {}).get(s, 0)
+            tot[3] += bo
+            tot[4] += br
+            tot[5] += bb
+            line += f" {bo:,} | {br:,} | {bb / 1e9:.2f} | {ratio(o, bo)} | {ratio(b, bb)} |"
         print(line)
-    last = f"| all | {tot[0]:,} | {tot[1]:,} |"
+    last = f"| all | {tot[0]:,} | {tot[1]:,} | {tot[2] / 1e9:.2f} |"
     if before:
-        last += f" {tot[2]:,} | {tot[3]:,} | {tot[0] / tot[2]:.3f} |"
+        last += f" {tot[3]:,} | {tot[4]:,} | {tot[5] / 1e9:.2f} | {ratio(tot[0], tot[3])} | {ratio(tot[2], tot[5])} |"
     print(last)
     if before:
         same_codes = now["codes"] == before["codes"] and now["keys"] == before["keys"]

@@ -45,6 +45,7 @@ __all__ = [
     "qparams",
     "quantize_codes",
     "dequantize_codes",
+    "rtn_values",
     "fake_quant",
     "search_clip_ratio",
     "block_clip_ratios",
@@ -193,7 +194,17 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     gives ``round(x / scale) + zero`` bit for bit (ties included) and a float one (``float_zero``)
     rounds with its fraction."""
     zr = torch.round(zero)
-    return torch.clamp(torch.round(x.float() / scale + (zero - zr)) + zr, 0, maxq)
+    # one new tensor, rounded, shifted and clamped in place: ``addcdiv`` is ``(zero - zr) + 1 * x / scale``, the same
+    # float32 operations as ``x / scale + (zero - zr)``
+    return torch.addcdiv(zero - zr, x.float(), scale).round_().add_(zr).clamp_(0, maxq)
+
+
+def _shifted_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quantize_codes(x, scale, zero, maxq) - round(zero), round(zero))``, the first in three passes over
+    ``x``: the rounded value clamped to ``[-round(zero), maxq - round(zero)]`` instead of shifted, clamped and
+    shifted back. Exact: the values and bounds are integers far below 2**24."""
+    zr = torch.round(zero)
+    return torch.addcdiv(zero - zr, x.float(), scale).round_().clamp_(-zr, maxq - zr), zr
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -201,9 +212,29 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.float() - zero) * scale
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Quantize then dequantize (float32)."""
-    return dequantize_codes(quantize_codes(x, scale, zero, maxq), scale, zero)
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False) -> torch.Tensor:
+    """Quantize then dequantize (float32): the values of ``dequantize_codes(quantize_codes(x, ...), scale,
+    zero)`` (``torch.equal``; a zero may carry the other sign), in four passes over ``x`` instead of seven
+    (for searches that only measure a rounding's error). ``float_zero=False`` promises an integer ``zero``
+    (what :func:`qparams` gives unless ``float_zero``): ``code - zero`` is then the shifted code itself."""
+    c, zr = _shifted_codes(x, scale, zero, maxq)
+    return c.add_(zr).sub_(zero).mul_(scale) if float_zero else c.mul_(scale)
+
+
+def rtn_values(weight: torch.Tensor, spec: QuantSpec, ratio: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """The values of ``rtn(weight, spec, clip=ratio, check=False).dequantize()`` (``torch.equal``; a zero
+    may carry the other sign), without its uint8 codes and float16 parameters: the float ``[out, in]``
+    weight a round-to-nearest gives, in six passes over the weight instead of eleven (AWQ's scale
+    search rounds every grid point's scaled weights only to measure the error). Unchecked: a weight
+    that is not finite gives values that are not finite."""
+    blocks = block_view(weight.float(), spec)
+    scale, zero = qparams(blocks, spec.bits, spec.symmetric, ratio, spec.float_zero, check=False)
+    c, zr = _shifted_codes(blocks, scale, zero, spec.maxq)
+    if spec.float_zero:  # QuantizedWeight.dequantize: code * scale + the float16 offset it stores
+        out = c.add_(zr).mul_(scale).add_(stored_zero(zero, scale, spec).float())
+    else:  # (code - zero) * scale, with zero an integer: the shifted code times the scale
+        out = c.mul_(scale)
+    return out.reshape(weight.shape)
 
 
 def search_clip_ratio(
@@ -225,7 +256,7 @@ def search_clip_ratio(
     best_ratio = torch.ones(x.shape[0], 1, device=x.device)
     for r in grid:
         scale, zero = qparams(x, bits, symmetric, r, float_zero)
-        err = (fake_quant(x, scale, zero, maxq) - x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
+        err = fake_quant(x, scale, zero, maxq, float_zero).sub_(x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import gransearch as gs
-from gransearch.quantizer import block_view, qparams, quantize_codes
+from gransearch.quantizer import block_view, fake_quant, qparams, quantize_codes, rtn_values
 
 BITS = range(2, 9)
 GRANS = [gs.PerTensor(), gs.PerChannel(), gs.PerGroup(16), gs.PerGroup(48)]
@@ -150,6 +150,33 @@ def test_scales_are_float16_exact():
     assert torch.equal(scale, scale.half().float())
     q = gs.rtn(w, spec)
     assert q.scale.dtype == torch.float16
+
+
+@pytest.mark.parametrize("spec", ["w2c", "w3g32", "w4g64", "w8c", "w4t", "w4g32s", "w8cs", "w4g32f", "w5cf"])
+def test_rounding_shortcuts_give_the_roundings_values(spec):
+    """quantize_codes (one tensor rounded in place), fake_quant and rtn_values (no uint8 codes; the zero's
+    integer part folded into the clamp) against the formulas they replace, written out: the codes bit for
+    bit, the values equal, on weights with exact ties, zeros, huge and tiny blocks and clipping."""
+    sp = gs.QuantSpec.parse(spec)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 128, generator=g) * torch.logspace(-4, 1, 24).unsqueeze(1)
+    w[3] = torch.round(w[3] * 8) / 8  # many values on a half step
+    w[5, :64] = 0.0
+    w[6] = -0.0
+    blocks = block_view(w, sp)
+    for ratio in (1.0, 0.8, torch.linspace(0.5, 1.0, blocks.shape[0]).unsqueeze(1)):
+        scale, zero = qparams(blocks, sp.bits, sp.symmetric, ratio, sp.float_zero, check=False)
+        zr = torch.round(zero)
+        codes = torch.clamp(torch.round(blocks / scale + (zero - zr)) + zr, 0, sp.maxq)  # the codes, as they were made
+        new = quantize_codes(blocks, scale, zero, sp.maxq)
+        assert torch.equal(new.view(torch.int32), codes.view(torch.int32))  # bit for bit, zeros' signs too
+        assert torch.equal(fake_quant(blocks, scale, zero, sp.maxq, sp.float_zero), (codes - zero) * scale)
+        if isinstance(ratio, float):
+            ref = gs.rtn(w, sp, clip=None if ratio == 1.0 else ratio, check=False).dequantize()
+            assert torch.equal(rtn_values(w, sp, ratio), ref)
+    bad = w.clone()
+    bad[2, 7] = float("nan")
+    assert not bool(torch.isfinite(rtn_values(bad, sp)).all())  # unchecked, but a NaN is not hidden
 
 
 def test_all_zero_block_is_exact():

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..quantizer import block_view, check_weight, dequantize_codes, qparams, quantize_codes
+from ..quantizer import block_view, check_weight, fake_quant, qparams, rtn_values
 from ..spec import QuantSpec
 from .rtn import rtn
 
@@ -71,7 +71,7 @@ def awq_search(
     scales = _checked_grid(act_mean, weights, spec, n_grid, grid, check)
     losses = []
     for s in scales:
-        cands = [rtn(w.float() * s, spec, check=False).dequantize() / s for w in weights]
+        cands = [rtn_values(w.float() * s, spec) / s for w in weights]
         losses.append(loss_fn(cands))
     if any(isinstance(v, torch.Tensor) for v in losses):
         losses = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=scales[0].device) for v in losses]).tolist()
@@ -105,12 +105,12 @@ GRID_BATCH_BYTES = 2**30  # the stacked grid points' weights one batched step ho
 
 
 def _batched_losses(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spec: QuantSpec,
-                    batch_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_grid: int,
+                    batch_error: Callable[[torch.Tensor], torch.Tensor], n_grid: int,
                     grid: Optional[Sequence[torch.Tensor]] = None, check: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`awq_search`'s losses with the grid points stacked: each step scales, rounds and measures
     as many points as ``GRID_BATCH_BYTES`` holds, in one set of kernels instead of one per point (on
-    a GPU, where a layer's search is otherwise a chain of small launches). ``batch_error(w, cands)``:
-    the error of each candidate ``[g, out, in]`` against ``w`` ``[out, in]``, ``[g]``. The scales and
+    a GPU, where a layer's search is otherwise a chain of small launches). ``batch_error(d)``: the
+    error ``[g]`` of the candidates whose differences from the weight are ``d`` ``[g, out, in]``. The scales and
     rounding are the loop's, element for element; the errors differ from the loop's only in the
     order of float32 sums. Not for specs whose blocks span rows (per-tensor). Returns the losses
     ``[n_grid]`` (float64, on the device: not read) and the grid's scales."""
@@ -125,8 +125,9 @@ def _batched_losses(act_mean: torch.Tensor, weights: Sequence[torch.Tensor], spe
         S = torch.stack(scales[k0 : k0 + step])[:, None, :]  # [g, 1, in]
         for w in ws:
             x = (w.unsqueeze(0) * S).reshape(-1, w.shape[1])  # [g * out, in]: blocks never cross rows
-            cands = rtn(x, spec, check=False).dequantize().reshape(S.shape[0], *w.shape) / S
-            losses[k0 : k0 + S.shape[0]] += batch_error(w, cands).double()
+            # the difference w - rounding / S in one pass (``addcdiv``: w + (-rounding) / S, the same float32 operations)
+            d = torch.addcdiv(w, rtn_values(x, spec).reshape(S.shape[0], *w.shape), S, value=-1)
+            losses[k0 : k0 + S.shape[0]] += batch_error(d).double()
     return losses, scales
 
 
@@ -157,7 +158,7 @@ def awq_clip_ratios(
         ref = torch.einsum("ogk,ngk->ogn", wg, xg)
         for r in ratios:
             s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero)
-            q = dequantize_codes(quantize_codes(w, s, z, spec.maxq), s, z).reshape(wg.shape)
+            q = fake_quant(w, s, z, spec.maxq, spec.float_zero).reshape(wg.shape)
             err = float(((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean())
             if err < best_err:
                 best_err, best_r = err, r
@@ -171,7 +172,7 @@ def awq_clip_ratios(
         best_r = torch.ones(flat.shape[:1], device=w.device)
         for r in ratios:
             s, z = qparams(flat, spec.bits, spec.symmetric, r, spec.float_zero)
-            q = dequantize_codes(quantize_codes(flat, s, z, spec.maxq), s, z).reshape(wc.shape)
+            q = fake_quant(flat, s, z, spec.maxq, spec.float_zero).reshape(wc.shape)
             err = ((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean(-1).reshape(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -248,16 +249,16 @@ def awq_search_hessian_specs(
     if factor is not None:
         F = factor
 
-        def batch_error(w, c):
-            return ((w - c) @ F).pow(2).sum((1, 2))
+        def batch_error(d):
+            return (d @ F).pow(2).sum((1, 2))
 
         def loop_loss(cands):
             return sum(((w - c) @ F).pow(2).sum().double() for w, c in zip(ws, cands))
     else:
         Hf = H.float()
 
-        def batch_error(w, c):
-            return (((w - c) @ Hf) * (w - c)).sum((1, 2))
+        def batch_error(d):
+            return ((d @ Hf) * d).sum((1, 2))
 
         def loop_loss(cands):
             return sum(_hessian_error(w - c, Hf) for w, c in zip(ws, cands))
@@ -329,13 +330,13 @@ def clip_ratios_hessian(
             r = rt.repeat_interleave(blocks.shape[0]).unsqueeze(1)  # [len(rs) * n_blocks, 1]
             stacked = blocks.repeat(len(rs), 1)
             s, z = qparams(stacked, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
-            q = dequantize_codes(quantize_codes(stacked, s, z, spec.maxq), s, z).reshape(len(rs), *w.shape)
+            q = fake_quant(stacked, s, z, spec.maxq, spec.float_zero).reshape(len(rs), *w.shape)
             E = err_of(q)  # [len(rs), blocks, 1]
             k = E.argmin(0, keepdim=True)  # each block's first least error among these ratios, as the loop keeps it
             errs, rs = [E.gather(0, k)[0]], [rt.to(E.dtype)[k[0]]]
         else:
             s, z = qparams(blocks, spec.bits, spec.symmetric, rs[0], spec.float_zero, check=False)
-            errs = [err_of(dequantize_codes(quantize_codes(blocks, s, z, spec.maxq), s, z).reshape(w.shape))]
+            errs = [err_of(fake_quant(blocks, s, z, spec.maxq, spec.float_zero).reshape(w.shape))]
         for ratio, e in zip(rs, errs):  # a ratio, or (stacked) each block's best ratio of the step
             ratio = ratio if isinstance(ratio, torch.Tensor) else torch.full_like(e, ratio)
             if best_err is None:
