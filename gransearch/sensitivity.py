@@ -88,7 +88,10 @@ def output_fisher(
             for i in tqdm(range(0, windows.shape[0], batch_size), desc="fisher", disable=not verbose):
                 x = windows[i : i + batch_size].to(dev)
                 logits = model(input_ids=x, use_cache=False).logits
-                loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
+                # every position's logits as they are, the last one's target ignored: the gradients of the next-token
+                # losses, with no copy of all but the last position and no zero-filled gradient to copy back into
+                target = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1).reshape(-1)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, reduction="sum", ignore_index=-100)
                 loss.backward()
                 n_tok += x.numel()
                 del logits, loss
