@@ -977,7 +977,7 @@ class _BlockStats:
             self.pos += 1
         self.runner.enter(b)
         try:
-            out = collect_block_stats(self.runner, b, advance=True)
+            out = collect_block_stats(self.runner, b, advance=True, token_max=False)
         finally:
             self.runner.leave(b, release=False)  # its weights are quantized next; done() drops them
         self.pos = b + 1

@@ -48,6 +48,7 @@ class LayerStats:
     abs_max: Optional[torch.Tensor] = None  # [in]
     token_max: list = field(default_factory=list)  # per-token max |x| chunks, on the inputs' device until host_token_max()
     with_moments: bool = False
+    with_token_max: bool = True  # False: no per-token maxima (GPTQ's and the bank's passes read none)
     moments: Optional[torch.Tensor] = None  # float64 sums of x, x^2, x^3, x^4 over every element
 
     def update(self, x: torch.Tensor) -> None:
@@ -63,7 +64,8 @@ class LayerStats:
         self.abs_sum += a.sum(0, dtype=torch.float64)
         self.sq_sum += (a * a).sum(0, dtype=torch.float64)
         torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
-        self.token_max.append(a.amax(1))  # kept where x is: a copy to the host here would wait for the GPU every batch
+        if self.with_token_max:
+            self.token_max.append(a.amax(1))  # kept where x is: a copy to the host here would wait for the GPU every batch
         if self.with_hessian:
             _add_gram_upper(self.acc, x)
         if self.with_moments:
@@ -120,6 +122,8 @@ class LayerStats:
     @property
     def token_maxima(self) -> torch.Tensor:
         """The max ``|x|`` of every token seen, in order (on the CPU)."""
+        if not self.with_token_max:
+            raise ValueError("these statistics were collected without per-token maxima (token_max=False): use gs.calibrate")
         self.host_token_max()
         return self.token_max[0] if self.token_max else torch.zeros(0)
 
@@ -351,9 +355,10 @@ class BlockRunner:
 
 def collect_block_stats(
     runner: BlockRunner, index: int, names: Optional[Sequence[str]] = None, hessian: bool = True, advance: bool = False,
-    moments: bool = False,
+    moments: bool = False, token_max: bool = True,
 ) -> dict[str, LayerStats]:
-    """One pass of block ``index``: hooks on its linears fill a :class:`LayerStats` each.
+    """One pass of block ``index``: hooks on its linears fill a :class:`LayerStats` each
+    (``token_max=False``: without the per-token maxima, which only activation studies read).
 
     Linears that read the same tensor (q/k/v, gate/up) share one statistic object, computed once.
     With ``advance`` the block's outputs also become the runner's inputs (one pass for both).
@@ -377,7 +382,8 @@ def collect_block_stats(
                 alias[ref.name] = owner
                 return
             seen.append((x, ref.name))
-            stats.setdefault(ref.name, LayerStats(ref.shape[1], with_hessian=hessian, with_moments=moments)).update(x)
+            stats.setdefault(ref.name, LayerStats(ref.shape[1], with_hessian=hessian, with_moments=moments,
+                                                  with_token_max=token_max)).update(x)
 
         return hook
 

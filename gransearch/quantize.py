@@ -413,7 +413,7 @@ def _block_loop(runner, model, source, writer, plan, methods, given, needs_hessi
                 ratios, unclipped = {}, {}
                 if any(plan[r.name].method.uses_awq for r in refs):
                     ratios, unclipped = _awq_block(runner, i, info, plan, awq_tokens, awq_grid, awq_clip_tokens)
-                stats = collect_block_stats(runner, i, [r.name for r in refs]) if needs_hessian else {}
+                stats = collect_block_stats(runner, i, [r.name for r in refs], token_max=False) if needs_hessian else {}
                 readers = {}  # how many layers still read each statistic (q/k/v share one): the last takes its memory
                 for r in refs:
                     if r.name in stats:

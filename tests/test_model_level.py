@@ -77,6 +77,29 @@ def test_calibrate_hessians_chunked_equal_one_pass_and_match_direct(kind):
     assert torch.allclose(a[target].token_maxima, x.abs().amax(1), rtol=1e-5, atol=1e-6)
 
 
+def test_block_statistics_without_token_maxima_are_the_same():
+    """GPTQ's and the bank's passes collect no per-token maxima; the rest is the same bit for bit, and
+    asking those statistics for token maxima says why there are none."""
+    from gransearch.calibrate import BlockRunner, collect_block_stats
+
+    model = tiny_model("llama")
+    calib = calib_windows(4, 32)
+    runner = BlockRunner(model, calib, batch_size=2)
+    try:
+        runner.enter(0)
+        full = collect_block_stats(runner, 0)
+        lean = collect_block_stats(runner, 0, token_max=False)
+    finally:
+        runner.close()
+    assert set(full) == set(lean)
+    for n in full:
+        for k in ("hessian", "abs_mean", "mean_sq", "abs_max"):
+            assert torch.equal(getattr(full[n], k), getattr(lean[n], k)), (n, k)
+        assert lean[n].token_max == [] and full[n].token_maxima.numel() == 4 * 32
+        with pytest.raises(ValueError, match="token_max=False"):
+            lean[n].token_maxima
+
+
 def test_no_hooks_survive_errors_and_empty_calibration():
     model = tiny_model("llama")
     before = n_hooks(model)
