@@ -212,13 +212,14 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.float() - zero) * scale
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, integer_zero: bool = False) -> torch.Tensor:
     """Quantize then dequantize (float32): the values of ``dequantize_codes(quantize_codes(x, ...), scale,
-    zero)`` (``torch.equal``; a zero may carry the other sign), in four passes over ``x`` instead of seven
-    (for searches that only measure a rounding's error). ``float_zero=False`` promises an integer ``zero``
-    (what :func:`qparams` gives unless ``float_zero``): ``code - zero`` is then the shifted code itself."""
+    zero)`` (``torch.equal``; a zero may carry the other sign), in six passes over ``x`` instead of seven,
+    any zero. ``integer_zero=True`` promises an integer ``zero`` (what :func:`qparams` gives unless
+    ``float_zero``): ``code - zero`` is then the shifted code itself, four passes (for searches that only
+    measure a rounding's error)."""
     c, zr = _shifted_codes(x, scale, zero, maxq)
-    return c.add_(zr).sub_(zero).mul_(scale) if float_zero else c.mul_(scale)
+    return c.mul_(scale) if integer_zero else c.add_(zr).sub_(zero).mul_(scale)
 
 
 def rtn_values(weight: torch.Tensor, spec: QuantSpec, ratio: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
@@ -256,7 +257,7 @@ def search_clip_ratio(
     best_ratio = torch.ones(x.shape[0], 1, device=x.device)
     for r in grid:
         scale, zero = qparams(x, bits, symmetric, r, float_zero)
-        err = fake_quant(x, scale, zero, maxq, float_zero).sub_(x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
+        err = fake_quant(x, scale, zero, maxq, integer_zero=not float_zero).sub_(x).abs_().pow_(norm).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)

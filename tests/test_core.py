@@ -170,7 +170,8 @@ def test_rounding_shortcuts_give_the_roundings_values(spec):
         codes = torch.clamp(torch.round(blocks / scale + (zero - zr)) + zr, 0, sp.maxq)  # the codes, as they were made
         new = quantize_codes(blocks, scale, zero, sp.maxq)
         assert torch.equal(new.view(torch.int32), codes.view(torch.int32))  # bit for bit, zeros' signs too
-        assert torch.equal(fake_quant(blocks, scale, zero, sp.maxq, sp.float_zero), (codes - zero) * scale)
+        assert torch.equal(fake_quant(blocks, scale, zero, sp.maxq, integer_zero=not sp.float_zero), (codes - zero) * scale)
+        assert torch.equal(fake_quant(blocks, scale, zero, sp.maxq), (codes - zero) * scale)  # the default: any zero
         if isinstance(ratio, float):
             ref = gs.rtn(w, sp, clip=None if ratio == 1.0 else ratio, check=False).dequantize()
             assert torch.equal(rtn_values(w, sp, ratio), ref)

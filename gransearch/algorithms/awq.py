@@ -158,7 +158,7 @@ def awq_clip_ratios(
         ref = torch.einsum("ogk,ngk->ogn", wg, xg)
         for r in ratios:
             s, z = qparams(blocks, spec.bits, spec.symmetric, r, spec.float_zero)
-            q = fake_quant(w, s, z, spec.maxq, spec.float_zero).reshape(wg.shape)
+            q = fake_quant(w, s, z, spec.maxq, integer_zero=not spec.float_zero).reshape(wg.shape)
             err = float(((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean())
             if err < best_err:
                 best_err, best_r = err, r
@@ -172,7 +172,7 @@ def awq_clip_ratios(
         best_r = torch.ones(flat.shape[:1], device=w.device)
         for r in ratios:
             s, z = qparams(flat, spec.bits, spec.symmetric, r, spec.float_zero)
-            q = fake_quant(flat, s, z, spec.maxq, spec.float_zero).reshape(wc.shape)
+            q = fake_quant(flat, s, z, spec.maxq, integer_zero=not spec.float_zero).reshape(wc.shape)
             err = ((torch.einsum("ogk,ngk->ogn", q, xg) - ref) ** 2).mean(-1).reshape(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -330,13 +330,13 @@ def clip_ratios_hessian(
             r = rt.repeat_interleave(blocks.shape[0]).unsqueeze(1)  # [len(rs) * n_blocks, 1]
             stacked = blocks.repeat(len(rs), 1)
             s, z = qparams(stacked, spec.bits, spec.symmetric, r, spec.float_zero, check=False)
-            q = fake_quant(stacked, s, z, spec.maxq, spec.float_zero).reshape(len(rs), *w.shape)
+            q = fake_quant(stacked, s, z, spec.maxq, integer_zero=not spec.float_zero).reshape(len(rs), *w.shape)
             E = err_of(q)  # [len(rs), blocks, 1]
             k = E.argmin(0, keepdim=True)  # each block's first least error among these ratios, as the loop keeps it
             errs, rs = [E.gather(0, k)[0]], [rt.to(E.dtype)[k[0]]]
         else:
             s, z = qparams(blocks, spec.bits, spec.symmetric, rs[0], spec.float_zero, check=False)
-            errs = [err_of(fake_quant(blocks, s, z, spec.maxq, spec.float_zero).reshape(w.shape))]
+            errs = [err_of(fake_quant(blocks, s, z, spec.maxq, integer_zero=not spec.float_zero).reshape(w.shape))]
         for ratio, e in zip(rs, errs):  # a ratio, or (stacked) each block's best ratio of the step
             ratio = ratio if isinstance(ratio, torch.Tensor) else torch.full_like(e, ratio)
             if best_err is None:
