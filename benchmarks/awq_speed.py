@@ -35,41 +35,23 @@ FORMS = {"loop (the CPU's bank)": False, "stacked (a GPU's bank)": True}
 def measure(dev: str, repeats: int) -> dict:
     """Best seconds of each form over ``repeats`` runs, and a digest of the choices (gransearch as imported)."""
     import gransearch as gs
-    from gransearch.algorithms.awq import awq_grid_scales, awq_search_hessian, clip_ratios_hessian, hessian_factor
-    from gransearch.arch import clips_after_awq
 
     sys.path.insert(0, HERE)
     from eval_speed import sync  # noqa: E402  (same folder)
-    from launches import GROUPS, IN_FEATURES, inputs  # noqa: E402
+    from launches import prepare, searches  # noqa: E402
 
     specs = [gs.QuantSpec.parse(s) for s in SPECS]
-    g = torch.Generator().manual_seed(0)
-    prepared = []  # per group: mean |x|, H, its factor, the weights, the grid's scales
-    for grp, layers in GROUPS.items():
-        act, H = inputs(IN_FEATURES[grp], dev)
-        ws = [(torch.randn(o, IN_FEATURES[grp], generator=g) * 0.05).to(dev) for _, o in layers]
-        prepared.append((layers, act, H, hessian_factor(H, 64), ws, awq_grid_scales(act, 20)))
-
-    def searches(batch: bool) -> list:
-        out = []
-        for layers, act, H, F, ws, grid in prepared:
-            for spec in specs:
-                s = awq_search_hessian(act, ws, H, spec, factor=F, batch=batch, grid=grid).scales
-                out.append(s)
-                for (name, _), w in zip(layers, ws):
-                    if clips_after_awq(name):
-                        out.append(clip_ratios_hessian(w * s, H / s[None] / s[:, None], spec, factor=F / s[:, None], batch=batch))
-        return out
+    prepared = prepare(dev)  # inputs, Hessians and their factors, before the clock starts
 
     rows, digest = {}, hashlib.sha256()
     for name, batch in FORMS.items():
-        for t in searches(batch):  # once untimed: the choices, and the first use of each kernel
+        for t in searches(prepared, specs, batch):  # once untimed: the choices, and the first use of each kernel
             digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         best = float("inf")
         for _ in range(repeats):
             sync(dev)
             t0 = time.perf_counter()
-            searches(batch)
+            searches(prepared, specs, batch)
             sync(dev)
             best = min(best, time.perf_counter() - t0)
         rows[name] = best

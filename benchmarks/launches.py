@@ -58,15 +58,24 @@ def inputs(d: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     return x.abs().mean(0).to(dev), (2.0 / x.shape[0] * x.t() @ x).to(dev)
 
 
-def block_searches(batch: bool, share: bool, dev, specs) -> list:
-    """Every AWQ search of one block, as the bank runs them (``share``: the grid's scales computed
-    once per group, not once per spec); their results, to compare."""
+def prepare(dev) -> list:
+    """One block's inputs for its AWQ searches, per scaling group: its layers, mean ``|x|``, Hessian,
+    the Hessian's rank-64 factor (as the bank uses) and the group's weights."""
     out = []
     g = torch.Generator().manual_seed(0)
     for grp, layers in GROUPS.items():
         act, H = inputs(IN_FEATURES[grp], dev)
         F = hessian_factor(H, 64)
         ws = [(torch.randn(o, IN_FEATURES[grp], generator=g) * 0.05).to(dev) for _, o in layers]
+        out.append((layers, act, H, F, ws))
+    return out
+
+
+def searches(prepared: list, specs, batch: bool, share: bool = True) -> list:
+    """Every AWQ search of one block (``prepare``'s inputs), as the bank runs them (``share``: the
+    grid's scales computed once per group, not once per spec); their results, to compare."""
+    out = []
+    for layers, act, H, F, ws in prepared:
         grid = awq_grid_scales(act, 20) if share else None
         for spec in specs:
             res = awq_search_hessian(act, ws, H, spec, factor=F, batch=batch, grid=grid)
@@ -76,6 +85,11 @@ def block_searches(batch: bool, share: bool, dev, specs) -> list:
                 if clips_after_awq(name):
                     out.append(clip_ratios_hessian(w * s, H / s[None] / s[:, None], spec, factor=F / s[:, None], batch=batch))
     return out
+
+
+def block_searches(batch: bool, share: bool, dev, specs) -> list:
+    """:func:`searches` with its inputs made on the way (timed with them)."""
+    return searches(prepare(dev), specs, batch, share)
 
 
 def main() -> None:
