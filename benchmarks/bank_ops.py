@@ -165,7 +165,7 @@ def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
 
 
 def _order(stages) -> list[str]:
-    first = ["statistics", "awq scale search", "awq clip search", "gptq", "objectives and copies", "on the host",
+    first = ["statistics", "awq hessian factors", "awq scale search", "awq clip search", "gptq", "objectives and copies", "on the host",
              "blocks", "output fisher"]
     return [s for s in first if s in stages] + sorted(s for s in stages if s not in first)
 

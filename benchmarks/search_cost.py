@@ -15,7 +15,9 @@ process is gone then); then the same evaluation is timed as a bare copy, as the 
 assembled model, reporting to Optuna and inside the stage timer (:func:`evaluation_gap`), to say
 where a trial's evaluation stage differs from a bare one. On CUDA the bank is built a second time
 with its GPTQ layer by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to
-show what solving q/k/v and gate/up as one stack saves. On a GPU the device is warmed up first (one
+show what solving q/k/v and gate/up as one stack saves, and a third time with AWQ's searches on the
+exact Hessians (``awq_rank=None``: no eigendecomposition for the rank-64 factor; ``--exact-awq`` on
+the CPU too), to say which of the two costs a GPU less. On a GPU the device is warmed up first (one
 untimed uniform GPTQ), so that no timed run pays for the process's start-up. ``--profile FILE``:
 then one uniform GPTQ and one bank again, and the two evaluations (bare and the trial model's) under
 ``torch.profiler``, and where their time goes (:func:`profile_runs`): on a GPU, how much of each
@@ -202,6 +204,8 @@ def main() -> None:
                     help="afterwards, one uniform GPTQ and one bank of the model's first --profile-blocks blocks under "
                          "torch.profiler: where their time goes, written to FILE")
     ap.add_argument("--profile-blocks", type=int, default=2)
+    ap.add_argument("--exact-awq", action="store_true",
+                    help="also build the bank with AWQ's searches on the exact Hessians (awq_rank=None; always on CUDA)")
     args = ap.parse_args()
     dev = args.device
     print(f"machine: {machine()}")
@@ -217,10 +221,10 @@ def main() -> None:
     t_gptq = time.perf_counter() - t0
     del work
 
-    def timed_bank():
+    def timed_bank(**kw):
         fresh_graphs()  # the bank captures its own CUDA graphs, as in a fresh process
         t0 = time.perf_counter()
-        built = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False)
+        built = build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False, **kw)
         sync(dev)
         return built, time.perf_counter() - t0
 
@@ -233,6 +237,9 @@ def main() -> None:
         bank_mod.STACK_SHARED_INPUTS = False
         apart, t_apart = timed_bank()
         bank_mod.STACK_SHARED_INPUTS = None
+    t_exact = None
+    if (dev and dev.startswith("cuda")) or args.exact_awq:  # AWQ's searches on the exact Hessians: no eigendecompositions
+        exact, t_exact = timed_bank(awq_rank=None)
 
     bare = copy.deepcopy(model).to(dev) if dev else model
     gs.perplexity(bare, val, seqlen=512, batch_size=4, max_windows=2, verbose=False)  # warm-up
@@ -264,6 +271,8 @@ def main() -> None:
     print(f"| bank of K = {k} | {t_bank:.1f} | {t_bank / t_gptq:.2f} (target at most 2) |")
     if t_apart is not None:
         print(f"| the same bank, GPTQ layer by layer (q/k/v and gate/up not stacked) | {t_apart:.1f} | {t_apart / t_gptq:.2f} |")
+    if t_exact is not None:
+        print(f"| the same bank, AWQ's searches on the exact Hessians (awq_rank=None) | {t_exact:.1f} | {t_exact / t_gptq:.2f} |")
     print(f"| one perplexity evaluation ({args.eval_windows} x 512 validation tokens) | {t_eval:.1f} | 1.00 |")
     print(f"| mean seconds per trial ({res.n_trials} trials, pruned ones included) | {t_trials:.2f} | {t_trials / t_eval:.2f} |")
     print(f"| of which the trial loop alone (setup of {t_all - res.search_seconds:.2f} s left out) | {t_loop:.2f} | {t_loop / t_eval:.2f} |")
@@ -272,6 +281,8 @@ def main() -> None:
     print(f"\nbank stages (seconds, of {t_bank:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in bank.stage_seconds.items()))
     if t_apart is not None:
         print(f"bank stages, GPTQ layer by layer (of {t_apart:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in apart.stage_seconds.items()))
+    if t_exact is not None:
+        print(f"bank stages, AWQ on the exact Hessians (of {t_exact:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in exact.stage_seconds.items()))
     for name, r in (("in memory", res), ("in SQLite", on_disk), ("in memory, third search", again)):
         print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
               + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items()))

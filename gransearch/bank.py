@@ -698,16 +698,25 @@ def build_bank(
             factors[id(st)] = hessian_factor(st.hessian.to(dev), awq_rank)
         return factors[id(st)]
 
+    def awq_groups(b: int) -> list[list[str]]:
+        """The names of block ``b``'s scaling groups that have a valid fold (AWQ searches those)."""
+        block = get_module(model, f"{info.blocks}.{b}")
+        return [[f"{info.blocks}.{b}.{l}" for l in grp.linears] for grp in info.groups if foldable(block, grp)]
+
+    @stage("awq hessian factors")
+    def factors_block(b: int) -> None:
+        """The low-rank factors of block ``b``'s scaling groups' Hessians, before the searches that read
+        them: a stage of its own, since an eigendecomposition (float64) may cost more on a GPU than the
+        grid it serves. The clip search reads the same factors (its layers share the groups' inputs)."""
+        for gnames in awq_groups(b):
+            factor_of(gnames[0])
+
     # AWQ scales are searched once per scaling group and spec (the group shares one fold), block by block
     awq_scales: dict[tuple[str, str], torch.Tensor] = {}
 
     @stage("awq scale search")
     def awq_block(b: int) -> None:
-        block_prefix = f"{info.blocks}.{b}."
-        for grp in info.groups:
-            gnames = [block_prefix + l for l in grp.linears]
-            if not foldable(get_module(model, f"{info.blocks}.{b}"), grp):
-                continue
+        for gnames in awq_groups(b):
             ws = [linear_weight(get_module(model, n)).detach().float().to(dev) for n in gnames]
             H = stats[gnames[0]].hessian.to(dev)
             act = stats[gnames[0]].abs_mean.to(dev)
@@ -816,6 +825,7 @@ def build_bank(
             with stage("statistics"):
                 stats.update(per_block.of(b))
         if use_awq and not info.generic:
+            factors_block(b)
             awq_block(b)
         for group in gptq_groups(blocks[b]):
             Ws = [linear_weight(r.module).detach().float().to(dev) for r in group]

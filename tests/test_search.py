@@ -202,9 +202,9 @@ def test_bank_stages_are_profiler_ranges(monkeypatch):
     bank = build_bank(tiny_model("llama"), calib(), ("rtn", "gptq", "awq"), (4,), ("channel",), verbose=False)
     ranges = {k[len("gransearch: "):]: n for k, n in opened.items() if k.startswith("gransearch: ")}
     assert set(bank.stage_seconds) - {"other (rtn and awq rounding, python)"} <= set(ranges)
-    assert {"blocks", "statistics", "gptq", "awq scale search", "objectives and copies"} <= set(ranges)
+    assert {"blocks", "statistics", "gptq", "awq hessian factors", "awq scale search", "objectives and copies"} <= set(ranges)
     n_blocks = len({n.split(".")[2] for n in bank.layers})
-    assert ranges["blocks"] == ranges["statistics"] == n_blocks
+    assert ranges["blocks"] == ranges["statistics"] == ranges["awq hessian factors"] == ranges["awq scale search"] == n_blocks
 
 
 def test_budget_errors_name_the_feasible_range():
