@@ -13,6 +13,7 @@
 # search_cost     SmolLM2's bank of K = 12 and its trials against one GPTQ and one evaluation; then both
 #                 under torch.profiler (search-profile.txt: how much of each bank stage the GPU computed)
 # launches        one block's AWQ searches: the loop against the stacked grid, timed on the GPU
+# awq_rank        SmolLM2's AWQ candidates with the rank-64 Hessian factors against the exact Hessians
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
@@ -66,6 +67,10 @@ if want search_cost; then
 fi
 if want launches; then
   STEP_DIR=$ROOT/benchmarks step launches "$(limit launches 180)" "$PY" launches.py --device cuda --record "$OUT/launches.json"
+fi
+if want awq_rank; then
+  STEP_DIR=$ROOT/benchmarks step awq_rank "$(limit awq_rank 180)" "$PY" awq_rank.py --device cuda --blocks 30 --rounds 2 \
+    --record "$OUT/awq-rank.json"
 fi
 if want readme_search; then
   rm -rf "$WORK/w4g64"
