@@ -207,6 +207,44 @@ def test_bank_stages_are_profiler_ranges(monkeypatch):
     assert ranges["blocks"] == ranges["statistics"] == ranges["awq hessian factors"] == ranges["awq scale search"] == n_blocks
 
 
+def test_awq_factors_are_made_in_their_own_stage(monkeypatch):
+    """With a rank below the input width, the AWQ Hessian factors (eigendecompositions) are made in
+    the stage ``awq hessian factors``, once per distinct Hessian, and the scale and clip searches
+    read them there: no factor is made inside another stage."""
+    import contextlib
+
+    from gransearch import bank as bank_mod
+
+    open_ranges: list[str] = []
+    made: list[str] = []
+
+    class Recorder(contextlib.ContextDecorator):
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            open_ranges.append(self.name)
+
+        def __exit__(self, *exc):
+            open_ranges.pop()
+            return False
+
+    real = bank_mod.hessian_factor
+
+    def factor(H, rank):
+        made.append(open_ranges[-1])
+        return real(H, rank)
+
+    monkeypatch.setattr(torch.profiler, "record_function", Recorder)
+    monkeypatch.setattr(bank_mod, "hessian_factor", factor)
+    model = tiny_model("llama")
+    bank = build_bank(model, calib(), ("awq",), (4,), ("channel",), awq_rank=4, fisher_windows=0, verbose=False)
+    n_blocks = len({n.split(".")[2] for n in bank.layers})
+    scaled = {n for n, keys, row in zip(bank.layers, bank.keys, bank.entries) if any(e.in_scale is not None for e in row)}
+    assert scaled and made and set(made) == {"gransearch: awq hessian factors"}
+    assert len(made) <= n_blocks * len(gs.arch.arch_of(model).groups)  # one per scaling group at most, none again in the clip search
+
+
 def test_budget_errors_name_the_feasible_range():
     model = tiny_model("llama")
     with pytest.raises(BudgetError, match="below the smallest possible model.*feasible range"):
