@@ -20,8 +20,10 @@
 # their eigendecompositions' seconds against the exact searches' extra arithmetic.)
 # Measured before: on an H100, gpu_tests,graphs,quantize_speed,export_gpu,search_cost,readme_search;
 # on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu,quantize_speed,
-# readme_search. A call of the two steps above took 140 s on an H100 (the machine's start not
-# counted); the first call, with its start, about 90 s.
+# readme_search. The second call's first two steps took 140 s on an H100 (the machine's start not
+# counted); search_cost now builds one bank more (about 15 s on an H100, estimated) and awq_rank is
+# new (about a minute, estimated: four AWQ-only banks of SmolLM2); the first call, with its start,
+# about 90 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
