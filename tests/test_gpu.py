@@ -188,14 +188,16 @@ def test_shared_input_solve_on_gpu_matches_separate_solves():
         assert torch.allclose(one.scale.float(), r.qweight.scale.float(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("rank", [16, None])
 @pytest.mark.parametrize("spec", ["w3g32", "w4c", "w4g64s"])
-def test_stacked_awq_grid_on_gpu_chooses_the_loops_scales_and_clips(spec):
-    """The GPU's default (stacked grid points and clip ratios) against the loop on the same GPU."""
+def test_stacked_awq_grid_on_gpu_chooses_the_loops_scales_and_clips(spec, rank):
+    """The GPU's default (stacked grid points and clip ratios) against the loop on the same GPU,
+    measuring with a low-rank factor of the Hessian and with the exact Hessian (``awq_rank=None``)."""
     from gransearch.algorithms.awq import awq_search_hessian, clip_ratios_hessian, hessian_factor
 
     W, H = (t.cuda() for t in _correlated_problem(out_f=192, seed=3))
     act = H.diagonal().sqrt()
-    F = hessian_factor(H, 16)
+    F = hessian_factor(H, rank) if rank else None
     sp = gs.QuantSpec.parse(spec)
     loop = awq_search_hessian(act, [W[:64], W[64:]], H, sp, factor=F, batch=False)
     stacked = awq_search_hessian(act, [W[:64], W[64:]], H, sp, factor=F)
