@@ -46,7 +46,7 @@ from .allocate import candidate_specs, check_candidates
 from .arch import arch_of, block_index, clips_after_awq, foldable, get_module, linear_weight, model_linears
 from .claims import held, try_claim
 from .data import tokens_sha256
-from .errors import BankError, NonFiniteError, check_device, check_float_model
+from .errors import BankError, NonFiniteError, check_device, check_float_model, check_int
 from .plan import model_fingerprint, weights_fingerprint
 from .profiles import get_profile
 from .quantizer import QuantizedWeight, check_params, check_weight
@@ -529,6 +529,7 @@ def build_bank(
     info = arch_of(model)
     check_candidates(methods, bits, granularities)
     check_device(device)
+    awq_rank = check_int("awq_rank", awq_rank, 1, allow_none=True)
     if prune not in (None, "dominated"):
         raise ValueError(f"prune={prune!r}: use None (keep every candidate) or 'dominated'")
     size = bank_size(model, methods, bits, granularities, profile)
@@ -1048,7 +1049,8 @@ def bank_for(model: nn.Module, calib, folder: str, methods=("rtn", "gptq", "awq"
     the same bank in the same folder. A killed build resumes from its finished blocks; a
     corrupted or malformed stored bank is rebuilt (with a warning naming the file). A folder that
     holds the bank of *another model* (other weights) is refused, never overwritten."""
-    opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=awq_rank, fisher_windows=fisher_windows)
+    opts = dict(damp=damp, act_order=act_order, awq_grid=awq_grid, awq_rank=check_int("awq_rank", awq_rank, 1, allow_none=True),
+                fisher_windows=fisher_windows)
     config = bank_config(model, calib, methods, bits, granularities, profile=profile, prune=prune, **opts)
     manifest = os.path.join(folder, "bank.json")
     try:

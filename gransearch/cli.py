@@ -37,6 +37,7 @@ def _int_at_least(lo: int):
 
 
 _positive_float = _argtype("number > 0", runs.positive_float)
+_awq_rank = _argtype("awq rank", runs.awq_rank)
 _BITS = _argtype("bit widths", runs.text_list, *runs.LIST_CHECKS["bits"])
 _GRANS = _argtype("granularities", runs.text_list, *runs.LIST_CHECKS["grans"])
 _METHODS = _argtype("methods", runs.text_list, *runs.LIST_CHECKS["methods"])
@@ -329,7 +330,7 @@ def cmd_optimize(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     cfg = {k: getattr(args, k) for k in ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes",
                                          "budget_like", "methods", "bits", "grans", "seqlen", "eval_windows", "batch_size", "act_order",
-                                         "profile", "float_dtype", "max_bank_gb", "proxy", "sampler")}
+                                         "profile", "float_dtype", "max_bank_gb", "proxy", "sampler", "awq_rank")}
     cfg["bank_prune"] = "dominated" if args.prune_bank else None
     cfg["device"] = _device(args.device)
     mode = _quantize_mode(args)
@@ -576,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only each layer's Pareto front of (bytes, layer objective) in the candidate bank")
     p.add_argument("--max-bank-gb", type=_positive_float, default=None,
                    help="refuse a candidate bank larger than this on disk (its size per candidate is estimated before building)")
+    p.add_argument("--awq-rank", type=_awq_rank, default=64,
+                   help="the bank's AWQ searches measure errors with the top-N eigen-factor of each input Hessian (default 64), "
+                        "or 'exact': the whole Hessian (no eigendecomposition, more arithmetic; better choices by the layer objective)")
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
     p.add_argument("--from-disk", action="store_true",

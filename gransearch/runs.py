@@ -19,15 +19,25 @@ import os
 from typing import Callable, Optional
 
 __all__ = ["RUN_KEYS", "check_run_config", "join_study", "search_kwargs", "setup_search", "write_run_folder", "plot_pareto",
-           "int_at_least", "positive_float", "text_list", "csv_list", "gran_token"]
+           "awq_rank", "int_at_least", "positive_float", "text_list", "csv_list", "gran_token"]
 
 # the run configuration `optimize` stores in its study for workers
 RUN_KEYS = ("model", "data", "dtype", "n_calib", "calib_seqlen", "seed", "budget_gb", "budget_bytes", "budget_like", "methods", "bits",
             "grans", "seqlen", "eval_windows", "batch_size", "act_order", "device", "bank_dir", "profile", "float_dtype", "bank_prune",
-            "max_bank_gb", "proxy", "from_disk", "sampler")
+            "max_bank_gb", "proxy", "from_disk", "sampler", "awq_rank")
 
 
 # ---- option checks on text -----------------------------------------------------------------
+
+
+def awq_rank(text) -> Optional[int]:
+    """``--awq-rank``: an integer >= 1, or ``exact`` (``None``: the whole Hessian)."""
+    if str(text).strip().lower() == "exact":
+        return None
+    try:
+        return int_at_least(text, 1)
+    except ValueError:
+        raise ValueError(f"awq rank must be an integer >= 1 or 'exact', got {text!r}") from None
 
 
 def int_at_least(text, lo: int) -> int:
@@ -155,6 +165,9 @@ def check_run_config(cfg) -> dict:
 
     if cfg.get("sampler", "independent") not in SAMPLERS:
         raise ValueError(f"stored run configuration: sampler {cfg.get('sampler')!r} is not one of {', '.join(SAMPLERS)}")
+    rank = cfg.get("awq_rank", 64)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"stored run configuration: awq_rank {rank!r} is not an integer >= 1 or null (the exact Hessian)")
     if cfg.get("bank_prune") not in (None, "dominated"):
         raise ValueError(f"stored run configuration: bank_prune {cfg.get('bank_prune')!r} is not null or 'dominated'")
     mb = cfg.get("max_bank_gb")
@@ -227,7 +240,7 @@ def search_kwargs(cfg: dict) -> dict:
                 seqlen=cfg["seqlen"], eval_windows=cfg["eval_windows"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg.get("device"),
                 act_order=cfg.get("act_order", True), bank_dir=cfg.get("bank_dir"), profile=cfg.get("profile", "research"),
                 float_dtype=cfg.get("float_dtype"), bank_prune=cfg.get("bank_prune"), max_bank_gb=cfg.get("max_bank_gb"),
-                proxy=cfg.get("proxy", "ppl"), sampler=cfg.get("sampler", "independent"))
+                proxy=cfg.get("proxy", "ppl"), sampler=cfg.get("sampler", "independent"), awq_rank=cfg.get("awq_rank", 64))
 
 
 def join_study(storage: str, study_name: str, n_trials: Optional[int] = None, *, device=None, bank_dir: Optional[str] = None,

@@ -299,7 +299,7 @@ def _plan_id(keys: Sequence[str]) -> str:
 
 
 def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows,
-                   profile="research", float_dtype=None, bank_prune=None, proxy="ppl") -> dict:
+                   profile="research", float_dtype=None, bank_prune=None, proxy="ppl", bank_opts=None) -> dict:
     """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
     methods, bits, granularities = candidates
     if objective_fn is None and eval_ids is None:
@@ -311,7 +311,7 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
         bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, prune=bank_prune, act_order=act_order,
-                            **_BANK_DEFAULTS)
+                            **(bank_opts or _BANK_DEFAULTS))
         cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
         kind = {"ppl": "perplexity", "kl": "kl-divergence"}[proxy]  # a KL study measures against these very weights (bank.weights)
@@ -466,6 +466,7 @@ def optimize(
     proxy: str = "ppl",
     final_dir: Optional[str] = None,
     sampler: str = "independent",
+    awq_rank: Optional[int] = 64,
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
@@ -500,7 +501,11 @@ def optimize(
     proxy values (``proxy_ppl``, the Pareto front, ``baselines``) are KL divergences; the final
     stage still measures perplexity. ``sampler``: how Optuna's TPE draws a trial's loss-table choice
     and weights, ``"independent"`` (each from its own history; the default, and what every
-    documented search used) or ``"multivariate"`` (jointly). ``model`` may be a :class:`~gransearch.offload.DiskModel` (larger than
+    documented search used) or ``"multivariate"`` (jointly). ``awq_rank``: the bank's AWQ searches
+    measure a candidate's error with the top-``awq_rank`` eigen-factor of each input Hessian (the
+    default, 64), or with the exact Hessian (``None``: no eigendecomposition, more arithmetic per
+    grid point; better choices by the layer objective, docs/scale.md; ignored when a ``bank`` is
+    given). ``model`` may be a :class:`~gransearch.offload.DiskModel` (larger than
     memory): the bank is built from disk into ``bank_dir``, each trial is scored block by block
     (:func:`gransearch.offload.perplexity`; the same values as in memory), and each finalist is quantized
     from disk into ``final_dir/trial-N`` (default: ``finals`` beside ``bank_dir``), a checkpoint measured
@@ -535,6 +540,7 @@ def optimize(
     prof.check_candidates(bits, granularities)
     check_device(device)
     max_bank = None if max_bank_gb is None else int(check_positive("max_bank_gb", max_bank_gb) * GB)
+    bank_opts = dict(_BANK_DEFAULTS, awq_rank=check_int("awq_rank", awq_rank, 1, allow_none=True))
     disk = _check_disk_search(model, proxy, objective_fn, final_ids, n_final, bank, bank_dir, final_dir, prof)
     net, float_dtype = counted(model, float_dtype, prof.float_dtype_of_model)  # a DiskModel: its meta model, floats as loaded
     if float_dtype is not None or prof.float_dtype_of_model:
@@ -553,7 +559,7 @@ def optimize(
     if objective_fn is None and eval_ids is None:
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
-                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune, proxy)
+                            objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune, proxy, bank_opts)
     sampler = _sampler(sampler, seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
@@ -564,10 +570,10 @@ def optimize(
 
     if bank is None and bank_dir:
         bank = bank_for(model, calib, bank_dir, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                        profile=prof.name, prune=bank_prune, max_bytes=max_bank, **_BANK_DEFAULTS)
+                        profile=prof.name, prune=bank_prune, max_bytes=max_bank, **bank_opts)
     elif bank is None:
         bank = build_bank(model, calib, methods, bits, granularities, act_order=act_order, device=device, verbose=verbose,
-                          profile=prof.name, prune=bank_prune, **_BANK_DEFAULTS)
+                          profile=prof.name, prune=bank_prune, **bank_opts)
     if bank.layers != names:
         raise BankError("the bank was built for another model (its layers differ)")
     L = len(names)

@@ -57,6 +57,7 @@ def _cli_error(capsys, argv) -> str:
     (["optimize", "--out", "x", "--eval-windows", "0"], "--eval-windows: expected an integer >= 1"),
     (["optimize", "--out", "x", "--budget-gb", "-1"], "--budget-gb: expected a finite number > 0"),
     (["optimize", "--out", "x", "--n-final", "-1"], "--n-final: expected an integer >= 0"),
+    (["optimize", "--out", "x", "--awq-rank", "0"], "awq rank must be an integer >= 1 or 'exact'"),
     (["ablate", "weights", "--bits", "1"], "bad bit width '1'"),
     (["worker", "--storage", "x", "--study", "s", "--trials", "0"], "--trials: expected an integer >= 1"),
 ])
@@ -230,6 +231,24 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
         gs.join_study(f"sqlite:///{out}/study.db", "nope")
 
 
+def test_cli_awq_rank_exact_reaches_the_bank_and_the_workers(tmp_path, capsys, cli_assets):
+    """``--awq-rank exact``: stored in the run configuration (workers read it) and in the bank's."""
+    import optuna
+
+    model_dir, _, text = cli_assets
+    out = tmp_path / "run"
+    assert main(["optimize", "--model", model_dir, "--data", text, "--out", str(out), "--budget-like", "w4c", "--bits", "4,8",
+                 "--grans", "channel", "--methods", "rtn,awq", "--trials", "2", "--n-calib", "2", "--calib-seqlen", "32", "--seqlen", "32",
+                 "--eval-windows", "2", "--n-final", "0", "--awq-rank", "exact", "--quiet"]) == 0
+    study = optuna.load_study(study_name="gransearch-run", storage=f"sqlite:///{out}/study.db")
+    assert json.loads(study.user_attrs["cli_config"])["awq_rank"] is None
+    with open(out / "bank" / "bank.json") as fh:
+        assert json.load(fh)["config"]["awq_rank"] is None
+    capsys.readouterr()
+    assert main(["worker", "--storage", f"sqlite:///{out}/study.db", "--study", "gransearch-run", "--trials", "3", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["trials"] == 3
+
+
 @pytest.mark.parametrize("tamper, says", [
     (lambda c: {**c, "bank_dir": "relative/bank"}, "must be an absolute path"),
     (lambda c: {**c, "bank_dir": "/nonexistent/bank"}, "does not exist on this machine"),
@@ -242,6 +261,8 @@ def test_worker_on_unknown_storage_or_study_creates_nothing(tmp_path, capsys, cl
     (lambda c: {**c, "data": "/etc/nothing.txt"}, "unknown text"),
     (lambda c: {**c, "extra": 1}, "unknown keys ['extra']"),
     (lambda c: {**c, "sampler": "random"}, "sampler 'random' is not one of"),
+    (lambda c: {**c, "awq_rank": 0}, "awq_rank 0 is not an integer >= 1"),
+    (lambda c: {**c, "awq_rank": "64"}, "awq_rank '64' is not an integer >= 1"),
     (lambda c: {**c, "budget_gb": 1.0}, "exactly one of budget_gb"),
     (lambda c: [1], "not a JSON object"),
 ])

@@ -625,6 +625,26 @@ def test_seed_plans_run_as_warm_starts_and_bad_ones_are_refused():
                     objective_fn=fake_objective(model), seed_plans={"big": {n: "rtn:w8c" for n in names}}, verbose=False)
 
 
+def test_awq_rank_is_a_search_option_recorded_in_bank_and_study(tmp_path):
+    """optimize(awq_rank=None): the bank's AWQ searches on the exact Hessians, recorded in the stored
+    bank's configuration and in the study, so that resuming with the default rank is refused and
+    a bad rank is refused by name."""
+    from gransearch.errors import StudyMismatchError
+
+    model = tiny_model("llama")
+    kw = dict(budget_bytes=budget_between(model, 0.45), calib=calib(), eval_ids=None, methods=("rtn", "awq"), bits=BITS,
+              granularities=GRANS, objective_fn=fake_objective(model), storage=f"sqlite:///{tmp_path}/study.db", study_name="r",
+              bank_dir=str(tmp_path / "bank"), n_final=0, verbose=False)
+    gs.optimize(model, n_trials=2, awq_rank=None, **kw)
+    with open(tmp_path / "bank" / "bank.json") as fh:
+        assert json.load(fh)["config"]["awq_rank"] is None
+    with pytest.raises(StudyMismatchError, match="awq_rank"):
+        gs.optimize(model, n_trials=3, **kw)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="awq_rank must be an integer >= 1"):
+            gs.optimize(model, n_trials=1, awq_rank=bad, **{**kw, "storage": None, "bank_dir": None})
+
+
 def test_kl_proxy_search_measures_divergence_and_is_bound_to_it(tmp_path):
     """proxy='kl': every trial's value is the KL divergence from the float model (small, positive),
     the plan says so; resuming that study with the perplexity proxy is refused; bad proxies too."""
