@@ -12,7 +12,9 @@ to ``OUT/search.json`` (and ``--record FILE``): wall time of each stage, peak GP
 peak RSS, the bank's size on disk against its estimate before building, where the bank's and the
 final stage's time went (``bank_stages``: GPTQ, AWQ searches, statistics, objectives...;
 ``final_stages``: quantize, of it the per-layer solves, evaluation), and the per-parameter rates
-that ``benchmarks/project_8b.py`` scales to an 8B model.
+that ``benchmarks/project_8b.py`` scales to an 8B model. ``--awq-rank exact``: the bank's AWQ
+searches on the exact Hessians (no eigendecomposition; its stage ``awq hessian factors`` then takes
+no time), to compare with the default rank-64 factors at these widths (8192 for ``down_proj``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cuda (the measurement) or cpu")
     ap.add_argument("--record", default=None, help="also write the results to this JSON file")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--awq-rank", default="64", help="the bank's AWQ searches: the top-N eigen-factor of each Hessian, or 'exact'")
     ap.add_argument("--from-disk", action="store_true",
                     help="search the model read from disk block by block (bank, trials, finalist written to OUT/search/finals)")
     args = ap.parse_args()
@@ -81,12 +84,12 @@ def main() -> None:
     res = gs.optimize(disk if args.from_disk else model, budget_bytes=budget, calib=calib, eval_ids=val, final_ids=test, methods=cands[0], bits=cands[1],
                       granularities=cands[2], n_trials=args.trials, eval_windows=args.eval_windows, seqlen=args.seqlen, n_final=1,
                       bank_dir=os.path.join(run, "bank"), storage=f"sqlite:///{os.path.abspath(run)}/study-{time.time_ns()}.db",
-                      device=dev, verbose=not args.quiet)
+                      device=dev, awq_rank=gs.runs.awq_rank(args.awq_rank), verbose=not args.quiet)
     total = time.perf_counter() - t0
     bank_dir = os.path.join(run, "bank")
     on_disk = sum(os.path.getsize(os.path.join(bank_dir, f)) for f in os.listdir(bank_dir) if f.endswith(".safetensors"))
     out = {"machine": machine(), "shape": args.shape, "blocks": args.blocks, "params": n_params, "linear_params": n_linear,
-           "device": dev or "cpu", "from_disk": args.from_disk, "n_calib": args.n_calib, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
+           "device": dev or "cpu", "awq_rank": gs.runs.awq_rank(args.awq_rank), "from_disk": args.from_disk, "n_calib": args.n_calib, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
            "trials": res.n_trials, "load_seconds": round(t_load, 1), "search_seconds": round(total, 1),
            "bank_seconds": round(res.bank_seconds, 1), "trial_seconds": round(res.search_seconds / max(1, res.n_trials), 2), "trial_stages": res.trial_stages,
            "final_seconds": round(total - res.bank_seconds - res.search_seconds, 1),
