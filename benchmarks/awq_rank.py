@@ -13,11 +13,16 @@ what the factor's approximation costs in the choices it makes, and the stage sec
 costs in time (``awq hessian factors`` is the eigendecompositions). The output Fisher is left out
 (``fisher_windows=0``): neither form touches it. The order of the two builds alternates over
 ``--rounds`` and each form's fastest build is kept; the objectives are the same in every round.
+
+``--ppl N`` (with ``--blocks 30``, the whole model): also each form's uniform AWQ plans, every
+linear taking its bank entry of one spec (as a trial assembles it), measured by perplexity on N
+validation windows of 512 tokens: whether the lower layer objectives show in the model's loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -31,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(1, HERE)
 
 import gransearch as gs  # noqa: E402
+from gransearch.arch import arch_of, get_blocks, get_module, linear_weight  # noqa: E402
 from gransearch.bank import build_bank  # noqa: E402
 from eval_speed import machine, sync  # noqa: E402  (same folder)
 from search_cost import first_blocks  # noqa: E402
@@ -46,11 +52,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default=None, help="cpu (default) or cuda")
     ap.add_argument("--record", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--ppl", type=int, default=0, metavar="N",
+                    help="also the perplexity of each form's uniform AWQ plans on N validation windows (needs the whole model)")
     args = ap.parse_args()
     dev = args.device
     model, tok = gs.load_model("smollm2-135m")
     calib = gs.sample_windows(gs.load_tokens("wiki-sample", tok, "train"), args.n_calib, 512, seed=0)
-    small = first_blocks(model, args.blocks)
+    n_blocks = len(get_blocks(model, arch_of(model)))
+    if args.ppl and args.blocks != n_blocks:
+        raise SystemExit(f"--ppl measures the whole model: give --blocks {n_blocks}")
+    small = first_blocks(model, args.blocks) if args.blocks != n_blocks else model
     if dev:
         build_bank(first_blocks(model, 1), calib[:8], ("awq",), (4,), ("channel",), fisher_windows=0, device=dev, verbose=False)  # warm-up
     banks, seconds, stages = {}, {f: math.inf for f in FORMS}, {}
@@ -87,11 +98,31 @@ def main() -> None:
     for spec, rs in by_spec.items():
         print(f"| {spec} | {len(rs)} | {math.exp(sum(map(math.log, rs)) / len(rs)):.4f} | {min(rs):.4f} | {max(rs):.4f} |")
     print(f"| all | {len(ratios)} | {geo:.4f} | {min(ratios):.4f} | {max(ratios):.4f} |")
+    ppl = {}
+    if args.ppl:
+        val = gs.load_tokens("wiki-sample", tok, "validation")
+        def ppl_of(m) -> float:
+            return gs.perplexity(m.to(dev) if dev else m, val, seqlen=512, batch_size=4, max_windows=args.ppl, verbose=False).ppl
+
+        ppl["float model"] = {"": ppl_of(copy.deepcopy(model))}
+        print(f"\n| uniform plan ({args.ppl} x 512 validation tokens) | " + " | ".join(FORMS) + " |\n|---|" + "---:|" * len(FORMS))
+        print(f"| the float model | {ppl['float model']['']:.3f} |" + " |" * (len(FORMS) - 1))
+        for spec in by_spec:
+            row = {}
+            for form in FORMS:
+                work = copy.deepcopy(model)
+                for name, keys, entries in zip(banks[form].layers, banks[form].keys, banks[form].entries):
+                    linear_weight(get_module(work, name)).copy_(entries[keys.index(f"awq:{spec}")].effective_weight())
+                row[form] = ppl_of(work)
+                del work
+            ppl[spec] = row
+            print(f"| awq:{spec} | " + " | ".join(f"{row[f]:.3f}" for f in FORMS) + " |")
     if args.record:
         with open(args.record, "w") as fh:
             json.dump({"commit": commit(), "machine": machine(), "device": dev or "cpu", "blocks": args.blocks, "seconds": seconds,
                        "stages": stages, "same_entries": same, "entries": len(ratios), "objective_ratio_geomean": geo,
-                       "objective_ratio_by_spec": {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in by_spec.items()}}, fh, indent=1)
+                       "objective_ratio_by_spec": {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in by_spec.items()},
+                       "perplexity": ppl}, fh, indent=1)
 
 
 if __name__ == "__main__":
