@@ -111,8 +111,9 @@ def main() -> None:
             row = {}
             for form in FORMS:
                 work = copy.deepcopy(model)
-                for name, keys, entries in zip(banks[form].layers, banks[form].keys, banks[form].entries):
-                    linear_weight(get_module(work, name)).copy_(entries[keys.index(f"awq:{spec}")].effective_weight())
+                with torch.no_grad():
+                    for name, keys, entries in zip(banks[form].layers, banks[form].keys, banks[form].entries):
+                        linear_weight(get_module(work, name)).copy_(entries[keys.index(f"awq:{spec}")].effective_weight())
                 row[form] = ppl_of(work)
                 del work
             ppl[spec] = row
