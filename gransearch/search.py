@@ -299,7 +299,7 @@ def _plan_id(keys: Sequence[str]) -> str:
 
 
 def _search_record(model, calib, bank, candidates, act_order, shapes, budget, objective_fn, eval_ids, seqlen, eval_windows,
-                   profile="research", float_dtype=None, bank_prune=None, proxy="ppl", bank_opts=None) -> dict:
+                   profile="research", float_dtype=None, bank_prune=None, proxy="ppl", bank_opts=_BANK_DEFAULTS) -> dict:
     """What every trial value of a search depends on (see :mod:`gransearch.study`)."""
     methods, bits, granularities = candidates
     if objective_fn is None and eval_ids is None:
@@ -311,7 +311,7 @@ def _search_record(model, calib, bank, candidates, act_order, shapes, budget, ob
         cand_keys = sorted({k for row in bank.keys for k in row})
     else:
         bconf = bank_config(model, calib, methods, bits, granularities, profile=profile, prune=bank_prune, act_order=act_order,
-                            **(bank_opts or _BANK_DEFAULTS))
+                            **bank_opts)
         cand_keys = candidate_keys(shapes, methods, bits, granularities, profile)
     if objective_fn is None:
         kind = {"ppl": "perplexity", "kl": "kl-divergence"}[proxy]  # a KL study measures against these very weights (bank.weights)
@@ -466,7 +466,7 @@ def optimize(
     proxy: str = "ppl",
     final_dir: Optional[str] = None,
     sampler: str = "independent",
-    awq_rank: Optional[int] = 64,
+    awq_rank: Optional[int] = _BANK_DEFAULTS["awq_rank"],
     verbose: bool = True,
 ) -> OptimizeResult:
     """Search each layer's method, bit width and granularity under a byte budget.
