@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(1, HERE)
 
 import gransearch as gs  # noqa: E402
-from gransearch.arch import arch_of, get_blocks, get_module, linear_weight  # noqa: E402
+from gransearch.arch import arch_of, get_blocks  # noqa: E402
 from gransearch.bank import build_bank  # noqa: E402
+from gransearch.search import _Assembler  # noqa: E402
 from eval_speed import machine, sync  # noqa: E402  (same folder)
 from search_cost import first_blocks  # noqa: E402
 from vs_llmcompressor import commit  # noqa: E402
@@ -110,10 +111,8 @@ def main() -> None:
         for spec in by_spec:
             row = {}
             for form in FORMS:
-                work = copy.deepcopy(model)
-                with torch.no_grad():
-                    for name, keys, entries in zip(banks[form].layers, banks[form].keys, banks[form].entries):
-                        linear_weight(get_module(work, name)).copy_(entries[keys.index(f"awq:{spec}")].effective_weight())
+                bank = banks[form]  # the plan assembled as the trial loop assembles it
+                work = _Assembler(model, bank, dev).load([bank.index(i, f"awq:{spec}") for i in range(len(bank.layers))])
                 row[form] = ppl_of(work)
                 del work
             ppl[spec] = row
