@@ -457,3 +457,33 @@ def test_graphed_batch_plumbing_gives_the_eager_codes(monkeypatch, spec, act_ord
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
     assert (a.zero is None) == (b.zero is None) and (a.zero is None or torch.equal(a.zero, b.zero))
     assert graphed.loss == pytest.approx(eager.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_batch_body_never_reads_the_device(fused, monkeypatch):
+    """What a CUDA graph captures must not wait for the device: a scalar read (``.item()``, ``bool``)
+    or a shape that depends on values makes the capture fail, and GPTQ then runs eagerly for the
+    rest of the process (the launch-bound loop of issue 15). Checked on the CPU by running the body
+    on the ``meta`` device, which has no values to read: every form :func:`_use_graphs` sends to a
+    graph runs there; the float16-range check and the clip search, which do read, are refused, so
+    the check is able to fail."""
+    import importlib
+
+    G = importlib.import_module("gransearch.algorithms.gptq")  # the module (the package exports the function)
+    monkeypatch.setattr(G, "FUSED_MULTIPLY_ADDS", fused)
+    rows, width = 8, 32
+    forms = [(False, 15, None), (True, None, None)]  # per-channel and per-tensor parameters: int or per-row maxq
+    for spec, clip in [("w4g16", None), ("w4g16f", None), ("w3g16s", 0.9), ("w8g16", 1.0)]:
+        sp = gs.QuantSpec.parse(spec)
+        forms.append((False, 2**sp.bits - 1, G._Groups(16, sp, clip)))
+    for per_row, maxq, group in forms:
+        assert group is None or group.capturable
+        err = G._GraphedBatch(rows, width, per_row, maxq, group, "meta")._body()
+        assert err.shape == (rows, width) and err.is_meta
+    searched = G._Groups(16, gs.QuantSpec.parse("w4g16"), "search")
+    assert not searched.capturable
+    with pytest.raises(RuntimeError, match="meta"):
+        G._GraphedBatch(rows, width, False, 15, searched, "meta")._body()
+    checked = [torch.zeros(rows, width, device="meta") for _ in range(4)]
+    with pytest.raises(RuntimeError, match="meta"):  # check=True: the eager loop's float16-range check reads
+        G._lazy_batch(checked[0], torch.eye(width, device="meta"), *checked[1:], 15, G._Groups(16, gs.QuantSpec.parse("w4g16"), None), True)
