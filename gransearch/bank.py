@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._files import atomic_write, sha256_file
+from ._heap import heap_frozen
 from .algorithms.awq import apply_clip, awq_grid_scales, awq_search_hessian_specs, clip_ratios_hessian, hessian_factor
 from .algorithms.gptq import gptq_many, gptq_prepare
 from .algorithms.layer import quantize_layer
@@ -463,6 +464,7 @@ class _BuildFolder:
         return float(sum(self._read(b).get("seconds", 0.0) for b in blocks))
 
 
+@heap_frozen
 @torch.no_grad()
 def build_bank(
     model: nn.Module,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._heap import heap_frozen
 from .algorithms.awq import apply_clip, awq_clip_ratios, awq_search
 from .algorithms.layer import LayerResult, quantize_layer, quantize_shared_input
 from .arch import ArchInfo, arch_of, block_linears, clips_after_awq, foldable, get_blocks, get_module, linear_weight, model_linears, set_module
@@ -243,6 +244,7 @@ def _block_done(i: int, source, writer) -> None:
         source.release_block(i)
 
 
+@heap_frozen
 @torch.no_grad()
 def quantize(
     model,

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._heap import heap_frozen
 from .allocate import (candidate_keys, candidate_specs, check_budget, check_candidates, cost_and_losses, depth_quarter, layer_kind,
                        solve_knapsack, solve_tied, uniform_keys)
 from .arch import block_index, fused_sets, get_module, linear_weight, model_linears
@@ -431,6 +432,7 @@ def _finals(model, trials, plan_of, calib, final_ids, seqlen, batch_size, device
     return best[0], best[1], finals
 
 
+@heap_frozen
 def optimize(
     model: nn.Module,
     budget_gb: Optional[float] = None,

@@ -669,3 +669,66 @@ def test_kl_proxy_search_measures_divergence_and_is_bound_to_it(tmp_path):
         gs.optimize(model, n_trials=1, proxy="mse", **{**kw, "storage": None})
     with pytest.raises(ValueError, match="objective_fn replaces the proxy"):
         gs.optimize(model, n_trials=1, proxy="kl", objective_fn=fake_objective(model), **{**kw, "storage": None})
+
+
+def test_long_phases_leave_the_older_heap_out_of_the_collectors_walks(monkeypatch):
+    """The bank, the search and a sequential quantization run with the heap that existed when they
+    began frozen (``gc.freeze``: the collector's full walks skip it), and unfreeze it when they end,
+    on an error too. A heap the application froze is left frozen and is not frozen further, and
+    ``FREEZE = False`` turns it off. What the collector spends either way: benchmarks/gc_pauses.py."""
+    import contextlib
+    import gc
+    import importlib
+
+    from gransearch import _heap
+
+    model = tiny_model("llama")
+    budget = budget_between(model, 0.4)
+    in_bank, in_trials = [], []
+    fn = fake_objective(model)
+    bank_mod = importlib.import_module("gransearch.bank")
+    fisher = bank_mod.output_fisher
+
+    def bank_probe(*a, **k):  # called inside the bank's build
+        in_bank.append(gc.get_freeze_count())
+        return fisher(*a, **k)
+
+    def objective(mdl, report):  # called inside the search's trial loop
+        in_trials.append(gc.get_freeze_count())
+        return fn(mdl, report)
+
+    def failing(mdl, report):
+        in_trials.append(gc.get_freeze_count())
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bank_mod, "output_fisher", bank_probe)
+    assert gc.get_freeze_count() == 0
+    for obj in (objective, failing):  # a plain exception in an objective escapes the trial loop
+        in_bank.clear(), in_trials.clear()
+        with pytest.raises(RuntimeError, match="boom") if obj is failing else contextlib.nullcontext():
+            gs.optimize(model, budget_bytes=budget, calib=calib(), eval_ids=None, methods=("rtn",), bits=BITS,
+                        granularities=GRANS, n_trials=3, objective_fn=obj, verbose=False)
+        assert in_bank and min(in_bank) > 0 and in_trials and min(in_trials) > 0  # frozen in the bank and the trials
+        assert gc.get_freeze_count() == 0  # and given back
+
+    quantize_mod = importlib.import_module("gransearch.quantize")  # the module (the package exports the function)
+
+    seen = []
+    orig_layer = quantize_mod.quantize_layer
+    monkeypatch.setattr(quantize_mod, "quantize_layer", lambda *a, **k: (seen.append(gc.get_freeze_count()), orig_layer(*a, **k))[1])
+    gs.quantize(tiny_model("llama"), "w4g16", calib(), method="rtn", verbose=False)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+
+    gc.freeze()  # the application's own freeze: kept as it is
+    try:
+        before = gc.get_freeze_count()
+        seen.clear()
+        gs.quantize(tiny_model("llama"), "w4g16", calib(), method="rtn", verbose=False)
+        # still frozen, and nothing added (frozen objects that die are freed by reference counting: the count can fall)
+        assert 0 < gc.get_freeze_count() <= before and seen and 0 < max(seen) <= before
+    finally:
+        gc.unfreeze()
+    monkeypatch.setattr(_heap, "FREEZE", False)
+    seen.clear()
+    gs.quantize(tiny_model("llama"), "w4g16", calib(), method="rtn", verbose=False)
+    assert seen and max(seen) == 0
