@@ -14,6 +14,7 @@
 #                 under torch.profiler (search-profile.txt: how much of each bank stage the GPU computed)
 # launches        one block's AWQ searches: the loop against the stacked grid, timed on the GPU
 # awq_rank        SmolLM2's AWQ candidates with the rank-64 Hessian factors against the exact Hessians
+# gc_pauses       the garbage collector's seconds in GPTQ, the bank and 30 trials, heap frozen or not
 # readme_search   the README's whole search (bank, 60 trials, final), timed
 #
 # Each step's time limit can be set with LIMIT_<step>=SECONDS; SCALE_SEARCH_ARGS adds arguments.
@@ -71,6 +72,9 @@ fi
 if want awq_rank; then
   STEP_DIR=$ROOT/benchmarks step awq_rank "$(limit awq_rank 180)" "$PY" awq_rank.py --device cuda --blocks 30 --rounds 2 \
     --record "$OUT/awq-rank.json"
+fi
+if want gc_pauses; then
+  STEP_DIR=$ROOT/benchmarks step gc_pauses "$(limit gc_pauses 300)" "$PY" gc_pauses.py --device cuda --record "$OUT/gc-pauses.json"
 fi
 if want readme_search; then
   rm -rf "$WORK/w4g64"

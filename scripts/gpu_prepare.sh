@@ -12,12 +12,13 @@
 #   call 1, carrying .whl .dev/data .dev/part1 .dev/boot.sh:
 #       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT gpu_tests
 #   call 2, carrying .dev/part2 .dev/boot.sh:
-#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT quantize_speed,search_cost,awq_rank
+#       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT quantize_speed,search_cost,awq_rank,gc_pauses
 # (quantize_speed: GPTQ's column loop with fewer operations per column, against its floor;
 # search_cost: the bank of K = 12 against one uniform GPTQ, and the trial, on another machine; and
 # its profile, search-profile.txt: which bank stages wait on the host and which on the GPU; and the
 # bank with AWQ on the exact Hessians; awq_rank: AWQ's rank-64 factors against the exact Hessians,
-# their eigendecompositions' seconds against the exact searches' extra arithmetic.)
+# their eigendecompositions' seconds against the exact searches' extra arithmetic; gc_pauses, last,
+# so a call that runs short loses it first: the garbage collector's seconds per trial, heap frozen or not.)
 # Measured before: on an H100, gpu_tests,graphs,quantize_speed,export_gpu,search_cost,readme_search;
 # on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu,quantize_speed,
 # readme_search. The second call's first two steps took 140 s on an H100 (the machine's start not
