@@ -56,6 +56,9 @@ class Probe:
 
         gc.callbacks.remove(self._callback)
 
+    def __str__(self):
+        return f"{self.s:.3f} s in {self.n} collections (full: {self.n_full}, {self.s_full:.3f} s)"
+
 
 def child(args) -> dict:
     """One mode, in this process: the three phases, each probed."""

@@ -12,13 +12,13 @@ GPU). The trials run twice on the same bank: with the study in memory, and with 
 in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows say
 what the storage adds to a trial, and a third time in memory (what the first search paid once per
 process is gone then), each with the seconds the garbage collector took during it
-(:class:`GCPauses`); then the same evaluation is timed as a bare copy, as the trial loop's assembled
-model, reporting to Optuna and inside the stage timer (:func:`evaluation_gap`), to say where a
-trial's evaluation stage differs from a bare one. On CUDA the bank is built a second time with its
-GPTQ layer by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to show
-what solving q/k/v and gate/up as one stack saves, and a third time with AWQ's searches on the exact
-Hessians (``awq_rank=None``: no eigendecomposition for the rank-64 factor; ``--exact-awq`` on the
-CPU too), to say which of the two costs a GPU less. On a GPU the device is warmed up first (one
+(``gc_pauses.Probe``); then the same evaluation is timed as a bare copy, as the trial loop's
+assembled model, reporting to Optuna and inside the stage timer (:func:`evaluation_gap`), to say
+where a trial's evaluation stage differs from a bare one. On CUDA the bank is built a second time
+with its GPTQ layer by layer (``gransearch.bank.STACK_SHARED_INPUTS = False``, what the CPU does) to
+show what solving q/k/v and gate/up as one stack saves, and a third time with AWQ's searches on the
+exact Hessians (``awq_rank=None``: no eigendecomposition for the rank-64 factor; ``--exact-awq`` on
+the CPU too), to say which of the two costs a GPU less. On a GPU the device is warmed up first (one
 untimed uniform GPTQ), so that no timed run pays for the process's start-up. ``--profile FILE``:
 then one uniform GPTQ and one bank again, and the two evaluations (bare and the trial model's) under
 ``torch.profiler``, and where their time goes (:func:`profile_runs`): on a GPU, how much of each
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import os
 import tempfile
 import time
@@ -41,6 +40,7 @@ import gransearch as gs
 from gransearch.bank import build_bank
 
 from eval_speed import fresh_graphs, machine, sync, warm_up  # noqa: E402  (same folder)
+from gc_pauses import Probe  # noqa: E402  (same folder)
 
 
 STAGE = "gransearch: "  # the profiler ranges of gransearch.bank.Stages
@@ -79,34 +79,6 @@ def first_blocks(model, n: int):
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = list(small.config.layer_types)[:n]
     return small
-
-
-class GCPauses:
-    """Seconds the interpreter's garbage collector spent while open, by generation (``gc.callbacks``):
-    a full (generation 2) collection after the bank made many objects is one candidate for a
-    once-per-process cost that lands in whichever trial stage allocates next."""
-
-    def __init__(self):
-        self.seconds, self.count, self._t0 = [0.0, 0.0, 0.0], [0, 0, 0], None
-
-    def _callback(self, phase, info):
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        elif self._t0 is not None:
-            self.seconds[info["generation"]] += time.perf_counter() - self._t0
-            self.count[info["generation"]] += 1
-            self._t0 = None
-
-    def __enter__(self):
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc):
-        gc.callbacks.remove(self._callback)
-
-    def __str__(self):
-        return (f"{sum(self.seconds):.3f} s in {sum(self.count)} collections "
-                f"(full: {self.count[2]}, {self.seconds[2]:.3f} s)")
 
 
 def evaluation_gap(model, bank, res, val, dev, windows: int, repeats: int = 5) -> tuple[list[tuple[str, float]], dict]:
@@ -285,7 +257,7 @@ def main() -> None:
                            granularities=("channel", 64), n_trials=args.trials, eval_windows=args.eval_windows, n_final=0, bank=bank,
                            device=dev, storage=storage, verbose=False)
 
-    pauses = [GCPauses() for _ in range(3)]
+    pauses = [Probe() for _ in range(3)]
     t0 = time.perf_counter()
     with pauses[0]:
         res = search()
