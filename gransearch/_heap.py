@@ -7,7 +7,10 @@ frees, and a walk over them takes a few hundred milliseconds: as long as a whole
 :func:`frozen_heap` moves them to the collector's permanent generation (``gc.freeze``) for the
 duration of the phase and back at its end (``gc.unfreeze``), so the phase's own collections walk
 only the objects the phase made. Nothing is lost: reference counting frees what it always freed,
-and a cycle among the older objects that dies during the phase is collected after it.
+and a cycle among the older objects (one already unreachable when the phase begins, or one that
+dies during it) is collected after it. No collection is forced at the start, which would cost each
+phase a full walk: an application that drops a large object in a reference cycle just before a
+phase, and needs its memory during the phase, calls ``gc.collect()`` first.
 ``benchmarks/gc_pauses.py`` measures the collector's seconds with and without it.
 
 A heap that is frozen already (by the application: servers freeze theirs after start-up) is left as
