@@ -18,6 +18,8 @@ windows make the same 2,520 entries as 128), so the CPU run takes minutes.
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import subprocess
@@ -46,14 +48,10 @@ class Probe:
             self._t0 = None
 
     def __enter__(self):
-        import gc
-
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc):
-        import gc
-
         gc.callbacks.remove(self._callback)
 
     def __str__(self):
@@ -62,8 +60,6 @@ class Probe:
 
 def child(args) -> dict:
     """One mode, in this process: the three phases, each probed."""
-    import gc
-
     import torch
 
     import gransearch as gs
@@ -89,8 +85,6 @@ def child(args) -> dict:
         out[name] = {"seconds": wall, "collections": p.n, "collector seconds": p.s, "full collections": p.n_full,
                      "full collection seconds": p.s_full}
         return res
-
-    import copy
 
     phase(PHASES[0], lambda: gs.quantize(copy.deepcopy(model), "w4g64", calib, method="gptq", objective=False, device=dev, verbose=False))
     bank = phase(PHASES[1], lambda: build_bank(model, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), device=dev, verbose=False))

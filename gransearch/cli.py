@@ -577,8 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only each layer's Pareto front of (bytes, layer objective) in the candidate bank")
     p.add_argument("--max-bank-gb", type=_positive_float, default=None,
                    help="refuse a candidate bank larger than this on disk (its size per candidate is estimated before building)")
-    p.add_argument("--awq-rank", type=_awq_rank, default=64,
-                   help="the bank's AWQ searches measure errors with the top-N eigen-factor of each input Hessian (default 64), "
+    rank = search._BANK_DEFAULTS["awq_rank"]
+    p.add_argument("--awq-rank", type=_awq_rank, default=rank,
+                   help=f"the bank's AWQ searches measure errors with the top-N eigen-factor of each input Hessian (default {rank}), "
                         "or 'exact': the whole Hessian (no eigendecomposition, more arithmetic; better choices by the layer objective)")
     _add_gguf_args(p)
     p.add_argument("--max-windows", type=_int_at_least(1), default=None, help="test windows --llamacpp-eval scores (default: all)")
