@@ -116,18 +116,20 @@ def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
 
 
 def qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0, float_zero: bool = False,
-    check: bool = True,
+    x: torch.Tensor, bits: Union[int, torch.Tensor], symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0,
+    float_zero: bool = False, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of ``x`` ``[R, C]`` (reduction over the last dimension).
 
-    ``ratio`` (scalar or ``[R, 1]``) shrinks the range before the scale is taken (clipping).
-    Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers
-    (``float_zero``: ``-min / scale`` with ``min`` float16-exact; see the module docstring).
-    ``check=False`` skips the float16-range check (a host sync); the caller must then apply
-    :func:`check_params` to the parameters it keeps.
+    ``bits``: an int, or a float ``[R, 1]`` tensor of each row's largest code ``2**bits - 1``
+    (rows of several bit widths in one call, each row's numbers those of its own width: GPTQ solves
+    specs that differ only in bits as one stack). ``ratio`` (scalar or ``[R, 1]``) shrinks the range
+    before the scale is taken (clipping). Returns float32 tensors ``[R, 1]``: ``scale`` holds
+    float16-exact values, ``zero`` integers (``float_zero``: ``-min / scale`` with ``min``
+    float16-exact; see the module docstring). ``check=False`` skips the float16-range check (a host
+    sync); the caller must then apply :func:`check_params` to the parameters it keeps.
     """
-    maxq = (1 << bits) - 1
+    maxq = bits if isinstance(bits, torch.Tensor) else (1 << bits) - 1
     x = x.float()
     if float_zero:
         return _float_offset_params(x, maxq, ratio, check)
@@ -146,14 +148,17 @@ def qparams(
     scale = _round_up_fp16(scale)
     if check:
         check_params(scale)
-    if symmetric:
+    if isinstance(maxq, torch.Tensor):  # per row: the same values as the scalar forms below
+        half = (maxq + 1) * 0.5  # 2**(bits - 1), exact
+        zero = half.expand_as(scale).clone() if symmetric else torch.minimum(torch.round(-xmin / scale).clamp_min(0), maxq)
+    elif symmetric:
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
 
-def _float_offset_params(x: torch.Tensor, maxq: int, ratio, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _float_offset_params(x: torch.Tensor, maxq: Union[int, torch.Tensor], ratio, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``float_zero`` parameters: the range ``[min, max]`` shrunk by ``ratio``, ``min`` rounded to
     float16 (as stored), the scale rounded up so that ``min + maxq * scale`` still reaches ``max``."""
     xmin = x.amin(dim=-1, keepdim=True) * ratio

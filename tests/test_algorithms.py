@@ -103,8 +103,12 @@ def _lazy_batch_as_written_before(W1, Hinv1, S1, Z1, C1, maxq, group):
     per_row = isinstance(maxq, torch.Tensor)
     Err1 = torch.zeros_like(W1)
     for i in range(W1.shape[1]):
-        if group is not None and i % group.g == 0:
-            group.take(W1, i, S1, Z1, True)
+        if group is not None and i % group.g == 0:  # each bit width's rows on their own, as gptq() takes them
+            blk, sp = W1[:, i : i + group.g], group.spec
+            for m in maxq.unique().tolist() if per_row else [sp.maxq]:
+                rows = maxq == m if per_row else slice(None)
+                sc, zc = qparams(blk[rows], int(m).bit_length(), sp.symmetric, 1.0, sp.float_zero)
+                S1[rows, i : i + group.g], Z1[rows, i : i + group.g] = sc, zc
         s, z, w, d = S1[:, i], Z1[:, i], W1[:, i], Hinv1[i, i]
         c = torch.minimum(quantize_codes(w, s, z, float("inf")), maxq) if per_row else quantize_codes(w, s, z, maxq)
         q = (c - z) * s
@@ -115,7 +119,8 @@ def _lazy_batch_as_written_before(W1, Hinv1, S1, Z1, C1, maxq, group):
     return Err1
 
 
-@pytest.mark.parametrize("case", ["columns", "ties", "per-row maxq", "groups", "groups float zero"])
+@pytest.mark.parametrize("case", ["columns", "ties", "per-row maxq", "groups", "groups float zero", "groups per-row maxq",
+                                  "groups symmetric per-row maxq", "groups float zero per-row maxq"])
 def test_lazy_batch_is_quantize_codes_column_by_column(case):
     """The column loop's own arithmetic (zeros split once per batch or group, outputs written in
     place) gives the same codes, errors and updated weights, bit for bit, as the loop written with
@@ -133,10 +138,10 @@ def test_lazy_batch_is_quantize_codes_column_by_column(case):
     if case == "ties":  # every w / s is k + 0.5 and the zeros are odd: rounding before or after adding them differs
         Hinv, S = torch.eye(width), torch.full((rows, width), 2.0**-7)
         W, Z = (torch.randint(-6, 6, (rows, width), generator=g) + 0.5) * S, torch.full((rows, width), 7.0)
-    if case == "per-row maxq":
-        maxq = torch.tensor([7.0, 15.0] * (rows // 2))
+    if case.endswith("per-row maxq"):  # gptq_many's stacks: rows of 3, 4 and 8 bits
+        maxq = torch.tensor([7.0, 15.0, 255.0, 15.0] * (rows // 4))
     if case.startswith("groups"):
-        group = _Groups(16, gs.QuantSpec.parse("w4g16" + ("" if case == "groups" else "f")), None)
+        group = _Groups(16, gs.QuantSpec.parse("w4g16" + ("f" if "float" in case else "s" if "symmetric" in case else "")), None)
     got, want = [[t.clone() for t in (W, S, Z, torch.zeros(rows, width))] for _ in range(2)]
     e_got = _lazy_batch(got[0], Hinv, got[1], got[2], got[3], maxq, group, True)
     e_want = _lazy_batch_as_written_before(want[0], Hinv, want[1], want[2], want[3], maxq, group)
@@ -367,22 +372,32 @@ def test_clip_ratios_stacked_are_the_loop(monkeypatch, spec):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_many_equals_gptq_spec_by_spec(act_order):
-    """The stacked solve of several specs is GPTQ row by row: the same codes, scales and loss as one
-    gptq() call per spec (dead input columns included)."""
-    from gransearch.algorithms.gptq import gptq_many
+def test_gptq_many_equals_gptq_spec_by_spec(act_order, monkeypatch):
+    """The stacked solves of several specs are GPTQ row by row: the same codes, scales, zeros and
+    loss as one gptq() call per spec (dead input columns included). Without act_order the specs
+    whose groups are taken in the loop stack by group width, symmetry and offset kind, their bits
+    per row: 12 specs in 4 column loops (the up-front ones, g32, g32 float offset, g64 symmetric)
+    plus one alone (g64 asymmetric)."""
+    import importlib
 
+    G = importlib.import_module("gransearch.algorithms.gptq")
     torch.manual_seed(3)
     W = torch.randn(24, 128)
     X = torch.randn(512, 128) * torch.linspace(0.2, 3.0, 128)
     X[:, 5] = 0.0  # a dead input
     H = 2 * X.T @ X / X.shape[0]
-    specs = [gs.QuantSpec.parse(s) for s in ("w3g32", "w4c", "w2t", "w4g64s", "w8c")]
-    many = gptq_many(W, H, specs, act_order=act_order)
+    names = ("w3g32", "w4c", "w2t", "w4g64s", "w8c", "w4g32", "w8g32", "w3g64s", "w2g32f", "w4g32f", "w4g64", "w8g64s")
+    specs = [gs.QuantSpec.parse(s) for s in names]
+    loops = []
+    solve = G._solve_columns
+    monkeypatch.setattr(G, "_solve_columns", lambda W, *a: loops.append(W.shape[0]) or solve(W, *a))
+    many = G.gptq_many(W, H, specs, act_order=act_order)
+    assert sorted(loops) == ([24, 24 * 2, 24 * 3, 24 * 3, 24 * 3] if not act_order else [24 * 12])
     for spec, m in zip(specs, many):
         one = gs.gptq(W, H, spec, act_order=act_order)
         assert torch.equal(m.qweight.codes, one.qweight.codes), spec
         assert torch.equal(m.qweight.scale, one.qweight.scale), spec
+        assert (m.qweight.zero is None and one.qweight.zero is None) or torch.equal(m.qweight.zero, one.qweight.zero), spec
         assert m.loss == pytest.approx(one.loss, rel=1e-6) and m.n_dead == 1
 
 
@@ -476,6 +491,7 @@ def test_graphed_batch_body_never_reads_the_device(fused, monkeypatch):
     for spec, clip in [("w4g16", None), ("w4g16f", None), ("w3g16s", 0.9), ("w8g16", 1.0)]:
         sp = gs.QuantSpec.parse(spec)
         forms.append((False, 2**sp.bits - 1, G._Groups(16, sp, clip)))
+        forms.append((True, None, G._Groups(16, sp, clip)))  # gptq_many's stack of specs that differ in bits
     for per_row, maxq, group in forms:
         assert group is None or group.capturable
         err = G._GraphedBatch(rows, width, per_row, maxq, group, "meta")._body()

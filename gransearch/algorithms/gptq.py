@@ -169,43 +169,68 @@ def gptq_many(
     name: Optional[str] = None,
     prepared: Optional["GPTQPrepared"] = None,
 ) -> list[GPTQResult]:
-    """:func:`gptq` of one weight under several specs, as one solve over the specs' stacked rows.
+    """:func:`gptq` of one weight under several specs, as few solves over the specs' stacked rows.
 
-    GPTQ treats output rows independently given the shared inverse-Hessian factor, so candidates
-    whose quantization parameters are fixed up front (per-tensor, per-channel, and groups under
-    ``act_order``, which uses static groups) run as a single column loop over a
-    ``[len(specs) * out, in]`` stack: the same arithmetic row by row, a fraction of the kernel
-    launches and Python steps (what dominates on a GPU). Specs with groups taken from partially
-    updated weights (grouped, ``act_order=False``) run one by one. Returns one result per spec.
+    GPTQ treats output rows independently given the shared inverse-Hessian factor, so several
+    candidates run as one column loop over a ``[len(specs) * out, in]`` stack: the same arithmetic
+    row by row, a fraction of the kernel launches and Python steps (what dominates on a GPU). The
+    candidates whose quantization parameters are fixed up front (per-tensor, per-channel, and
+    groups under ``act_order``, which uses static groups) make one stack; those whose groups are
+    taken inside the loop from partially updated weights (grouped, ``act_order=False``) make one
+    stack per group width, symmetry and offset kind, their bit widths given per row. Returns one
+    result per spec, each equal to its own :func:`gptq` call.
     """
     _check_hessian(W, H, name)
     dev = W.device
     prep = _prepared(prepared, H.to(dev), damp, act_order, max_damp_tries, name)
+    for spec in specs:
+        check_weight(W, spec, name)
+    in_f = W.shape[1]
     out: list[Optional[GPTQResult]] = [None] * len(specs)
-    batch = []
+    upfront, in_loop = [], {}
     for k, spec in enumerate(specs):
         if spec.granularity.grouped and not act_order:
-            out[k] = gptq(W, H, spec, damp=damp, block_size=block_size, act_order=act_order, max_damp_tries=max_damp_tries, name=name, prepared=prep)
+            in_loop.setdefault((spec.granularity.width(in_f), spec.symmetric, spec.float_zero), []).append(k)
         else:
-            check_weight(W, spec, name)
-            batch.append(k)
-    if batch:
-        W0 = _dead_zeroed(W, prep)
-        out_f, in_f = W0.shape
-        Wp = W0 if prep.perm is None else W0[:, prep.perm]
-        params, S, Z, maxq = [], [], [], []
-        for k in batch:
+            upfront.append(k)
+    stacks = [ks for ks in in_loop.values() if len(ks) > 1]
+    for ks in in_loop.values():
+        if len(ks) == 1:  # alone: gptq() itself
+            out[ks[0]] = gptq(W, H, specs[ks[0]], damp=damp, block_size=block_size, act_order=act_order, max_damp_tries=max_damp_tries,
+                              name=name, prepared=prep)
+    if not upfront and not stacks:
+        return out
+    W0 = _dead_zeroed(W, prep)
+    out_f = W0.shape[0]
+    Wp = W0 if prep.perm is None else W0[:, prep.perm]
+    hinv = prep.hinv.to(dev)
+
+    def rows_maxq(ks: list[int]) -> torch.Tensor:
+        return torch.cat([torch.full((out_f,), float(specs[k].maxq), device=dev) for k in ks])
+
+    if upfront:
+        params, S, Z = [], [], []
+        for k in upfront:
             spec = specs[k]
             sc, zc, _ = _upfront_params(W0, spec, None, True)
             cols = _column_groups(prep, in_f, spec.granularity.width(in_f), dev)
             params.append((sc, zc))
             S.append(sc[:, cols])
             Z.append(zc[:, cols])
-            maxq.append(torch.full((out_f,), float(spec.maxq), device=dev))
-        codes, loss = _solve_columns(Wp.repeat(len(batch), 1), prep.hinv.to(dev), torch.cat(S), torch.cat(Z), torch.cat(maxq), block_size)
-        for j, k in enumerate(batch):
+        codes, loss = _solve_columns(Wp.repeat(len(upfront), 1), hinv, torch.cat(S), torch.cat(Z), rows_maxq(upfront), block_size)
+        for j, k in enumerate(upfront):
             rows = slice(j * out_f, (j + 1) * out_f)
             out[k] = _result(codes[rows], *params[j], specs[k], prep, loss[rows])
+    for ks in stacks:  # as gptq() with its groups taken in the loop, every spec's rows at once
+        g = specs[ks[0]].granularity.width(in_f)
+        Ws = Wp.repeat(len(ks), 1)
+        S, Z = torch.empty_like(Ws), torch.empty_like(Ws)
+        codes, loss = _solve_columns(Ws, hinv, S, Z, rows_maxq(ks), max(g, (block_size // g) * g), _Groups(g, specs[ks[0]], None))
+        for j, k in enumerate(ks):
+            rows = slice(j * out_f, (j + 1) * out_f)
+            scale_cols, zero_cols = S[rows, ::g], Z[rows, ::g]
+            check_params(scale_cols, zero_cols if specs[k].float_zero else None)
+            out[k] = _result(codes[rows], scale_cols, zero_cols, specs[k], prep, loss[rows])
     return out
 
 
@@ -264,16 +289,22 @@ def _column_groups(prep: "GPTQPrepared", in_f: int, g: int, device) -> torch.Ten
 @dataclass(frozen=True)
 class _Groups:
     """Per-group parameters taken inside the column loop, at each group's first column, from the
-    partially updated weights."""
+    partially updated weights. With the loop's ``maxq`` per row, ``spec`` gives everything but the
+    bits (group width, symmetry, offset), so specs that differ only in bits are solved as one stack."""
 
     g: int
     spec: QuantSpec
     clip: ClipArg
 
-    def take(self, W1: torch.Tensor, i: int, S1: torch.Tensor, Z1: torch.Tensor, check: bool) -> None:
+    def take(self, W1: torch.Tensor, i: int, S1: torch.Tensor, Z1: torch.Tensor, maxq, check: bool) -> None:
         blk = W1[:, i : i + self.g]
         sp = self.spec
-        sc, zc = qparams(blk, sp.bits, sp.symmetric, block_clip_ratios(blk, sp, self.clip), sp.float_zero, check=check)
+        bits = sp.bits
+        if isinstance(maxq, torch.Tensor):
+            if isinstance(self.clip, str):  # the clip search takes one width
+                raise ValueError("GPTQ: a clip search needs one bit width per column loop")
+            bits = maxq.unsqueeze(1)
+        sc, zc = qparams(blk, bits, sp.symmetric, block_clip_ratios(blk, sp, self.clip), sp.float_zero, check=check)
         S1[:, i : i + self.g], Z1[:, i : i + self.g] = sc, zc
 
     @property
@@ -341,7 +372,7 @@ def _lazy_batch(W1, Hinv1, S1, Z1, C1, maxq, group: Optional[_Groups], check: bo
         _split_zeros(Z1, Zr1, Zf1, Lo1, Hi1, maxq)
     for i in range(W1.shape[1]):
         if group is not None and i % group.g == 0:  # batches start at group boundaries
-            group.take(W1, i, S1, Z1, check)
+            group.take(W1, i, S1, Z1, maxq, check)
             j = slice(i, i + group.g)
             _split_zeros(Z1[:, j], Zr1[:, j], Zf1[:, j], Lo1[:, j], Hi1[:, j], maxq)
         s, w, d, c = S1[:, i], W1[:, i], Hinv1[i, i], C1[:, i]
