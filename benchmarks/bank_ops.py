@@ -1,6 +1,6 @@
 """Operations of the candidate bank, stage by stage (each one kernel on a GPU, where the bank waits on them).
 
-    python benchmarks/bank_ops.py [--blocks 2] [--against DIR]
+    python benchmarks/bank_ops.py [--blocks 2] [--against DIR] [--as cpu] [--no-act-order]
 
 The bank of ``benchmarks/search_cost.py`` (K = 12: rtn, gptq, awq x 3, 4 bits x per-channel, groups
 of 64, 128 calibration windows of 512 tokens) built on the CPU for the first ``--blocks`` decoder
@@ -23,7 +23,9 @@ same objectives (to a relative 1e-5: a stacked product may round differently in 
 where this checkout's GPTQ has the GPU's multiply-adds and the other's has not, GPTQ's entries may
 differ (how many is printed; their objectives to a relative 1e-3) and no other entry may.
 ``--as cpu``: the bank as the CPU builds it (nothing forced); against another checkout its codes,
-objectives (per row too) and output Fisher must then be equal bit for bit.
+objectives (per row too) and output Fisher must then be equal bit for bit. ``--no-act-order``: the
+bank's GPTQ in natural column order (its groups taken inside the column loop) instead of the default
+act-order with static groups.
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ def _traffic(args, kwargs, out) -> int:
 NO_DATA = {torch.ops.aten._unsafe_view.default}  # a view the dispatcher does not mark as one: it moves nothing
 
 
-def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
+def count(root: str, n_blocks: int, as_gpu: bool = True, act_order: bool = True) -> dict:
     """Operations and scalar reads per stage, and digests of the bank, with the gransearch in ``root``
-    (``as_gpu=False``: the bank as the CPU builds it, nothing forced)."""
+    (``as_gpu=False``: the bank as the CPU builds it, nothing forced; ``act_order``: GPTQ's column order)."""
     sys.path.insert(0, root)
     sys.path.insert(1, HERE)
     import gransearch as gs
@@ -135,7 +137,7 @@ def count(root: str, n_blocks: int, as_gpu: bool = True) -> dict:
             gptq_mod.FUSED_MULTIPLY_ADDS = None
     try:
         with mode:
-            bank = bank_mod.build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False)
+            bank = bank_mod.build_bank(small, calib, ("rtn", "gptq", "awq"), (3, 4), ("channel", 64), verbose=False, act_order=act_order)
     finally:
         if fused:
             gptq_mod.FUSED_MULTIPLY_ADDS = None
@@ -180,20 +182,22 @@ def main() -> None:
     ap.add_argument("--against", default=None, help="another checkout's root, counted in a child process")
     ap.add_argument("--as", dest="as_", choices=("gpu", "cpu"), default="gpu",
                     help="gpu (default): the bank as a GPU builds it; cpu: as the CPU does, whose banks must then be equal bit for bit")
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ in natural column order (default: act-order)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child's output
     args = ap.parse_args()
     root = os.path.dirname(HERE)
     if args.json:
-        print(json.dumps(count(os.environ["BANK_OPS_ROOT"], args.blocks, args.as_ == "gpu")))
+        print(json.dumps(count(os.environ["BANK_OPS_ROOT"], args.blocks, args.as_ == "gpu", args.act_order)))
         return
-    now = count(root, args.blocks, args.as_ == "gpu")
+    now = count(root, args.blocks, args.as_ == "gpu", args.act_order)
     before = None
     if args.against:
         env = dict(os.environ, BANK_OPS_ROOT=os.path.abspath(args.against))
-        done = subprocess.run([sys.executable, __file__, "--json", "--blocks", str(args.blocks), "--as", args.as_], env=env,
+        done = subprocess.run([sys.executable, __file__, "--json", "--blocks", str(args.blocks), "--as", args.as_] + ([] if args.act_order else ["--no-act-order"]), env=env,
                               capture_output=True, text=True, check=True)
         before = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"## Bank of K = 12 (search_cost.py's), first {args.blocks} blocks of SmolLM2-135M, built as the {args.as_.upper()} builds "
+    order = "" if args.act_order else ", GPTQ without act-order (groups taken in the column loop)"
+    print(f"## Bank of K = 12 (search_cost.py's{order}), first {args.blocks} blocks of SmolLM2-135M, built as the {args.as_.upper()} builds "
           f"it: operations per stage (each a kernel on a GPU), scalar reads (each a wait on a GPU) and the operations' memory "
           f"traffic (GB, estimated: each tensor argument read and each result written once), torch {torch.__version__}")
     head = "| stage | operations | scalar reads | traffic GB |"
