@@ -394,13 +394,14 @@ def test_bank_entries_are_consistent(kind):
     assert n_awq > 0
 
 
-@pytest.mark.parametrize("grans, stacked_solves", [(("channel", 16), 4), (("tensor", 16), 7)])
-def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkeypatch, grans, stacked_solves):
+@pytest.mark.parametrize("grans, stacked_solves, act_order", [(("channel", 16), 4, True), (("tensor", 16), 7, True), (("channel", 16), 4, False)])
+def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkeypatch, grans, stacked_solves, act_order):
     """The bank stacked as CUDA builds it (q/k/v and gate/up in one GPTQ solve, their weights and
     AWQ-scaled weights in one RTN rounding per spec, their objectives in a few products) gives every
     entry the codes of the layer-by-layer build (what the CPU does), and its objectives up to float32
     rounding. With a per-tensor candidate (one scale over the rows: not stackable) each layer keeps
-    its one solve of all its specs."""
+    its one solve of all its specs. Without act-order the groups' parameters are taken in the column
+    loop, and the specs of one group width stack too."""
     from gransearch import bank as bank_mod
 
     model = tiny_model("llama")
@@ -415,7 +416,7 @@ def test_bank_solves_layers_sharing_an_input_together_with_the_same_codes(monkey
     for stacked in (False, True):
         monkeypatch.setattr(bank_mod, "STACK_SHARED_INPUTS", stacked)
         banks[stacked] = build_bank(model, calib(), ("rtn", "gptq", "awq", "awq+gptq"), (3, 4), grans, fisher_windows=0,
-                                    verbose=False)
+                                    act_order=act_order, verbose=False)
     one, fused = banks[False], banks[True]
     blocks = len({gs.arch.block_index(n) for n in one.layers})
     assert solves == {False: 7 * blocks, True: stacked_solves * blocks}  # q/k/v and gate/up together; o and down alone
