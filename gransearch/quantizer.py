@@ -116,20 +116,25 @@ def _round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
 
 
 def qparams(
-    x: torch.Tensor, bits: Union[int, torch.Tensor], symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0,
-    float_zero: bool = False, check: bool = True,
+    x: torch.Tensor, bits: int, symmetric: bool, ratio: Union[float, torch.Tensor] = 1.0, float_zero: bool = False,
+    check: bool = True, row_maxq: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of ``x`` ``[R, C]`` (reduction over the last dimension).
 
-    ``bits``: an int, or a float ``[R, 1]`` tensor of each row's largest code ``2**bits - 1``
-    (rows of several bit widths in one call, each row's numbers those of its own width: GPTQ solves
-    specs that differ only in bits as one stack). ``ratio`` (scalar or ``[R, 1]``) shrinks the range
-    before the scale is taken (clipping). Returns float32 tensors ``[R, 1]``: ``scale`` holds
-    float16-exact values, ``zero`` integers (``float_zero``: ``-min / scale`` with ``min``
-    float16-exact; see the module docstring). ``check=False`` skips the float16-range check (a host
-    sync); the caller must then apply :func:`check_params` to the parameters it keeps.
+    ``ratio`` (scalar or ``[R, 1]``) shrinks the range before the scale is taken (clipping).
+    Returns float32 tensors ``[R, 1]``: ``scale`` holds float16-exact values, ``zero`` integers
+    (``float_zero``: ``-min / scale`` with ``min`` float16-exact; see the module docstring).
+    ``check=False`` skips the float16-range check (a host sync); the caller must then apply
+    :func:`check_params` to the parameters it keeps. ``row_maxq`` (float ``[R, 1]``: each row's
+    largest code ``2**bits - 1``) replaces ``bits`` row by row: rows of several bit widths in one
+    call, each row's numbers those of its own width (GPTQ solves specs that differ only in bits as
+    one stack).
     """
-    maxq = bits if isinstance(bits, torch.Tensor) else (1 << bits) - 1
+    maxq = (1 << bits) - 1
+    if row_maxq is not None:
+        if tuple(row_maxq.shape) != (x.shape[0], 1):
+            raise ValueError(f"row_maxq must hold each row's largest code as a [{x.shape[0]}, 1] tensor, got shape {tuple(row_maxq.shape)}")
+        maxq = row_maxq
     x = x.float()
     if float_zero:
         return _float_offset_params(x, maxq, ratio, check)

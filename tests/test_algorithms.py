@@ -151,6 +151,22 @@ def test_lazy_batch_is_quantize_codes_column_by_column(case):
     assert got[3].max() > 0 and not torch.equal(got[0], W)  # the loop did work
 
 
+def test_qparams_per_row_widths_are_each_widths_own_and_checked():
+    """``row_maxq`` gives every row the parameters of its own bit width (what a call per width
+    gives), and a tensor of the wrong shape is refused with what it must be."""
+    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(5))
+    x[3] = 0.0  # an all-zero row
+    bits = [3, 4, 8] * 4
+    row_maxq = torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float32).unsqueeze(1)
+    for symmetric, float_zero in [(False, False), (True, False), (False, True)]:
+        sc, zc = qparams(x, 4, symmetric, 0.9, float_zero, row_maxq=row_maxq)
+        for r, b in enumerate(bits):
+            s1, z1 = qparams(x[r : r + 1], b, symmetric, 0.9, float_zero)
+            assert torch.equal(sc[r : r + 1], s1) and torch.equal(zc[r : r + 1], z1), (symmetric, float_zero, b)
+    with pytest.raises(ValueError, match=r"row_maxq must hold each row's largest code as a \[12, 1\] tensor"):
+        qparams(x, 4, False, row_maxq=row_maxq.flatten())
+
+
 def test_gptq_multiply_adds_save_two_operations_a_column_and_keep_the_codes(monkeypatch):
     """The GPU's form of the column loop (``FUSED_MULTIPLY_ADDS``, forced here on the CPU) takes two
     operations fewer per column and rounds each product into its sum: the same codes but where a

@@ -299,12 +299,11 @@ class _Groups:
     def take(self, W1: torch.Tensor, i: int, S1: torch.Tensor, Z1: torch.Tensor, maxq, check: bool) -> None:
         blk = W1[:, i : i + self.g]
         sp = self.spec
-        bits = sp.bits
-        if isinstance(maxq, torch.Tensor):
-            if isinstance(self.clip, str):  # the clip search takes one width
-                raise ValueError("GPTQ: a clip search needs one bit width per column loop")
-            bits = maxq.unsqueeze(1)
-        sc, zc = qparams(blk, bits, sp.symmetric, block_clip_ratios(blk, sp, self.clip), sp.float_zero, check=check)
+        per_row = isinstance(maxq, torch.Tensor)
+        if per_row and isinstance(self.clip, str):  # the clip search takes one width
+            raise ValueError("GPTQ: a clip search needs one bit width per column loop")
+        sc, zc = qparams(blk, sp.bits, sp.symmetric, block_clip_ratios(blk, sp, self.clip), sp.float_zero, check=check,
+                         row_maxq=maxq.unsqueeze(1) if per_row else None)
         S1[:, i : i + self.g], Z1[:, i : i + self.g] = sc, zc
 
     @property
