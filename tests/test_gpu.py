@@ -166,7 +166,7 @@ def test_gptq_multiply_adds_on_gpu_keep_the_separate_operations_codes(monkeypatc
 
 def test_gptq_many_with_cuda_graphs_equals_one_by_one():
     W, H = (t.cuda() for t in _correlated_problem(seed=1))
-    specs = [gs.QuantSpec.parse(s) for s in ("w3c", "w4c", "w8c", "w4g32")]
+    specs = [gs.QuantSpec.parse(s) for s in ("w3c", "w4c", "w8c", "w4g32", "w3g32", "w8g32", "w4g64f", "w3g64f")]  # groups of one width: one stack
     from gransearch.algorithms.gptq import gptq_many
 
     many = gptq_many(W, H, specs)
