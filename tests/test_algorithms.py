@@ -392,8 +392,8 @@ def test_gptq_many_equals_gptq_spec_by_spec(act_order, monkeypatch):
     """The stacked solves of several specs are GPTQ row by row: the same codes, scales, zeros and
     loss as one gptq() call per spec (dead input columns included). Without act_order the specs
     whose groups are taken in the loop stack by group width, symmetry and offset kind, their bits
-    per row: 12 specs in 4 column loops (the up-front ones, g32, g32 float offset, g64 symmetric)
-    plus one alone (g64 asymmetric)."""
+    per row: 12 specs in 5 column loops (the up-front ones, g32, g32 float offset, g64 symmetric, and
+    g64 asymmetric alone: a stack of one)."""
     import importlib
 
     G = importlib.import_module("gransearch.algorithms.gptq")

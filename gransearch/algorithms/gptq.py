@@ -143,8 +143,7 @@ def gptq(
     if known:
         S, Z, group = scale_cols[:, cols], zero_cols[:, cols], None
     else:
-        # a lazy batch must hold whole groups, so each group's parameters see all earlier updates
-        block_size = max(g, (block_size // g) * g)
+        block_size = _whole_groups(block_size, g)
         S, Z = torch.empty_like(W), torch.empty_like(W)
         group = _Groups(g, spec, clip)
 
@@ -193,13 +192,6 @@ def gptq_many(
             in_loop.setdefault((spec.granularity.width(in_f), spec.symmetric, spec.float_zero), []).append(k)
         else:
             upfront.append(k)
-    stacks = [ks for ks in in_loop.values() if len(ks) > 1]
-    for ks in in_loop.values():
-        if len(ks) == 1:  # alone: gptq() itself
-            out[ks[0]] = gptq(W, H, specs[ks[0]], damp=damp, block_size=block_size, act_order=act_order, max_damp_tries=max_damp_tries,
-                              name=name, prepared=prep)
-    if not upfront and not stacks:
-        return out
     W0 = _dead_zeroed(W, prep)
     out_f = W0.shape[0]
     Wp = W0 if prep.perm is None else W0[:, prep.perm]
@@ -221,17 +213,23 @@ def gptq_many(
         for j, k in enumerate(upfront):
             rows = slice(j * out_f, (j + 1) * out_f)
             out[k] = _result(codes[rows], *params[j], specs[k], prep, loss[rows])
-    for ks in stacks:  # as gptq() with its groups taken in the loop, every spec's rows at once
+    for ks in in_loop.values():  # as gptq() with its groups taken in the loop, every spec's rows at once (a spec alone too)
         g = specs[ks[0]].granularity.width(in_f)
         Ws = Wp.repeat(len(ks), 1)
         S, Z = torch.empty_like(Ws), torch.empty_like(Ws)
-        codes, loss = _solve_columns(Ws, hinv, S, Z, rows_maxq(ks), max(g, (block_size // g) * g), _Groups(g, specs[ks[0]], None))
+        codes, loss = _solve_columns(Ws, hinv, S, Z, rows_maxq(ks), _whole_groups(block_size, g), _Groups(g, specs[ks[0]], None))
         for j, k in enumerate(ks):
             rows = slice(j * out_f, (j + 1) * out_f)
             scale_cols, zero_cols = S[rows, ::g], Z[rows, ::g]
             check_params(scale_cols, zero_cols if specs[k].float_zero else None)
             out[k] = _result(codes[rows], scale_cols, zero_cols, specs[k], prep, loss[rows])
     return out
+
+
+def _whole_groups(block_size: int, g: int) -> int:
+    """The lazy batch's width when groups are taken in the loop: whole groups (at least one), so each
+    group's parameters see every earlier column's update."""
+    return max(g, (block_size // g) * g)
 
 
 def _prepared(prepared: Optional["GPTQPrepared"], H: torch.Tensor, damp: float, act_order: bool, max_damp_tries: int,
