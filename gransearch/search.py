@@ -58,7 +58,7 @@ from .offload import DiskModel, counted
 from .offload import perplexity as disk_perplexity
 from .plan import GB, LayerPlan, QuantPlan, model_fingerprint, weights_fingerprint
 from .quantizer import QuantizedWeight
-from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
+from .study import (POLL_SECONDS, SEARCH_RECORD_VERSION, PerTrialReads, bind_study, check_workers, enqueue_missing, open_study, run_trials, storage_lock,
                     worker_id)
 
 PROXIES = ("ppl", "kl")  # what a trial measures on the validation windows
@@ -562,8 +562,8 @@ def optimize(
         raise ValueError("eval_ids (the validation token stream of the proxy objective) is required unless objective_fn is given")
     record = _search_record(model, calib, bank, (methods, bits, granularities), act_order, shapes, budget,
                             objective_fn, eval_ids, seqlen, eval_windows, prof.name, float_dtype, bank_prune, proxy, bank_opts)
-    sampler = _sampler(sampler, seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1)
+    # both read the study once per trial (PerTrialReads), not once per weight and per window
+    sampler, pruner = PerTrialReads().wrap(_sampler(sampler, seed), optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=1))
     study_name = study_name or f"gransearch-{fingerprint}-{budget}"
     study = open_study(storage, study_name, sampler=sampler, pruner=pruner)
     with storage_lock(storage):

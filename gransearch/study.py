@@ -17,11 +17,17 @@ SQLite, an advisory lock on PostgreSQL), and only while fewer than ``n_trials`` 
 pruned or running, so a study of ``n_trials`` ends with exactly that many counted trials whatever
 the number of workers; a running trial records a heartbeat, and one whose worker died is failed
 and re-run by another.
+
+Reads: the sampler and the pruner see the study through :class:`PerTrialReads`, one read of its
+trials per trial instead of one per suggested weight and per pruning check (each a round trip to
+the database of an RDB storage: most of a trial's cost on a GPU, where an evaluation takes 0.1 s).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +44,8 @@ from .errors import StudyMismatchError
 log = logging.getLogger(__name__)
 
 __all__ = ["open_study", "bind_study", "bind_file", "fail_dead_trials", "enqueue_missing", "worker_id", "describe_changes",
-           "retry_failed", "run_trials", "storage_lock", "SEARCH_RECORD_VERSION", "HEARTBEAT_SECONDS", "GRACE_SECONDS"]
+           "retry_failed", "run_trials", "storage_lock", "PerTrialReads", "SEARCH_RECORD_VERSION", "HEARTBEAT_SECONDS",
+           "GRACE_SECONDS"]
 
 SEARCH_RECORD_VERSION = 1
 
@@ -67,6 +74,112 @@ def worker_id() -> str:
     """``host:pid`` of this process (``GRANSEARCH_WORKER_HOST`` replaces the host name), stored on
     each trial it runs."""
     return f"{os.environ.get('GRANSEARCH_WORKER_HOST') or socket.gethostname()}:{os.getpid()}"
+
+
+class _StudyAsItStood:
+    """A study whose trial reads (``get_trials``, ``_get_trials``, ``trials``) answer from a list taken
+    once; everything else (direction, storage, attributes) is the study's own."""
+
+    def __init__(self, study, trials):
+        self._study, self._trials = study, trials
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        trials = list(self._trials) if states is None else [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        return self.get_trials(deepcopy, states)
+
+    @property
+    def trials(self):
+        return self.get_trials()
+
+
+class PerTrialReads:
+    """One read of a study's trials per trial, shared by its sampler and its pruner.
+
+    Optuna's TPE sampler (its constant liar, on by default since Optuna 5, reads the running trials
+    too, so it never uses Optuna's per-trial cache) reads every trial of the study once per
+    suggested weight, and the median pruner once per reported window: about 14 reads a trial, each
+    a round trip of several queries to an RDB storage (5 ms on a 2-core CPU), against one here. The
+    first read a trial makes is kept and answers the rest of that trial's reads.
+
+    What the sampler and the pruner see is the same for one worker: the trials other than the
+    current one cannot change during it (the sampler leaves the current one out by its number).
+    With several workers on one study, a trial's pruning compares with the trials complete when its
+    sampling began, not with ones other workers finish during its evaluation; its sampling reads
+    are a few milliseconds apart either way. ``ENABLED = False`` reads as Optuna does (tests and
+    ``benchmarks/trial_storage.py`` compare the two).
+    """
+
+    ENABLED = True
+
+    def __init__(self):
+        self._study, self._number, self._view = None, None, None
+
+    def view(self, study, trial):
+        """``study`` as it stood at this trial's first read (``study`` itself when disabled)."""
+        if not PerTrialReads.ENABLED:
+            return study
+        if study is not self._study or trial.number != self._number:
+            self._view = _StudyAsItStood(study, study.get_trials(deepcopy=False))
+            self._study, self._number = study, trial.number
+        return self._view
+
+    def wrap(self, sampler, pruner):
+        """The sampler and pruner that read the study through :meth:`view` (``None`` stays ``None``)."""
+        reading_sampler, reading_pruner = _reading_classes()
+        return (None if sampler is None else reading_sampler(sampler, self)), (None if pruner is None else reading_pruner(pruner, self))
+
+
+@functools.lru_cache(maxsize=None)
+def _reading_classes():
+    """Optuna's sampler and pruner interfaces, delegating to an inner one through a
+    :class:`PerTrialReads` (made on first use: Optuna is imported lazily)."""
+    import optuna
+
+    class ReadingSampler(optuna.samplers.BaseSampler):
+        """A sampler that reads the study once per trial."""
+
+        def __init__(self, inner, reads: PerTrialReads):
+            self.inner, self.reads = inner, reads
+
+        def __getattr__(self, name):  # the inner sampler's own settings (its seed, startup trials)
+            if name in ("inner", "reads"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.inner.infer_relative_search_space(self.reads.view(study, trial), trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.inner.sample_relative(self.reads.view(study, trial), trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.inner.sample_independent(self.reads.view(study, trial), trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial):
+            self.inner.before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            self.inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self.inner.reseed_rng()
+
+    class ReadingPruner(optuna.pruners.BasePruner):
+        """A pruner that reads the study once per trial."""
+
+        def __init__(self, inner, reads: PerTrialReads):
+            self.inner, self.reads = inner, reads
+
+        def prune(self, study, trial):
+            return self.inner.prune(self.reads.view(study, trial), trial)
+
+    return ReadingSampler, ReadingPruner
 
 
 def _sqlite_path(storage) -> Optional[str]:
