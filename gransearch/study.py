@@ -104,8 +104,9 @@ class PerTrialReads:
     Optuna's TPE sampler (its constant liar, on by default since Optuna 5, reads the running trials
     too, so it never uses Optuna's per-trial cache) reads every trial of the study once per
     suggested weight, and the median pruner once per reported window: about 14 reads a trial, each
-    a round trip of several queries to an RDB storage (5 ms on a 2-core CPU), against one here. The
-    first read a trial makes is kept and answers the rest of that trial's reads.
+    several queries through SQLAlchemy to an RDB storage (milliseconds each), against one here. The
+    first read a trial makes is kept and answers the rest of that trial's reads
+    (``benchmarks/trial_storage.py``: what SQLite adds to a trial, 0.54x).
 
     What the sampler and the pruner see is the same for one worker: the trials other than the
     current one cannot change during it (the sampler leaves the current one out by its number).
