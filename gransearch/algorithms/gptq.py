@@ -137,20 +137,14 @@ def gptq(
     grouped = gran.grouped
     if act_order and grouped and not static_groups:
         log.info("GPTQ%s: act_order with groups uses static groups (contiguous group storage)", " " + name if name else "")
-    g = gran.width(in_f)
     scale_cols, zero_cols, known = _upfront_params(W, spec, clip, static_groups or act_order)
-    cols = _column_groups(prep, in_f, g, dev)
-    if known:
-        S, Z, group = scale_cols[:, cols], zero_cols[:, cols], None
-    else:
-        block_size = _whole_groups(block_size, g)
-        S, Z = torch.empty_like(W), torch.empty_like(W)
-        group = _Groups(g, spec, clip)
-
     Wp = W if prep.perm is None else W[:, prep.perm]
-    codes, loss = _solve_columns(Wp, prep.hinv.to(dev), S, Z, spec.maxq, block_size, group)
-    if group is not None:  # each group's parameters, as taken at its first column
-        scale_cols.copy_(S[:, ::g]), zero_cols.copy_(Z[:, ::g])
+    hinv = prep.hinv.to(dev)
+    if known:
+        cols = _column_groups(prep, in_f, gran.width(in_f), dev)
+        codes, loss = _solve_columns(Wp, hinv, scale_cols[:, cols], zero_cols[:, cols], spec.maxq, block_size)
+    else:
+        codes, loss, scale_cols, zero_cols = _solve_groups_in_loop(Wp, hinv, spec.maxq, spec, clip, block_size)
         check_params(scale_cols, zero_cols if spec.float_zero else None)
     return _result(codes, scale_cols, zero_cols, spec, prep, loss)
 
@@ -214,22 +208,23 @@ def gptq_many(
             rows = slice(j * out_f, (j + 1) * out_f)
             out[k] = _result(codes[rows], *params[j], specs[k], prep, loss[rows])
     for ks in in_loop.values():  # as gptq() with its groups taken in the loop, every spec's rows at once (a spec alone too)
-        g = specs[ks[0]].granularity.width(in_f)
-        Ws = Wp.repeat(len(ks), 1)
-        S, Z = torch.empty_like(Ws), torch.empty_like(Ws)
-        codes, loss = _solve_columns(Ws, hinv, S, Z, rows_maxq(ks), _whole_groups(block_size, g), _Groups(g, specs[ks[0]], None))
+        codes, loss, S, Z = _solve_groups_in_loop(Wp.repeat(len(ks), 1), hinv, rows_maxq(ks), specs[ks[0]], None, block_size)
         for j, k in enumerate(ks):
             rows = slice(j * out_f, (j + 1) * out_f)
-            scale_cols, zero_cols = S[rows, ::g], Z[rows, ::g]
-            check_params(scale_cols, zero_cols if specs[k].float_zero else None)
-            out[k] = _result(codes[rows], scale_cols, zero_cols, specs[k], prep, loss[rows])
+            check_params(S[rows], Z[rows] if specs[k].float_zero else None)
+            out[k] = _result(codes[rows], S[rows], Z[rows], specs[k], prep, loss[rows])
     return out
 
 
-def _whole_groups(block_size: int, g: int) -> int:
-    """The lazy batch's width when groups are taken in the loop: whole groups (at least one), so each
-    group's parameters see every earlier column's update."""
-    return max(g, (block_size // g) * g)
+def _solve_groups_in_loop(Wp: torch.Tensor, hinv: torch.Tensor, maxq, spec: QuantSpec, clip: ClipArg, block_size: int):
+    """The column loop with each group's parameters taken at its first column from the partially
+    updated weights (:class:`_Groups`; ``spec`` gives all but the bits when ``maxq`` is per row):
+    codes, loss, and the ``[rows, n_groups]`` scales and zeros as taken, unchecked. A lazy batch
+    holds whole groups (at least one), so each group's parameters see every earlier column's update."""
+    g = spec.granularity.width(Wp.shape[1])
+    S, Z = torch.empty_like(Wp), torch.empty_like(Wp)
+    codes, loss = _solve_columns(Wp, hinv, S, Z, maxq, max(g, (block_size // g) * g), _Groups(g, spec, clip))
+    return codes, loss, S[:, ::g], Z[:, ::g]
 
 
 def _prepared(prepared: Optional["GPTQPrepared"], H: torch.Tensor, damp: float, act_order: bool, max_damp_tries: int,
