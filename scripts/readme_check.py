@@ -1,0 +1,139 @@
+"""Run the README's first command's search again and say whether its result moved.
+
+    python scripts/readme_check.py [--out runs/readme-check] [--existing] [--record FILE]
+
+Runs ``gransearch optimize`` with the README's arguments into ``--out`` (a fresh folder; with
+``--existing`` it reads a folder that such a run finished instead of running it), then compares
+its plan, layer by layer, with ``docs/data/search/cpu/budget-w4g64/plan.json`` (the plan
+``docs/search.md`` reports), and its proxy and final perplexities with the last record of this
+check in ``docs/data/search/cpu-epyc`` (the AMD EPYC machine's figures: GPTQ's arithmetic moves
+with the CPU, so another machine can find other digits, or another plan). Prints the comparison
+and exits 1 when the plan or a perplexity differs; ``--record FILE`` writes the run's
+``summary.json`` (its storage path removed) with the comparison, the commit and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["optimize", "--model", "smollm2-135m", "--data", "wiki-sample", "--budget-like", "w4g64", "--bits", "3,4,8",
+        "--grans", "channel,32,64", "--trials", "60", "--n-final", "1"]
+REFERENCE_PLAN = os.path.join(ROOT, "docs", "data", "search", "cpu", "budget-w4g64", "plan.json")
+RECORDS = os.path.join(ROOT, "docs", "data", "search", "cpu-epyc", "readme-w4g64-*.json")
+
+
+def _layers(path: str) -> dict:
+    """``{layer: (method, spec)}`` of a plan file."""
+    with open(path) as f:
+        layers = json.load(f)["layers"]
+    return {name: (v["method"], v["spec"]) for name, v in layers.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def _torch_version() -> str:
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _depth(commit: str) -> int:
+    """How many commits lead to ``commit`` (0 when this history does not hold it)."""
+    try:
+        return int(_git("rev-list", "--count", commit.removesuffix("+dirty")))
+    except (subprocess.CalledProcessError, ValueError):
+        return 0
+
+
+def _last_record() -> tuple[str, dict] | None:
+    """The newest record of this check: by its ``date``, then by its commit's depth in the history
+    (a clone's files all have the time of the clone)."""
+    found = []
+    for path in glob.glob(RECORDS):
+        with open(path) as f:
+            rec = json.load(f)
+        if "summary" in rec:
+            found.append((rec.get("date", ""), _depth(rec.get("commit", "")), path, rec))
+    if not found:
+        return None
+    _, _, path, rec = max(found)
+    return path, rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "readme-check"))
+    ap.add_argument("--existing", action="store_true", help="compare a folder a finished run left; run nothing")
+    ap.add_argument("--record", help="write the summary and the comparison to this JSON file")
+    args = ap.parse_args(argv)
+    cli = os.path.join(os.path.dirname(sys.executable), "gransearch")
+    wall = None
+    if not args.existing:
+        if os.path.exists(args.out):
+            sys.exit(f"{args.out} exists: remove it (a check runs the whole search in a fresh folder), or pass --existing to compare it")
+        t0 = time.perf_counter()
+        subprocess.run([cli if os.path.exists(cli) else "gransearch", *ARGS, "--out", args.out], check=True)
+        wall = round(time.perf_counter() - t0, 1)
+    summary_path = os.path.join(args.out, "summary.json")
+    if not os.path.exists(summary_path):
+        sys.exit(f"{summary_path} is missing: the run in {args.out} did not finish (the same command resumes it)")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    summary.pop("storage", None)  # a path on this machine
+    ours, ref = _layers(os.path.join(args.out, "plan.json")), _layers(REFERENCE_PLAN)
+    moved = sorted(n for n in set(ours) | set(ref) if ours.get(n) != ref.get(n))
+    print(f"plan against {os.path.relpath(REFERENCE_PLAN, ROOT)}: "
+          + ("the same, layer for layer" if not moved else f"{len(moved)} of {len(ref)} layers differ, first {moved[:3]}"))
+    last = _last_record()
+    same_ppl = None
+    if last is not None:
+        path, rec = last
+        pairs = [(k, rec["summary"][k], summary[k]) for k in ("proxy_ppl", "final_ppl")]
+        same_ppl = all(a == b for _, a, b in pairs)
+        for k, a, b in pairs:
+            print(f"{k}: {b!r} against {a!r} in {os.path.relpath(path, ROOT)} (commit {rec.get('commit')}): "
+                  + ("equal" if a == b else f"{b / a - 1:+.4%}"))
+    if args.record:
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        record = {
+            "what": "the README's first command's search (gransearch " + " ".join(ARGS) + f" --out {os.path.relpath(args.out, ROOT)}), "
+                    "run by scripts/readme_check.py; summary is its summary.json (the storage path removed)",
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, torch {_torch_version()}",
+            "commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+            "date": datetime.date.today().isoformat(),
+            "plan_equal_to_" + os.path.relpath(REFERENCE_PLAN, ROOT).replace("/", "_").removesuffix("_plan.json"): not moved,
+            "proxy_and_final_equal_to_" + (last[1].get("commit", "?") if last else "none"): same_ppl,
+            "wall_seconds_of_the_command": wall,
+            "summary": summary,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
+        tmp = args.record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        shutil.move(tmp, args.record)
+        print(f"record: {args.record}")
+    return 0 if not moved and same_ppl is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
