@@ -1,14 +1,16 @@
 """Cost of the search: bank construction against one uniform GPTQ, trial time against one evaluation.
 
-    python benchmarks/search_cost.py [--n-calib 128] [--trials 10] [--device cuda] [--profile FILE]
+    python benchmarks/search_cost.py [--n-calib 128] [--trials 30] [--device cuda] [--profile FILE]
 
 Bank: K = 12 candidates per layer (rtn, gptq, awq x 3, 4 bits x per-channel, groups of 64), built by
 ``build_bank`` (one calibration pass, one Cholesky per layer, one AWQ search per group and spec),
 against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same calibration tokens, in
 the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
-evaluation of the same validation slice. ``--device cuda``: every step runs on the GPU (the model
-stays on the CPU between blocks for quantization and the bank; evaluations run on a copy on the
-GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite file
+evaluation of the same validation slice, and by kind of trial (:func:`trial_kinds`: the uniform
+warm starts, which change every layer and are measured whole, against the trials the sampler
+proposes, most of a search; 30 trials by default, of which 10 are warm starts). ``--device
+cuda``: every step runs on the GPU (the model stays on the CPU between blocks for quantization and
+the bank; evaluations run on a copy on the GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite file
 in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows say
 what the storage adds to a trial, and a third time in memory (what the first search paid once per
 process is gone then), each with the seconds the garbage collector took during it
@@ -79,6 +81,42 @@ def first_blocks(model, n: int):
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = list(small.config.layer_types)[:n]
     return small
+
+
+SEARCHED = "searched (the sampler's knapsack weights), all"
+MEASURED = "  of which measured whole"  # a whole evaluation like the bare one: the row the trial target reads
+
+
+def trial_kinds(study) -> dict[str, list[float]]:
+    """The seconds of each finished trial of ``study`` (from its start to its end, as Optuna stores
+    them: sampling, knapsack, duplicate check, assembly, evaluation, storage writes), by what the trial
+    is. A search begins with its warm starts: one uniform plan per method and spec that fits the
+    budget (every layer new to the assembly, never pruned: 9 of the first 10 trials here), then
+    knapsacks of fixed weights (1 here); the trials the sampler proposes, most of a search (39 of
+    the README's 60, after 15 uniform plans and 6 other warm starts), change fewer layers, may be
+    pruned, and may propose a plan already measured (a duplicate: no evaluation). Kinds with no
+    trial are left out."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    kinds: dict[str, list[float]] = {"uniform plans (warm starts: every layer new, measured whole)": [],
+                                     "other warm starts (the knapsack with fixed weights)": [], SEARCHED: [],
+                                     MEASURED: [], "  of which pruned": [],
+                                     "  of which duplicates of a measured plan (no evaluation)": []}
+    for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)):
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        s = (t.datetime_complete - t.datetime_start).total_seconds()
+        a = t.user_attrs
+        if "uniform" in a:
+            kinds["uniform plans (warm starts: every layer new, measured whole)"].append(s)
+        elif "warm" in a or "seed" in a:
+            kinds["other warm starts (the knapsack with fixed weights)"].append(s)
+        else:
+            kinds[SEARCHED].append(s)
+            kinds["  of which duplicates of a measured plan (no evaluation)" if "duplicate_of" in a
+                  else "  of which pruned" if t.state == S.PRUNED else MEASURED].append(s)
+    return {k: v for k, v in kinds.items() if v}
 
 
 def evaluation_gap(model, bank, res, val, dev, windows: int, repeats: int = 5) -> tuple[list[tuple[str, float]], dict]:
@@ -199,7 +237,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-calib", type=int, default=128)
-    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=30,
+                    help="trials per search (default 30: the 9 uniform warm starts and 1 knapsack warm start, then 20 the sampler proposes)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--device", default=None, help="cpu (default) or cuda")
     ap.add_argument("--profile", default=None, metavar="FILE",
@@ -264,6 +303,7 @@ def main() -> None:
     t_all = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp, pauses[1]:  # the same trials with the study in a SQLite file, as the CLI keeps it
         on_disk = search(f"sqlite:///{os.path.join(tmp, 'study.db')}")
+        kinds_db = trial_kinds(on_disk.study)  # read before the folder goes
     t_loop_db = on_disk.search_seconds / on_disk.n_trials
     with pauses[2]:
         again = search()  # a third time, in memory: what a search pays once per process (first calls, imports) is gone
@@ -292,6 +332,12 @@ def main() -> None:
         print(f"trial loop stages, study {name} (seconds per trial, of {r.search_seconds / r.n_trials:.3f}): "
               + ", ".join(f"{k} {v / r.n_trials:.3f}" for k, v in r.trial_stages.items())
               + f"; garbage collection during the whole search: {gcp}")
+    print(f"\n## Trials by kind: seconds from a trial's start to its end, against one bare evaluation ({t_eval:.3f} s)")
+    print("| search | trials | count | mean seconds | ratio |\n|---|---|---:|---:|---:|")
+    for name, kinds in (("in memory, third search", trial_kinds(again.study)), ("in SQLite", kinds_db)):
+        for kind, secs in kinds.items():
+            mean = sum(secs) / len(secs)
+            print(f"| {name} | {kind} | {len(secs)} | {mean:.3f} | {mean / t_eval:.2f}{' (target at most 1.5)' if kind == MEASURED else ''} |")
     gap, evals = evaluation_gap(model, bank, res, val, dev, args.eval_windows)
     print(f"\n## Where a trial's evaluation differs from a bare one ({args.eval_windows} x 512 tokens, median of 5)")
     print("| evaluation | seconds | ratio |\n|---|---:|---:|")

@@ -14,7 +14,8 @@
 #   call 2, carrying .dev/part2 .dev/boot.sh:
 #       source .dev/boot.sh; bash benchmarks/gpu_suite.sh $OUT quantize_speed,search_cost,awq_rank,gc_pauses
 # (quantize_speed: GPTQ's column loop with fewer operations per column, against its floor;
-# search_cost: the bank of K = 12 against one uniform GPTQ, and the trial, on another machine; and
+# search_cost: the bank of K = 12 against one uniform GPTQ, and the trials by kind (the ones the
+# sampler proposes apart from the warm starts), on another machine; and
 # its profile, search-profile.txt: which bank stages wait on the host and which on the GPU; and the
 # bank with AWQ on the exact Hessians; awq_rank: AWQ's rank-64 factors against the exact Hessians,
 # their eigendecompositions' seconds against the exact searches' extra arithmetic; gc_pauses, last,
@@ -22,7 +23,8 @@
 # Measured before: on an H100, gpu_tests,graphs,quantize_speed,export_gpu,search_cost,readme_search;
 # on an H200, gpu_tests,scale_search,scale_quantize,search_cost,launches,export_gpu,quantize_speed,
 # readme_search. The second call's first two steps took 140 s on an H100 (the machine's start not
-# counted); search_cost now builds one bank more (about 15 s on an H100, estimated) and awq_rank is
+# counted); search_cost now builds one bank more (about 15 s on an H100, estimated) and runs 30
+# trials per search instead of 10 (about 15 s more for its three searches, estimated), and awq_rank is
 # new (about a minute, estimated: four AWQ-only banks of SmolLM2); the first call, with its start,
 # about 90 s.
 set -euo pipefail

@@ -55,3 +55,30 @@ def test_readme_check_refuses_a_folder_it_did_not_make(tmp_path):
         check["main"](["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="did not finish"):
         check["main"](["--out", str(tmp_path), "--existing"])
+
+
+def test_search_cost_sorts_trials_by_kind(monkeypatch):
+    """benchmarks/search_cost.py's trials by kind: with its grid and budget the first 10 trials are
+    the 9 uniform plans and a knapsack warm start (what its 10-trial rows measured), and every
+    finished trial is counted once, the proposed ones split into measured whole, pruned, repeats."""
+    import gransearch as gs
+
+    from .conftest import calib_windows
+    from .tiny import tiny_model, token_stream
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # its sibling modules
+    kinds_of = runpy.run_path(os.path.join(ROOT, "benchmarks", "search_cost.py"))["trial_kinds"]
+    model = tiny_model("llama")
+    budget = gs.QuantPlan.uniform(model, "w4c", "rtn").nbytes(model)
+    res = gs.optimize(model, budget_bytes=budget, calib=calib_windows(), eval_ids=token_stream(4096, seed=1), methods=("rtn", "gptq", "awq"),
+                      bits=(3, 4), granularities=("channel", 64), n_trials=24, eval_windows=8, seqlen=64, n_final=0, verbose=False)
+    first = sorted(res.study.trials, key=lambda t: t.number)[:10]
+    assert [("uniform" in t.user_attrs, "warm" in t.user_attrs) for t in first] == [(True, False)] * 9 + [(False, True)]
+    kinds = kinds_of(res.study)
+    uniform, searched = kinds["uniform plans (warm starts: every layer new, measured whole)"], kinds["searched (the sampler's knapsack weights), all"]
+    assert len(uniform) == 9 and searched
+    parts = [v for k, v in kinds.items() if k.startswith("  of which")]
+    assert sum(map(len, parts)) == len(searched)
+    finished = [t for t in res.study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sum(len(v) for k, v in kinds.items() if not k.startswith("  of which")) == len(finished)
+    assert all(s > 0 for v in kinds.values() for s in v)
