@@ -8,11 +8,11 @@ against one whole-model uniform GPTQ ``w4g64`` (``gs.quantize``) on the same cal
 the same process. Trials: mean seconds per trial of ``optimize`` against one bare perplexity
 evaluation of the same validation slice, and by kind of trial (:func:`trial_kinds`: the uniform
 warm starts, which change every layer and are measured whole, against the trials the sampler
-proposes, most of a search; 30 trials by default, of which 10 are warm starts). ``--device
-cuda``: every step runs on the GPU (the model stays on the CPU between blocks for quantization and
-the bank; evaluations run on a copy on the GPU). The trials run twice on the same bank: with the study in memory, and with it in a SQLite file
-in a temporary folder, as the CLI keeps it (``--out DIR``: ``DIR/study.db``), so the last rows say
-what the storage adds to a trial, and a third time in memory (what the first search paid once per
+proposes, most of a search; 30 trials by default, of which 15 are warm starts with this grid).
+``--device cuda``: every step runs on the GPU (the model stays on the CPU between blocks for
+quantization and the bank; evaluations run on a copy on the GPU). The trials run twice on the same
+bank: with the study in memory, and with it in a SQLite file in a temporary folder, as the CLI
+keeps it (``--out DIR``: ``DIR/study.db``), so the last rows say what the storage adds to a trial, and a third time in memory (what the first search paid once per
 process is gone then), each with the seconds the garbage collector took during it
 (``gc_pauses.Probe``); then the same evaluation is timed as a bare copy, as the trial loop's
 assembled model, reporting to Optuna and inside the stage timer (:func:`evaluation_gap`), to say
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--trials", type=int, default=30,
-                    help="trials per search (default 30: the 9 uniform warm starts and 1 knapsack warm start, then 20 the sampler proposes)")
+                    help="trials per search (default 30: 15 warm starts, 9 of them uniform plans, then 15 the sampler proposes)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--device", default=None, help="cpu (default) or cuda")
     ap.add_argument("--profile", default=None, metavar="FILE",
