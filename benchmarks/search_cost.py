@@ -83,8 +83,12 @@ def first_blocks(model, n: int):
     return small
 
 
+UNIFORM = "uniform plans (warm starts: every layer new, measured whole)"
+WARM = "other warm starts (the knapsack with fixed weights)"
 SEARCHED = "searched (the sampler's knapsack weights), all"
 MEASURED = "  of which measured whole"  # a whole evaluation like the bare one: the row the trial target reads
+PRUNED = "  of which pruned"
+REPEATS = "  of which duplicates of a measured plan (no evaluation)"
 
 
 def trial_kinds(study) -> dict[str, list[float]]:
@@ -99,23 +103,19 @@ def trial_kinds(study) -> dict[str, list[float]]:
     import optuna
 
     S = optuna.trial.TrialState
-    kinds: dict[str, list[float]] = {"uniform plans (warm starts: every layer new, measured whole)": [],
-                                     "other warm starts (the knapsack with fixed weights)": [], SEARCHED: [],
-                                     MEASURED: [], "  of which pruned": [],
-                                     "  of which duplicates of a measured plan (no evaluation)": []}
+    kinds: dict[str, list[float]] = {k: [] for k in (UNIFORM, WARM, SEARCHED, MEASURED, PRUNED, REPEATS)}
     for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)):
         if t.datetime_start is None or t.datetime_complete is None:
             continue
         s = (t.datetime_complete - t.datetime_start).total_seconds()
         a = t.user_attrs
         if "uniform" in a:
-            kinds["uniform plans (warm starts: every layer new, measured whole)"].append(s)
+            kinds[UNIFORM].append(s)
         elif "warm" in a or "seed" in a:
-            kinds["other warm starts (the knapsack with fixed weights)"].append(s)
+            kinds[WARM].append(s)
         else:
             kinds[SEARCHED].append(s)
-            kinds["  of which duplicates of a measured plan (no evaluation)" if "duplicate_of" in a
-                  else "  of which pruned" if t.state == S.PRUNED else MEASURED].append(s)
+            kinds[REPEATS if "duplicate_of" in a else PRUNED if t.state == S.PRUNED else MEASURED].append(s)
     return {k: v for k, v in kinds.items() if v}
 
 
