@@ -26,9 +26,22 @@ import time
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``""`` where there is none): GPTQ's float
+    arithmetic, so the last digits of a result, moves with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
+    cpu = platform.processor() or platform.machine()
+    name = cpu_name()
+    return (f"{cpu}{f' ({name})' if name else ''}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"{dev}")
 
 
 def sync(device) -> None:

@@ -1,9 +1,10 @@
 """Run the README's first command's search again and say whether its result moved.
 
-    python scripts/readme_check.py [--out runs/readme-check] [--existing] [--record FILE]
+    python scripts/readme_check.py [--out runs/readme-check] [--existing --commit C] [--record FILE]
 
 Runs ``gransearch optimize`` with the README's arguments into ``--out`` (a fresh folder; with
-``--existing`` it reads a folder that such a run finished instead of running it), then compares
+``--existing`` it reads a folder that such a run finished instead of running it, and a record
+needs ``--commit``, the commit that run was made at), then compares
 its plan, layer by layer, with ``docs/data/search/cpu/budget-w4g64/plan.json`` (the plan
 ``docs/search.md`` reports), and its proxy and final perplexities with the last record of this
 check in ``docs/data/search/cpu-epyc`` (the AMD EPYC machine's figures: GPTQ's arithmetic moves
@@ -19,13 +20,15 @@ import datetime
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from eval_speed import machine  # noqa: E402  (the benchmarks' description of the machine)
+
 ARGS = ["optimize", "--model", "smollm2-135m", "--data", "wiki-sample", "--budget-like", "w4g64", "--bits", "3,4,8",
         "--grans", "channel,32,64", "--trials", "60", "--n-final", "1"]
 REFERENCE_PLAN = os.path.join(ROOT, "docs", "data", "search", "cpu", "budget-w4g64", "plan.json")
@@ -37,19 +40,6 @@ def _layers(path: str) -> dict:
     with open(path) as f:
         layers = json.load(f)["layers"]
     return {name: (v["method"], v["spec"]) for name, v in layers.items()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
-
-
-def _torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
-    return out.stdout.strip() or "?"
 
 
 def _git(*args: str) -> str:
@@ -84,10 +74,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "readme-check"))
     ap.add_argument("--existing", action="store_true", help="compare a folder a finished run left; run nothing")
     ap.add_argument("--record", help="write the summary and the comparison to this JSON file")
+    ap.add_argument("--commit", help="the commit the run was made at, for the record (needed with --existing; else this checkout's at the start)")
     args = ap.parse_args(argv)
+    if args.existing and args.record and not args.commit:
+        sys.exit("--existing cannot tell which commit made the run it compares: name it with --commit for the record")
     cli = os.path.join(os.path.dirname(sys.executable), "gransearch")
-    wall = None
+    wall, commit = None, args.commit
     if not args.existing:
+        commit = commit or _git("rev-parse", "--short", "HEAD") + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
         if os.path.exists(args.out):
             sys.exit(f"{args.out} exists: remove it (a check runs the whole search in a fresh folder), or pass --existing to compare it")
         t0 = time.perf_counter()
@@ -113,12 +107,11 @@ def main(argv=None) -> int:
             print(f"{k}: {b!r} against {a!r} in {os.path.relpath(path, ROOT)} (commit {rec.get('commit')}): "
                   + ("equal" if a == b else f"{b / a - 1:+.4%}"))
     if args.record:
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
         record = {
             "what": "the README's first command's search (gransearch " + " ".join(ARGS) + f" --out {os.path.relpath(args.out, ROOT)}), "
                     "run by scripts/readme_check.py; summary is its summary.json (the storage path removed)",
-            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, torch {_torch_version()}",
-            "commit": _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+            "machine": machine(),
+            "commit": commit,
             "date": datetime.date.today().isoformat(),
             "plan_equal_to_" + os.path.relpath(REFERENCE_PLAN, ROOT).replace("/", "_").removesuffix("_plan.json"): not moved,
             "proxy_and_final_equal_to_" + (last[1].get("commit", "?") if last else "none"): same_ppl,

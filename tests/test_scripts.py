@@ -28,9 +28,12 @@ def _finished_run(tmp_path, **summary):
 def test_readme_check_passes_on_the_recorded_result_and_records_it(tmp_path, capsys):
     check, out = _finished_run(tmp_path)
     record = tmp_path / "record.json"
-    assert check["main"](["--out", str(out), "--existing", "--record", str(record)]) == 0
+    with pytest.raises(SystemExit, match="name it with --commit"):  # a finished folder does not say which commit made it
+        check["main"](["--out", str(out), "--existing", "--record", str(record)])
+    assert check["main"](["--out", str(out), "--existing", "--record", str(record), "--commit", "abc1234"]) == 0
     assert "the same, layer for layer" in capsys.readouterr().out
     rec = json.loads(record.read_text())
+    assert rec["commit"] == "abc1234" and rec["machine"]
     assert "storage" not in rec["summary"] and rec["wall_seconds_of_the_command"] is None
     assert [v for k, v in rec.items() if k.startswith(("plan_equal", "proxy_and_final_equal"))] == [True, True]
 
@@ -67,7 +70,8 @@ def test_search_cost_sorts_trials_by_kind(monkeypatch):
     from .tiny import tiny_model, token_stream
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # its sibling modules
-    kinds_of = runpy.run_path(os.path.join(ROOT, "benchmarks", "search_cost.py"))["trial_kinds"]
+    sc = runpy.run_path(os.path.join(ROOT, "benchmarks", "search_cost.py"))
+    kinds_of = sc["trial_kinds"]
     model = tiny_model("llama")
     budget = gs.QuantPlan.uniform(model, "w4c", "rtn").nbytes(model)
     res = gs.optimize(model, budget_bytes=budget, calib=calib_windows(), eval_ids=token_stream(4096, seed=1), methods=("rtn", "gptq", "awq"),
@@ -75,10 +79,10 @@ def test_search_cost_sorts_trials_by_kind(monkeypatch):
     first = sorted(res.study.trials, key=lambda t: t.number)[:10]
     assert [("uniform" in t.user_attrs, "warm" in t.user_attrs) for t in first] == [(True, False)] * 9 + [(False, True)]
     kinds = kinds_of(res.study)
-    uniform, searched = kinds["uniform plans (warm starts: every layer new, measured whole)"], kinds["searched (the sampler's knapsack weights), all"]
+    uniform, searched = kinds[sc["UNIFORM"]], kinds[sc["SEARCHED"]]
     assert len(uniform) == 9 and searched
-    parts = [v for k, v in kinds.items() if k.startswith("  of which")]
-    assert sum(map(len, parts)) == len(searched)
+    parts = [sc["MEASURED"], sc["PRUNED"], sc["REPEATS"]]
+    assert sum(len(kinds.get(k, [])) for k in parts) == len(searched)
     finished = [t for t in res.study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert sum(len(v) for k, v in kinds.items() if not k.startswith("  of which")) == len(finished)
+    assert sum(len(v) for k, v in kinds.items() if k not in parts) == len(finished)
     assert all(s > 0 for v in kinds.values() for s in v)
