@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from eval_speed import machine  # same folder
 from vs_llmcompressor import checked_rows, commit, keep_row, open_record, read_record, reading_args, reading_setup
 
 ROWS = {
@@ -95,7 +95,7 @@ def provenance() -> dict:
 
     import gransearch as gs
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", "commit": commit(),
+    return {"machine": machine(), "commit": commit(),
             "versions": {"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__, "gransearch": gs.__version__},
             "command": "python benchmarks/read_gptqmodel.py " + " ".join(sys.argv[1:])}
 
