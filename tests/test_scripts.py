@@ -1,5 +1,6 @@
 """The repository's check scripts, on stand-in run folders (no search is run)."""
 
+import glob
 import json
 import os
 import runpy
@@ -10,17 +11,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _readme_check():
-    return runpy.run_path(os.path.join(ROOT, "scripts", "readme_check.py"))
+def _readme_check(cpu: str = "AMD EPYC 9B14"):
+    """scripts/readme_check.py's functions, on a machine whose CPU is named ``cpu`` (an AMD EPYC's
+    records are kept: the checks do not depend on the CPU that runs the tests)."""
+    check = runpy.run_path(os.path.join(ROOT, "scripts", "readme_check.py"))
+    check["main"].__globals__["cpu_name"] = lambda: cpu
+    return check
 
 
-def _finished_run(tmp_path, **summary):
-    """A folder as the README's command leaves it: the reference plan and the last record's summary."""
-    check = _readme_check()
+def _finished_run(tmp_path, cpu: str = "AMD EPYC 9B14", **summary):
+    """A folder as the README's command leaves it: the reference plan and the summary of the record
+    a run on that CPU is compared with."""
+    check = _readme_check(cpu)
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(check["REFERENCE_PLAN"], out / "plan.json")
-    _, last = check["_last_record"]()
+    (_, last), _ = check["reference"]()  # the record a run on this machine is compared with
     (out / "summary.json").write_text(json.dumps({**last["summary"], "storage": "sqlite:////elsewhere/study.db", **summary}))
     return check, out
 
@@ -35,7 +41,11 @@ def test_readme_check_passes_on_the_recorded_result_and_records_it(tmp_path, cap
     rec = json.loads(record.read_text())
     assert rec["commit"] == "abc1234" and rec["machine"]
     assert "storage" not in rec["summary"] and rec["wall_seconds_of_the_command"] is None
-    assert [v for k, v in rec.items() if k.startswith(("plan_equal", "proxy_and_final_equal"))] == [True, True]
+    assert rec["plan_equal_to_docs_data_search_cpu_budget-w4g64"] is True
+    compared = [k for k in rec if k.startswith("proxy_and_final_equal_to_docs_data_search_cpu-")]
+    assert len(compared) == 1 and rec[compared[0]] is True and rec["that_record_of_this_cpu_family"] is True
+    docs = json.load(open(os.path.join(ROOT, "docs", "data", "search", "cpu", "budget-w4g64", "summary.json")))
+    assert rec["proxy_and_final_equal_to_docs_data_search_cpu_budget-w4g64"] == (docs["final_ppl"] == rec["summary"]["final_ppl"])
 
 
 def test_readme_check_fails_when_a_layer_or_a_perplexity_moved(tmp_path, capsys):
@@ -50,6 +60,31 @@ def test_readme_check_fails_when_a_layer_or_a_perplexity_moved(tmp_path, capsys)
     check, out = _finished_run(tmp_path / "again", final_ppl=21.8)
     assert check["main"](["--out", str(out), "--existing"]) == 1
     assert "final_ppl: 21.8 against" in capsys.readouterr().out
+
+
+def test_readme_check_compares_with_records_of_the_same_cpu_family(tmp_path, capsys):
+    """Each stored record names its CPU family, and a run is compared with the newest of its own;
+    on a family without a record the perplexities are shown against another's and only the plan
+    decides."""
+    check = _readme_check()
+    family = check["cpu_family"]
+    assert family("AMD EPYC, 2 cores, x86_64, torch 2.13.0+cpu") == "EPYC"
+    assert family("x86_64 (Intel(R) Xeon(R) Processor), 2 cores, torch 2.13.0+cpu (2 threads), no GPU") == "Xeon"
+    assert family("x86_64, 2 cores, torch 2.13.0+cpu") is None
+    records = glob.glob(check["RECORDS"])
+    assert records and all(family(json.load(open(p))["machine"]) for p in records)
+    for cpu, name in (("AMD EPYC 9B14", "EPYC"), ("Intel(R) Xeon(R) Platinum 8481C", "Xeon")):
+        (path, rec), own = _readme_check(cpu)["reference"]()
+        assert own and family(rec["machine"]) == name
+    check, out = _finished_run(tmp_path, cpu="Neoverse-V2", final_ppl=21.8)
+    assert check["main"](["--out", str(out), "--existing"]) == 0  # no record of this family: the plan decides
+    said = capsys.readouterr().out
+    assert "no record of this check on a CPU of this machine's family (Neoverse-V2)" in said and "final_ppl: 21.8 against" in said
+    plan = json.loads((out / "plan.json").read_text())
+    name = sorted(plan["layers"])[0]
+    plan["layers"][name]["spec"] = "w8c" if plan["layers"][name]["spec"] != "w8c" else "w4c"
+    (out / "plan.json").write_text(json.dumps(plan))
+    assert check["main"](["--out", str(out), "--existing"]) == 1
 
 
 def test_readme_check_refuses_a_folder_it_did_not_make(tmp_path):
