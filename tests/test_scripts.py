@@ -70,6 +70,7 @@ def test_readme_check_compares_with_records_of_the_same_cpu_family(tmp_path, cap
     family = check["cpu_family"]
     assert family("AMD EPYC, 2 cores, x86_64, torch 2.13.0+cpu") == "EPYC"
     assert family("x86_64 (Intel(R) Xeon(R) Processor), 2 cores, torch 2.13.0+cpu (2 threads), no GPU") == "Xeon"
+    assert family("AMD EPYC 7B13 64-Core Processor") == "EPYC" and family("Intel(R) Core(TM) i7-1185G7") == "Core"
     assert family("x86_64, 2 cores, torch 2.13.0+cpu") is None
     records = glob.glob(check["RECORDS"])
     assert records and all(family(json.load(open(p))["machine"]) for p in records)
