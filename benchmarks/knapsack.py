@@ -1,6 +1,6 @@
 """The search's knapsack: the solver against HiGHS on the whole table, on a real bank's tables.
 
-    python benchmarks/knapsack.py [--bank runs/knapsack-bank] [--n-calib 16] [--tables 40] [--record FILE]
+    python benchmarks/knapsack.py [--bank runs/knapsack-bank] [--n-calib 16] [--tables 40] [--against DIR] [--record FILE]
 
 Every search trial solves one multiple-choice knapsack: one candidate per layer, least summed
 (weighted) loss within the byte budget. Until 2026-11-27 ``solve_knapsack`` handed the whole table
@@ -17,13 +17,21 @@ raw, relative, in turn) weighted per layer kind and depth quarter by log-uniform
 [0.1, 10], as a TPE trial draws them, at the budgets of uniform w3g64, w4c and w4g64.
 Printed: mean milliseconds per table, the ratio, and on how many tables each plan has the lower
 loss (the largest relative excess of the other).
+
+``--against DIR`` (a ``git worktree add DIR COMMIT``): then ``solve_knapsack`` of ``DIR``'s
+``gransearch/allocate.py``, loaded into this process, and this checkout's solve all the tables back
+to back, as a search's consecutive trials do (nothing else between two solves), in ``--rounds``
+alternating rounds; printed: the median milliseconds per table of each, their ratio, and whether
+both chose the same candidates on every table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import statistics
 import time
 
 import numpy as np
@@ -40,12 +48,39 @@ def loss_of(losses: np.ndarray, choice) -> float:
     return float(sum(losses[i, j] for i, j in enumerate(choice)))
 
 
+def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int) -> dict:
+    """Milliseconds per table of ``other``'s ``solve_knapsack`` (its ``gransearch/allocate.py``
+    loaded into this process; the modules it imports are this checkout's) and of this checkout's,
+    each solving every ``(losses, capacity)`` of ``work`` in turn, in ``rounds`` alternating rounds
+    after one untimed round each; and whether the two chose the same candidates everywhere."""
+    path = os.path.join(other, "gransearch", "allocate.py")
+    spec = importlib.util.spec_from_file_location("gransearch._allocate_against", path)
+    theirs = importlib.util.module_from_spec(spec)
+    theirs.__package__ = "gransearch"  # its relative imports resolve in this checkout's package
+    spec.loader.exec_module(theirs)
+    solvers = {"against": theirs.solve_knapsack, "this checkout": solve_knapsack}
+
+    def one(solve):
+        t0 = time.perf_counter()
+        out = [solve(costs, losses, cap) for losses, cap in work]
+        return 1e3 * (time.perf_counter() - t0) / len(work), out
+
+    picks = {side: one(solve)[1] for side, solve in solvers.items()}
+    ms: dict[str, list] = {side: [] for side in solvers}
+    for _ in range(rounds):
+        for side, solve in solvers.items():
+            ms[side].append(one(solve)[0])
+    return {**ms, "same": picks["against"] == picks["this checkout"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bank", default="runs/knapsack-bank", help="bank folder (built there once, reused after)")
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--tables", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--against", default=None, help="another checkout's root: its solver timed against this one's")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of both solvers (with --against)")
     ap.add_argument("--record", default=None)
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
@@ -64,12 +99,13 @@ def main() -> None:
         budget = gs.QuantPlan.uniform(model, spec, "rtn").nbytes(model)
         caps[spec] = budget - check_budget(model, names, bits, grans, budget)[0]
     rng = np.random.default_rng(args.seed)
-    rows, t_new, t_old = [], 0.0, 0.0
+    rows, t_new, t_old, weighted = [], 0.0, 0.0, []
     for t in range(args.tables):
         table = list(tables)[t % len(tables)]
         spec = list(caps)[(t // len(tables)) % len(caps)]
         w = np.exp(rng.uniform(np.log(0.1), np.log(10), len(kinds)))[kind_of] * np.exp(rng.uniform(np.log(0.1), np.log(10), 4))[quarter]
         losses = tables[table] * w[:, None]
+        weighted.append((losses, spec))
         t0 = time.perf_counter()
         new = solve_knapsack(costs, losses, caps[spec])
         t1 = time.perf_counter()
@@ -80,6 +116,7 @@ def main() -> None:
             assert sum(int(costs[i, j]) for i, j in enumerate(c)) <= caps[spec]
         rows.append({"table": table, "budget": spec, "new_ms": 1e3 * (t1 - t0), "highs_ms": 1e3 * (t2 - t1),
                      "new_loss": loss_of(losses, new), "highs_loss": loss_of(losses, old)})
+    against = back_to_back(costs, [(t, caps[s]) for t, s in weighted], args.against, args.rounds) if args.against else None
     n = len(rows)
     excess = [(r["highs_loss"] - r["new_loss"]) / abs(r["new_loss"]) for r in rows]
     print(f"\n## The search's knapsack: {n} tables of smollm2-135m's bank ({len(names)} layers, K = {costs.shape[1]}), one process")
@@ -89,10 +126,21 @@ def main() -> None:
           f"{sum(e < 0 for e in excess)} |")
     print(f"| solve_knapsack (dominance, reduced-cost fixing, exact DP) | {1e3 * t_new / n:.1f} | {t_new / t_old:.3f} | "
           f"{sum(e > 0 for e in excess)} (HiGHS' plan up to {max(excess):.1e} higher) |")
+    if against is not None:
+        print(f"\n## solve_knapsack on the same {n} tables back to back (as a search's trials), {args.rounds} alternating rounds")
+        print("| solver | median ms per table (each round) | ratio |\n|---|---:|---:|")
+        base = statistics.median(against["against"])
+        for side in ("against", "this checkout"):
+            each = ", ".join(f"{v:.1f}" for v in against[side])
+            name = f"{args.against}'s" if side == "against" else "this checkout's"
+            print(f"| {name} | {statistics.median(against[side]):.1f} ({each}) | {statistics.median(against[side]) / base:.2f} |")
+        print(f"the same candidates on every table: {'yes' if against['same'] else 'NO'}")
     if args.record:
         os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
         with open(args.record, "w") as fh:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, fh, indent=1)
+            json.dump({"machine": machine(), "args": vars(args), "rows": rows, "back_to_back": against}, fh, indent=1)
+    if against is not None and not against["same"]:
+        raise SystemExit("the two solvers chose different candidates")
 
 
 if __name__ == "__main__":

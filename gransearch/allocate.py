@@ -139,33 +139,44 @@ def solve_knapsack(costs: np.ndarray, losses: np.ndarray, capacity: int) -> Opti
                              "output Fisher is not finite")
     costs = np.asarray(costs, dtype=np.int64)
     losses = np.asarray(losses, dtype=float)
-    keep = [_undominated(c, f) for c, f in zip(costs, losses)]
+    keep = _undominated(costs, losses)
     if any(not k for k in keep) or sum(int(costs[i, k[0]]) for i, k in enumerate(keep)) > capacity:
         return None  # a layer without a candidate, or the cheapest plan over the capacity
-    lam, upper = _lagrange(costs, losses, keep, capacity)
+    lam, upper = _lagrange(costs.tolist(), losses.tolist(), keep, capacity)
     if lam is None:  # every layer's best candidate fits with the others': that plan is optimal
         return [k[-1] for k in keep]
-    reduced = [losses[i, k] + lam * costs[i, k] for i, k in enumerate(keep)]
-    lower = sum(float(r.min()) for r in reduced) - lam * capacity
+    kept = np.zeros(costs.shape, dtype=bool)
+    for i, k in enumerate(keep):
+        kept[i, k] = True
+    reduced = np.where(kept, losses + lam * costs, np.inf)  # inf: not a candidate any more
+    least = reduced.min(axis=1)
+    lower = sum(least.tolist()) - lam * capacity  # summed in layer order, as a plan's loss is
     tol = 1e-9 * max(abs(upper), abs(lower), lam * capacity, 1e-30)  # floating-point rounding never drops the optimum
-    keep = [[j for j, r in zip(k, r_i) if r - r_i.min() <= upper - lower + tol] for k, r_i in zip(keep, reduced)]
-    choice = _pareto_dp(costs, losses, keep, capacity, lam, upper + tol)
+    near = (reduced - least[:, None] <= upper - lower + tol).tolist()
+    keep = [[j for j in k if row[j]] for k, row in zip(keep, near)]
+    choice = _pareto_dp(costs, losses, keep, capacity, lam, upper + tol, least)
     return choice if choice is not None else _milp(costs, losses, keep, capacity)
 
 
-def _undominated(cost: np.ndarray, loss: np.ndarray) -> list[int]:
-    """The finite candidates of one layer that no other matches or beats in both bytes and loss, by
-    cost ascending (so loss strictly descending); of equal ones, the lowest index."""
-    out: list[int] = []
-    for j in sorted(np.flatnonzero(np.isfinite(loss)), key=lambda j: (cost[j], loss[j], j)):
-        if not out or loss[j] < loss[out[-1]]:  # cheaper ones came first: only a lower loss earns a place
-            out.append(int(j))
-    return out
+def _undominated(costs: np.ndarray, losses: np.ndarray) -> list[list[int]]:
+    """Per layer (row), the finite candidates that no other of the layer matches or beats in both
+    bytes and loss, by cost ascending (so loss strictly descending); of equal ones, the lowest index.
+    All layers at once: each row sorted by (cost, loss, index), and a candidate kept when its loss is
+    below every finite loss before it."""
+    cols = np.broadcast_to(np.arange(costs.shape[1]), costs.shape)
+    order = np.lexsort((cols, losses, costs), axis=-1)
+    f = np.take_along_axis(losses, order, axis=-1)
+    finite = np.isfinite(f)
+    running = np.minimum.accumulate(np.where(finite, f, np.inf), axis=-1)
+    before = np.concatenate([np.full((f.shape[0], 1), np.inf), running[:, :-1]], axis=1)
+    return [o[m].tolist() for o, m in zip(order, finite & (f < before))]
 
 
-def _lagrange(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int) -> tuple[Optional[float], float]:
+def _lagrange(costs: list[list[int]], losses: list[list[float]], keep: list[list[int]], capacity: int) -> tuple[Optional[float], float]:
     """``(lam, U)``: the LP relaxation's multiplier of the capacity (``None`` when every layer's best
-    candidate fits) and the loss of the feasible plan a greedy walk along the same hull steps takes."""
+    candidate fits) and the loss of the feasible plan a greedy walk along the same hull steps takes.
+    ``costs`` and ``losses`` as Python lists: the walk is scalar work, and Python's float arithmetic
+    is numpy's float64 arithmetic, digit for digit."""
     steps = []  # (slope, layer, from, to): one move up a layer's lower convex hull, loss saved per byte
     for i, k in enumerate(keep):
         c, f = costs[i], losses[i]
@@ -177,33 +188,34 @@ def _lagrange(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capa
         steps += [((f[a] - f[b]) / (c[b] - c[a]), i, a, b) for a, b in zip(hull, hull[1:])]
     steps.sort(key=lambda s: -s[0])
     at = [k[0] for k in keep]
-    room = capacity - sum(int(costs[i, j]) for i, j in enumerate(at))
+    room = capacity - sum(costs[i][j] for i, j in enumerate(at))
     lam, blocked = None, set()
     for slope, i, a, b in steps:
         if i in blocked:
             continue
-        step = int(costs[i, b] - costs[i, a])
+        step = costs[i][b] - costs[i][a]
         if step <= room:
             at[i], room = b, room - step
         else:  # the LP takes the first step that does not fit in part: its slope prices a byte
             lam = float(slope) if lam is None else lam
             blocked.add(i)
-    return lam, float(sum(losses[i, j] for i, j in enumerate(at)))
+    return lam, float(sum(losses[i][j] for i, j in enumerate(at)))
 
 
 _MAX_WORK = 5_000_000  # partial plans the exact DP may weigh in all before the MILP takes over (SmolLM2's tables: under 0.2M)
 
 
 def _pareto_dp(costs: np.ndarray, losses: np.ndarray, keep: list[list[int]], capacity: int, lam: float,
-               limit: float) -> Optional[list[int]]:
+               limit: float, least: np.ndarray) -> Optional[list[int]]:
     """The exact solve over the candidates in ``keep``: layer by layer, the partial plans no other
-    matches or beats in both bytes and loss, less those whose Lagrangian bound (``lam``) exceeds
-    ``limit`` (the loss of a known plan). ``None`` when it would weigh more than ``_MAX_WORK``."""
+    matches or beats in both bytes and loss, less those whose Lagrangian bound (``lam``; ``least``:
+    each layer's least ``loss + lam * cost``) exceeds ``limit`` (the loss of a known plan). ``None``
+    when it would weigh more than ``_MAX_WORK``."""
     choice = [k[0] if len(k) == 1 else -1 for k in keep]
     order = sorted((i for i, k in enumerate(keep) if len(k) > 1), key=lambda i: len(keep[i]))
     cost = np.array([sum(int(costs[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)], dtype=np.int64)
     loss = np.array([sum(float(losses[i, k[0]]) for i, k in enumerate(keep) if len(k) == 1)])
-    best = [float(np.min(losses[i, keep[i]] + lam * costs[i, keep[i]])) for i in order]
+    best = least[order].tolist()
     rest = np.concatenate([np.cumsum(best[::-1])[::-1][1:], [0.0]])  # the bound's share of the layers still to come
     trail, work = [], 0
     for step, i in enumerate(order):

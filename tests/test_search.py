@@ -70,6 +70,19 @@ def test_knapsack_is_exact_on_a_small_case():
     assert solve_knapsack(costs, losses, 2) is None
 
 
+def test_knapsack_keeps_the_undominated_candidates_of_each_layer():
+    """Per layer, the candidates no other matches or beats in both bytes and loss, cheapest first; of
+    equal ones the lowest index; missing ones (inf) never; a layer with none gives an empty list."""
+    from gransearch.allocate import _undominated
+
+    inf = np.inf
+    costs = np.array([[4, 2, 2, 1, 3, 2], [1, 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 6]])
+    losses = np.array([[1.0, 3.0, 3.0, 5.0, 3.0, 4.0],  # 1 and 2 equal: 1 stays; 5 (same bytes) and 4 (more) lose to them
+                       [inf, inf, inf, inf, inf, inf],
+                       [-2.0, -1.0, inf, 0.5, 0.5, -3.0]])  # 3 loses to 4: more bytes, the same loss
+    assert _undominated(costs, losses) == [[3, 1, 0], [], [4, 1, 0, 5]]
+
+
 def _brute_force(costs, losses, capacity):
     """The least summed loss over every plan within the capacity (None: no plan fits)."""
     import itertools
