@@ -70,7 +70,14 @@ def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int) -> dict
     for _ in range(rounds):
         for side, solve in solvers.items():
             ms[side].append(one(solve)[0])
-    return {**ms, "same": picks["against"] == picks["this checkout"]}
+    import subprocess
+
+    def head(root: str) -> str:
+        run = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return run.stdout.strip() or "unknown"
+
+    return {**ms, "same": picks["against"] == picks["this checkout"],
+            "commits": {"against": head(other), "this checkout": head(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}}
 
 
 def main() -> None:
@@ -133,6 +140,7 @@ def main() -> None:
         for side in ("against", "this checkout"):
             each = ", ".join(f"{v:.1f}" for v in against[side])
             name = f"{args.against}'s" if side == "against" else "this checkout's"
+            name += f" (commit {against['commits'][side]})"
             print(f"| {name} | {statistics.median(against[side]):.1f} ({each}) | {statistics.median(against[side]) / base:.2f} |")
         print(f"the same candidates on every table: {'yes' if against['same'] else 'NO'}")
     if args.record:
