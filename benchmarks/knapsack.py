@@ -21,8 +21,9 @@ loss (the largest relative excess of the other).
 ``--against DIR`` (a ``git worktree add DIR COMMIT``): then ``solve_knapsack`` of ``DIR``'s
 ``gransearch/allocate.py``, loaded into this process, and this checkout's solve all the tables back
 to back, as a search's consecutive trials do (nothing else between two solves), in ``--rounds``
-alternating rounds; printed: the median milliseconds per table of each, their ratio, and whether
-both chose the same candidates on every table.
+alternating rounds; printed: the median milliseconds per table of each, their ratio, whether
+both chose the same candidates on every table, and on how many of ``--random`` random small tables
+(ties, missing candidates, negative losses) they answer alike; exits 1 unless on all.
 """
 
 from __future__ import annotations
@@ -48,11 +49,37 @@ def loss_of(losses: np.ndarray, choice) -> float:
     return float(sum(losses[i, j] for i, j in enumerate(choice)))
 
 
-def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int) -> dict:
+def same_on_random(solvers: dict, n: int, seed: int = 1) -> dict:
+    """How many of ``n`` random small tables (up to 39 layers x 9 candidates; coarse losses with
+    ties and missing candidates, normal ones with negative values, rounded ones scaled per layer,
+    and exponential ones with a tenth missing; capacities from below the cheapest plan to above the
+    dearest) the two solvers answer alike (the same candidates, or both infeasible)."""
+    rng = np.random.default_rng(seed)
+    same = 0
+    for t in range(n):
+        L, K = int(rng.integers(1, 40)), int(rng.integers(1, 10))
+        costs = rng.integers(1, 50, size=(L, K))
+        if t % 4 == 0:
+            losses = rng.choice([0.5, 1.0, 2.0, 3.0, np.inf], size=(L, K))
+        elif t % 4 == 1:
+            losses = rng.normal(size=(L, K))
+        elif t % 4 == 2:
+            losses = np.round(rng.exponential(size=(L, K)), 2) * np.exp(rng.uniform(-2, 2, size=(L, 1)))
+        else:
+            losses = rng.exponential(size=(L, K))
+            losses[rng.random((L, K)) < 0.1] = np.inf
+        capacity = int(rng.integers(max(int(costs.min(1).sum()) - 5, 0), int(costs.max(1).sum()) + 5))
+        answers = [solve(costs, losses, capacity) for solve in solvers.values()]
+        same += all(a == answers[0] for a in answers)
+    return {"tables": n, "same": same}
+
+
+def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int, random: int = 0) -> dict:
     """Milliseconds per table of ``other``'s ``solve_knapsack`` (its ``gransearch/allocate.py``
     loaded into this process; the modules it imports are this checkout's) and of this checkout's,
     each solving every ``(losses, capacity)`` of ``work`` in turn, in ``rounds`` alternating rounds
-    after one untimed round each; and whether the two chose the same candidates everywhere."""
+    after one untimed round each; whether the two chose the same candidates everywhere; and on how
+    many of ``random`` random tables they agree (:func:`same_on_random`)."""
     path = os.path.join(other, "gransearch", "allocate.py")
     spec = importlib.util.spec_from_file_location("gransearch._allocate_against", path)
     theirs = importlib.util.module_from_spec(spec)
@@ -76,7 +103,7 @@ def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int) -> dict
         run = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         return run.stdout.strip() or "unknown"
 
-    return {**ms, "same": picks["against"] == picks["this checkout"],
+    return {**ms, "same": picks["against"] == picks["this checkout"], "random tables": same_on_random(solvers, random),
             "commits": {"against": head(other), "this checkout": head(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}}
 
 
@@ -88,6 +115,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--against", default=None, help="another checkout's root: its solver timed against this one's")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of both solvers (with --against)")
+    ap.add_argument("--random", type=int, default=20000, help="random small tables both solvers answer (with --against)")
     ap.add_argument("--record", default=None)
     args = ap.parse_args()
     print(f"machine: {machine()}", flush=True)
@@ -123,7 +151,7 @@ def main() -> None:
             assert sum(int(costs[i, j]) for i, j in enumerate(c)) <= caps[spec]
         rows.append({"table": table, "budget": spec, "new_ms": 1e3 * (t1 - t0), "highs_ms": 1e3 * (t2 - t1),
                      "new_loss": loss_of(losses, new), "highs_loss": loss_of(losses, old)})
-    against = back_to_back(costs, [(t, caps[s]) for t, s in weighted], args.against, args.rounds) if args.against else None
+    against = back_to_back(costs, [(t, caps[s]) for t, s in weighted], args.against, args.rounds, args.random) if args.against else None
     n = len(rows)
     excess = [(r["highs_loss"] - r["new_loss"]) / abs(r["new_loss"]) for r in rows]
     print(f"\n## The search's knapsack: {n} tables of smollm2-135m's bank ({len(names)} layers, K = {costs.shape[1]}), one process")
@@ -143,11 +171,13 @@ def main() -> None:
             name += f" (commit {against['commits'][side]})"
             print(f"| {name} | {statistics.median(against[side]):.1f} ({each}) | {statistics.median(against[side]) / base:.2f} |")
         print(f"the same candidates on every table: {'yes' if against['same'] else 'NO'}")
+        rnd = against["random tables"]
+        print(f"the same answer on {rnd['same']} of {rnd['tables']} random small tables (ties, missing candidates, negative losses)")
     if args.record:
         os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
         with open(args.record, "w") as fh:
             json.dump({"machine": machine(), "args": vars(args), "rows": rows, "back_to_back": against}, fh, indent=1)
-    if against is not None and not against["same"]:
+    if against is not None and not (against["same"] and against["random tables"]["same"] == args.random):
         raise SystemExit("the two solvers chose different candidates")
 
 
