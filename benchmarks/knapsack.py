@@ -43,6 +43,7 @@ from gransearch.arch import block_index, model_linears
 from gransearch.bank import bank_for
 
 from eval_speed import machine  # noqa: E402  (same folder)
+from vs_llmcompressor import commit  # noqa: E402  (same folder)
 
 
 def loss_of(losses: np.ndarray, choice) -> float:
@@ -97,14 +98,8 @@ def back_to_back(costs: np.ndarray, work: list, other: str, rounds: int, random:
     for _ in range(rounds):
         for side, solve in solvers.items():
             ms[side].append(one(solve)[0])
-    import subprocess
-
-    def head(root: str) -> str:
-        run = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return run.stdout.strip() or "unknown"
-
     return {**ms, "same": picks["against"] == picks["this checkout"], "random tables": same_on_random(solvers, random),
-            "commits": {"against": head(other), "this checkout": head(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}}
+            "commits": {"against": commit(other), "this checkout": commit()}}
 
 
 def main() -> None:
@@ -140,7 +135,7 @@ def main() -> None:
         spec = list(caps)[(t // len(tables)) % len(caps)]
         w = np.exp(rng.uniform(np.log(0.1), np.log(10), len(kinds)))[kind_of] * np.exp(rng.uniform(np.log(0.1), np.log(10), 4))[quarter]
         losses = tables[table] * w[:, None]
-        weighted.append((losses, spec))
+        weighted.append((losses, caps[spec]))
         t0 = time.perf_counter()
         new = solve_knapsack(costs, losses, caps[spec])
         t1 = time.perf_counter()
@@ -151,7 +146,7 @@ def main() -> None:
             assert sum(int(costs[i, j]) for i, j in enumerate(c)) <= caps[spec]
         rows.append({"table": table, "budget": spec, "new_ms": 1e3 * (t1 - t0), "highs_ms": 1e3 * (t2 - t1),
                      "new_loss": loss_of(losses, new), "highs_loss": loss_of(losses, old)})
-    against = back_to_back(costs, [(t, caps[s]) for t, s in weighted], args.against, args.rounds, args.random) if args.against else None
+    against = back_to_back(costs, weighted, args.against, args.rounds, args.random) if args.against else None
     n = len(rows)
     excess = [(r["highs_loss"] - r["new_loss"]) / abs(r["new_loss"]) for r in rows]
     print(f"\n## The search's knapsack: {n} tables of smollm2-135m's bank ({len(names)} layers, K = {costs.shape[1]}), one process")

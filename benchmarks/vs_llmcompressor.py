@@ -62,8 +62,10 @@ ROWS = tuple(OURS)
 GROUP = 64
 
 
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+def commit(root: str | None = None) -> str:
+    """The short commit of the checkout at ``root`` (default: this one), ``+dirty`` when its tracked
+    files differ from it; ``unknown`` outside git."""
+    here = root or os.path.dirname(os.path.abspath(__file__))
     try:
         c = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,

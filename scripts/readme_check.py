@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from eval_speed import cpu_name, machine  # noqa: E402  (the benchmarks' description of the machine)
+from vs_llmcompressor import commit as checkout_commit  # noqa: E402  (the benchmarks' commit of a record)
 
 ARGS = ["optimize", "--model", "smollm2-135m", "--data", "wiki-sample", "--budget-like", "w4g64", "--bits", "3,4,8",
         "--grans", "channel,32,64", "--trials", "60", "--n-final", "1"]
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     cli = os.path.join(os.path.dirname(sys.executable), "gransearch")
     wall, commit = None, args.commit
     if not args.existing:
-        commit = commit or _git("rev-parse", "--short", "HEAD") + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+        commit = commit or checkout_commit(ROOT)
         if os.path.exists(args.out):
             sys.exit(f"{args.out} exists: remove it (a check runs the whole search in a fresh folder), or pass --existing to compare it")
         t0 = time.perf_counter()

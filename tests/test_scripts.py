@@ -31,6 +31,15 @@ def _finished_run(tmp_path, cpu: str = "AMD EPYC 9B14", **summary):
     return check, out
 
 
+def _move_first_layer(out) -> tuple[str, int]:
+    """Give the first layer of the run folder's plan another spec; returns its name and the layer count."""
+    plan = json.loads((out / "plan.json").read_text())
+    name = sorted(plan["layers"])[0]
+    plan["layers"][name]["spec"] = "w8c" if plan["layers"][name]["spec"] != "w8c" else "w4c"
+    (out / "plan.json").write_text(json.dumps(plan))
+    return name, len(plan["layers"])
+
+
 def test_readme_check_passes_on_the_recorded_result_and_records_it(tmp_path, capsys):
     check, out = _finished_run(tmp_path)
     record = tmp_path / "record.json"
@@ -50,12 +59,9 @@ def test_readme_check_passes_on_the_recorded_result_and_records_it(tmp_path, cap
 
 def test_readme_check_fails_when_a_layer_or_a_perplexity_moved(tmp_path, capsys):
     check, out = _finished_run(tmp_path)
-    plan = json.loads((out / "plan.json").read_text())
-    name = sorted(plan["layers"])[0]
-    plan["layers"][name]["spec"] = "w8c" if plan["layers"][name]["spec"] != "w8c" else "w4c"
-    (out / "plan.json").write_text(json.dumps(plan))
+    name, n = _move_first_layer(out)
     assert check["main"](["--out", str(out), "--existing"]) == 1
-    assert f"1 of {len(plan['layers'])} layers differ, first ['{name}']" in capsys.readouterr().out
+    assert f"1 of {n} layers differ, first ['{name}']" in capsys.readouterr().out
     (tmp_path / "again").mkdir()
     check, out = _finished_run(tmp_path / "again", final_ppl=21.8)
     assert check["main"](["--out", str(out), "--existing"]) == 1
@@ -81,10 +87,7 @@ def test_readme_check_compares_with_records_of_the_same_cpu_family(tmp_path, cap
     assert check["main"](["--out", str(out), "--existing"]) == 0  # no record of this family: the plan decides
     said = capsys.readouterr().out
     assert "no record of this check on a CPU of this machine's family (Neoverse-V2)" in said and "final_ppl: 21.8 against" in said
-    plan = json.loads((out / "plan.json").read_text())
-    name = sorted(plan["layers"])[0]
-    plan["layers"][name]["spec"] = "w8c" if plan["layers"][name]["spec"] != "w8c" else "w4c"
-    (out / "plan.json").write_text(json.dumps(plan))
+    _move_first_layer(out)
     assert check["main"](["--out", str(out), "--existing"]) == 1
 
 
